@@ -1,0 +1,180 @@
+"""Every bad-input kind of the data contract gives a one-line error naming file and problem."""
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nearfix_lib.classes import CARDIAC
+from nearfix_lib.io import (InputError, SkipList, atomic_path, case_id_from_name, discover_cases,
+                            load_case, read_image, read_label, write_nifti)
+
+
+def save(path, array, affine, dtype=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype or np.asarray(array).dtype), affine)
+    nib.save(img, str(path))
+    return path
+
+
+def make_root(tmp_path, labels, affine, ids=("1", "2")):
+    root = tmp_path / "root"
+    for cid in ids:
+        save(root / "segmentations" / f"{cid}.label.nii.gz", labels, affine)
+        save(root / "images" / f"{cid}.img.nii.gz", np.full(labels.shape, -500, np.int16), affine)
+    return root
+
+
+def expect_error(func, path, words):
+    with pytest.raises(InputError) as info:
+        func()
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert str(path) in msg
+    assert words in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("name, cid", [
+    ("1.img.nii.gz", "1"), ("1.label.nii.gz", "1"), ("1.nii.img.nii.gz", "1"),
+    ("case_07.seg.nii", "case_07"), ("12.nii.gz", "12"), ("notes.txt", None)])
+def test_case_ids(name, cid):
+    assert case_id_from_name(name) == cid
+
+
+def test_labels_load_as_integers_on_their_affine(tmp_path, small_labels, affine):
+    p = save(tmp_path / "a.nii.gz", small_labels, affine)
+    vol = read_label(p, CARDIAC)
+    assert np.issubdtype(vol.array.dtype, np.integer)
+    assert np.array_equal(vol.array, small_labels)
+    assert np.allclose(vol.affine, affine)
+    assert np.allclose(vol.spacing, [0.8, 1.1, 2.5])
+    # integral floats are accepted (some tools store labels as float) and come back as integers
+    p2 = save(tmp_path / "f.nii.gz", small_labels.astype(np.float32), affine)
+    assert np.array_equal(read_label(p2, CARDIAC).array, small_labels)
+
+
+def test_missing_and_corrupt_files(tmp_path, small_labels, affine):
+    missing = tmp_path / "nope.nii.gz"
+    expect_error(lambda: read_label(missing, CARDIAC), missing, "file not found")
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(os.urandom(500))
+    expect_error(lambda: read_label(junk, CARDIAC), junk, "unreadable")
+    good = save(tmp_path / "trunc.nii.gz", small_labels, affine)
+    raw = gzip.decompress(good.read_bytes())
+    good.write_bytes(gzip.compress(raw[: len(raw) - 900]))  # header fine, voxels cut short
+    expect_error(lambda: read_label(good, CARDIAC), good, "corrupt")
+
+
+def test_not_3d(tmp_path, affine):
+    p = save(tmp_path / "4d.nii.gz", np.ones((5, 6, 7, 2), np.uint8), affine)
+    expect_error(lambda: read_label(p, CARDIAC), p, "3-D")
+
+
+def test_non_integer_and_unknown_values_and_empty(tmp_path, small_labels, affine):
+    frac = small_labels.astype(np.float32)
+    frac[5, 5, 3] = 0.5
+    p = save(tmp_path / "prob.nii.gz", frac, affine)
+    expect_error(lambda: read_label(p, CARDIAC), p, "non-integer")
+    unknown = small_labels.copy()
+    unknown[0, 0, 0] = 11
+    unknown[1, 0, 0] = 42
+    p = save(tmp_path / "unk.nii.gz", unknown, affine)
+    msg = expect_error(lambda: read_label(p, CARDIAC), p, "outside the class table")
+    assert "11" in msg and "42" in msg
+    p = save(tmp_path / "empty.nii.gz", np.zeros((4, 5, 6), np.uint8), affine)
+    expect_error(lambda: read_label(p, CARDIAC), p, "empty label map")
+    nan = small_labels.astype(np.float32)
+    nan[2, 2, 2] = np.nan
+    p = save(tmp_path / "nanlab.nii.gz", nan, affine)
+    expect_error(lambda: read_label(p, CARDIAC), p, "NaN")
+
+
+def test_nan_image(tmp_path, affine):
+    img = np.zeros((4, 5, 6), np.float32)
+    img[1, 2, 3] = np.nan
+    p = save(tmp_path / "ct.nii.gz", img, affine)
+    expect_error(lambda: read_image(p), p, "NaN")
+
+
+def test_shape_and_affine_mismatch(tmp_path, small_labels, affine):
+    root = make_root(tmp_path, small_labels, affine, ids=("1", "2"))
+    save(root / "images" / "1.img.nii.gz", np.zeros((23, 17, 12), np.int16), affine)
+    shifted = affine.copy()
+    shifted[0, 3] += 2.0
+    save(root / "images" / "2.img.nii.gz", np.zeros(small_labels.shape, np.int16), shifted)
+    cases = {c.case_id: c for c in discover_cases(root).cases}
+    expect_error(lambda: load_case(cases["1"], CARDIAC), cases["1"].image, "shape")
+    expect_error(lambda: load_case(cases["2"], CARDIAC), cases["2"].image, "affine differs")
+
+
+def test_unpaired_files_are_listed_and_others_go_on(tmp_path, small_labels, affine):
+    root = make_root(tmp_path, small_labels, affine, ids=("1", "2", "10"))
+    save(root / "images" / "3.img.nii.gz", np.zeros(small_labels.shape, np.int16), affine)
+    save(root / "segmentations" / "4.label.nii.gz", small_labels, affine)
+    save(root / "ground_truth" / "1.label.nii.gz", small_labels, affine)
+    save(root / "ground_truth" / "9.label.nii.gz", small_labels, affine)
+    found = discover_cases(root)
+    assert found.ids == ["1", "2", "10"]  # natural order, unpaired 3/4/9 left out
+    assert found.cases[0].truth is not None and found.cases[1].truth is None
+    msgs = sorted(str(p) for p in found.problems)
+    assert any("3.img.nii.gz" in m and "image without labels" in m for m in msgs)
+    assert any("4.label.nii.gz" in m and "labels without image" in m for m in msgs)
+    assert any("9.label.nii.gz" in m and "ground truth without labels" in m for m in msgs)
+    with pytest.raises(InputError, match="segmentations"):
+        discover_cases(tmp_path / "elsewhere")
+
+
+def test_labels_only_root_is_valid(tmp_path, small_labels, affine):
+    save(tmp_path / "r" / "segmentations" / "1.nii.img.nii.gz", small_labels, affine)
+    found = discover_cases(tmp_path / "r")
+    assert found.ids == ["1"] and not found.problems and found.cases[0].image is None
+
+
+def test_reading_never_writes_the_data_root(tmp_path, small_labels, affine):
+    root = make_root(tmp_path, small_labels, affine)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+    for case in discover_cases(root).cases:
+        load_case(case, CARDIAC)
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_write_nifti_keeps_affine_header_and_integers(tmp_path, small_labels, affine):
+    src = save(tmp_path / "src.nii.gz", small_labels, affine)
+    vol = read_label(src, CARDIAC)
+    vol.header["descrip"] = b"nearfix test"
+    out = write_nifti(tmp_path / "out" / "x.label.nii.gz", vol.array, vol.affine, vol.header)
+    back = nib.load(str(out))
+    assert back.get_data_dtype() == np.uint8
+    assert np.allclose(back.affine, affine) and not np.allclose(back.affine, np.eye(4))
+    assert nib.aff2axcodes(back.affine) == ("L", "P", "S")
+    assert back.header["descrip"].tobytes().startswith(b"nearfix test")
+    assert np.array_equal(np.asarray(back.dataobj), small_labels)
+    with pytest.raises(ValueError):
+        write_nifti(tmp_path / "bad.nii.gz", small_labels[..., None], affine)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "result.nii.gz"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.nii.gz"]
+
+
+def test_skip_list_merges_stages(tmp_path):
+    path = tmp_path / "skipped.csv"
+    a = SkipList()
+    a.add("prepare", "3", InputError("x/3.nii.gz", "broken"))
+    a.write(path)
+    b = SkipList()
+    b.add("stage1", "4", "no LAA")
+    b.write(path)
+    text = path.read_text()
+    assert "prepare,3,x/3.nii.gz: broken" in text and "stage1,4,no LAA" in text
