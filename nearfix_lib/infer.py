@@ -1,0 +1,67 @@
+"""Evaluate implicit fields on any grid, in chunks of bounded memory.
+
+A case's feature grids are decoded from its latent once (``model.encode``); the point MLP then
+runs over the grid's points chunk by chunk. Because the MLP sees one point at a time, the result
+equals a one-shot evaluation to the last bit of float precision — chunk size only bounds memory.
+Points are generated slab by slab from the grid's affine, so even a 512x512x275 original grid is
+never materialised as one coordinate array.
+
+The grid can be the ROI lattice a model was fitted on or, through the affine chain, the case's
+original voxels inside the ROI box: ``original_box_grid`` — which is how repaired masks reach the
+original image space without a resize-then-resize-back.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .geometry import Box, Grid, apply_affine, original_to_normalised
+
+
+def original_box_grid(box: Box) -> Grid:
+    """The original voxels inside ``box`` as a grid (index g -> original voxel g + lo)."""
+    to_original = np.eye(4)
+    to_original[:3, 3] = box.lo
+    return Grid(box.shape, to_original)
+
+
+def iter_normalised_points(grid: Grid, box: Box, max_points: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield (slab of axis 0, (n, 3) float32 normalised points of that slab), C order."""
+    plane = grid.shape[1] * grid.shape[2]
+    rows = max(1, max_points // plane)
+    to_norm = original_to_normalised(box) @ grid.to_original
+    jj, kk = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
+    jk = np.stack([jj.ravel(), kk.ravel()], axis=1).astype(np.float64)
+    for start in range(0, grid.shape[0], rows):
+        stop = min(start + rows, grid.shape[0])
+        ii = np.repeat(np.arange(start, stop, dtype=np.float64), plane)[:, None]
+        idx = np.concatenate([ii, np.tile(jk, (stop - start, 1))], axis=1)
+        yield slice(start, stop), apply_affine(to_norm, idx).astype(np.float32)
+
+
+@torch.no_grad()
+def field_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, device: str = "cpu",
+                  chunk_points: int = 262_144, image: torch.Tensor | None = None,
+                  latent: torch.Tensor | None = None) -> np.ndarray:
+    """Sigmoid probabilities of every head at ``grid``'s voxel centres: (*grid.shape, heads).
+
+    ``box`` is the ROI the model's normalised space refers to. ``latent`` (1, D) replaces the
+    table entry (latent-only fitting of a new case).
+    """
+    model.eval()
+    if latent is not None:
+        encoded = model.encode_latent(latent.to(device), image)
+    else:
+        encoded = model.encode(torch.tensor([case_index], device=device), image)
+    out = None
+    for slab, pts in iter_normalised_points(grid, box, chunk_points):
+        logits = model.decode(encoded, torch.from_numpy(pts).to(device)[None])[0]
+        prob = torch.sigmoid(logits.float()).cpu().numpy()
+        if out is None:
+            out = np.empty((*grid.shape, prob.shape[-1]), dtype=np.float32)
+        out[slab] = prob.reshape(slab.stop - slab.start, grid.shape[1], grid.shape[2], -1)
+    return out
+

@@ -1,0 +1,106 @@
+"""A run is a folder: resolved params, code version, data, skipped cases and every result.
+
+``start_run`` is the first call of every notebook. It resolves the run folder
+(``outputs/<run.name>`` unless ``run.run_dir`` says otherwise), records ``params.yaml`` and the
+code version, generates the phantom data set into ``<run>/phantom`` when no data root is given
+(so the user's data root is only ever read), discovers the cases and keeps the list of skipped
+cases that every stage appends to. Re-running a notebook on the same folder resumes: stages
+look for their outputs before recomputing them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from . import __version__
+from .classes import ClassTable, load_table
+from .io import Case, InputError, LoadedCase, SkipList, discover_cases, load_case, write_text
+from .params import Params, project_root, resolve_path
+from .phantom import write_dataset
+
+SKIPPED_CSV = "skipped.csv"
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is checked."""
+    import torch
+
+    if device in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but no CUDA device is visible")
+    torch.device(device)  # raises on a malformed name
+    return device
+
+
+def code_version() -> str:
+    """Package version plus the git commit (and '+dirty') when run from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+@dataclass
+class Run:
+    params: Params
+    dir: Path
+    table: ClassTable
+    data_root: Path
+    cases: list[Case]
+    skipped: SkipList = field(default_factory=SkipList)
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def iter_loaded(self, stage: str, with_image: bool = True,
+                    with_truth: bool = True) -> Iterator[LoadedCase]:
+        """Load the cases one by one; a bad case is recorded under ``stage`` and skipped."""
+        for case in self.cases:
+            try:
+                yield load_case(case, self.table, with_image=with_image, with_truth=with_truth)
+            except InputError as err:
+                self.skipped.add(stage, case.case_id, err)
+                print(f"skipped case {case.case_id}: {err}")
+
+    def write_skipped(self) -> Path:
+        return self.skipped.write(self.path(SKIPPED_CSV))
+
+
+def run_directory(params: Params) -> Path:
+    root = project_root()
+    if params.run.run_dir:
+        return resolve_path(params.run.run_dir, root)
+    return root / "outputs" / params.run.name
+
+
+def start_run(params: Params, progress: bool = True) -> Run:
+    """Create/reuse the run folder, record params and version, find (or make) the data."""
+    run_dir = run_directory(params)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = project_root()
+    table = load_table(params.data.classes, params.data.class_keys or None, root)
+    write_text(run_dir / "params.yaml", params.to_yaml())
+    write_text(run_dir / "version.txt", code_version() + "\n")
+    if params.data.data_root:
+        data_root = resolve_path(params.data.data_root, root)
+    else:
+        data_root = run_dir / "phantom"
+        write_dataset(data_root, params.data.phantom, table, progress=progress)
+    discovery = discover_cases(data_root)
+    run = Run(params, run_dir, table, data_root, discovery.cases)
+    run.skipped.extend_problems("discover", discovery.problems)
+    for problem in discovery.problems:
+        print(f"problem: {problem}")
+    if params.data.max_cases:
+        run.cases = run.cases[: params.data.max_cases]
+    run.write_skipped()
+    return run

@@ -1,0 +1,248 @@
+"""Stage 1: per-class shape-only NeAR repair of every case's mask of one class.
+
+For class c, every case that has it contributes its ROI mask (prepared on ``class_resolution^3``)
+and one latent z_{i,c}. An auto-decoder F_c(z_{i,c}, p) is fitted to all of them — all cases are
+both training and validation set, because the goal is the repaired masks, not generalisation;
+the decoder's limited capacity is what keeps the noise out. Then, per case, F_c is evaluated
+
+* on the ROI grid — probabilities saved as float16 for distillation in stage 3, and
+* directly on the original voxels inside the class ROI (through the affine chain), thresholded,
+  cleaned per class (expected number of largest components, minimum size) and written as a
+  NIfTI mask with the source affine and header: M^ref_{i,c}.
+
+Outputs, in ``<run>/stage1/<key>/``: ``ckpt/{best,last}.pt``, ``ckpt/log.csv``, ``prob/<case>.npz``,
+``masks/<case>.nii.gz``, ``metrics.csv``. Re-running resumes an interrupted fit; a finished fit is loaded, not retrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from .cleanup import clean_mask
+from .geometry import Box, roi_grid
+from .infer import field_on_grid, original_box_grid
+from .io import write_nifti, write_npz, write_text
+from .losses import build_loss, latent_l2
+from .metrics import binary_scores, component_counts
+from .models import ImplicitField
+from .params import Stage1Params
+from .prepare import CaseCrops, case_dir, load_crops_index
+from .runs import Run, resolve_device
+from .sampling import BandSampler
+from .train import FitResult, fit, load_for_inference
+
+
+class Stage1Task:
+    """Biased point sampling on the ROI masks; BCE (or per-class loss) + lambda ||z||^2."""
+
+    score_name = "dice"
+
+    def __init__(self, masks: list[np.ndarray], params: Stage1Params, key: str, seed: int, device: str,
+                 images: list[np.ndarray] | None = None):
+        self.masks = [np.asarray(m, dtype=bool) for m in masks]
+        self.n_cases = len(self.masks)
+        self.sampler = BandSampler(self.masks, params.sampling, seed)
+        loss_params = params.loss_for(key)
+        self.data_loss = build_loss(loss_params)
+        self.latent_weight = loss_params.latent_weight
+        self.threshold = params.threshold
+        self.chunk = params.chunk_points
+        self.device = device
+        self.images = None if images is None else torch.stack([torch.as_tensor(im, dtype=torch.float32)[None] for im in images])
+
+    def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        points, targets = self.sampler.sample(list(case_idx), epoch)
+        out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long),
+               "points": torch.from_numpy(points), "target": torch.from_numpy(targets)}
+        if self.images is not None:
+            out["image"] = self.images[out["case"]]
+        return out
+
+    def loss(self, model, batch):
+        logits = model(batch["case"], batch["points"], batch.get("image"))[..., 0].float()
+        data = self.data_loss(logits, batch["target"])
+        lat = latent_l2(model.latents(batch["case"]))
+        return data + self.latent_weight * lat, {"data": data.item(), "latent": lat.item()}
+
+    def image_of(self, i: int) -> torch.Tensor | None:
+        return None if self.images is None else self.images[i:i + 1].to(self.device)
+
+    def evaluate(self, model) -> dict[str, float]:
+        """Dice of the thresholded full ROI-grid reconstruction against the input mask."""
+        scores = []
+        for i, mask in enumerate(self.masks):
+            box = Box((0, 0, 0), mask.shape)
+            prob = field_on_grid(model, i, roi_grid(box, mask.shape), box, self.device, self.chunk,
+                                 image=self.image_of(i))[..., 0]
+            pred = prob >= self.threshold
+            denom = pred.sum() + mask.sum()
+            scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(pred, mask).sum() / denom)
+        return {"dice": float(np.mean(scores))}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+@dataclass
+class Stage1Data:
+    """The cases of one class: ids, geometry, ROI masks (and CT crops for the appearance branch)."""
+
+    key: str
+    case_ids: list[str]
+    crops: list[CaseCrops]
+    masks: list[np.ndarray]
+    images: list[np.ndarray] | None
+    absent: list[str]
+
+
+def load_stage1_data(run: Run, key: str, with_images: bool = False) -> Stage1Data:
+    prepared = run.path("prepared")
+    index = load_crops_index(prepared)
+    ids, crops, masks, images, absent = [], [], [], [], []
+    for cid, c in index.items():
+        if key not in c.class_boxes:
+            absent.append(cid)
+            continue
+        with np.load(case_dir(prepared, cid) / f"class_{key}.npz") as z:
+            masks.append(z["mask"].astype(bool))
+            if with_images:
+                if "image" not in z.files:
+                    raise ValueError(f"stage1: the appearance branch needs CT crops; prepare with "
+                                     f"prepare.class_images: true (case {cid} has none)")
+                images.append(z["image"].astype(np.float32))
+        ids.append(cid)
+        crops.append(c)
+    return Stage1Data(key, ids, crops, masks, images if with_images else None, absent)
+
+
+def stage1_dir(run: Run, key: str) -> Path:
+    return run.path("stage1", key)
+
+
+def build_model(n_cases: int, params: Stage1Params) -> ImplicitField:
+    return ImplicitField(n_cases, params.model, n_heads=1)
+
+
+def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
+              epochs: int | None = None) -> tuple[ImplicitField, Stage1Data, FitResult]:
+    """Fit F_c on every case that has class ``key`` (resumes from ``ckpt/last.pt``)."""
+    device = resolve_device(run.params.run.device)
+    data = load_stage1_data(run, key, with_images=params.model.appearance)
+    for cid in data.absent:
+        run.skipped.add(f"stage1-{key}", cid, f"class {key} absent from the labels")
+    run.write_skipped()
+    if not data.case_ids:
+        raise ValueError(f"stage1: no case has class {key}")
+    torch.manual_seed(run.params.run.seed)
+    model = build_model(len(data.case_ids), params)
+    task = Stage1Task(data.masks, params, key, run.params.run.seed, device, data.images)
+    extra = {"key": key, "case_ids": data.case_ids, "params": run.params.to_dict()}
+    result = fit(model, task, params.train, stage1_dir(run, key) / "ckpt", device=device,
+                 seed=run.params.run.seed, progress=progress, extra=extra, epochs=epochs)
+    return model, data, result
+
+
+def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label_path: Path, out: Path, key: str,
+                expected: int, params: Stage1Params, device: str,
+                image: torch.Tensor | None = None) -> dict:
+    """Probabilities on the ROI grid (saved), then M^ref on the original grid (NIfTI)."""
+    box, grid = crops.class_boxes[key], crops.class_grids[key]
+    prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
+    write_npz(out / "prob" / f"{crops.case_id}.npz", prob=prob_roi.astype(np.float16),
+              to_original=grid.to_original, box_lo=np.asarray(box.lo), box_hi=np.asarray(box.hi))
+    prob = field_on_grid(model, i, original_box_grid(box), box, device, params.chunk_points, image=image)[..., 0]
+    raw = prob >= params.threshold
+    cleaned, report = clean_mask(raw, expected, crops.spacing, params.cleanup)
+    mask = np.zeros(crops.shape, dtype=np.uint8)
+    mask[box.slices] = cleaned
+    header = nib.load(str(label_path)).header
+    write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask, crops.affine, header)
+    return dataclasses.asdict(report)
+
+
+def repair_class(run: Run, key: str, params: Stage1Params, model: ImplicitField, data: Stage1Data,
+                 progress: bool = True) -> pd.DataFrame:
+    """Write M^ref for every case of the class from the selected checkpoint; metrics table."""
+    from tqdm import tqdm
+
+    device = resolve_device(run.params.run.device)
+    out = stage1_dir(run, key)
+    load_for_inference(model, out / "ckpt", params.train.select, device)
+    cls = run.table[key]
+    cases = {c.case_id: c for c in run.cases}
+    rows = []
+    for i, (cid, crops) in enumerate(tqdm(list(zip(data.case_ids, data.crops)), desc=f"repair {key}",
+                                          disable=not progress, unit="case")):
+        image = None if data.images is None else torch.as_tensor(data.images[i])[None, None].to(device)
+        report = repair_case(model, i, crops, cases[cid].label, out, key, cls.expected_components, params,
+                             device, image)
+        rows += score_case(run, cid, key, out / "masks" / f"{cid}.nii.gz", report)
+    table = pd.DataFrame(rows)
+    write_text(out / "metrics.csv", table.to_csv(index=False))
+    return table
+
+
+def score_case(run: Run, case_id: str, key: str, mask_path: Path, report: dict) -> list[dict]:
+    """Noisy input and repaired mask against the input and, where present, the truth."""
+    from .io import read_label
+
+    case = next(c for c in run.cases if c.case_id == case_id)
+    cls = run.table[key]
+    label = read_label(case.label, run.table)
+    repaired = np.asarray(nib.load(str(mask_path)).dataobj) > 0
+    noisy = label.array == cls.index
+    refs = {"input": noisy}
+    if case.truth is not None:
+        refs["truth"] = read_label(case.truth, run.table).array == cls.index
+    rows = []
+    for ref_name, ref in refs.items():
+        for source, pred in (("noisy", noisy), ("repaired", repaired)):
+            if ref_name == "input" and source == "noisy":
+                continue
+            s = binary_scores(pred, ref, label.spacing)
+            rows.append({"case": case_id, "key": key, "source": source, "reference": ref_name, **s,
+                         "n_comp": component_counts(pred.astype(np.uint8) * cls.index, run.table.subset([key]))[key],
+                         "expected": cls.expected_components,
+                         "cleanup_removed_voxels": report["removed_voxels"] if source == "repaired" else 0})
+    return rows
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean per (reference, source): Dice, HD95, ASSD, NSD, components at expected."""
+    t = table.assign(at_expected=(table["n_comp"] == table["expected"]).astype(float))
+    cols = ["dice", "hd95", "assd", "nsd", "n_comp", "at_expected"]
+    return t.groupby(["key", "reference", "source"], sort=False)[cols].mean().reset_index()
+
+
+def run_class(run: Run, cls: int | str, params: Stage1Params | None = None, progress: bool = True) -> pd.DataFrame:
+    """Fit, repair and score one class: what ``02_stage1`` does with ``-p cls 9``."""
+    params = params or run.params.stage1
+    key = run.table.resolve(cls).key
+    model, data, _ = fit_class(run, key, params, progress)
+    return repair_class(run, key, params, model, data, progress)
+
+
+def example_maps(run: Run, key: str, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple]:
+    """Class-only label maps (noisy, repaired, truth if any), the CT and the class centre."""
+    from .io import load_case
+    from .viz import class_centre
+
+    case = load_case(next(c for c in run.cases if c.case_id == case_id), run.table)
+    idx = run.table[key].index
+    repaired = np.asarray(nib.load(str(stage1_dir(run, key) / "masks" / f"{case_id}.nii.gz")).dataobj) > 0
+    maps = {"noisy": np.where(case.label.array == idx, idx, 0).astype(np.uint8),
+            "repaired": (repaired * idx).astype(np.uint8)}
+    if case.truth is not None:
+        maps["truth"] = np.where(case.truth.array == idx, idx, 0).astype(np.uint8)
+    image = case.image.array if case.image is not None else None
+    return maps, image, class_centre(maps["noisy"], run.table, key)

@@ -1,0 +1,238 @@
+"""One fit loop for every stage: per-class repair, the unified model and latent-only fitting.
+
+What differs between stages — which points are sampled, which loss, how a fit is validated —
+lives in a :class:`FitTask`; the loop owns devices, mixed precision, the optimiser (weights and
+latents as separate parameter groups), the learning-rate schedule, checkpoints, exact resume,
+the progress bar and the CSV log.
+
+Checkpoints hold everything a resumed run needs to continue *exactly* as if it had never
+stopped: weights and latents, optimiser and scheduler state, every random state (torch, the
+task's samplers, the case order), epoch, step, the history and the resolved parameters.
+``last.pt`` is written every ``checkpoint_interval`` epochs and at the end; ``best.pt`` whenever
+the validation score improves. Resume is explicit and loud: a checkpoint that does not match
+the model raises instead of silently restarting (the user's scripts restarted silently).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .io import atomic_path, write_text
+
+
+@dataclass
+class TrainParams:
+    epochs: int = 300
+    cases_per_batch: int = 4  # cases per step; every case is seen once per epoch
+    lr: float = 1e-3  # network weights (Adam)
+    lr_latent: float = 1e-3  # latent table (Adam)
+    lr_step_epochs: int = 100  # multiply both rates by lr_gamma every this many epochs (0 = never)
+    lr_gamma: float = 0.5
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    eval_interval: int = 25  # validate every this many epochs (and at the last epoch)
+    checkpoint_interval: int = 25  # write last.pt every this many epochs (and at the last epoch)
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    select: str = "best"  # which checkpoint results come from: "best" (validation score) or "last"
+
+    def __post_init__(self) -> None:
+        if self.select not in ("best", "last"):
+            raise ValueError(f"train.select must be 'best' or 'last', got {self.select!r}")
+        if self.epochs < 1 or self.cases_per_batch < 1:
+            raise ValueError("train.epochs and train.cases_per_batch must be >= 1")
+
+
+class FitTask(Protocol):
+    """The stage-specific half of a fit."""
+
+    n_cases: int
+    score_name: str  # the validation score (higher is better) that selects best.pt
+
+    def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        """Sampled points and targets for these cases (CPU tensors; the loop moves them)."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and its named parts (for the log)."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Validation metrics; must contain ``score_name``."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_score: float
+    best_epoch: int
+    last_epoch: int
+    resumed_from: int  # epoch the fit continued from (0 = fresh)
+    seconds: float
+
+
+CKPT_VERSION = 1
+
+
+def _optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    latent_ids = {id(p) for name, p in model.named_parameters() if name.startswith("latents.")}
+    weights = [p for p in model.parameters() if id(p) not in latent_ids and p.requires_grad]
+    latents = [p for p in model.parameters() if id(p) in latent_ids and p.requires_grad]
+    groups = [g for g in ({"params": weights, "lr": params.lr}, {"params": latents, "lr": params.lr_latent})
+              if g["params"]]
+    return torch.optim.Adam(groups)
+
+
+def _scheduler(opt: torch.optim.Optimizer, params: TrainParams):
+    step = params.lr_step_epochs if params.lr_step_epochs > 0 else 10**9
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=params.lr_gamma)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """``torch.save`` through a temporary file: an interrupted write never replaces a good file."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "nearfix-fit" or "model" not in ckpt:
+        raise ValueError(f"{path}: not a nearfix fit checkpoint (keys: {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+    return ckpt
+
+
+def write_history_csv(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buf.getvalue())
+
+
+def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Path, device: str = "cpu",
+        seed: int = 0, resume: bool = True, progress: bool = True, extra: dict[str, Any] | None = None,
+        epochs: int | None = None) -> FitResult:
+    """Train ``model`` on ``task`` for ``params.epochs`` (or ``epochs``) epochs into ``out_dir``.
+
+    ``out_dir`` receives ``last.pt``, ``best.pt`` and ``log.csv``. With ``resume`` and an
+    existing ``last.pt`` the fit continues from it; ``extra`` (e.g. resolved params, class key,
+    case ids) is stored in every checkpoint. ``epochs`` overrides the total (tests stop early).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = int(epochs if epochs is not None else params.epochs)
+    model.to(device)
+    opt = _optimizer(model, params)
+    sched = _scheduler(opt, params)
+    order_rng = np.random.Generator(np.random.PCG64(seed))
+    torch.manual_seed(seed)
+    history: list[dict] = []
+    epoch = step = 0
+    best_score, best_epoch = -math.inf, 0
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.is_file():
+        ckpt = load_checkpoint(last_path)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            raise RuntimeError(f"{last_path}: checkpoint does not fit this model ({str(err).splitlines()[0]}); "
+                               "use a new run folder or delete the checkpoint") from None
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        task.load_state_dict(ckpt["task"])
+        order_rng.bit_generator.state = ckpt["order_rng"]
+        _set_rng_state(ckpt["rng"])
+        epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        best_score, best_epoch = float(ckpt["best_score"]), int(ckpt["best_epoch"])
+        history = list(ckpt["history"])
+    resumed_from = epoch
+    use_amp = params.amp and str(device).startswith("cuda")
+    steps_per_epoch = math.ceil(task.n_cases / params.cases_per_batch)
+    started = time.perf_counter()
+
+    def payload() -> dict:
+        return {"format": "nearfix-fit", "version": CKPT_VERSION, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "task": task.state_dict(),
+                "order_rng": order_rng.bit_generator.state, "rng": _rng_state(), "epoch": epoch, "step": step,
+                "best_score": best_score, "best_epoch": best_epoch, "history": history, "extra": extra or {}}
+
+    bar = tqdm(range(epoch + 1, total + 1), initial=epoch, total=total, desc="fit", unit="epoch",
+               disable=not progress, file=sys.stdout, mininterval=2.0)
+    for epoch in bar:
+        model.train()
+        t0 = time.perf_counter()
+        order = order_rng.permutation(task.n_cases)
+        sums: dict[str, float] = {}
+        for s in range(steps_per_epoch):
+            idx = order[s * params.cases_per_batch:(s + 1) * params.cases_per_batch]
+            batch = {k: v.to(device, non_blocking=True) for k, v in task.batch(idx, epoch).items()}
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss, parts = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}")
+            loss.backward()
+            if params.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            opt.step()
+            step += 1
+            for k, v in {"loss": loss.item(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v
+        sched.step()
+        row: dict[str, Any] = {"epoch": epoch, "step": step, **{k: v / steps_per_epoch for k, v in sums.items()},
+                               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        improved = False
+        if epoch % params.eval_interval == 0 or epoch == total:
+            model.eval()
+            metrics = task.evaluate(model)
+            row.update(metrics)
+            score = float(metrics[task.score_name])
+            if score > best_score:
+                best_score, best_epoch, improved = score, epoch, True
+        history.append(row)
+        if improved:
+            save_checkpoint(best_path, payload())
+        bar.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", task.score_name) if k in row}, refresh=False)
+        if epoch % params.checkpoint_interval == 0 or epoch == total:
+            save_checkpoint(last_path, payload())
+            write_history_csv(out_dir / "log.csv", history)
+    bar.close()
+    return FitResult(history, best_score, best_epoch, epoch, resumed_from, time.perf_counter() - started)
+
+
+def load_for_inference(model: torch.nn.Module, out_dir: Path, select: str = "best", device: str = "cpu") -> dict:
+    """Load ``best.pt`` (or ``last.pt``) weights into ``model``; returns the checkpoint."""
+    path = Path(out_dir) / f"{select}.pt"
+    if not path.is_file() and select == "best":
+        path = Path(out_dir) / "last.pt"
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return ckpt

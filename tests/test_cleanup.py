@@ -1,0 +1,172 @@
+"""Component clean-up against a brute-force BFS, on asymmetric shapes."""
+
+import itertools
+from collections import deque
+
+import numpy as np
+import pytest
+
+from nearfix_lib.cleanup import (CleanupParams, CleanupReport, clean_mask, drop_small_components,
+                                 keep_largest_components)
+
+SHAPE = (12, 9, 7)
+NEIGHBOURS = {
+    26: [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)],
+    6: [d for d in itertools.product((-1, 0, 1), repeat=3) if sum(map(abs, d)) == 1],
+}
+NO_RULES = CleanupParams(keep_expected=False)
+
+
+def bfs_components(mask, connectivity=26):
+    """Components as voxel lists, in the C order of their first voxel."""
+    seen = np.zeros(mask.shape, dtype=bool)
+    comps = []
+    for start in map(tuple, np.argwhere(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        comp, queue = [], deque([start])
+        while queue:
+            v = queue.popleft()
+            comp.append(v)
+            for d in NEIGHBOURS[connectivity]:
+                w = tuple(a + b for a, b in zip(v, d))
+                if all(0 <= w[a] < mask.shape[a] for a in range(3)) and mask[w] and not seen[w]:
+                    seen[w] = True
+                    queue.append(w)
+        comps.append(comp)
+    return comps
+
+
+def reference(mask, comps, keep):
+    out = np.zeros(mask.shape, dtype=bool)
+    for c in keep:
+        out[tuple(np.array(comps[c]).T)] = True
+    return out
+
+
+def ranked(comps):
+    return sorted(range(len(comps)), key=lambda c: (-len(comps[c]), c))
+
+
+def random_mask(seed, shape=SHAPE, density=0.22):
+    return np.random.default_rng(seed).random(shape) < density
+
+
+@pytest.mark.parametrize("connectivity", [26, 6])
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_bfs_reference(seed, connectivity):
+    mask = random_mask(seed, density=0.12 if connectivity == 26 else 0.3)
+    comps = bfs_components(mask, connectivity)
+    assert len(comps) > 5
+    order = ranked(comps)
+    for n in (1, 2, 5, len(comps) + 3):
+        got = keep_largest_components(mask, n, connectivity)
+        assert np.array_equal(got, reference(mask, comps, order[:n]))
+    for min_voxels in (2, 4):
+        keep = [c for c in range(len(comps)) if len(comps[c]) >= min_voxels or c == order[0]]
+        got = drop_small_components(mask, min_voxels, connectivity)
+        assert np.array_equal(got, reference(mask, comps, keep))
+    if connectivity == 26:
+        _, report = clean_mask(mask, 3, (1.0, 1.0, 1.0), CleanupParams())
+        assert report.components_before == len(comps)
+        assert report.removed_voxels == sum(len(comps[c]) for c in order[3:])
+
+
+def cubes(shape, corners, size=2):
+    mask = np.zeros(shape, dtype=bool)
+    for i, j, k in corners:
+        mask[i:i + size, j:j + size, k:k + size] = True
+    return mask
+
+
+def test_ties_keep_the_first_component_in_c_order():
+    shape = (15, 12, 10)
+    corners = [(10, 1, 1), (1, 8, 1), (1, 1, 6)]  # first voxels in C order: 3rd, 2nd, 1st
+    mask = cubes(shape, corners)
+    assert np.array_equal(keep_largest_components(mask, 1), cubes(shape, [(1, 1, 6)]))
+    assert np.array_equal(keep_largest_components(mask, 2), cubes(shape, [(1, 1, 6), (1, 8, 1)]))
+    flipped = mask[:, :, ::-1]  # now (1, 1, 2) comes first, then (1, 8, 7)
+    assert np.array_equal(keep_largest_components(flipped, 1), cubes(shape, [(1, 1, 2)]))
+
+
+def sized_components(shape=(20, 13, 9)):
+    """Components of 100 (5x5x4), 10 (5x2x1) and 4 (2x2x1) voxels, far apart."""
+    mask = np.zeros(shape, dtype=bool)
+    mask[1:6, 1:6, 1:5] = True
+    mask[12:17, 9:11, 7] = True
+    mask[17:19, 2:4, 2] = True
+    return mask
+
+
+def test_minimum_volume_uses_anisotropic_spacing():
+    mask = sized_components()
+    spacing = (0.5, 0.8, 3.0)  # 1.2 mm3 per voxel: components of 120, 12 and 4.8 mm3
+    out, report = clean_mask(mask, 1, spacing, CleanupParams(keep_expected=False, min_component_mm3=5.0))
+    assert out.sum() == 110 and not out[17:19, 2:4, 2].any()
+    assert (report.removed_components, report.removed_voxels) == (1, 4)
+    p = CleanupParams(keep_expected=False, min_component_mm3=4.5)
+    assert clean_mask(mask, 1, spacing, p)[0].sum() == 114
+    assert clean_mask(mask, 1, (1.0, 1.0, 1.0), p)[0].sum() == 110  # 4 mm3 at 1 mm3 per voxel
+
+
+def test_relative_rule_and_expected_count():
+    mask = sized_components()
+    rel, report = clean_mask(mask, 1, (1, 1, 1), CleanupParams(keep_expected=False,
+                                                             min_fraction_of_largest=0.05))
+    assert rel.sum() == 110 and report == CleanupReport(3, 2, 1, 4, 0)
+    rel, _ = clean_mask(mask, 1, (1, 1, 1), CleanupParams(keep_expected=False, min_fraction_of_largest=0.15))
+    assert rel.sum() == 100
+    two, report = clean_mask(mask, 2, (1, 1, 1), CleanupParams())
+    assert two.sum() == 110 and report == CleanupReport(3, 2, 1, 4, 0)
+    everything, report = clean_mask(mask, 1, (1, 1, 1), NO_RULES)
+    assert np.array_equal(everything, mask) and report == CleanupReport(3, 3, 0, 0, 0)
+
+
+def test_largest_component_always_stays():
+    mask = sized_components()
+    out, report = clean_mask(mask, 1, (0.8, 1.1, 2.5), CleanupParams(min_component_mm3=1e6,
+                                                                      min_fraction_of_largest=1.0))
+    assert out.sum() == 100 and out[1:6, 1:6, 1:5].all()
+    assert report == CleanupReport(3, 1, 2, 14, 0)
+    assert drop_small_components(mask, 10_000).sum() == 100
+
+
+def test_empty_mask():
+    empty = np.zeros((7, 5, 3), dtype=np.uint8)
+    out, report = clean_mask(empty, 2, (1, 1, 1), CleanupParams(fill_holes=True))
+    assert out.shape == empty.shape and out.dtype == bool and not out.any()
+    assert report == CleanupReport(0, 0, 0, 0, 0)
+    assert not keep_largest_components(empty, 1).any()
+    assert not drop_small_components(empty, 3).any()
+
+
+def test_fill_holes_on_a_hollow_sphere():
+    shape = (27, 21, 17)
+    g = np.indices(shape) - np.array([14, 9, 8])[:, None, None, None]
+    r = np.sqrt((g ** 2).sum(axis=0))
+    ball, shell = r <= 7, (r <= 7) & (r >= 4.5)
+    mask = shell.copy()
+    mask[14, 9, 8] = True  # an island inside the cavity: merged by the filling
+    out, report = clean_mask(mask, 1, (1, 1, 1), CleanupParams(keep_expected=False))
+    assert np.array_equal(out, mask) and report.components_before == 2 and report.filled_voxels == 0
+    out, report = clean_mask(mask, 2, (1, 1, 1), CleanupParams(fill_holes=True))
+    assert np.array_equal(out, ball)
+    assert report == CleanupReport(2, 1, 0, 0, int(ball.sum() - mask.sum()))
+
+
+def test_input_is_untouched_and_params_validate():
+    mask = sized_components().astype(np.uint8)
+    before = mask.copy()
+    clean_mask(mask, 1, (1, 1, 1), CleanupParams(fill_holes=True))
+    assert np.array_equal(mask, before)
+    with pytest.raises(ValueError):
+        CleanupParams(min_fraction_of_largest=1.5)
+    with pytest.raises(ValueError):
+        CleanupParams(min_component_mm3=-1)
+    with pytest.raises(ValueError):
+        clean_mask(mask, 0, (1, 1, 1), CleanupParams())
+    with pytest.raises(ValueError):
+        clean_mask(mask, 1, (1, 1), CleanupParams())
+    with pytest.raises(ValueError):
+        keep_largest_components(mask, 0)

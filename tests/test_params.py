@@ -1,0 +1,63 @@
+import pytest
+
+from conftest import PROJECT
+from nearfix_lib.params import load_params, params_from_yaml_text, project_root, resolve_path
+
+
+def test_demo_inherits_default_and_only_overrides_what_differs():
+    demo = load_params(PROJECT / "params/demo.yaml")
+    default = load_params(PROJECT / "params/default.yaml")
+    assert demo.run.name == "demo" and default.run.name == "default"
+    assert demo.prepare.class_resolution == 32 and default.prepare.class_resolution == 128
+    assert default.prepare.heart_resolution == 256
+    assert demo.prepare.heart_margin == default.prepare.heart_margin  # inherited
+    assert demo.data.phantom.shape == (64, 60, 48)
+    assert isinstance(demo.data.phantom.shape, tuple)
+    assert demo.data.phantom.fov_mm == default.data.phantom.fov_mm
+
+
+def test_overrides_and_notebook_parameters_win():
+    p = load_params(PROJECT / "params/demo.yaml",
+                    {"prepare.class_resolution": "48", "data.phantom": {"n_cases": 2}},
+                    data_root="somewhere", run_dir="outputs/x", device="cpu")
+    assert p.prepare.class_resolution == 48
+    assert p.data.phantom.n_cases == 2 and p.data.phantom.shape == (64, 60, 48)
+    assert (p.data.data_root, p.run.run_dir, p.run.device) == ("somewhere", "outputs/x", "cpu")
+    # empty notebook parameters leave the file's values alone
+    q = load_params(PROJECT / "params/demo.yaml", data_root="", run_dir="", device="")
+    assert q.run.device == "cpu" and q.data.data_root == ""
+
+
+def test_mistakes_fail_at_load_time_naming_the_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("prepare:\n  class_resolution: 16\n")
+    (tmp_path / "typo.yaml").write_text("inherit: base.yaml\nprepare:\n  class_resolutoin: 64\n")
+    with pytest.raises(ValueError, match="class_resolutoin"):
+        load_params(tmp_path / "typo.yaml")
+    (tmp_path / "type.yaml").write_text("prepare:\n  class_resolution: big\n")
+    with pytest.raises(ValueError, match="prepare.class_resolution: expected an integer"):
+        load_params(tmp_path / "type.yaml")
+    (tmp_path / "unit.yaml").write_text("prepare:\n  margin_unit: inch\n")
+    with pytest.raises(ValueError, match="margin_unit"):
+        load_params(tmp_path / "unit.yaml")
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_params(tmp_path / "a.yaml")
+    with pytest.raises(FileNotFoundError):
+        load_params(tmp_path / "missing.yaml")
+    (tmp_path / "shape.yaml").write_text("data:\n  phantom:\n    shape: [10, 20]\n")
+    with pytest.raises(ValueError, match="expected 3 values"):
+        load_params(tmp_path / "shape.yaml")
+
+
+def test_resolved_params_round_trip_through_the_run_folder_yaml():
+    p = load_params(PROJECT / "params/demo.yaml", {"run.seed": 7})
+    q = params_from_yaml_text(p.to_yaml())
+    assert q == p
+
+
+def test_paths_resolve_from_notebooks_folder_too(monkeypatch):
+    monkeypatch.chdir(PROJECT / "notebooks")
+    assert project_root() == PROJECT
+    assert resolve_path("params/demo.yaml") == PROJECT / "params/demo.yaml"
+    assert load_params("params/demo.yaml").run.name == "demo"

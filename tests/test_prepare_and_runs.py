@@ -1,0 +1,113 @@
+"""A run end to end at library level: bad cases skipped and listed, inputs untouched, resume,
+and the real LPS CT through prepare with its own 3-class table."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import PROJECT, require_ts_chest
+from nearfix_lib.geometry import paste_back
+from nearfix_lib.params import load_params
+from nearfix_lib.prepare import load_case_arrays, load_crops_index, prepare_run
+from nearfix_lib.runs import resolve_device, start_run
+
+TINY = {"data.phantom": {"n_cases": 3, "shape": [40, 38, 30]},
+        "prepare": {"heart_resolution": 20, "class_resolution": 12}}
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+    """A phantom data root made by a first run, then damaged: case 2 corrupt, case 3 unpaired."""
+    work = tmp_path_factory.mktemp("phantom_run")
+    run = start_run(load_params(PROJECT / "params/demo.yaml", TINY, run_dir=str(work / "gen")))
+    root = work / "data"
+    shutil.copytree(run.data_root, root)
+    (root / "segmentations" / "2.label.nii.gz").write_bytes(b"not a nifti file")
+    (root / "images" / "3.img.nii.gz").unlink()
+    return root
+
+
+def snapshot(root):
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+def test_bad_cases_are_skipped_listed_and_inputs_untouched(phantom_root, tmp_path):
+    before = snapshot(phantom_root)
+    params = load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(phantom_root),
+                         run_dir=str(tmp_path / "run"))
+    run = start_run(params)
+    crops = prepare_run(run)
+    assert [c.case_id for c in crops] == ["1"]
+    skipped = (tmp_path / "run" / "skipped.csv").read_text().splitlines()
+    assert any(line.startswith("prepare,2,") and "2.label.nii.gz" in line and "unreadable" in line for line in skipped)
+    assert any(line.startswith("discover,3,") and "labels without image" in line for line in skipped)
+    assert snapshot(phantom_root) == before
+    assert not (phantom_root / "prepared").exists()
+
+
+def test_prepare_records_geometry_and_resumes(phantom_root, tmp_path):
+    params = load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(phantom_root),
+                         run_dir=str(tmp_path / "run"))
+    run = start_run(params)
+    crops = prepare_run(run)
+    index = load_crops_index(run.path("prepared"))
+    c = index["1"]
+    label = nib.load(str(phantom_root / "segmentations" / "1.label.nii.gz"))
+    assert np.allclose(c.affine, label.affine) and c.shape == label.shape
+    heart, masks = load_case_arrays(run.path("prepared"), "1")
+    assert heart["labels"].shape == (20, 20, 20) and heart["image"].shape == (20, 20, 20)
+    assert set(masks) == set(run.table.keys) - set(c.missing)
+    assert all(m.shape == (12, 12, 12) and m.any() for m in masks.values())
+    # the heart ROI NIfTI sits on the original image in world space
+    roi_img = nib.load(str(run.path("prepared", "1", "heart_labels.nii.gz")))
+    assert np.allclose(roi_img.affine, c.heart_grid.world_affine(c.affine))
+    # pasting the class ROI mask back lands on the class in the original labels
+    lv = np.asarray(label.dataobj) == run.table["LV"].index
+    back = paste_back(masks["LV"].astype(np.uint8), c.class_grids["LV"], c.class_boxes["LV"], c.shape)
+    assert 2 * np.sum(lv & (back > 0)) / (lv.sum() + back.sum()) > 0.8
+    # resume: nothing is rewritten when the parameters are unchanged
+    stamp = run.path("prepared", "1", "heart.npz").stat().st_mtime_ns
+    prepare_run(start_run(params))
+    assert run.path("prepared", "1", "heart.npz").stat().st_mtime_ns == stamp
+    # changed parameters redo the case
+    params2 = load_params(PROJECT / "params/demo.yaml", {**TINY, "prepare": {"heart_resolution": 22, "class_resolution": 12}},
+                          data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
+    prepare_run(start_run(params2))
+    heart2, _ = load_case_arrays(run.path("prepared"), "1")
+    assert heart2["labels"].shape == (22, 22, 22)
+
+
+def test_real_ct_prepares_with_its_own_class_table(tmp_path):
+    src = require_ts_chest()
+    root = tmp_path / "ts"
+    (root / "segmentations").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "segmentations" / "s0011.label.nii.gz").symlink_to(src / "labels.nii.gz")
+    (root / "images" / "s0011.img.nii.gz").symlink_to(src / "ct.nii.gz")
+    params = load_params(PROJECT / "params/demo.yaml",
+                         {"data.classes": "params/classes_ts_chest.yaml", "prepare.heart_resolution": 32,
+                          "prepare.class_resolution": 16},
+                         data_root=str(root), run_dir=str(tmp_path / "run"))
+    run = start_run(params)
+    assert run.table.keys == ["Heart", "Ao", "PA"]
+    (crops,) = prepare_run(run)
+    orig = nib.load(str(src / "labels.nii.gz"))
+    assert np.allclose(crops.affine, orig.affine) and not crops.missing
+    roi = nib.load(str(run.path("prepared", "s0011", "heart_labels.nii.gz")))
+    assert nib.aff2axcodes(roi.affine) == ("L", "P", "S")
+    heart, _ = load_case_arrays(run.path("prepared"), "s0011")
+    assert heart["image"].max() > 200  # contrast-filled vessels survived linear resampling
+
+
+def test_device_resolution():
+    import torch
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(RuntimeError):
+        resolve_device("gpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")

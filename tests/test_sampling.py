@@ -1,0 +1,240 @@
+"""Training-point sampling on asymmetric grids, where any (i, j, k) transpose shows up."""
+
+import pickle
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from nearfix_lib.geometry import Box, roi_grid
+from nearfix_lib.sampling import (BalancedSamplingParams, BandSampler, ClassBalancedSampler, SamplingParams,
+                                  bias_at_epoch, boundary_band, cell_index, dense_from_sparse,
+                                  index_to_normalised, lookup, normalised_to_index, sparse_coordinates)
+
+SHAPE = (20, 14, 9)
+
+
+def blob(shape=SHAPE):
+    """Ellipsoid elongated along i, a bar cut by the k = 0 face and a lone voxel."""
+    g = np.indices(shape).astype(float)
+    m = ((g[0] - 9) / 7.5) ** 2 + ((g[1] - 6) / 4.2) ** 2 + ((g[2] - 5) / 3.1) ** 2 <= 1
+    m[14:19, 10:13, 0:3] = True
+    m[2, 12, 7] = True
+    return m
+
+
+def corner_slab(shape=SHAPE):
+    """Long along j, at low i and high k: its (k, j, i)-read image lies elsewhere entirely."""
+    m = np.zeros(shape, dtype=bool)
+    m[1:4, 1:13, 6:8] = True
+    return m
+
+
+def brute_band(mask, radius):
+    """dilate & ~erode by a Euclidean ball, from nearest-neighbour distances; outside = background."""
+    padded = np.pad(mask, radius)
+    vox = np.argwhere(np.ones(mask.shape, dtype=bool)) + radius
+    d_fg = cKDTree(np.argwhere(padded)).query(vox)[0]
+    d_bg = cKDTree(np.argwhere(~padded)).query(vox)[0]
+    return ((d_fg <= radius + 1e-9) & (d_bg <= radius + 1e-9)).reshape(mask.shape)
+
+
+def params(**kw):
+    base = dict(points_per_case=1000, bias_schedule=[], sampling_bias_ratio=0.5)
+    base.update(kw)
+    return SamplingParams(**base)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_band_matches_the_distance_definition(radius):
+    m = blob()
+    band = boundary_band(m, radius)
+    assert np.array_equal(band, brute_band(m, radius))
+    assert band[15, 11, 0]  # a mask cut by the ROI border has band there (outside = background)
+    assert not boundary_band(np.zeros(SHAPE, bool), radius).any()
+
+
+def test_band_points_fall_in_band_voxels_and_a_transpose_would_not():
+    m = corner_slab()
+    band = boundary_band(m, 2)
+    sampler = BandSampler([m], params(points_per_case=3000, sampling_bias_ratio=1.0), seed=1)
+    pts, targets = sampler.sample([0], epoch=1)
+    cells = np.floor(normalised_to_index(pts[0], SHAPE) + 0.5).astype(int)
+    assert np.array_equal(cells, cell_index(pts[0], SHAPE))
+    assert band[cells[:, 0], cells[:, 1], cells[:, 2]].all()
+    assert np.array_equal(targets[0], lookup(m, pts[0]))
+    swapped = cell_index(pts[0][:, ::-1], SHAPE)  # the old bug: (k, j, i) read as (i, j, k)
+    assert band[swapped[:, 0], swapped[:, 1], swapped[:, 2]].mean() < 0.05
+    assert not np.array_equal(lookup(m, pts[0][:, ::-1]), targets[0])
+    # jittered points spread over their cells, not just the centres
+    frac = normalised_to_index(pts[0], SHAPE) - cells
+    assert frac.min() < -0.45 and frac.max() > 0.45
+
+
+def test_band_counts_are_exactly_round_ratio_times_n():
+    masks = [blob(), corner_slab(), np.zeros(SHAPE, bool), blob((11, 23, 16))]
+    p = params(points_per_case=1001, jitter=False, bias_schedule=[[2, 0.3], [3, 0.77]])
+    sampler = BandSampler(masks, p, seed=0)
+    for epoch, ratio in ((1, 0.3), (3, 0.77), (9, 0.77)):
+        pts, _ = sampler.sample([0, 1, 2, 3], epoch)
+        for b, m in enumerate(masks):
+            idx = normalised_to_index(pts[b], m.shape)
+            on_centre = np.all(np.abs(idx - np.round(idx)) < 1e-4, axis=1)
+            expected = 0 if not m.any() else round(ratio * 1001)
+            assert on_centre.sum() == expected
+            assert on_centre[:expected].all()  # band points first, documented order
+
+
+def test_bias_schedule():
+    p = SamplingParams()
+    values = {e: bias_at_epoch(p, e) for e in (1, 100, 101, 200, 201, 300, 400)}
+    assert values == {1: 0.5, 100: 0.5, 101: 0.3, 200: 0.3, 201: 0.1, 300: 0.1, 400: 0.1}
+    assert bias_at_epoch(params(sampling_bias_ratio=0.25), 7) == 0.25
+    with pytest.raises(ValueError):
+        bias_at_epoch(p, 0)
+    for bad in ([[100, 0.5], [50, 0.3]], [[100, 1.5]], [[100]]):
+        with pytest.raises(ValueError):
+            SamplingParams(bias_schedule=bad)
+
+
+def test_conversions_follow_the_roi_grid_convention():
+    box = Box((3, 5, 7), (40, 31, 20))
+    grid = roi_grid(box, SHAPE)
+    n = grid.normalised_points(box)
+    idx = grid.index_points()
+    assert np.allclose(index_to_normalised(idx, SHAPE), n)
+    assert np.allclose(normalised_to_index(n, SHAPE), idx)
+    assert np.array_equal(cell_index(n, SHAPE), idx.astype(int))
+    m = blob()
+    assert np.array_equal(lookup(m, n), m.ravel())
+    assert np.array_equal(lookup(m, n.reshape(*SHAPE, 3)), m)
+    # box edges belong to the edge voxels
+    assert np.array_equal(cell_index(np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]), SHAPE),
+                          [[0, 0, 0], [19, 13, 8]])
+
+
+def test_targets_are_the_mask_at_the_returned_points():
+    masks = [blob(), blob((11, 23, 16))]
+    sampler = BandSampler(masks, params(points_per_case=4096), seed=3)
+    pts, targets = sampler.sample([1, 0, 1], epoch=1)
+    assert pts.dtype == np.float32 and targets.dtype == np.float32
+    assert pts.shape == (3, 4096, 3) and targets.shape == (3, 4096)
+    for b, case in enumerate([1, 0, 1]):
+        assert np.array_equal(targets[b], lookup(masks[case], pts[b]).astype(np.float32))
+    assert 0.2 < targets.mean() < 0.8  # the band straddles the surface
+
+
+def test_uniform_points_cover_the_box():
+    m = blob()
+    sampler = BandSampler([m], params(points_per_case=4096, sampling_bias_ratio=0.0), seed=5)
+    pts, targets = sampler.sample([0] * 8, epoch=1)
+    flat = pts.reshape(-1, 3)
+    assert flat.min() >= -1 and flat.max() <= 1
+    assert np.all(flat.min(axis=0) < -0.99) and np.all(flat.max(axis=0) > 0.99)
+    assert np.all(np.abs(flat.mean(axis=0)) < 0.02)
+    assert abs(targets.mean() - m.mean()) < 0.015  # uniform points hit voxels by volume
+
+
+def test_empty_mask_draws_uniform_points():
+    sampler = BandSampler([np.zeros(SHAPE, bool)], params(sampling_bias_ratio=1.0), seed=0)
+    pts, targets = sampler.sample([0], epoch=1)
+    assert not targets.any()
+    assert np.abs(pts.mean(axis=1)).max() < 0.1
+
+
+def test_determinism_and_state_round_trip():
+    masks = [blob(), corner_slab()]
+
+    def make(seed):
+        return BandSampler(masks, params(), seed=seed)
+
+    a, b = make(7), make(7)
+    assert all(np.array_equal(x, y) for x, y in zip(a.sample([0, 1], 1), b.sample([0, 1], 1)))
+    assert not np.array_equal(a.sample([0, 1], 2)[0], make(8).sample([0, 1], 1)[0])
+
+    state = pickle.dumps(a.state_dict())
+    expected = a.sample([1, 0], 150)
+    resumed = make(123)
+    resumed.load_state_dict(pickle.loads(state))
+    got = resumed.sample([1, 0], 150)
+    assert all(np.array_equal(x, y) for x, y in zip(expected, got))
+
+
+def label_maps():
+    """Case 0: classes 2, 3, 8 and an unlisted 1; case 1 (another shape): 2 and 9."""
+    a = np.zeros(SHAPE, dtype=np.uint8)
+    a[2:10, 2:9, 1:6] = 2
+    a[12:18, 8:13, 4:8] = 3
+    a[10:12, 4:6, 2:4] = 8
+    a[0:2, 0:2, 0:2] = 1
+    b = np.zeros((17, 11, 13), dtype=np.int32)
+    b[3:12, 1:5, 2:11] = 2
+    b[14:16, 7:10, 0:2] = 9
+    return [a, b]
+
+
+def test_class_balanced_counts_labels_and_missing_classes():
+    maps = label_maps()
+    classes = [2, 3, 8, 9]
+    p = BalancedSamplingParams(positives_per_class=50, negatives=101, dilation_radius=2)
+    sampler = ClassBalancedSampler(maps, classes, p, seed=0)
+    assert sampler.points_per_case == 301
+    pts, labels = sampler.sample([0, 1], epoch=1)
+    assert pts.shape == (2, 301, 3) and pts.dtype == np.float32 and labels.dtype == np.int64
+    for b, lab in enumerate(maps):
+        expected = lookup(lab, pts[b])
+        expected = np.where(np.isin(expected, classes), expected, 0)
+        assert np.array_equal(labels[b], expected)
+    assert not np.any(labels == 1)  # unlisted classes read as background
+    for b, present in ((0, [2, 3, 8]), (1, [2, 9])):
+        for slot, c in enumerate(present):
+            assert np.all(labels[b, slot * 50:(slot + 1) * 50] == c)
+        n_pos = 50 * len(present)
+        n_neg = 301 - n_pos
+        n_band = n_neg - n_neg // 2
+        band = boundary_band(np.isin(maps[b], classes), 2)
+        cells = cell_index(pts[b, n_pos:n_pos + n_band], maps[b].shape)
+        assert band[cells[:, 0], cells[:, 1], cells[:, 2]].all()
+    empty = ClassBalancedSampler([np.zeros(SHAPE, np.uint8)], classes, p, seed=0)
+    pts, labels = empty.sample([0], epoch=1)
+    assert pts.shape == (1, 301, 3) and not labels.any()
+
+
+def test_class_balanced_draws_each_class_voxel_equally():
+    lab = np.zeros(SHAPE, dtype=np.uint8)
+    lab[3:15, 2:11, 1:7] = 4
+    small = np.array([[0, 0, 0], [0, 0, 8], [5, 13, 2], [5, 13, 6], [19, 1, 3], [19, 13, 8], [7, 6, 4]])
+    lab[small[:, 0], small[:, 1], small[:, 2]] = 6
+    p = BalancedSamplingParams(positives_per_class=7000, negatives=0, jitter=False)
+    sampler = ClassBalancedSampler([lab], [6, 4], p, seed=2)
+    pts, labels = sampler.sample([0], epoch=1)
+    cells = cell_index(pts[0, :7000], SHAPE)
+    assert np.all(labels[0, :7000] == 6) and np.all(labels[0, 7000:] == 4)
+    flat = np.ravel_multi_index(cells.T, SHAPE)
+    counts = np.bincount(flat, minlength=lab.size)[np.ravel_multi_index(small.T, SHAPE)]
+    assert counts.sum() == 7000 and np.all(np.abs(counts - 1000) < 150)
+    big = np.bincount(np.ravel_multi_index(cell_index(pts[0, 7000:], SHAPE).T, SHAPE), minlength=lab.size)
+    assert np.count_nonzero(big) > 0.95 * np.count_nonzero(lab == 4)  # 7000 draws over 648 voxels
+
+
+def test_class_balanced_state_round_trip():
+    maps = label_maps()
+    p = BalancedSamplingParams(positives_per_class=20, negatives=30)
+    a = ClassBalancedSampler(maps, [2, 3, 9], p, seed=4)
+    a.sample([0, 1], 1)
+    state = pickle.dumps(a.state_dict())
+    expected = a.sample([1, 1, 0], 2)
+    b = ClassBalancedSampler(maps, [2, 3, 9], p, seed=99)
+    b.load_state_dict(pickle.loads(state))
+    assert all(np.array_equal(x, y) for x, y in zip(expected, b.sample([1, 1, 0], 2)))
+
+
+def test_sparse_round_trip():
+    m = np.random.default_rng(0).random(SHAPE) < 0.1
+    coords = sparse_coordinates(m)
+    assert coords.dtype == np.int32 and coords.shape == (m.sum(), 3)
+    assert np.array_equal(coords, np.argwhere(m))
+    assert np.array_equal(dense_from_sparse(coords, SHAPE), m)
+    assert not dense_from_sparse(sparse_coordinates(np.zeros(SHAPE, bool)), SHAPE).any()
+    with pytest.raises(ValueError):
+        dense_from_sparse(np.array([[19, 14, 0]]), SHAPE)
