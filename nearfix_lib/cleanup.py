@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import cc3d
+import edt
 import fill_voids
 import numpy as np
+from scipy import ndimage
 
 from .geometry import Box, bounding_box
 
@@ -33,6 +35,9 @@ class CleanupParams:
     keep_expected: bool = True  # keep at most the class's expected number of largest components
     min_component_mm3: float = 0.0  # drop components smaller than this volume (0: no rule)
     min_fraction_of_largest: float = 0.0  # drop components below this fraction of the largest
+    # also keep components within this distance (mm) of the expected largest ones or of pieces
+    # kept that way: a broken structure (a coronary cut by gaps) rather than far islands (0: off)
+    keep_near_mm: float = 0.0
     # fill enclosed cavities: background not 6-connected to the outside (the dual of 26-connected
     # foreground); a hollow decoder output is an artefact
     fill_holes: bool = False
@@ -40,6 +45,8 @@ class CleanupParams:
     def __post_init__(self) -> None:
         if self.min_component_mm3 < 0:
             raise ValueError(f"cleanup.min_component_mm3 must be >= 0, got {self.min_component_mm3}")
+        if self.keep_near_mm < 0:
+            raise ValueError(f"cleanup.keep_near_mm must be >= 0, got {self.keep_near_mm}")
         if not 0.0 <= self.min_fraction_of_largest <= 1.0:
             raise ValueError("cleanup.min_fraction_of_largest must lie in [0, 1], "
                              f"got {self.min_fraction_of_largest}")
@@ -128,6 +135,28 @@ def drop_small_components(mask: np.ndarray, min_voxels: int, connectivity: int =
     return comps.mask_of(keep, mask.shape)
 
 
+def _near_main(comps: _Components, main: np.ndarray, others: np.ndarray, spacing: np.ndarray,
+               max_mm: float) -> np.ndarray:
+    """For each component in ``others``: is it connected to ``main`` by a chain of hops <= ``max_mm``?
+
+    Transitive on purpose: a coronary cut by several gaps is a chain of pieces, each near the
+    next but not all near the two main trees. Islands far from every piece never join.
+    """
+    near = np.zeros(others.size, dtype=bool)
+    if max_mm <= 0 or others.size == 0:
+        return near
+    kept = np.zeros(comps.sizes.size + 1, dtype=bool)
+    kept[main + 1] = True
+    while True:
+        dist = edt.edt(np.ascontiguousarray(~kept[comps.labels]), anisotropy=tuple(spacing), black_border=False)
+        closest = np.asarray(ndimage.minimum(dist, labels=comps.labels, index=others + 1))
+        grown = (closest <= max_mm) & ~near
+        if not grown.any():
+            return near
+        near |= grown
+        kept[others[grown] + 1] = True
+
+
 def clean_mask(mask: np.ndarray, expected: int, spacing: Sequence[float],
                params: CleanupParams) -> tuple[np.ndarray, CleanupReport]:
     """Apply the clean-up rules (26-connectivity) to one class's binary mask.
@@ -154,7 +183,9 @@ def clean_mask(mask: np.ndarray, expected: int, spacing: Sequence[float],
     if params.min_fraction_of_largest > 0:
         keep &= sizes >= params.min_fraction_of_largest * sizes.max()
     if params.keep_expected:
-        keep[comps.ranking[expected:]] = False
+        beyond = comps.ranking[expected:]
+        near = _near_main(comps, comps.ranking[:expected], beyond, spacing, params.keep_near_mm)
+        keep[beyond[~near]] = False
     keep[comps.ranking[0]] = True
     out = comps.mask_of(keep, mask.shape)
 

@@ -49,9 +49,8 @@ class Stage1Task:
         self.masks = [np.asarray(m, dtype=bool) for m in masks]
         self.n_cases = len(self.masks)
         self.sampler = BandSampler(self.masks, params.sampling, seed)
-        loss_params = params.loss_for(key)
-        self.data_loss = build_loss(loss_params)
-        self.latent_weight = loss_params.latent_weight
+        self.data_loss = build_loss(params.loss)
+        self.latent_weight = params.loss.latent_weight
         self.threshold = params.threshold
         self.chunk = params.chunk_points
         self.device = device
@@ -105,6 +104,11 @@ class Stage1Data:
     absent: list[str]
 
 
+def normalise_ct(image: np.ndarray) -> np.ndarray:
+    """HU clipped to [-1000, 1000] and scaled to [-1, 1]: the CT branch's input range."""
+    return np.clip(np.asarray(image, dtype=np.float32), -1000.0, 1000.0) / 1000.0
+
+
 def load_stage1_data(run: Run, key: str, with_images: bool = False) -> Stage1Data:
     prepared = run.path("prepared")
     index = load_crops_index(prepared)
@@ -119,7 +123,7 @@ def load_stage1_data(run: Run, key: str, with_images: bool = False) -> Stage1Dat
                 if "image" not in z.files:
                     raise ValueError(f"stage1: the appearance branch needs CT crops; prepare with "
                                      f"prepare.class_images: true (case {cid} has none)")
-                images.append(z["image"].astype(np.float32))
+                images.append(normalise_ct(z["image"]))
         ids.append(cid)
         crops.append(c)
     return Stage1Data(key, ids, crops, masks, images if with_images else None, absent)
@@ -135,7 +139,11 @@ def build_model(n_cases: int, params: Stage1Params) -> ImplicitField:
 
 def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
               epochs: int | None = None) -> tuple[ImplicitField, Stage1Data, FitResult]:
-    """Fit F_c on every case that has class ``key`` (resumes from ``ckpt/last.pt``)."""
+    """Fit F_c on every case that has class ``key`` (resumes from ``ckpt/last.pt``).
+
+    ``params`` are the stage's parameters; the class's own overrides are applied here.
+    """
+    params = params.for_class(key)
     device = resolve_device(run.params.run.device)
     data = load_stage1_data(run, key, with_images=params.model.appearance)
     for cid in data.absent:
@@ -175,6 +183,7 @@ def repair_class(run: Run, key: str, params: Stage1Params, model: ImplicitField,
     """Write M^ref for every case of the class from the selected checkpoint; metrics table."""
     from tqdm import tqdm
 
+    params = params.for_class(key)
     device = resolve_device(run.params.run.device)
     out = stage1_dir(run, key)
     load_for_inference(model, out / "ckpt", params.train.select, device)
@@ -246,3 +255,18 @@ def example_maps(run: Run, key: str, case_id: str) -> tuple[dict[str, np.ndarray
         maps["truth"] = np.where(case.truth.array == idx, idx, 0).astype(np.uint8)
     image = case.image.array if case.image is not None else None
     return maps, image, class_centre(maps["noisy"], run.table, key)
+
+
+def collect(run: Run) -> pd.DataFrame:
+    """Noisy vs repaired against the truth for every class stage 1 has finished, side by side."""
+    rows = []
+    for cls in run.table:
+        path = stage1_dir(run, cls.key) / "metrics.csv"
+        if not path.is_file():
+            continue
+        s = summary(pd.read_csv(path))
+        s = s[s["reference"] == "truth"].set_index("source")
+        if {"noisy", "repaired"} <= set(s.index):
+            rows.append({"key": cls.key, **{f"{m} {src}": s.loc[src, m] for m in ("dice", "hd95", "at_expected")
+                                            for src in ("noisy", "repaired")}})
+    return pd.DataFrame(rows)

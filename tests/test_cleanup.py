@@ -170,3 +170,33 @@ def test_input_is_untouched_and_params_validate():
         clean_mask(mask, 1, (1, 1), CleanupParams())
     with pytest.raises(ValueError):
         keep_largest_components(mask, 0)
+
+
+def test_keep_near_keeps_broken_pieces_and_drops_far_islands():
+    """A tube cut by a 3-voxel gap keeps its piece; an island 12 mm away goes."""
+    mask = np.zeros((40, 12, 10), dtype=bool)
+    mask[2:15, 5:7, 4:6] = True  # main piece (largest)
+    mask[18:25, 5:7, 4:6] = True  # broken-off piece, gap of 3 voxels along i
+    mask[37:39, 5:7, 4:6] = True  # island far away along i
+    spacing = (1.0, 0.5, 0.5)
+    base = CleanupParams(keep_expected=True)
+    only_largest, _ = clean_mask(mask, 1, spacing, base)
+    assert only_largest.sum() == 13 * 4
+    near, report = clean_mask(mask, 1, spacing, CleanupParams(keep_expected=True, keep_near_mm=5.0))
+    assert near[18:25, 5:7, 4:6].all() and not near[37:].any()
+    assert report.removed_components == 1 and report.components_after == 2
+    # the distance is in mm: at 2 mm along i the gap is 8 mm and the piece goes too
+    far, _ = clean_mask(mask, 1, (2.0, 0.5, 0.5), CleanupParams(keep_expected=True, keep_near_mm=5.0))
+    assert not far[18:25].any()
+    with pytest.raises(ValueError, match="keep_near_mm"):
+        CleanupParams(keep_near_mm=-1.0)
+
+
+def test_keep_near_follows_a_chain_of_pieces():
+    mask = np.zeros((60, 8, 8), dtype=bool)
+    for start in (2, 22, 30, 38):  # main (largest) then pieces 4 voxels apart, each near the last
+        mask[start:start + (16 if start == 2 else 4), 3:5, 3:5] = True
+    mask[55:57, 3:5, 3:5] = True  # 13 voxels beyond the last piece: an island
+    out, report = clean_mask(mask, 1, (1.0, 1.0, 1.0), CleanupParams(keep_near_mm=5.0))
+    assert out[38:42, 3:5, 3:5].all() and not out[55:].any()
+    assert report.components_after == 4 and report.removed_components == 1

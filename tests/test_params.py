@@ -8,7 +8,7 @@ def test_demo_inherits_default_and_only_overrides_what_differs():
     demo = load_params(PROJECT / "params/demo.yaml")
     default = load_params(PROJECT / "params/default.yaml")
     assert demo.run.name == "demo" and default.run.name == "default"
-    assert demo.prepare.class_resolution == 32 and default.prepare.class_resolution == 128
+    assert demo.prepare.class_resolution == 48 and default.prepare.class_resolution == 128
     assert default.prepare.heart_resolution == 256
     assert demo.prepare.heart_margin == default.prepare.heart_margin  # inherited
     assert demo.data.phantom.shape == (64, 60, 48)

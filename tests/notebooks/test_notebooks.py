@@ -9,7 +9,10 @@ from conftest import PROJECT
 
 NOTEBOOKS = sorted((PROJECT / "notebooks").glob("*.ipynb"))
 TINY = {"data.phantom": {"n_cases": 2, "shape": [48, 44, 36]},
-        "prepare": {"heart_resolution": 24, "class_resolution": 16}}
+        "prepare": {"heart_resolution": 24, "class_resolution": 16},
+        "stage1.model": {"latent_dim": 32, "grid_channels": [16, 8], "grid_sizes": [4, 8]},
+        "stage1.sampling": {"points_per_case": 512},
+        "stage1.train": {"epochs": 6, "eval_interval": 3, "checkpoint_interval": 3}}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -45,3 +48,6 @@ def test_notebook_executes(path, run_dir):
         crops = json.loads((run_dir / "prepared" / "crops.json").read_text())
         assert sorted(crops["cases"]) == ["1", "2"]
         assert (run_dir / "prepared" / "1" / "class_Cor.npz").is_file()
+    if path.stem.startswith("02"):  # default parameter cls = 9
+        assert (run_dir / "stage1" / "Cor" / "masks" / "2.nii.gz").is_file()
+        assert (run_dir / "stage1" / "Cor" / "curves.png").is_file()

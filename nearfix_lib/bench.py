@@ -1,0 +1,215 @@
+"""Benchmarks (not tests): speed, memory and quality of a stage on the phantom.
+
+    python -m nearfix_lib.bench stage1 --resolutions 32 64 128 --budget-s 60
+
+Stage 1: the per-class auto-decoder trained our way — a few thousand sampled points per case
+per step, several cases per step — against the *dense* reference the user's scripts used: the
+full R^3 grid of one case per step. Each configuration runs in its own process (so peak memory
+is its own, and a dense run that exhausts memory cannot take the benchmark down); reported are
+training points/s, seconds per epoch (every case once), peak memory, and the Dice against the
+phantom's truth after the same wall-clock budget, with sparse/dense ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Stage1BenchConfig:
+    name: str  # "sparse" or "dense"
+    resolution: int
+    n_cases: int
+    points_per_case: int  # 0 = the dense grid
+    cases_per_step: int
+    budget_s: float
+    device: str
+    key: str = "LV"
+    phantom_shape: tuple[int, int, int] = (96, 88, 80)
+    seed: int = 0
+
+
+def _phantom_masks(cfg: Stage1BenchConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Noisy and clean class masks of ``n_cases`` phantom cases on the class ROI grid (R^3)."""
+    from .classes import CARDIAC
+    from .geometry import resample_mask, roi_box, roi_grid, voxel_spacing
+    from .phantom import PhantomParams, make_case
+
+    params = PhantomParams(n_cases=cfg.n_cases, shape=cfg.phantom_shape, seed=cfg.seed)
+    noisy, clean = [], []
+    idx = CARDIAC[cfg.key].index
+    for i in range(cfg.n_cases):
+        case = make_case(i, params)
+        box = roi_box(case.noisy == idx, 6.0, voxel_spacing(case.affine))
+        grid = roi_grid(box, cfg.resolution)
+        noisy.append(resample_mask(case.noisy == idx, grid))
+        clean.append(resample_mask(case.truth == idx, grid))
+    return noisy, clean
+
+
+def _dense_batch(masks: list[np.ndarray], case_idx: np.ndarray):
+    import torch
+
+    from .geometry import Box, roi_grid
+
+    shape = masks[0].shape
+    box = Box((0, 0, 0), shape)
+    pts = torch.from_numpy(roi_grid(box, shape).normalised_points(box).astype(np.float32))
+    points = pts[None].expand(len(case_idx), -1, -1)
+    targets = torch.from_numpy(np.stack([masks[i].reshape(-1) for i in case_idx]).astype(np.float32))
+    return points, targets
+
+
+def _measure(cfg: Stage1BenchConfig, queue) -> None:
+    """Child process: train for the budget, report speed, memory and Dice vs the truth."""
+    try:
+        import torch
+
+        from .geometry import Box, roi_grid
+        from .infer import field_on_grid
+        from .losses import bce, latent_l2
+        from .models import ImplicitField, ModelParams
+        from .sampling import BandSampler, SamplingParams
+
+        torch.manual_seed(cfg.seed)
+        noisy, clean = _phantom_masks(cfg)
+        model = ImplicitField(cfg.n_cases, ModelParams()).to(cfg.device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        sampler = BandSampler(noisy, SamplingParams(points_per_case=max(cfg.points_per_case, 1)), cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        steps, points, t_train = 0, 0, 0.0
+        epoch_steps = int(np.ceil(cfg.n_cases / cfg.cases_per_step))
+        start = time.perf_counter()
+        while time.perf_counter() - start < cfg.budget_s:
+            order = rng.permutation(cfg.n_cases)
+            for s in range(epoch_steps):
+                idx = order[s * cfg.cases_per_step:(s + 1) * cfg.cases_per_step]
+                if cfg.points_per_case:
+                    p, t = sampler.sample(list(idx), 1 + steps // epoch_steps)
+                    p, t = torch.from_numpy(p), torch.from_numpy(t)
+                else:
+                    p, t = _dense_batch(noisy, idx)
+                t0 = time.perf_counter()
+                p, t = p.to(cfg.device), t.to(cfg.device)
+                case = torch.as_tensor(idx, device=cfg.device)
+                opt.zero_grad(set_to_none=True)
+                loss = bce(model(case, p)[..., 0], t) + 1e-4 * latent_l2(model.latents(case))
+                loss.backward()
+                opt.step()
+                if cfg.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t_train += time.perf_counter() - t0
+                steps += 1
+                points += p.shape[0] * p.shape[1]
+                if time.perf_counter() - start >= cfg.budget_s:
+                    break
+        dices = []
+        for i, truth in enumerate(clean):
+            box = Box((0, 0, 0), truth.shape)
+            pred = field_on_grid(model, i, roi_grid(box, truth.shape), box, cfg.device)[..., 0] >= 0.5
+            dices.append(2 * np.sum(pred & truth) / max(pred.sum() + truth.sum(), 1))
+        noisy_dice = [2 * np.sum(n & c) / max(n.sum() + c.sum(), 1) for n, c in zip(noisy, clean)]
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if cfg.device.startswith("cuda")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        queue.put({**asdict(cfg), "steps": steps, "points_per_s": points / t_train,
+                   "s_per_step": t_train / steps, "s_per_epoch": t_train / steps * epoch_steps,
+                   "peak_mb": peak, "dice_vs_truth": float(np.mean(dices)),
+                   "noisy_dice_vs_truth": float(np.mean(noisy_dice)), "status": "ok"})
+    except (RuntimeError, MemoryError) as err:  # out of memory, typically
+        queue.put({**asdict(cfg), "status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"})
+
+
+def _run_isolated(cfg: Stage1BenchConfig, timeout_s: float) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(cfg, queue))
+    proc.start()
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.kill()
+        return {**asdict(cfg), "status": "failed: timed out"}
+    if queue.empty():
+        return {**asdict(cfg), "status": f"failed: process ended with code {proc.exitcode} (out of memory?)"}
+    return queue.get()
+
+
+def dense_memory_estimate_mb(resolution: int, in_channels: int = 163) -> float:
+    """Activation memory of one dense step (forward + saved for backward) of the seed MLP."""
+    per_point = 4 * (in_channels + 256 + 256 + 256 + in_channels + 128 + 64 + 1) * 2
+    return resolution ** 3 * per_point / 2**20
+
+
+def bench_stage1(resolutions: list[int], n_cases: int, points_per_case: int, budget_s: float,
+                 device: str, max_dense_mb: float) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    for r in resolutions:
+        configs = [Stage1BenchConfig("sparse", r, n_cases, points_per_case, n_cases, budget_s, device),
+                   Stage1BenchConfig("dense", r, n_cases, 0, 1, budget_s, device)]
+        for cfg in configs:
+            est = dense_memory_estimate_mb(r)
+            if cfg.name == "dense" and est > max_dense_mb:
+                rows.append({**asdict(cfg), "status": f"not run: needs ~{est / 1024:.1f} GB of activations "
+                                                      f"(limit {max_dense_mb / 1024:.1f} GB)"})
+                continue
+            print(f"R={r} {cfg.name} ...", flush=True)
+            rows.append(_run_isolated(cfg, budget_s * 4 + 300))
+    return pd.DataFrame(rows)
+
+
+def ratios(table: "pd.DataFrame") -> "pd.DataFrame":
+    """sparse / dense per resolution for the measured quantities."""
+    import pandas as pd
+
+    out = []
+    for r, group in table.groupby("resolution"):
+        g = group.set_index("name")
+        if {"sparse", "dense"} <= set(g.index) and (g["status"] == "ok").all():
+            out.append({"resolution": r,
+                        **{f"{k} sparse/dense": g.loc["sparse", k] / g.loc["dense", k]
+                           for k in ("points_per_s", "s_per_epoch", "peak_mb")},
+                        "dice sparse - dense": g.loc["sparse", "dice_vs_truth"] - g.loc["dense", "dice_vs_truth"]})
+    return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="nearfix benchmarks")
+    ap.add_argument("stage", choices=["stage1"])
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--points", type=int, default=8192, help="sampled points per case per step")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="training wall-clock per configuration")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-dense-gb", type=float, default=12.0)
+    ap.add_argument("--out", default="outputs/bench")
+    args = ap.parse_args(argv)
+
+    from .io import write_text
+    from .runs import resolve_device
+
+    device = resolve_device(args.device)
+    table = bench_stage1(args.resolutions, args.cases, args.points, args.budget_s, device, args.max_dense_gb * 1024)
+    out = Path(args.out)
+    write_text(out / "stage1.csv", table.to_csv(index=False))
+    cols = ["resolution", "name", "status", "points_per_s", "s_per_epoch", "peak_mb", "dice_vs_truth",
+            "noisy_dice_vs_truth", "steps"]
+    text = (f"device: {device}\n\n" + table.reindex(columns=cols).to_markdown(index=False, floatfmt=".3g")
+            + "\n\n" + ratios(table).to_markdown(index=False, floatfmt=".3g") + "\n")
+    write_text(out / "stage1.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Stage 1 end to end on a tiny phantom: masks on the original grid with the source affine,
+per-class overrides, metrics against input and truth, and a real repair on a clear-cut case."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import PROJECT
+from nearfix_lib import prepare, stage1
+from nearfix_lib.params import load_params
+from nearfix_lib.runs import start_run
+
+TINY = {"data.phantom": {"n_cases": 2, "shape": [44, 40, 34]},
+        "prepare": {"heart_resolution": 16, "class_resolution": 24},
+        "stage1.model": {"latent_dim": 32, "grid_channels": [16, 8], "grid_sizes": [4, 8]},
+        "stage1.sampling": {"points_per_case": 512, "bias_schedule": [[4, 0.5], [8, 0.1]]},
+        "stage1.train": {"epochs": 8, "eval_interval": 4, "checkpoint_interval": 4, "lr_step_epochs": 0}}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    params = load_params(PROJECT / "params/demo.yaml", TINY, run_dir=str(tmp_path_factory.mktemp("s1")))
+    run = start_run(params, progress=False)
+    prepare.prepare_run(run)
+    return run
+
+
+def test_run_class_writes_masks_on_the_original_grid(tiny_run):
+    table = stage1.run_class(tiny_run, "9", progress=False)  # papermill passes "-p cls 9" like this
+    out = stage1.stage1_dir(tiny_run, "Cor")
+    for case in tiny_run.cases:
+        src = nib.load(str(case.label))
+        mask = nib.load(str(out / "masks" / f"{case.case_id}.nii.gz"))
+        assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+        with np.load(out / "prob" / f"{case.case_id}.npz") as z:
+            assert z["prob"].dtype == np.float16 and z["prob"].shape == (24, 24, 24)
+    assert {"ckpt", "prob", "masks"} <= {p.name for p in out.iterdir()}
+    assert (out / "ckpt" / "best.pt").is_file() and (out / "metrics.csv").is_file()
+    assert set(table["reference"]) == {"input", "truth"}
+    assert set(table[table.reference == "truth"]["source"]) == {"noisy", "repaired"}
+    summary = stage1.summary(table)
+    assert np.all(summary["dice"].between(0, 1))
+
+
+def test_finished_fit_is_loaded_not_retrained(tiny_run):
+    stage1.run_class(tiny_run, "LA", progress=False)
+    ckpt = stage1.stage1_dir(tiny_run, "LA") / "ckpt" / "last.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    _, _, result = stage1.fit_class(tiny_run, "LA", tiny_run.params.stage1, progress=False)
+    assert result.resumed_from == 8 and ckpt.stat().st_mtime_ns == stamp
+
+
+def test_per_class_overrides():
+    p = load_params(PROJECT / "params/default.yaml").stage1
+    cor, lv = p.for_class("Cor"), p.for_class("LV")
+    assert (cor.loss.kind, cor.loss.dice_weight, cor.loss.focal_weight, cor.loss.focal_gamma) == (
+        "dice_focal", 0.7, 0.3, 4.0)
+    assert lv.loss.kind == "bce" and lv.threshold == 0.5 and lv.cleanup.keep_expected
+    assert cor.threshold < 0.5 and not cor.cleanup.keep_expected
+    assert cor.model == lv.model and cor.train == lv.train  # untouched sections stay
+    q = load_params(PROJECT / "params/default.yaml",
+                    {"stage1.overrides": {"LAA": {"model": {"grid_sizes": [4, 8], "grid_channels": [64, 48]},
+                                                  "threshold": 0.4}}}).stage1
+    laa = q.for_class("LAA")
+    assert laa.model.grid_sizes == (4, 8) and laa.model.latent_dim == 256 and laa.threshold == 0.4
+    assert q.for_class("Cor").threshold == 0.3  # overrides merge: the file's Cor block stays
+    bad = load_params(PROJECT / "params/default.yaml", {"stage1.overrides": {"LV": {"loss": {"gama": 2}}}}).stage1
+    with pytest.raises(ValueError, match="gama"):
+        bad.for_class("LV")
+
+
+def test_repair_beats_a_noisy_mask_with_islands_and_stairs():
+    """The auto-decoder + clean-up recover a smooth shape from a stair-cased, island-ridden one."""
+    import torch
+
+    from nearfix_lib.cleanup import CleanupParams, clean_mask
+    from nearfix_lib.geometry import Box, roi_grid
+    from nearfix_lib.infer import field_on_grid
+    from nearfix_lib.models import ModelParams
+    from nearfix_lib.params import Stage1Params
+    from nearfix_lib.sampling import SamplingParams
+    from nearfix_lib.train import TrainParams, fit
+
+    shape = (30, 24, 20)
+    ii, jj, kk = np.meshgrid(*[np.arange(s) + 0.5 for s in shape], indexing="ij")
+    truths, noisy = [], []
+    rng = np.random.default_rng(0)
+    for c in ([15, 12, 10], [14, 11, 9]):
+        t = ((ii - c[0]) / 11) ** 2 + ((jj - c[1]) / 8) ** 2 + ((kk - c[2]) / 6) ** 2 < 1
+        n = np.repeat(np.repeat(t[1::3, 1::3], 3, axis=0), 3, axis=1)[: shape[0], : shape[1]]  # stair-case
+        for _ in range(4):  # islands
+            p = rng.integers(0, 3, 3) + [0, 0, 16]
+            n[p[0]:p[0] + 2, p[1]:p[1] + 2, p[2]:p[2] + 2] = True
+        truths.append(t)
+        noisy.append(n)
+    torch.manual_seed(0)
+    params = Stage1Params(model=ModelParams(latent_dim=32, grid_channels=(32, 16), grid_sizes=(4, 8)),
+                          sampling=SamplingParams(points_per_case=1024, bias_schedule=[]),
+                          train=TrainParams(epochs=150, cases_per_batch=2, eval_interval=150, lr_step_epochs=0))
+    model = stage1.build_model(2, params)
+    task = stage1.Stage1Task(noisy, params, "LV", seed=0, device="cpu")
+    fit(model, task, params.train, __import__("tempfile").mkdtemp(), progress=False)
+    box = Box((0, 0, 0), shape)
+    for i, (t, n) in enumerate(zip(truths, noisy)):
+        pred = field_on_grid(model, i, roi_grid(box, shape), box)[..., 0] >= 0.5
+        pred, _ = clean_mask(pred, 1, (1, 1, 1), CleanupParams())
+        dice = lambda a, b: 2 * np.sum(a & b) / (a.sum() + b.sum())  # noqa: E731
+        assert dice(pred, t) > dice(n, t) + 0.01, (dice(pred, t), dice(n, t))
+
+
+def test_appearance_branch_runs_end_to_end(tmp_path):
+    """in_ch 323: CT crops per class ROI (prepare.class_images) feed the appearance encoder."""
+    over = {**TINY, "prepare": {"heart_resolution": 16, "class_resolution": 16, "class_images": True},
+            "stage1.model": {**TINY["stage1.model"], "appearance": True},
+            "stage1.train": {**TINY["stage1.train"], "epochs": 2, "eval_interval": 2}}
+    run = start_run(load_params(PROJECT / "params/demo.yaml", over, run_dir=str(tmp_path)), progress=False)
+    prepare.prepare_run(run)
+    model, data, _ = stage1.fit_class(run, "LV", run.params.stage1, progress=False)
+    assert model.in_channels == 3 + 16 + 8 + 160
+    assert data.images is not None and -1.0 <= data.images[0].min() and data.images[0].max() <= 1.0
+    table = stage1.repair_class(run, "LV", run.params.stage1, model, data, progress=False)
+    assert len(table) == 2 * 3  # 2 cases x (repaired vs input, noisy and repaired vs truth)
