@@ -51,7 +51,7 @@ def test_prepare_records_geometry_and_resumes(phantom_root, tmp_path):
     params = load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(phantom_root),
                          run_dir=str(tmp_path / "run"))
     run = start_run(params)
-    crops = prepare_run(run)
+    prepare_run(run)
     index = load_crops_index(run.path("prepared"))
     c = index["1"]
     label = nib.load(str(phantom_root / "segmentations" / "1.label.nii.gz"))

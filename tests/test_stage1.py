@@ -121,3 +121,22 @@ def test_appearance_branch_runs_end_to_end(tmp_path):
     assert data.images is not None and -1.0 <= data.images[0].min() and data.images[0].max() <= 1.0
     table = stage1.repair_class(run, "LV", run.params.stage1, model, data, progress=False)
     assert len(table) == 2 * 3  # 2 cases x (repaired vs input, noisy and repaired vs truth)
+
+
+def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):
+    """An empty class in one case: prepare records it, stage 1 leaves that case out and says so."""
+    import shutil
+
+    from nearfix_lib.io import read_label, write_nifti
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_run.data_root, root)
+    lab = read_label(root / "segmentations" / "2.label.nii.gz", tiny_run.table)
+    write_nifti(root / "segmentations" / "2.label.nii.gz",
+                np.where(lab.array == tiny_run.table["LAA"].index, 0, lab.array), lab.affine, lab.header)
+    run = start_run(load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(root),
+                                run_dir=str(tmp_path / "run")), progress=False)
+    crops = {c.case_id: c for c in prepare.prepare_run(run)}
+    assert crops["2"].missing == ["LAA"] and not crops["1"].missing
+    data = stage1.load_stage1_data(run, "LAA")
+    assert data.case_ids == ["1"] and data.absent == ["2"]
