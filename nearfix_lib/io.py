@@ -293,7 +293,8 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray,
     hdr = header.copy() if header is not None else nib.Nifti1Header()
     img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine, hdr)
     img.set_data_dtype(dtype)
-    img.header.set_slope_inter(1.0, 0.0) if np.issubdtype(np.dtype(dtype), np.integer) else None
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        img.header.set_slope_inter(1.0, 0.0)  # labels are stored unscaled
     img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
     img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
     with atomic_path(path) as tmp:
