@@ -81,6 +81,7 @@ def _measure(cfg: Stage1BenchConfig, queue) -> None:
         from .geometry import Box, roi_grid
         from .infer import field_on_grid
         from .losses import bce, latent_l2
+        from .metrics import dice
         from .models import ImplicitField, ModelParams
         from .sampling import BandSampler, SamplingParams
 
@@ -124,8 +125,8 @@ def _measure(cfg: Stage1BenchConfig, queue) -> None:
         for i, truth in enumerate(clean):
             box = Box((0, 0, 0), truth.shape)
             pred = field_on_grid(model, i, roi_grid(box, truth.shape), box, cfg.device)[..., 0] >= 0.5
-            dices.append(2 * np.sum(pred & truth) / max(pred.sum() + truth.sum(), 1))
-        noisy_dice = [2 * np.sum(n & c) / max(n.sum() + c.sum(), 1) for n, c in zip(noisy, clean)]
+            dices.append(dice(pred, truth))
+        noisy_dice = [dice(n, c) for n, c in zip(noisy, clean)]
         queue.put({**asdict(cfg), "steps": steps, "points_per_s": points / t_train,
                    "s_per_step": t_train / steps, "s_per_epoch": t_train / steps * epoch_steps,
                    "peak_mb": train_mb, "dice_vs_truth": float(np.mean(dices)),

@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from .classes import ClassTable
+from .geometry import voxel_spacing
 
 LABEL_DIR = "segmentations"
 IMAGE_DIR = "images"
@@ -151,8 +152,8 @@ class Volume:
 
     @property
     def spacing(self) -> np.ndarray:
-        """Voxel size in mm along axes 0, 1, 2 (norms of the affine's columns)."""
-        return np.linalg.norm(self.affine[:3, :3], axis=0)
+        """Voxel size in mm along axes 0, 1, 2."""
+        return voxel_spacing(self.affine)
 
 
 def _load_nifti(path: Path) -> nib.Nifti1Image:

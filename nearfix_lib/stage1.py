@@ -28,9 +28,10 @@ import torch
 from .cleanup import clean_mask
 from .geometry import Box, roi_grid
 from .infer import field_on_grid, original_box_grid
-from .io import write_nifti, write_npz, write_text
+from .classes import ClassTable
+from .io import LoadedCase, Volume, load_case, write_nifti, write_npz, write_text
 from .losses import build_loss, latent_l2
-from .metrics import binary_scores, component_counts
+from .metrics import binary_scores, component_counts, dice
 from .models import ImplicitField
 from .params import Stage1Params
 from .prepare import CaseCrops, case_dir, load_crops_index
@@ -80,9 +81,7 @@ class Stage1Task:
             box = Box((0, 0, 0), mask.shape)
             prob = field_on_grid(model, i, roi_grid(box, mask.shape), box, self.device, self.chunk,
                                  image=self.image_of(i))[..., 0]
-            pred = prob >= self.threshold
-            denom = pred.sum() + mask.sum()
-            scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(pred, mask).sum() / denom)
+            scores.append(dice(prob >= self.threshold, mask))
         return {"dice": float(np.mean(scores))}
 
     def state_dict(self) -> dict:
@@ -160,22 +159,20 @@ def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
     return model, data, result
 
 
-def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label_path: Path, out: Path, key: str,
+def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, out: Path, key: str,
                 expected: int, params: Stage1Params, device: str,
-                image: torch.Tensor | None = None) -> dict:
-    """Probabilities on the ROI grid (saved), then M^ref on the original grid (NIfTI)."""
+                image: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
+    """Probabilities on the ROI grid (saved), then M^ref on the original grid (NIfTI, returned)."""
     box, grid = crops.class_boxes[key], crops.class_grids[key]
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npz(out / "prob" / f"{crops.case_id}.npz", prob=prob_roi.astype(np.float16),
               to_original=grid.to_original, box_lo=np.asarray(box.lo), box_hi=np.asarray(box.hi))
     prob = field_on_grid(model, i, original_box_grid(box), box, device, params.chunk_points, image=image)[..., 0]
-    raw = prob >= params.threshold
-    cleaned, report = clean_mask(raw, expected, crops.spacing, params.cleanup)
-    mask = np.zeros(crops.shape, dtype=np.uint8)
+    cleaned, report = clean_mask(prob >= params.threshold, expected, crops.spacing, params.cleanup)
+    mask = np.zeros(crops.shape, dtype=bool)
     mask[box.slices] = cleaned
-    header = nib.load(str(label_path)).header
-    write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask, crops.affine, header)
-    return dataclasses.asdict(report)
+    write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
+    return mask, dataclasses.asdict(report)
 
 
 def repair_class(run: Run, key: str, params: Stage1Params, model: ImplicitField, data: Stage1Data,
@@ -192,35 +189,32 @@ def repair_class(run: Run, key: str, params: Stage1Params, model: ImplicitField,
     rows = []
     for i, (cid, crops) in enumerate(tqdm(list(zip(data.case_ids, data.crops)), desc=f"repair {key}",
                                           disable=not progress, unit="case")):
+        case = load_case(cases[cid], run.table, with_image=False)  # read once: header, input, truth
         image = None if data.images is None else torch.as_tensor(data.images[i])[None, None].to(device)
-        report = repair_case(model, i, crops, cases[cid].label, out, key, cls.expected_components, params,
-                             device, image)
-        rows += score_case(run, cid, key, out / "masks" / f"{cid}.nii.gz", report)
+        repaired, report = repair_case(model, i, crops, case.label, out, key, cls.expected_components, params,
+                                       device, image)
+        rows += score_case(case, run.table, key, repaired, report)
     table = pd.DataFrame(rows)
     write_text(out / "metrics.csv", table.to_csv(index=False))
     return table
 
 
-def score_case(run: Run, case_id: str, key: str, mask_path: Path, report: dict) -> list[dict]:
+def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, report: dict) -> list[dict]:
     """Noisy input and repaired mask against the input and, where present, the truth."""
-    from .io import read_label
-
-    case = next(c for c in run.cases if c.case_id == case_id)
-    cls = run.table[key]
-    label = read_label(case.label, run.table)
-    repaired = np.asarray(nib.load(str(mask_path)).dataobj) > 0
-    noisy = label.array == cls.index
+    cls = table[key]
+    only = table.subset([key])
+    noisy = case.label.array == cls.index
     refs = {"input": noisy}
     if case.truth is not None:
-        refs["truth"] = read_label(case.truth, run.table).array == cls.index
+        refs["truth"] = case.truth.array == cls.index
     rows = []
     for ref_name, ref in refs.items():
         for source, pred in (("noisy", noisy), ("repaired", repaired)):
             if ref_name == "input" and source == "noisy":
                 continue
-            s = binary_scores(pred, ref, label.spacing)
-            rows.append({"case": case_id, "key": key, "source": source, "reference": ref_name, **s,
-                         "n_comp": component_counts(pred.astype(np.uint8) * cls.index, run.table.subset([key]))[key],
+            s = binary_scores(pred, ref, case.label.spacing)
+            rows.append({"case": case.case_id, "key": key, "source": source, "reference": ref_name, **s,
+                         "n_comp": component_counts(pred.astype(np.uint8) * cls.index, only)[key],
                          "expected": cls.expected_components,
                          "cleanup_removed_voxels": report["removed_voxels"] if source == "repaired" else 0})
     return rows
