@@ -65,3 +65,42 @@ def field_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box,
         out[slab] = prob.reshape(slab.stop - slab.start, grid.shape[1], grid.shape[2], -1)
     return out
 
+
+
+def field_in_box(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, device: str = "cpu",
+                 chunk_points: int = 262_144, image: torch.Tensor | None = None) -> np.ndarray:
+    """Like :func:`field_on_grid` on any (axis-aligned) ``grid``, but only where it lies inside ``box``.
+
+    A class model knows nothing outside its own ROI (the normalised cube), so voxels of the grid
+    outside ``box`` are 0 and are not evaluated: a class ROI covers a fraction of a whole-heart grid.
+    """
+    sub = grid_within_box(grid, box)
+    if sub is None:
+        return np.zeros((*grid.shape, model.n_heads), dtype=np.float32)
+    lo, sub_grid = sub
+    prob = field_on_grid(model, case_index, sub_grid, box, device, chunk_points, image=image)
+    out = np.zeros((*grid.shape, prob.shape[-1]), dtype=np.float32)
+    out[tuple(slice(a, a + n) for a, n in zip(lo, sub_grid.shape))] = prob
+    return out
+
+
+def grid_within_box(grid: Grid, box: Box) -> tuple[tuple[int, int, int], Grid] | None:
+    """The block of ``grid`` whose voxel centres lie inside ``box`` (original voxel extents), or None.
+
+    ``grid.to_original`` must be axis-aligned (a scaled, shifted lattice, as every ROI grid is).
+    """
+    linear = grid.to_original[:3, :3]
+    if np.count_nonzero(linear - np.diag(np.diag(linear))):
+        raise ValueError("grid_within_box needs an axis-aligned grid")
+    scale, shift = np.diag(linear), grid.to_original[:3, 3]
+    # original voxel centres of the box run lo..hi-1; its extent is lo-0.5 .. hi-0.5
+    a = (np.asarray(box.lo) - 0.5 - shift) / scale
+    b = (np.asarray(box.hi) - 0.5 - shift) / scale
+    first = np.clip(np.ceil(np.minimum(a, b) - 1e-9), 0, None).astype(int)
+    last = np.minimum(np.floor(np.maximum(a, b) + 1e-9).astype(int), np.asarray(grid.shape) - 1)
+    if np.any(last < first):
+        return None
+    to_original = grid.to_original.copy()
+    to_original[:3, 3] = shift + scale * first
+    shape = tuple(int(v) for v in last - first + 1)
+    return tuple(int(v) for v in first), Grid(shape, to_original)  # type: ignore[return-value]

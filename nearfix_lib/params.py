@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .cleanup import CleanupParams
+from .fusion import FusionParams
 from .losses import LossParams
 from .models import ModelParams
 from .phantom import NoiseParams, PhantomParams
@@ -110,6 +111,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     stage1: Stage1Params = field(default_factory=Stage1Params)
+    stage2: FusionParams = field(default_factory=FusionParams)
     source: str = ""  # the YAML file these came from (informational)
 
     def to_dict(self) -> dict:

@@ -23,3 +23,13 @@ def test_one_configuration_measures_speed_memory_and_quality():
         assert 0.0 <= r["dice_vs_truth"] <= 1.0 and 0.0 < r["noisy_dice_vs_truth"] <= 1.0
     table = ratios(pd.DataFrame(rows))
     assert list(table["resolution"]) == [12] and table["points_per_s sparse/dense"].iloc[0] > 0
+
+
+def test_stage2_benchmark_times_fusion_against_the_priority_pass():
+    from nearfix_lib.bench import bench_stage2
+
+    table = bench_stage2([40], n_cases=1, repeats=1)
+    row = table.iloc[0]
+    assert row["s_fusion_rules"] > 0 and row["s_fusion_only"] > 0
+    assert row["rules/fusion_only"] == row["s_fusion_rules"] / row["s_fusion_only"]
+    assert 0 <= row["classes_at_expected"] <= 10

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nearfix_lib.geometry import Box, roi_grid
-from nearfix_lib.infer import field_on_grid, iter_normalised_points, original_box_grid
+from nearfix_lib.infer import field_in_box, field_on_grid, grid_within_box, iter_normalised_points, original_box_grid
 from nearfix_lib.models import ImplicitField, ModelParams
 from nearfix_lib.params import Stage1Params
 from nearfix_lib.sampling import SamplingParams
@@ -100,3 +100,20 @@ def test_slab_points_match_the_grid_convention():
     grid = roi_grid(box, (5, 4, 3))
     pts = np.concatenate([p for _, p in iter_normalised_points(grid, box, max_points=12)])
     assert np.allclose(pts, grid.normalised_points(box), atol=1e-6)
+
+
+def test_field_in_box_evaluates_a_class_model_on_a_whole_heart_grid_only_inside_its_box():
+    torch.manual_seed(0)
+    model = ImplicitField(2, TINY_MODEL)
+    heart = Box((1, 2, 0), (30, 25, 17))
+    grid = roi_grid(heart, (23, 19, 13))  # resampled: voxel centres do not fall on original ones
+    cls_box = Box((6, 9, 3), (18, 14, 12))
+    out = field_in_box(model, 1, grid, cls_box, chunk_points=50)
+    pts = grid.normalised_points(cls_box).reshape(*grid.shape, 3)
+    inside = np.all(np.abs(pts) <= 1.0 + 1e-9, axis=-1)
+    assert out.shape == (*grid.shape, 1) and inside.any() and (~inside).any()
+    assert np.all(out[~inside] == 0.0) and np.all(out[inside] > 0.0)
+    full = field_on_grid(model, 1, grid, cls_box)  # everywhere, extrapolating outside the box
+    assert np.allclose(out[inside], full[inside], atol=1e-6)
+    assert grid_within_box(grid, Box((40, 40, 40), (45, 45, 45))) is None
+    assert np.all(field_in_box(model, 1, grid, Box((40, 40, 40), (45, 45, 45))) == 0.0)
