@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -224,8 +225,8 @@ def bench_stage2(sizes: list[int], n_cases: int, repeats: int = 2) -> "pd.DataFr
             case = make_case(i, params)
             spacing = voxel_spacing(case.affine)
             masks = {c.key: ndimage.binary_dilation(case.noisy == c.index) for c in CARDIAC}
-            t_ref = min(_timed(lambda: fuse_priority(masks, CARDIAC, case.noisy.shape)) for _ in range(repeats))
-            timings = [_timed(lambda: fuse_case(masks, CARDIAC, spacing, FusionParams())) for _ in range(repeats)]
+            t_ref = min(_timed(partial(fuse_priority, masks, CARDIAC, case.noisy.shape)) for _ in range(repeats))
+            timings = [_timed(partial(fuse_case, masks, CARDIAC, spacing, FusionParams())) for _ in range(repeats)]
             result = fuse_case(masks, CARDIAC, spacing, FusionParams())
             by_rule = pd.DataFrame(result.audit_records()).groupby("rule")["voxels_changed"].sum().to_dict()
             counts = component_counts(result.labels, CARDIAC)

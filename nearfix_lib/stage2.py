@@ -29,7 +29,7 @@ import torch
 from .classes import ClassTable
 from .cleanup import clean_mask
 from .fusion import FusionResult, fuse_case
-from .geometry import Box, Grid, voxel_spacing
+from .geometry import voxel_spacing
 from .infer import field_in_box
 from .io import InputError, LoadedCase, load_case, write_nifti, write_npz, write_text
 from .metrics import attachment_report, binary_scores, component_counts
