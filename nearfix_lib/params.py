@@ -25,8 +25,9 @@ from .fusion import FusionParams
 from .losses import LossParams
 from .models import ModelParams
 from .phantom import NoiseParams, PhantomParams
-from .sampling import SamplingParams
+from .sampling import BalancedSamplingParams, SamplingParams
 from .train import TrainParams
+from .unified import UnifiedLossParams
 
 PROJECT_MARKERS = ("pyproject.toml", "params")
 
@@ -105,6 +106,24 @@ class Stage1Params:
         return _build(Stage1Params, _deep_merge(base, over), f"stage1.overrides.{key}")
 
 
+def _latent_only_train() -> TrainParams:
+    return TrainParams(epochs=150, cases_per_batch=1, lr=0.0, lr_latent=1e-2, lr_step_epochs=0,
+                       eval_interval=50, checkpoint_interval=50, select="last")
+
+
+@dataclass
+class Stage3Params:
+    model: ModelParams = field(default_factory=ModelParams)
+    sampling: BalancedSamplingParams = field(default_factory=BalancedSamplingParams)
+    loss: UnifiedLossParams = field(default_factory=UnifiedLossParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    # t_c is chosen among these on the training cases (Dice of P_c >= t_c against L^ref)
+    threshold_candidates: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    chunk_points: int = 262_144
+    new_case_train: TrainParams = field(default_factory=_latent_only_train)  # latent-only fit of a new case
+    compare_distillation: bool = True  # notebook 04 also fits without distillation, to show the difference
+
+
 @dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
@@ -112,6 +131,7 @@ class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     stage1: Stage1Params = field(default_factory=Stage1Params)
     stage2: FusionParams = field(default_factory=FusionParams)
+    stage3: Stage3Params = field(default_factory=Stage3Params)
     source: str = ""  # the YAML file these came from (informational)
 
     def to_dict(self) -> dict:
@@ -121,7 +141,7 @@ class Params:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
 
 
-__all__ = ["Params", "RunParams", "DataParams", "PrepareParams", "Stage1Params", "PhantomParams",
+__all__ = ["Params", "RunParams", "DataParams", "PrepareParams", "Stage1Params", "Stage3Params", "PhantomParams",
            "NoiseParams", "load_params", "project_root", "resolve_path"]
 
 

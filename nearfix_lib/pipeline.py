@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .params import load_params, project_root
 
-STAGES = ("00_data_inspection", "01_prepare", "02_stage1", "03_fusion")
+STAGES = ("00_data_inspection", "01_prepare", "02_stage1", "03_fusion", "04_unified")
 
 
 def execute(notebook: str, out: Path, parameters: dict) -> float:

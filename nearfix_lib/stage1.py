@@ -37,7 +37,7 @@ from .params import Stage1Params
 from .prepare import CaseCrops, case_dir, load_crops_index
 from .runs import Run, resolve_device
 from .sampling import BandSampler
-from .train import FitResult, fit, load_for_inference
+from .train import FitResult, fit, load_for_inference, unwrap
 
 
 class Stage1Task:
@@ -68,7 +68,7 @@ class Stage1Task:
     def loss(self, model, batch):
         logits = model(batch["case"], batch["points"], batch.get("image"))[..., 0].float()
         data = self.data_loss(logits, batch["target"])
-        lat = latent_l2(model.latents(batch["case"]))
+        lat = latent_l2(unwrap(model).latents(batch["case"]))
         return data + self.latent_weight * lat, {"data": data.item(), "latent": lat.item()}
 
     def image_of(self, i: int) -> torch.Tensor | None:

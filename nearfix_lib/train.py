@@ -176,6 +176,9 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     use_amp = params.amp and str(device).startswith("cuda")
     steps_per_epoch = math.ceil(task.n_cases / params.cases_per_batch)
     started = time.perf_counter()
+    rank, world = distributed_rank_world()
+    net = _wrap_distributed(model, device) if world > 1 else model
+    lead = rank == 0  # validates, checkpoints and shows progress
 
     def payload() -> dict:
         return {"format": "nearfix-fit", "version": CKPT_VERSION, "model": model.state_dict(),
@@ -184,7 +187,7 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
                 "best_score": best_score, "best_epoch": best_epoch, "history": history, "extra": extra or {}}
 
     bar = tqdm(range(epoch + 1, total + 1), initial=epoch, total=total, desc="fit", unit="epoch",
-               disable=not progress, file=sys.stdout, mininterval=2.0)
+               disable=not (progress and lead), file=sys.stdout, mininterval=2.0)
     for epoch in bar:
         model.train()
         t0 = time.perf_counter()
@@ -192,24 +195,30 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
         sums: dict[str, float] = {}
         for s in range(steps_per_epoch):
             idx = order[s * params.cases_per_batch:(s + 1) * params.cases_per_batch]
-            batch = {k: v.to(device, non_blocking=True) for k, v in task.batch(idx, epoch).items()}
+            batch = task.batch(idx, epoch)  # every rank draws the global batch (same RNG) ...
+            if world > 1:  # ... and keeps its share of the cases
+                batch = _shard(batch, len(idx), rank, world)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                loss, parts = task.loss(model, batch)
+                loss, parts = task.loss(net, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}")
-            loss.backward()
+            loss.backward()  # under DDP the gradients are averaged over ranks here
             if params.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             opt.step()
             step += 1
-            for k, v in {"loss": loss.item(), **parts}.items():
+            logged = {"loss": loss.item(), **parts}
+            if world > 1:
+                logged = _mean_over_ranks(logged, device)
+            for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
         sched.step()
         row: dict[str, Any] = {"epoch": epoch, "step": step, **{k: v / steps_per_epoch for k, v in sums.items()},
                                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         improved = False
-        if epoch % params.eval_interval == 0 or epoch == total:
+        if lead and (epoch % params.eval_interval == 0 or epoch == total):
             model.eval()
             metrics = task.evaluate(model)
             row.update(metrics)
@@ -220,11 +229,65 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
         if improved:
             save_checkpoint(best_path, payload())
         bar.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", task.score_name) if k in row}, refresh=False)
-        if epoch % params.checkpoint_interval == 0 or epoch == total:
+        if lead and (epoch % params.checkpoint_interval == 0 or epoch == total):
             save_checkpoint(last_path, payload())
             write_history_csv(out_dir / "log.csv", history)
     bar.close()
+    if world > 1:
+        torch.distributed.barrier()  # the checkpoints are written before any rank reads them
     return FitResult(history, best_score, best_epoch, epoch, resumed_from, time.perf_counter() - started)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, also when the fit loop hands a task its DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env(device: str) -> str:
+    """Join the process group ``torchrun`` describes (WORLD_SIZE > 1); returns this rank's device.
+
+    NCCL with one GPU per rank (LOCAL_RANK) on CUDA, gloo on CPU. Without torchrun it does
+    nothing, so the same notebook code runs on one device.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    cuda = str(device).startswith("cuda")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def _wrap_distributed(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(device).index] if str(device).startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _shard(batch: dict[str, torch.Tensor], n_cases: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's equal share of a batch's cases (leading dimension of every tensor)."""
+    if n_cases % world:
+        raise ValueError(f"train.cases_per_batch (and the case count) must split evenly over {world} "
+                         f"processes; a step has {n_cases} cases")
+    per = n_cases // world
+    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+
+
+def _mean_over_ranks(values: dict[str, float], device: str) -> dict[str, float]:
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(values, (t / torch.distributed.get_world_size()).tolist()))
 
 
 def load_for_inference(model: torch.nn.Module, out_dir: Path, select: str = "best", device: str = "cpu") -> dict:

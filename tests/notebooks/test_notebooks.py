@@ -12,7 +12,11 @@ TINY = {"data.phantom": {"n_cases": 2, "shape": [48, 44, 36]},
         "prepare": {"heart_resolution": 24, "class_resolution": 16},
         "stage1.model": {"latent_dim": 32, "grid_channels": [16, 8], "grid_sizes": [4, 8]},
         "stage1.sampling": {"points_per_case": 512},
-        "stage1.train": {"epochs": 6, "eval_interval": 3, "checkpoint_interval": 3}}
+        "stage1.train": {"epochs": 6, "eval_interval": 3, "checkpoint_interval": 3},
+        "stage3.model": {"latent_dim": 32, "grid_channels": [16, 8], "grid_sizes": [4, 8]},
+        "stage3.sampling": {"positives_per_class": 16, "negatives": 64},
+        "stage3.train": {"epochs": 4, "cases_per_batch": 2, "eval_interval": 2, "checkpoint_interval": 2},
+        "stage3.new_case_train": {"epochs": 3, "eval_interval": 3, "checkpoint_interval": 3}}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -63,3 +67,16 @@ def test_notebook_executes(path, run_dir):
             assert roi["labels"].shape == (24, 24, 24) and roi["to_original"].shape == (4, 4)
         audit = (run_dir / "stage2" / "audit.csv").read_text()
         assert "bridge,Cor" in audit and "absent,Myo" in audit
+    if path.stem.startswith("04"):
+        import nibabel as nib
+        import numpy as np
+
+        from nearfix_lib.unified import UnifiedModel
+
+        source = nib.load(str(run_dir / "phantom" / "segmentations" / "2.label.nii.gz"))
+        decoded = UnifiedModel.load(run_dir / "stage3" / "unified.pt").decode("2")
+        assert decoded.shape == source.shape and decoded.dtype == np.uint8
+        written = nib.load(str(run_dir / "stage3" / "labels" / "2.nii.gz"))
+        assert np.allclose(written.affine, source.affine) and np.array_equal(np.asarray(written.dataobj), decoded)
+        assert (run_dir / "stage3" / "distillation.csv").is_file()
+        assert (run_dir / "stage3" / "new_cases" / "holdout" / "last.pt").is_file()

@@ -1,0 +1,292 @@
+"""Stage 3 on a run: distil L^ref (and the stage-1 fields) into the unified model, decode, score.
+
+Inputs: ``stage2/roi/<case>.npz`` (L^ref on the whole-heart ROI grid), ``stage1/<key>/prob/<case>.npz``
+(the stage-1 probabilities, the distillation teachers) and ``prepared/crops.json`` (geometry).
+Outputs in ``<run>/stage3/``: ``ckpt/`` (the fit, resumable), ``unified.pt`` (the artifact),
+``labels/<case>.nii.gz`` (decoded on the original grid, source affine and header) and
+``metrics.csv`` (decoded vs L^ref, and noisy / L^ref / decoded vs the truth when it exists).
+
+Multi-GPU: ``torchrun --nproc_per_node=K -m nearfix_lib.stage3 --params params/default.yaml``
+runs :func:`fit_unified` under DistributedDataParallel, the same code path as the notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from .classes import ClassTable
+from .geometry import Box, resample, roi_box, roi_grid
+from .io import LoadedCase, load_case, write_nifti, write_text
+from .metrics import binary_scores, component_counts
+from .models import ImplicitField
+from .params import Params, Stage3Params
+from .prepare import CaseCrops, load_crops_index
+from .runs import Run, resolve_device
+from .stage1 import stage1_dir
+from .stage2 import stage2_dir
+from .train import FitResult, fit, init_distributed_from_env, load_for_inference
+from .unified import CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds, teacher_affine
+
+
+def stage3_dir(run: Run) -> Path:
+    return run.path("stage3")
+
+
+@dataclass
+class Stage3Data:
+    case_ids: list[str]
+    maps: list[np.ndarray]  # L^ref on the whole-heart ROI grid
+    geometry: dict[str, CaseGeometry]
+    teachers: list[list[Teacher]]
+
+
+def geometry_of(crops: CaseCrops) -> CaseGeometry:
+    return CaseGeometry(crops.shape, crops.affine, crops.heart_box, crops.heart_grid)
+
+
+def load_teachers(run: Run, crops: CaseCrops) -> list[Teacher]:
+    """The stage-1 ROI probabilities of every class this case has (classes without one are skipped)."""
+    out = []
+    for k, cls in enumerate(run.table):
+        path = stage1_dir(run, cls.key) / "prob" / f"{crops.case_id}.npz"
+        if not path.is_file():
+            continue
+        with np.load(path) as z:
+            prob = torch.from_numpy(z["prob"].astype(np.float32))[None, None]
+            box = Box(tuple(int(v) for v in z["box_lo"]), tuple(int(v) for v in z["box_hi"]))
+        out.append(Teacher(k, prob, teacher_affine(crops.heart_box, box)))
+    return out
+
+
+def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
+    index = load_crops_index(run.path("prepared"))
+    ids, maps, geometry, teachers = [], [], {}, []
+    for cid, crops in index.items():
+        path = stage2_dir(run) / "roi" / f"{cid}.npz"
+        if not path.is_file():
+            run.skipped.add("stage3", cid, f"no stage-2 L^ref ({path.name}); run 03_fusion first")
+            continue
+        with np.load(path) as z:
+            maps.append(z["labels"].astype(np.uint8))
+        ids.append(cid)
+        geometry[cid] = geometry_of(crops)
+        teachers.append(load_teachers(run, crops) if with_teachers else [])
+    run.write_skipped()
+    if not ids:
+        raise ValueError(f"stage3: no case has a stage-2 L^ref in {stage2_dir(run) / 'roi'}")
+    return Stage3Data(ids, maps, geometry, teachers)
+
+
+def build_task(data: Stage3Data, table: ClassTable, params: Stage3Params, seed: int, device: str,
+               distill: bool = True) -> UnifiedTask:
+    loss = params.loss if distill else _no_distill(params).loss
+    return UnifiedTask(data.maps, table, params.sampling, loss, seed, device,
+                       teachers=data.teachers if distill else None, chunk_points=params.chunk_points)
+
+
+def _no_distill(params: Stage3Params) -> Stage3Params:
+    import dataclasses
+
+    return dataclasses.replace(params, loss=dataclasses.replace(params.loss, distill_weight=0.0))
+
+
+def fit_unified(run: Run, data: Stage3Data, params: Stage3Params | None = None, name: str = "ckpt",
+                distill: bool = True, progress: bool = True) -> tuple[ImplicitField, UnifiedTask, FitResult]:
+    """Fit F_Θ on every case's L^ref into ``stage3/<name>/`` (resumes; under torchrun: DDP)."""
+    params = params or run.params.stage3
+    device = init_distributed_from_env(resolve_device(run.params.run.device))
+    torch.manual_seed(run.params.run.seed)
+    model = ImplicitField(len(data.case_ids), params.model, n_heads=len(run.table))
+    task = build_task(data, run.table, params, run.params.run.seed, device, distill)
+    extra = {"case_ids": data.case_ids, "params": run.params.to_dict(), "distill": distill}
+    result = fit(model, task, params.train, stage3_dir(run) / name, device=device, seed=run.params.run.seed,
+                 progress=progress, extra=extra)
+    load_for_inference(model, stage3_dir(run) / name, params.train.select, device)
+    return model, task, result
+
+
+def make_artifact(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data,
+                  params: Stage3Params | None = None) -> UnifiedModel:
+    """Fit the thresholds t_c on the training cases and assemble (and save) ``unified.pt``."""
+    params = params or run.params.stage3
+    probs = [task.probabilities(model, i) for i in range(task.n_cases)]
+    thresholds = fit_thresholds(probs, data.maps, run.table, params.threshold_candidates)
+    unified = UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
+                           device=task.device, chunk_points=params.chunk_points)
+    unified.save(stage3_dir(run) / "unified.pt")
+    return unified
+
+
+def decode_and_score(run: Run, unified: UnifiedModel, source: str = "stage3", write: bool = True,
+                     progress: bool = True) -> pd.DataFrame:
+    """Decode every training case on its original grid and score it against L^ref and the truth.
+
+    ``write``: the decoded maps go to ``stage3/labels/`` (NIfTI, source affine) and the scores to
+    ``stage3/metrics.csv``. ``decode_s`` is the wall time of ``unified.decode`` per case.
+    """
+    from tqdm import tqdm
+
+    rows = []
+    cases = {c.case_id: c for c in run.cases}
+    for cid in tqdm(unified.case_ids, desc="decode", disable=not progress, unit="case"):
+        case = load_case(cases[cid], run.table, with_image=False)
+        t0 = time.perf_counter()
+        decoded = unified.decode(cid, grid="original")
+        seconds = time.perf_counter() - t0
+        if write:
+            write_nifti(stage3_dir(run) / "labels" / f"{cid}.nii.gz", decoded, case.label.affine, case.label.header)
+        lref = np.asarray(nib.load(str(stage2_dir(run) / "labels" / f"{cid}.nii.gz")).dataobj)
+        rows += score_maps(case, run.table, {source: decoded}, lref, "lref", seconds)
+        if case.truth is not None:
+            sources = {"noisy": case.label.array, "stage2": lref, source: decoded} if write else {source: decoded}
+            rows += score_maps(case, run.table, sources, case.truth.array, "truth", seconds)
+    table = pd.DataFrame(rows)
+    if write:
+        write_text(stage3_dir(run) / "metrics.csv", table.to_csv(index=False))
+    return table
+
+
+def distillation_effect(run: Run, data: Stage3Data, with_distill: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+    """Fit the same model without distillation (``stage3/no_distill``) and compare per class:
+    Dice against L^ref and against the truth, with and without the stage-1 teachers."""
+    params = _no_distill(run.params.stage3)
+    model, task, _ = fit_unified(run, data, params, name="no_distill", distill=False, progress=progress)
+    probs = [task.probabilities(model, i) for i in range(task.n_cases)]
+    thresholds = fit_thresholds(probs, data.maps, run.table, params.threshold_candidates)
+    plain = UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
+                         device=task.device, chunk_points=params.chunk_points)
+    without = decode_and_score(run, plain, source="no_distill", write=False, progress=progress)
+    both = pd.concat([with_distill[with_distill["source"] == "stage3"], without])
+    mean = both.groupby(["key", "reference", "source"])["dice"].mean()
+    rows = []
+    for cls in run.table:
+        row = {"key": cls.key}
+        for ref in ("lref", "truth"):
+            for src, name in (("no_distill", "without"), ("stage3", "with")):
+                if (cls.key, ref, src) in mean.index:
+                    row[f"dice vs {ref} {name}"] = mean.loc[(cls.key, ref, src)]
+        rows.append(row)
+    out = pd.DataFrame(rows).set_index("key")
+    write_text(stage3_dir(run) / "distillation.csv", out.to_csv())
+    return out
+
+
+def score_maps(case: LoadedCase, table: ClassTable, sources: dict[str, np.ndarray], ref: np.ndarray,
+               ref_name: str, decode_seconds: float) -> list[dict]:
+    rows = []
+    for name, labels in sources.items():
+        counts = component_counts(labels, table)
+        for cls in table:
+            s = binary_scores(labels == cls.index, ref == cls.index, case.label.spacing)
+            rows.append({"case": case.case_id, "key": cls.key, "source": name, "reference": ref_name, **s,
+                         "n_comp": counts[cls.key], "expected": cls.expected_components,
+                         "decode_s": decode_seconds if name == "stage3" else float("nan")})
+    return rows
+
+
+def summary(metrics: pd.DataFrame, table: ClassTable, small: tuple[str, ...] = ("LAA", "Cor", "PV")) -> pd.DataFrame:
+    """Per class: decoded vs L^ref, and noisy / L^ref / decoded vs the truth (mean Dice, HD95)."""
+    mean = metrics.groupby(["key", "reference", "source"])[["dice", "hd95"]].mean()
+    rows = []
+    for cls in table:
+        row = {"key": cls.key, "small": cls.key in small}
+        for ref, src in (("lref", "stage3"), ("truth", "noisy"), ("truth", "stage2"), ("truth", "stage3")):
+            if (cls.key, ref, src) in mean.index:
+                for m in ("dice", "hd95"):
+                    row[f"{m} {src} vs {ref}"] = mean.loc[(cls.key, ref, src), m]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("key")
+
+
+# -- new cases ------------------------------------------------------------------------------------
+
+def roi_labels_of(labels: np.ndarray, affine: np.ndarray, params: Params) -> tuple[np.ndarray, CaseGeometry]:
+    """A new case's labels on its whole-heart ROI grid (as ``prepare`` would crop them) and its geometry."""
+    from .geometry import voxel_spacing
+
+    p = params.prepare
+    box = roi_box(labels > 0, p.heart_margin, voxel_spacing(affine), p.margin_unit)
+    if box is None:
+        raise ValueError("new case: empty label map")
+    grid = roi_grid(box, p.heart_resolution)
+    return resample(labels, grid, order=0).astype(np.uint8), CaseGeometry(tuple(labels.shape), np.asarray(affine), box, grid)
+
+
+def fit_new_case(run: Run, unified: UnifiedModel, case_id: str, labels: np.ndarray, affine: np.ndarray,
+                 progress: bool = False) -> np.ndarray:
+    """Fit the latent of an unseen case's noisy labels (F_Θ frozen) and decode it on its original grid."""
+    roi, geometry = roi_labels_of(labels, affine, run.params)
+    p = run.params.stage3
+    unified.fit_case(case_id, roi, geometry, p.sampling, p.loss, p.new_case_train,
+                     stage3_dir(run) / "new_cases" / str(case_id), seed=run.params.run.seed, progress=progress)
+    return unified.decode(case_id, grid="original")
+
+
+def phantom_holdout(run: Run):
+    """A phantom case the unified model never saw (index ``n_cases`` of the run's phantom), or None
+    when the run works on real data."""
+    if run.params.data.data_root:
+        return None
+    from .phantom import make_case
+
+    return make_case(run.params.data.phantom.n_cases, run.params.data.phantom, run.table)
+
+
+def new_case_scores(run: Run, holdout, decoded: np.ndarray) -> pd.DataFrame:
+    """Per class: Dice and HD95 of the hold-out's noisy labels and of its decoded map against its truth."""
+    from .geometry import voxel_spacing
+
+    spacing = voxel_spacing(holdout.affine)
+    rows = []
+    for cls in run.table:
+        row = {"key": cls.key}
+        for name, labels in (("noisy", holdout.noisy), ("decoded", decoded)):
+            s = binary_scores(labels == cls.index, holdout.truth == cls.index, spacing)
+            row[f"dice {name}"], row[f"hd95 {name}"] = s["dice"], s["hd95"]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("key")
+
+
+def example_maps(run: Run, case_id: str, decoded: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Noisy input, L^ref, the decoded map and (phantom) truth of one case on its original grid, and the CT."""
+    case = load_case(next(c for c in run.cases if c.case_id == case_id), run.table)
+    lref = np.asarray(nib.load(str(stage2_dir(run) / "labels" / f"{case_id}.nii.gz")).dataobj).astype(np.uint8)
+    maps = {"noisy": case.label.array, "stage 2 (L^ref)": lref, "stage 3 (decoded)": decoded}
+    if case.truth is not None:
+        maps["truth"] = case.truth.array
+    return maps, case.image.array if case.image is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line for torchrun: fit (DDP when WORLD_SIZE > 1); rank 0 then writes the artifact."""
+    from .params import load_params
+    from .runs import start_run
+    from .train import distributed_rank_world
+
+    ap = argparse.ArgumentParser(description="stage 3: fit the unified model (torchrun-ready)")
+    ap.add_argument("--params", default="params/demo.yaml")
+    ap.add_argument("--run-dir", default="")
+    ap.add_argument("--device", default="")
+    args = ap.parse_args(argv)
+    run = start_run(load_params(args.params, run_dir=args.run_dir, device=args.device), progress=False)
+    data = load_stage3_data(run)
+    model, task, _ = fit_unified(run, data)
+    if distributed_rank_world()[0] == 0:
+        unified = make_artifact(run, model, task, data)
+        print(f"wrote {stage3_dir(run) / 'unified.pt'}; thresholds {dict(zip(run.table.keys, unified.thresholds))}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The unified model: targets, teachers, decision rule, thresholds, artifact, new-case latent fitting."""
+
+import numpy as np
+import pytest
+import torch
+
+from nearfix_lib.classes import CARDIAC
+from nearfix_lib.geometry import Box, roi_grid
+from nearfix_lib.metrics import dice
+from nearfix_lib.models import ImplicitField, ModelParams
+from nearfix_lib.sampling import BalancedSamplingParams
+from nearfix_lib.train import TrainParams, fit
+from nearfix_lib.unified import (CaseGeometry, Teacher, UnifiedLossParams, UnifiedModel, UnifiedTask,
+                                 class_fractions, decode_priority, head_weights, fit_thresholds, teacher_affine, teacher_values)
+
+from conftest import lps_affine
+
+T = CARDIAC
+SMALL_MODEL = ModelParams(latent_dim=16, grid_channels=(16, 8), grid_sizes=(4, 8))
+SAMPLING = BalancedSamplingParams(positives_per_class=32, negatives=128)
+
+
+def heart_maps(n=3, shape=(18, 15, 12)):
+    """Blocky 'hearts': LV, Myo shell, LA, Ao, Cor on each, shifted per case."""
+    maps = []
+    for i in range(n):
+        lab = np.zeros(shape, dtype=np.uint8)
+        lab[3 + i:13, 3:12, 2:10] = T["Myo"].index
+        lab[5 + i:11, 5:10, 4:8] = T["LV"].index
+        lab[1:4, 3:12, 2:10] = T["LA"].index
+        lab[13:16, 6:9, 3:6] = T["Ao"].index
+        lab[8, 2, 2:10] = T["Cor"].index
+        maps.append(lab)
+    return maps
+
+
+def test_targets_are_one_hot_per_head_and_alpha_follows_inverse_frequency():
+    maps = heart_maps()
+    task = UnifiedTask(maps, T, SAMPLING, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+    b = task.batch(np.array([0, 2]), epoch=1)
+    assert b["points"].shape == (2, SAMPLING.positives_per_class * len(T) + SAMPLING.negatives, 3)
+    assert b["target"].shape == (*b["points"].shape[:2], len(T))
+    assert set(b["target"].sum(-1).unique().tolist()) <= {0.0, 1.0}  # at most one class per point
+    f = class_fractions(maps, T.indices)
+    myo, cor = T.keys.index("Myo"), T.keys.index("Cor")
+    assert f[myo] > f[cor] and task.alpha[cor] > task.alpha[myo]
+    assert task.alpha.sum().item() == pytest.approx(len(T))  # mean weight 1
+    # the positives of a class present in the map are labelled with that class's head
+    lv = T.keys.index("LV")
+    assert b["target"][0, SAMPLING.positives_per_class * 2:SAMPLING.positives_per_class * 3, lv].all()
+
+
+def test_teacher_lookup_maps_heart_points_into_the_class_roi():
+    heart, cls_box = Box((2, 3, 1), (40, 33, 25)), Box((10, 8, 5), (22, 20, 15))
+    grid = roi_grid(cls_box, (12, 12, 10))  # native resolution: one ROI voxel per original voxel
+    prob = np.zeros(grid.shape, dtype=np.float32)
+    prob[3:7, 2:9, 4:6] = 1.0
+    teacher = Teacher(3, torch.from_numpy(prob)[None, None], teacher_affine(heart, cls_box))
+    hgrid = roi_grid(heart, heart.shape)  # heart points at the original voxel centres
+    pts = hgrid.normalised_points(heart)
+    vals = teacher_values([teacher], pts, n_heads=10).reshape(*heart.shape, 10)
+    expected = np.zeros(heart.shape, dtype=np.float32)
+    lo = np.asarray(cls_box.lo) - np.asarray(heart.lo)
+    expected[lo[0] + 3:lo[0] + 7, lo[1] + 2:lo[1] + 9, lo[2] + 4:lo[2] + 6] = 1.0
+    assert np.allclose(vals[..., 3], expected, atol=1e-5)
+    assert not vals[..., [0, 1, 2, 4, 5, 6, 7, 8, 9]].any()
+
+
+def test_priority_walk_first_class_over_its_threshold_wins():
+    prob = np.zeros((4, 3, 2, len(T)), dtype=np.float32)
+    k = {key: T.keys.index(key) for key in T.keys}
+    prob[0, :, :, k["LV"]] = 0.9
+    prob[0, 0, :, k["Cor"]] = 0.35  # Cor over its threshold 0.3 beats LV
+    prob[1, :, :, k["Myo"]] = 0.55
+    prob[1, :, :, k["LV"]] = 0.45  # LV below 0.5, Myo above: Myo
+    prob[2, :, :, k["RV"]] = 0.4  # nothing over threshold: background
+    t = np.full(len(T), 0.5)
+    t[k["Cor"]] = 0.3
+    labels = decode_priority(prob, T, t)
+    assert labels[0, 0, 0] == T["Cor"].index and labels[0, 1, 0] == T["LV"].index
+    assert np.all(labels[1] == T["Myo"].index) and np.all(labels[2:] == 0)
+    with pytest.raises(ValueError, match="heads"):
+        decode_priority(prob[..., :3], T, t)
+
+
+def test_fit_thresholds_picks_the_cut_that_matches_the_reference():
+    rng = np.random.default_rng(0)
+    ref = np.zeros((10, 9, 8), dtype=np.uint8)
+    ref[2:7, 2:6, 1:6] = T["LV"].index
+    prob = np.zeros((*ref.shape, len(T)), dtype=np.float32)
+    lv = T.keys.index("LV")
+    prob[..., lv] = np.where(ref == T["LV"].index, 0.35, 0.1) + rng.uniform(0, 0.05, ref.shape)
+    t = fit_thresholds([prob], [ref], T, [0.2, 0.3, 0.5, 0.7])
+    assert t[lv] == 0.3  # 0.2 and 0.3 both separate 0.35 from <= 0.15: the tie goes to the one nearer 0.5
+    assert dice(prob[..., lv] >= t[lv], ref == T["LV"].index) == 1.0
+
+
+def geometry(shape=(30, 26, 20)):
+    box = Box((4, 3, 2), (22, 18, 14))
+    return CaseGeometry(shape, lps_affine(), box, roi_grid(box, (18, 15, 12)))
+
+
+def test_artifact_round_trip_decodes_on_its_own(tmp_path):
+    torch.manual_seed(0)
+    model = ImplicitField(2, SMALL_MODEL, n_heads=len(T))
+    thresholds = np.linspace(0.3, 0.7, len(T))
+    u = UnifiedModel(model, SMALL_MODEL, T, ["7", "9"], thresholds, {"7": geometry(), "9": geometry()})
+    path = u.save(tmp_path / "unified.pt")
+    loaded = UnifiedModel.load(path)
+    assert loaded.case_ids == ["7", "9"] and np.allclose(loaded.thresholds, thresholds)
+    assert loaded.table == T
+    labels = loaded.decode("9", grid="original")
+    assert labels.shape == (30, 26, 20) and labels.dtype == np.uint8
+    assert np.array_equal(labels, u.decode("9", grid="original"))
+    assert not labels[:4].any() and not labels[22:].any()  # outside the heart box: background
+    assert loaded.decode("9", grid="roi").shape == (18, 15, 12)
+    with pytest.raises(KeyError, match="not in the model"):
+        loaded.decode("8")
+    with pytest.raises(ValueError, match="grid"):
+        loaded.decode("9", grid="world")
+    torch.save({"format": "something"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a nearfix unified-model artifact"):
+        UnifiedModel.load(tmp_path / "bad.pt")
+
+
+def test_new_case_latent_fit_improves_agreement_with_its_labels(tmp_path):
+    maps = heart_maps(4)
+    train_maps, held_out = maps[:3], maps[3]
+    torch.manual_seed(0)
+    model = ImplicitField(3, SMALL_MODEL, n_heads=len(T))
+    loss = UnifiedLossParams(distill_weight=0.0)
+    task = UnifiedTask(train_maps, T, SAMPLING, loss, seed=0, device="cpu")
+    fit(model, task, TrainParams(epochs=150, cases_per_batch=3, lr=3e-3, lr_latent=3e-3, lr_step_epochs=0,
+                                 eval_interval=150, checkpoint_interval=150), tmp_path / "fit", progress=False)
+    geo = CaseGeometry(held_out.shape, lps_affine(), Box((0, 0, 0), held_out.shape),
+                       roi_grid(Box((0, 0, 0), held_out.shape), held_out.shape))
+    u = UnifiedModel(model, SMALL_MODEL, T, ["1", "2", "3"], np.full(len(T), 0.5), {})
+    mean_z = model.latents.embedding.weight.detach().mean(0, keepdim=True)
+    u.extra_latents["mean"], u.geometry["mean"] = mean_z, geo
+    before = u.decode("mean", grid="roi")
+    z = u.fit_case("4", held_out, geo, SAMPLING, loss,
+                   TrainParams(epochs=60, cases_per_batch=1, lr=0.0, lr_latent=3e-2, lr_step_epochs=0,
+                               eval_interval=60, checkpoint_interval=60, select="last"), tmp_path / "new")
+    after = u.decode("4", grid="roi")
+    assert z.shape == (1, SMALL_MODEL.latent_dim) and "4" in u.extra_latents
+    # F_theta itself did not move
+    assert torch.equal(model.latents.embedding.weight.detach().mean(0, keepdim=True), mean_z)
+
+    def agreement(labels):
+        return np.mean([dice(labels == c, held_out == c) for c in (T["Myo"].index, T["LV"].index)])
+
+    assert agreement(after) > agreement(before) + 0.02
+    assert agreement(after) > 0.6
+
+
+def test_head_weights_follow_the_tempered_inverse_frequency_and_cover_absent_classes():
+    f = np.array([0.1, 0.01, 0.0, 0.001])
+    plain = head_weights(f, UnifiedLossParams())
+    assert plain.sum().item() == pytest.approx(4.0)
+    assert plain[3] / plain[1] == pytest.approx(10.0, rel=1e-5) and plain[1] / plain[0] == pytest.approx(10.0, rel=1e-5)
+    assert plain[2] == plain[0]  # absent: the smallest present weight
+    root = head_weights(f, UnifiedLossParams(class_weight_power=0.5))
+    assert root[3] / root[1] == pytest.approx(10 ** 0.5, rel=1e-5)
+    assert torch.equal(head_weights(f, UnifiedLossParams(class_weights="uniform")), torch.ones(4))
