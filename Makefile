@@ -7,6 +7,7 @@ BIN     = $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PARAMS ?= params/demo.yaml
 DEMO_RUN    ?= outputs/demo
+DEMO_JOBS   ?= 2
 
 .PHONY: demo test venv clean-demo
 
@@ -21,7 +22,7 @@ $(BIN)/.installed: pyproject.toml
 
 # every notebook in order through papermill (stage 1: one job per class), see nearfix_lib/pipeline.py
 demo: venv
-	$(BIN)/python -m nearfix_lib.pipeline --params $(DEMO_PARAMS) --run-dir $(DEMO_RUN)
+	$(BIN)/python -m nearfix_lib.pipeline --params $(DEMO_PARAMS) --run-dir $(DEMO_RUN) --jobs $(DEMO_JOBS)
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -4,13 +4,18 @@
 
 Stage 1 is one papermill job per class (``-p cls <index>``), exactly as a SLURM array would run
 it; the class list comes from the run's class table (or ``stage1.classes``), never from here.
+``--jobs K`` runs K of those jobs at a time, each kernel limited to cores/K threads (small models
+use two single-threaded processes better than one two-threaded one).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from .params import load_params, project_root
@@ -27,12 +32,45 @@ def execute(notebook: str, out: Path, parameters: dict) -> float:
     return time.perf_counter() - t0
 
 
+@contextmanager
+def threads_per_kernel(n: int):
+    """Kernels started inside the block use ``n`` CPU threads (OMP/MKL and hence torch)."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: str(n) for k in names})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_jobs(stage: str, jobs: list[tuple[str, dict]], common: dict, out_dir: Path, parallel: int) -> None:
+    """Execute one notebook once per job (name, extra parameters), ``parallel`` at a time."""
+    def one(job: tuple[str, dict]) -> None:
+        name, extra = job
+        seconds = execute(stage, out_dir / f"{name}.ipynb", {**common, **extra})
+        print(f"{name}: {seconds:.0f} s", flush=True)
+
+    if parallel <= 1 or len(jobs) == 1:
+        for job in jobs:
+            one(job)
+        return
+    with threads_per_kernel(max(1, (os.cpu_count() or 1) // parallel)), ThreadPoolExecutor(parallel) as pool:
+        for future in [pool.submit(one, job) for job in jobs]:
+            future.result()  # re-raises the first failure
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/demo.yaml", help="pipeline parameters file")
     ap.add_argument("--run-dir", default="", help="run folder (default outputs/<run.name>)")
     ap.add_argument("--data-root", default="", help="data root (default: as in the params file)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated notebook names to run")
+    ap.add_argument("--jobs", type=int, default=1, help="stage-1 class jobs run at the same time")
     args = ap.parse_args(argv)
 
     from .classes import load_table
@@ -50,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "02_stage1":
             keys = params.stage1.classes or table.keys
             jobs = [(f"{stage}_{k}", {"cls": table[k].index}) for k in keys]
-        for name, extra in jobs:
-            seconds = execute(stage, run_dir / "notebooks" / f"{name}.ipynb", {**common, **extra})
-            print(f"{name}: {seconds:.0f} s", flush=True)
+        run_jobs(stage, jobs, common, run_dir / "notebooks", args.jobs)
     print(f"results in {run_dir}")
     return 0
 

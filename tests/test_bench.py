@@ -1,10 +1,8 @@
 """The benchmark code runs (its numbers are for the README, not asserted as timings here)."""
 
-import queue
-
 import pandas as pd
 
-from nearfix_lib.bench import Stage1BenchConfig, _measure, dense_memory_estimate_mb, ratios
+from nearfix_lib.bench import Stage1BenchConfig, _run_isolated, dense_memory_estimate_mb, ratios
 
 
 def test_dense_memory_grows_with_the_cube_of_the_resolution():
@@ -13,13 +11,15 @@ def test_dense_memory_grows_with_the_cube_of_the_resolution():
 
 
 def test_one_configuration_measures_speed_memory_and_quality():
-    out = queue.Queue()
-    for name, points, per_step in (("sparse", 256, 2), ("dense", 0, 1)):
-        _measure(Stage1BenchConfig(name, 12, 2, points, per_step, 0.5, "cpu", phantom_shape=(40, 36, 30)), out)
-    rows = [out.get() for _ in range(2)]
+    # each configuration in its own process, as the benchmark runs them: the memory measured is the
+    # growth of that process's peak, which a test process that already peaked higher would hide
+    rows = [_run_isolated(Stage1BenchConfig(name, 12, 2, points, per_step, 0.5, "cpu", phantom_shape=(40, 36, 30)),
+                          timeout_s=120)
+            for name, points, per_step in (("sparse", 256, 2), ("dense", 0, 1))]
     assert all(r["status"] == "ok" for r in rows), rows
     for r in rows:
-        assert r["steps"] >= 1 and r["points_per_s"] > 0 and r["peak_mb"] > 0
+        # at 12^3 the training may stay under the peak the phantom generation already reached
+        assert r["steps"] >= 1 and r["points_per_s"] > 0 and r["peak_mb"] >= 0
         assert 0.0 <= r["dice_vs_truth"] <= 1.0 and 0.0 < r["noisy_dice_vs_truth"] <= 1.0
     table = ratios(pd.DataFrame(rows))
     assert list(table["resolution"]) == [12] and table["points_per_s sparse/dense"].iloc[0] > 0
