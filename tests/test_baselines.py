@@ -1,0 +1,74 @@
+"""The classical baselines on small hand-built maps (asymmetric shapes, anisotropic spacing)."""
+
+import cc3d
+import numpy as np
+import pytest
+
+from nearfix_lib.baselines import BaselineParams, ball, closing_largest, gaussian_argmax, run_baseline
+from nearfix_lib.classes import CARDIAC
+
+T = CARDIAC
+LV, MYO, LA = T["LV"].index, T["Myo"].index, T["LA"].index
+
+
+def block_map():
+    lab = np.zeros((30, 24, 16), dtype=np.uint8)
+    lab[4:20, 4:18, 3:13] = LV
+    lab[20:27, 4:18, 3:13] = LA
+    return lab
+
+
+def test_gaussian_removes_islands_and_holes_but_keeps_large_blocks():
+    clean = block_map()
+    noisy = clean.copy()
+    noisy[10, 10, 8] = 0  # one-voxel hole
+    noisy[1, 21, 1] = LV  # one-voxel island
+    out = gaussian_argmax(noisy, T, (1.0, 1.0, 1.0), sigma_mm=1.0)
+    assert out.shape == noisy.shape and out.dtype == np.uint8
+    assert out[10, 10, 8] == LV and out[1, 21, 1] == 0
+    inner = np.zeros(clean.shape, dtype=bool)
+    inner[6:18, 6:16, 5:11] = True
+    assert np.all(out[inner] == LV)
+    assert noisy[1, 21, 1] == LV  # the input is not modified
+
+
+def test_gaussian_sigma_is_in_millimetres():
+    lab = np.zeros((20, 20, 20), dtype=np.uint8)
+    lab[8:12, 2:18, 8:12] = LV  # a 4-voxel-thick bar
+    fine = gaussian_argmax(lab, T, (1.0, 1.0, 1.0), sigma_mm=1.0)
+    coarse = gaussian_argmax(lab, T, (1.0, 1.0, 1.0), sigma_mm=6.0)
+    assert (fine == LV).sum() > (coarse == LV).sum()  # a wide kernel eats a thin bar
+    # the same millimetres on a 2 mm grid is half the voxels of blur
+    assert np.array_equal(gaussian_argmax(lab, T, (2.0, 2.0, 2.0), sigma_mm=2.0), fine)
+
+
+def test_closing_bridges_a_gap_and_keeps_the_expected_components():
+    lab = np.zeros((30, 20, 12), dtype=np.uint8)
+    lab[3:13, 5:12, 3:9] = LV
+    lab[14:25, 5:12, 3:9] = LV  # 1-voxel gap at i = 13
+    lab[27, 17, 10] = LV  # island far away
+    out = closing_largest(lab, T, (1.0, 1.0, 1.0), radius_mm=1.5)
+    lv = out == LV
+    assert cc3d.connected_components(lv, connectivity=26, return_N=True)[1] == 1
+    assert np.all(lv[13, 6:11, 4:8]) and not lv[27, 17, 10]
+
+
+def test_closing_fuses_by_priority_and_ball_is_anisotropic():
+    lab = block_map()
+    out = closing_largest(lab, T, (1.0, 1.0, 2.0), radius_mm=2.0)
+    assert set(np.unique(out)) == {0, LV, LA}
+    assert np.all(out[20:27, 4:18, 3:13] == LA)  # LA (priority 4) keeps its voxels against LV (5)
+    assert ball(2.0, np.array([1.0, 1.0, 2.0])).shape == (5, 5, 3)
+
+
+def test_run_baseline_dispatch_and_validation():
+    lab = block_map()
+    p = BaselineParams()
+    assert run_baseline("gaussian", lab, T, (1, 1, 1), p).shape == lab.shape
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_baseline("median", lab, T, (1, 1, 1), p)
+    with pytest.raises(ValueError, match="spacing"):
+        gaussian_argmax(lab, T, (1, 0, 1), 1.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        BaselineParams(gaussian_sigma_mm=0)
+    assert not gaussian_argmax(np.zeros((5, 6, 7), np.uint8), T, (1, 1, 1), 1.0).any()
