@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .baselines import BaselineParams
 from .cleanup import CleanupParams
 from .fusion import FusionParams
 from .losses import LossParams
@@ -132,6 +133,7 @@ class Params:
     stage1: Stage1Params = field(default_factory=Stage1Params)
     stage2: FusionParams = field(default_factory=FusionParams)
     stage3: Stage3Params = field(default_factory=Stage3Params)
+    baselines: BaselineParams = field(default_factory=BaselineParams)
     source: str = ""  # the YAML file these came from (informational)
 
     def to_dict(self) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .params import load_params, project_root
 
-STAGES = ("00_data_inspection", "01_prepare", "02_stage1", "03_fusion", "04_unified")
+STAGES = ("00_data_inspection", "01_prepare", "02_stage1", "03_fusion", "04_unified", "05_compare")
 
 
 def execute(notebook: str, out: Path, parameters: dict) -> float:

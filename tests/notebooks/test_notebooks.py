@@ -80,3 +80,13 @@ def test_notebook_executes(path, run_dir):
         assert np.allclose(written.affine, source.affine) and np.array_equal(np.asarray(written.dataobj), decoded)
         assert (run_dir / "stage3" / "distillation.csv").is_file()
         assert (run_dir / "stage3" / "new_cases" / "holdout" / "last.pt").is_file()
+    if path.stem.startswith("05"):
+        import pandas as pd
+
+        metrics = pd.read_csv(run_dir / "report" / "metrics.csv")
+        assert set(metrics["source"]) == {"noisy", "gaussian", "closing", "stage1", "stage2", "stage3"}
+        assert sorted(metrics["case"].astype(str).unique()) == ["1", "2"] and metrics["dice"].between(0, 1).all()
+        summary = (run_dir / "report" / "summary.md").read_text()
+        assert "## Dice against the truth" in summary and "bars.png" in summary
+        for figure in ("bars.png", "contours_1_LAA.png", "surface_1_LAA.png"):
+            assert (run_dir / "report" / figure).stat().st_size > 5000
