@@ -82,6 +82,22 @@ def run_directory(params: Params) -> Path:
     return root / "outputs" / params.run.name
 
 
+def open_run(run_dir: str | Path) -> Run:
+    """An existing run, read-only: its recorded params, class table and cases (for viewers)."""
+    from .params import params_from_yaml_text
+
+    run_dir = Path(run_dir)
+    meta = run_dir / "params.yaml"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta}: not a nearfix run folder (no params.yaml)")
+    params = params_from_yaml_text(meta.read_text())
+    root = project_root()
+    table = load_table(params.data.classes, params.data.class_keys or None, root)
+    data_root = resolve_path(params.data.data_root, root) if params.data.data_root else run_dir / "phantom"
+    cases = discover_cases(data_root).cases
+    return Run(params, run_dir.resolve(), table, data_root, cases[: params.data.max_cases or None])
+
+
 def start_run(params: Params, progress: bool = True) -> Run:
     """Create/reuse the run folder, record params and version, find (or make) the data."""
     run_dir = run_directory(params)

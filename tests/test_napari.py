@@ -1,0 +1,60 @@
+"""napari overlays: class colours in the labels colormap, and a real viewer on Xvfb with a screenshot."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import PROJECT
+from nearfix_lib.classes import CARDIAC
+
+napari = pytest.importorskip("napari", reason="napari is not installed (pip install -e .[viewer])")
+
+
+def test_labels_colormap_uses_the_class_table_colours():
+    from nearfix_lib.viz import napari_label_colormap
+
+    cmap = napari_label_colormap(CARDIAC)
+    mapped = cmap.map(np.array([0, CARDIAC["Cor"].index, CARDIAC["LV"].index]))
+    assert mapped[0, 3] == 0.0  # background transparent
+    assert np.allclose(mapped[1, :3], np.asarray(CARDIAC["Cor"].colour) / 255.0, atol=1e-3)
+    assert np.allclose(mapped[2, :3], np.asarray(CARDIAC["LV"].colour) / 255.0, atol=1e-3)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A run folder with the phantom, and case 1's 'stage 2' labels (the noisy ones, for the layers)."""
+    from nearfix_lib.params import load_params
+    from nearfix_lib.runs import open_run, start_run
+
+    params = load_params("params/demo.yaml", {"data.phantom": {"n_cases": 1, "shape": [48, 44, 36]}},
+                         run_dir=str(tmp_path / "run"))
+    run = start_run(params, progress=False)
+    (run.dir / "stage2" / "labels").mkdir(parents=True)
+    shutil.copy(run.cases[0].label, run.dir / "stage2" / "labels" / "1.nii.gz")
+    before = (run.dir / "params.yaml").stat().st_mtime_ns
+    opened = open_run(run.dir)
+    assert [c.case_id for c in opened.cases] == ["1"] and (run.dir / "params.yaml").stat().st_mtime_ns == before
+    return run.dir
+
+
+def test_viewer_screenshot_shows_the_class_colours_under_xvfb(tiny_run, tmp_path):
+    if shutil.which("xvfb-run") is None:
+        pytest.skip("no display server: xvfb-run is not installed (apt-get install xvfb)")
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, "-m", "nearfix_lib.view",
+                           str(tiny_run), "1", "--screenshot", str(shot)], cwd=PROJECT, capture_output=True,
+                          text=True, timeout=240)
+    if proc.returncode != 0 and "cannot open display" in (proc.stderr + proc.stdout).lower():
+        pytest.skip(f"Xvfb could not start: {proc.stderr.strip()[-200:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import matplotlib.image as mpimg
+
+    rgb = (mpimg.imread(shot)[..., :3] * 255).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    orange = (r - b > 100) & (r > g) & (g > b)  # Myo (230, 159, 0) over the CT
+    light_blue = (b - r > 60) & (g - r > 40)  # RV (100, 200, 255)
+    grey = (np.abs(r - g) < 8) & (np.abs(g - b) < 8) & (r > 40)  # CT
+    assert orange.sum() > 200 and light_blue.sum() > 200 and grey.sum() > 200
