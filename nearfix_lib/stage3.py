@@ -61,7 +61,7 @@ def load_teachers(run: Run, crops: CaseCrops) -> list[Teacher]:
         if not path.is_file():
             continue
         with np.load(path) as z:
-            prob = torch.from_numpy(z["prob"].astype(np.float32))[None, None]
+            prob = torch.from_numpy(z["prob"].astype(np.float16))[None, None]
             box = Box(tuple(int(v) for v in z["box_lo"]), tuple(int(v) for v in z["box_hi"]))
         out.append(Teacher(k, prob, teacher_affine(crops.heart_box, box)))
     return out

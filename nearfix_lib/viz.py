@@ -81,6 +81,15 @@ def legend_handles(table: ClassTable, present: Sequence[int] | None = None) -> l
             for c in table if keep is None or c.index in keep]
 
 
+def _with_class_legend(fig: plt.Figure, label_maps: Mapping[str, np.ndarray], table: ClassTable) -> plt.Figure:
+    """A legend row (index, key, colour) of the classes present in any of the maps, below the panels."""
+    present = sorted(set(np.unique(np.concatenate([np.unique(m) for m in label_maps.values()]))) - {0})
+    fig.legend(handles=legend_handles(table, present), loc="lower center", ncol=min(len(present), 10) or 1,
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
 def show_slices(label_maps: Mapping[str, np.ndarray], table: ClassTable, image: np.ndarray | None = None,
                 centre: Sequence[int] | None = None, preset: str | Window = "cardiac",
                 alpha: float = 0.6, size: float = 3.0) -> plt.Figure:
@@ -92,24 +101,11 @@ def show_slices(label_maps: Mapping[str, np.ndarray], table: ClassTable, image: 
     for r, (title, labels) in enumerate(label_maps.items()):
         for axis in range(3):
             ax = axes[r, axis]
-            if image is not None:
-                ax.imshow(take_slice(window(image, preset), axis, centre[axis]), cmap="gray",
-                          origin="lower", vmin=0, vmax=1, interpolation="nearest")
-            else:
-                ax.set_facecolor("black")
+            _ct_panel(ax, image, axis, centre[axis], preset)
             ax.imshow(take_slice(label_rgba(labels, table, alpha), axis, centre[axis]), origin="lower",
                       interpolation="nearest")
-            rest = [AXIS_NAMES[a] for a in range(3) if a != axis]
-            ax.set_xlabel(rest[0])
-            ax.set_ylabel(rest[1])
-            ax.set_xticks([])
-            ax.set_yticks([])
             ax.set_title(f"{title}: {AXIS_NAMES[axis]} = {centre[axis]}", fontsize=9)
-    present = sorted(set(np.unique(np.concatenate([np.unique(m) for m in label_maps.values()]))) - {0})
-    fig.legend(handles=legend_handles(table, present), loc="lower center", ncol=min(len(present), 10) or 1,
-               fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return fig
+    return _with_class_legend(fig, label_maps, table)
 
 
 def show_windows(image: np.ndarray, axis: int = 2, index: int | None = None,
@@ -249,11 +245,7 @@ def show_contours(label_maps: Mapping[str, np.ndarray], table: ClassTable, image
                     ax.contour(mask.astype(np.float32), levels=[0.5], colors=[np.asarray(cls.colour) / 255.0],
                                linewidths=1.0, origin="lower")
             ax.set_title(f"{title}: {AXIS_NAMES[axis]} = {centre[axis]}", fontsize=9)
-    present = sorted(set(np.unique(np.concatenate([np.unique(m) for m in label_maps.values()]))) - {0})
-    fig.legend(handles=legend_handles(table, present), loc="lower center", ncol=min(len(present), 10) or 1,
-               fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return fig
+    return _with_class_legend(fig, label_maps, table)
 
 
 def show_surfaces(masks: Mapping[str, np.ndarray], spacing: Sequence[float], colour: Sequence[int],
