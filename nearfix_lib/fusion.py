@@ -68,12 +68,19 @@ class FusionParams:
         if not 0.0 <= self.hole_min_share <= 1.0:
             raise ValueError(f"stage2.hole_min_share must lie in [0, 1], got {self.hole_min_share}")
 
-    def check_keys(self, table: ClassTable) -> None:
-        """Fail on class keys that are not in the run's table (a typo would silently disable a rule)."""
+    def unknown_keys(self, table: ClassTable) -> dict[str, list[str]]:
+        """Class keys the rules name that the run's table lacks, per rule parameter.
+
+        They are skipped, not an error: the defaults name the cardiac classes, and a run on a
+        subset or on another table (``params/classes_ts_chest.yaml``) must not need new params.
+        ``stage2.run_stage2`` prints them, so a typo does not pass unnoticed.
+        """
+        out = {}
         for name in ("fill_holes", "keep_largest"):
             bad = [k for k in getattr(self, name) if k not in table.keys]
             if bad:
-                raise ValueError(f"stage2.{name}: unknown classes {bad}; known: {table.keys}")
+                out[name] = bad
+        return out
 
 
 @dataclass
@@ -354,7 +361,6 @@ def fuse_case(masks: Mapping[str, np.ndarray], table: ClassTable, spacing: Seque
     ``masks`` maps class keys to bool arrays of one shape (classes without a mask are absent);
     ``shape`` is needed only when no mask is given at all.
     """
-    params.check_keys(table)
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.shape != (3,) or np.any(spacing <= 0):
         raise ValueError(f"spacing must be three positive sizes in mm, got {spacing}")

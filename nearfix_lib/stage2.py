@@ -154,6 +154,8 @@ def run_stage2(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
 
     device = resolve_device(run.params.run.device)
     out = stage2_dir(run)
+    for name, keys in run.params.stage2.unknown_keys(run.table).items():
+        print(f"stage2.{name}: {keys} are not classes of this run ({run.table.keys}); skipped")
     index = load_crops_index(run.path("prepared"))
     fields = load_stage1_fields(run, device)
     if not fields:

@@ -176,8 +176,13 @@ def test_rules_can_be_switched_off_and_params_are_validated():
     assert (kept.labels == T["LAA"].index).sum() == 8 and kept.audit == []
     with pytest.raises(ValueError, match="unknown rules"):
         FusionParams(rules=["contact", "smooth"])
-    with pytest.raises(ValueError, match="unknown classes"):
-        fuse_case(masks, T, SPACING, FusionParams(keep_largest=["Aorta"]))
+    # keys the table lacks are reported and skipped: the cardiac defaults work on any table
+    params = FusionParams(keep_largest=["Aorta", "LA"])
+    assert params.unknown_keys(T) == {"keep_largest": ["Aorta"]}
+    assert {(r.rule, r.key) for r in fuse_case(masks, T, SPACING, params).audit} >= {("largest", "LA")}
+    three = T.subset(["LA", "LAA", "Ao"])  # no Myo, LV, ...: the default rules still run
+    assert FusionParams().unknown_keys(three) == {"fill_holes": ["Myo"], "keep_largest": ["LV", "RA", "RV", "PA", "Myo"]}
+    assert fuse_case(masks, three, SPACING, FusionParams()).labels.max() == T["LA"].index
     with pytest.raises(ValueError, match="hole_min_share"):
         FusionParams(hole_min_share=1.5)
     with pytest.raises(ValueError, match="spacing"):
