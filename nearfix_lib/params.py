@@ -65,12 +65,21 @@ class PrepareParams:
     class_resolution: int = 128  # per-class ROI resampled to R^3
     save_image: bool = True  # also resample the CT (linear) into the heart ROI where the case has one
     class_images: bool = False  # CT crops per class ROI too (needed only by stage1.model.appearance)
+    # per class key, its own R, e.g. {Cor: 96}: a thin class whose box spans the heart loses pieces
+    # on a coarse grid (training cost does not depend on R; evaluation and the saved maps do)
+    class_resolution_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.margin_unit not in ("mm", "vox"):
             raise ValueError(f"prepare.margin_unit must be 'mm' or 'vox', got {self.margin_unit!r}")
         if self.heart_resolution < 2 or self.class_resolution < 2:
             raise ValueError("prepare resolutions must be >= 2")
+        for key, r in self.class_resolution_overrides.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 2:
+                raise ValueError(f"prepare.class_resolution_overrides.{key} must be an integer >= 2, got {r!r}")
+
+    def class_resolution_for(self, key: str) -> int:
+        return int(self.class_resolution_overrides.get(key, self.class_resolution))
 
 
 def _coronary_overrides() -> dict:

@@ -117,7 +117,7 @@ def prepare_case(case: LoadedCase, table: ClassTable, params: PrepareParams, pre
         if box is None:
             missing.append(cls.key)
             continue
-        grid = roi_grid(box, params.class_resolution)
+        grid = roi_grid(box, params.class_resolution_for(cls.key))
         boxes[cls.key], grids[cls.key] = box, grid
         arrays = {"mask": resample_mask(mask, grid), "to_original": grid.to_original}
         if params.class_images and case.image is not None:
@@ -175,7 +175,7 @@ def roi_table(crops: list[CaseCrops], params: PrepareParams) -> "pd.DataFrame":
     rows = []
     for c in crops:
         entries = [("heart", c.heart_box, params.heart_resolution)]
-        entries += [(k, b, params.class_resolution) for k, b in c.class_boxes.items()]
+        entries += [(k, b, params.class_resolution_for(k)) for k, b in c.class_boxes.items()]
         for name, box, res in entries:
             size_mm = np.asarray(box.shape) * c.spacing
             rows.append({"case": c.case_id, "roi": name,

@@ -111,3 +111,16 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_a_class_can_have_its_own_resolution(phantom_root, tmp_path):
+    prepare = {"heart_resolution": 20, "class_resolution": 12, "class_resolution_overrides": {"Cor": 18}}
+    params = load_params(PROJECT / "params/demo.yaml", {**TINY, "prepare": prepare}, data_root=str(phantom_root),
+                         run_dir=str(tmp_path / "run"))
+    prepare_run(start_run(params))
+    _, masks = load_case_arrays(tmp_path / "run" / "prepared", "1")
+    assert masks["Cor"].shape == (18, 18, 18) and masks["LV"].shape == (12, 12, 12)
+    c = load_crops_index(tmp_path / "run" / "prepared")["1"]
+    assert c.class_grids["Cor"].shape == (18, 18, 18)
+    with pytest.raises(ValueError, match="class_resolution_overrides.Cor"):
+        load_params(PROJECT / "params/demo.yaml", {"prepare.class_resolution_overrides": {"Cor": 1}})
