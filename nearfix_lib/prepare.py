@@ -49,6 +49,11 @@ class CaseCrops:
     def spacing(self) -> np.ndarray:
         return voxel_spacing(self.affine)
 
+    @property
+    def heart_spacing(self) -> np.ndarray:
+        """Voxel size (mm) of the whole-heart ROI grid."""
+        return voxel_spacing(self.heart_grid.world_affine(self.affine))
+
     def to_dict(self, params: PrepareParams) -> dict:
         return {
             "case_id": self.case_id,

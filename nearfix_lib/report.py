@@ -19,10 +19,9 @@ import pandas as pd
 
 from .baselines import BASELINES, run_baseline
 from .io import LoadedCase, write_text
-from .metrics import binary_scores, component_counts
 from .runs import Run
 from .stage1 import stage1_dir
-from .stage2 import anatomy_checks, original_masks, stage2_dir
+from .stage2 import anatomy_checks, original_masks, score_maps, score_stage1, stage2_dir
 from .stage3 import stage3_dir
 
 SOURCES = ("noisy", *BASELINES, "stage1", "stage2", "stage3")
@@ -51,28 +50,17 @@ def label_maps(run: Run, case: LoadedCase) -> dict[str, np.ndarray]:
 
 def score_case(run: Run, case: LoadedCase, maps: dict[str, np.ndarray]) -> tuple[list[dict], list[dict]]:
     """Per source and class against the truth (stage 1: each class mask alone); checks per label map."""
-    truth = case.truth.array
-    spacing = case.label.spacing
-    stage1 = original_masks(run, case.case_id, truth.shape)
+    truth, spacing = case.truth.array, case.label.spacing
     rows, checks = [], []
     for source in SOURCES:
         if source == "stage1":
-            if not stage1:
-                continue
-            masks = {c.key: stage1.get(c.key, np.zeros(truth.shape, dtype=bool)) for c in run.table}
-            counts = {c.key: component_counts(masks[c.key].astype(np.uint8) * c.index, run.table.subset([c.key]))[c.key]
-                      for c in run.table}
+            masks = original_masks(run, case.case_id, truth.shape)
+            rows += score_stage1(case, run.table, masks) if masks else []
         elif source in maps:
-            masks = {c.key: maps[source] == c.index for c in run.table}
-            counts = component_counts(maps[source], run.table)
+            rows += score_maps(case.case_id, {source: maps[source]}, truth, spacing, run.table)
             checks.append({"case": case.case_id, "source": source, **anatomy_checks(maps[source], spacing, run.table)})
-        else:
-            continue
-        for cls in run.table:
-            s = binary_scores(masks[cls.key], truth == cls.index, spacing)
-            rows.append({"case": case.case_id, "key": cls.key, "source": source, **s, "n_comp": counts[cls.key],
-                         "expected": cls.expected_components,
-                         "comp_error": abs(counts[cls.key] - cls.expected_components)})
+    for row in rows:
+        row["comp_error"] = abs(row["n_comp"] - row["expected"])
     return rows, checks
 
 

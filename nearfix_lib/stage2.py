@@ -29,10 +29,9 @@ import torch
 from .classes import ClassTable
 from .cleanup import clean_mask
 from .fusion import FusionResult, fuse_case
-from .geometry import voxel_spacing
 from .infer import field_in_box
-from .io import InputError, LoadedCase, load_case, write_nifti, write_npz, write_text
-from .metrics import attachment_report, binary_scores, component_counts
+from .io import InputError, LoadedCase, write_nifti, write_npz, write_text
+from .metrics import attachment_report, binary_scores, case_report, component_counts
 from .prepare import CaseCrops, load_crops_index
 from .runs import Run, resolve_device
 from .stage1 import build_model, stage1_dir
@@ -84,7 +83,7 @@ def load_stage1_fields(run: Run, device: str) -> dict[str, ClassField]:
 
 def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device: str) -> dict[str, np.ndarray]:
     """Each class's stage-1 field on the whole-heart ROI grid: thresholded and cleaned like M^ref."""
-    spacing = voxel_spacing(crops.heart_grid.world_affine(crops.affine))
+    spacing = crops.heart_spacing
     masks = {}
     for key, f in fields.items():
         if crops.case_id not in f.index_of or key not in crops.class_boxes:
@@ -109,16 +108,14 @@ def anatomy_checks(labels: np.ndarray, spacing, table: ClassTable) -> dict[str, 
     return out
 
 
-def score_labels(case: LoadedCase, table: ClassTable, sources: dict[str, np.ndarray]) -> list[dict]:
-    """Per class and source map (noisy, stage1, stage2, ...): Dice/HD95/... against the truth."""
-    truth = case.truth.array
+def score_maps(case_id: str, sources: dict[str, np.ndarray], ref: np.ndarray, spacing, table: ClassTable,
+               **columns) -> list[dict]:
+    """Per source label map and class: ``metrics.case_report`` against ``ref``, tagged with the case,
+    the source and any extra ``columns`` (e.g. ``reference="truth"``)."""
     rows = []
     for name, labels in sources.items():
-        counts = component_counts(labels, table)
-        for cls in table:
-            s = binary_scores(labels == cls.index, truth == cls.index, case.label.spacing)
-            rows.append({"case": case.case_id, "key": cls.key, "source": name, **s, "n_comp": counts[cls.key],
-                         "expected": cls.expected_components})
+        frame = case_report(labels, ref, spacing, table)
+        rows += [{"case": case_id, "source": name, **columns, **r} for r in frame.to_dict("records")]
     return rows
 
 
@@ -138,7 +135,7 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     result = fuse_case(masks, run.table, case.label.spacing, params, shape=case.label.shape)
     write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
     roi_result = fuse_case(roi_masks(run, fields, crops, device), run.table,
-                           voxel_spacing(crops.heart_grid.world_affine(crops.affine)), params,
+                           crops.heart_spacing, params,
                            shape=crops.heart_grid.shape)
     _write_roi(out, crops, roi_result)
     audit = [{"case": case.case_id, "grid": grid, **row} for grid, res in (("original", result), ("roi", roi_result))
@@ -177,9 +174,10 @@ def run_stage2(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
         for source, labels in (("noisy", case.label.array), ("stage2", fused)):
             checks.append({"case": case.case_id, "source": source, **anatomy_checks(labels, spacing, run.table)})
         if case.truth is not None:
-            metrics += score_labels(case, run.table, {"noisy": case.label.array})
+            truth = case.truth.array
+            metrics += score_maps(case.case_id, {"noisy": case.label.array}, truth, spacing, run.table)
             metrics += score_stage1(case, run.table, masks)
-            metrics += score_labels(case, run.table, {"stage2": fused})
+            metrics += score_maps(case.case_id, {"stage2": fused}, truth, spacing, run.table)
     run.write_skipped()
     tables = {"audit": pd.DataFrame(audits), "checks": pd.DataFrame(checks), "metrics": pd.DataFrame(metrics)}
     for name, table in tables.items():
@@ -234,13 +232,3 @@ def audit_summary(audit: pd.DataFrame) -> pd.DataFrame:
     a = audit[audit["rule"] != "absent"]
     touched = a.assign(touched=(a["voxels_changed"] > 0).astype(int))
     return touched.groupby(["grid", "rule", "key"], sort=False)[["touched", "components_removed", "voxels_changed"]].sum()
-
-
-def example_maps(run: Run, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Noisy input, L^ref and (phantom) truth of one case on its original grid, and the CT."""
-    case = load_case(next(c for c in run.cases if c.case_id == case_id), run.table)
-    fused = np.asarray(nib.load(str(stage2_dir(run) / "labels" / f"{case_id}.nii.gz")).dataobj).astype(np.uint8)
-    maps = {"noisy": case.label.array, "stage 2 (L^ref)": fused}
-    if case.truth is not None:
-        maps["truth"] = case.truth.array
-    return maps, case.image.array if case.image is not None else None

@@ -25,14 +25,14 @@ import torch
 
 from .classes import ClassTable
 from .geometry import Box, resample, roi_box, roi_grid
-from .io import LoadedCase, load_case, write_nifti, write_text
-from .metrics import binary_scores, component_counts
+from .io import load_case, write_nifti, write_text
+from .metrics import binary_scores
 from .models import ImplicitField
 from .params import Params, Stage3Params
 from .prepare import CaseCrops, load_crops_index
 from .runs import Run, resolve_device
 from .stage1 import stage1_dir
-from .stage2 import stage2_dir
+from .stage2 import score_maps, stage2_dir
 from .train import FitResult, fit, init_distributed_from_env, load_for_inference
 from .unified import CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds, teacher_affine
 
@@ -145,10 +145,14 @@ def decode_and_score(run: Run, unified: UnifiedModel, source: str = "stage3", wr
         if write:
             write_nifti(stage3_dir(run) / "labels" / f"{cid}.nii.gz", decoded, case.label.affine, case.label.header)
         lref = np.asarray(nib.load(str(stage2_dir(run) / "labels" / f"{cid}.nii.gz")).dataobj)
-        rows += score_maps(case, run.table, {source: decoded}, lref, "lref", seconds)
+        spacing = case.label.spacing
+        rows += score_maps(cid, {source: decoded}, lref, spacing, run.table, reference="lref", decode_s=seconds)
         if case.truth is not None:
-            sources = {"noisy": case.label.array, "stage2": lref, source: decoded} if write else {source: decoded}
-            rows += score_maps(case, run.table, sources, case.truth.array, "truth", seconds)
+            rows += score_maps(cid, {source: decoded}, case.truth.array, spacing, run.table, reference="truth",
+                               decode_s=seconds)
+            if write:
+                rows += score_maps(cid, {"noisy": case.label.array, "stage2": lref}, case.truth.array, spacing,
+                                   run.table, reference="truth")
     table = pd.DataFrame(rows)
     if write:
         write_text(stage3_dir(run) / "metrics.csv", table.to_csv(index=False))
@@ -178,19 +182,6 @@ def distillation_effect(run: Run, data: Stage3Data, with_distill: pd.DataFrame, 
     out = pd.DataFrame(rows).set_index("key")
     write_text(stage3_dir(run) / "distillation.csv", out.to_csv())
     return out
-
-
-def score_maps(case: LoadedCase, table: ClassTable, sources: dict[str, np.ndarray], ref: np.ndarray,
-               ref_name: str, decode_seconds: float) -> list[dict]:
-    rows = []
-    for name, labels in sources.items():
-        counts = component_counts(labels, table)
-        for cls in table:
-            s = binary_scores(labels == cls.index, ref == cls.index, case.label.spacing)
-            rows.append({"case": case.case_id, "key": cls.key, "source": name, "reference": ref_name, **s,
-                         "n_comp": counts[cls.key], "expected": cls.expected_components,
-                         "decode_s": decode_seconds if name == "stage3" else float("nan")})
-    return rows
 
 
 def summary(metrics: pd.DataFrame, table: ClassTable, small: tuple[str, ...] = ("LAA", "Cor", "PV")) -> pd.DataFrame:
@@ -254,16 +245,6 @@ def new_case_scores(run: Run, holdout, decoded: np.ndarray) -> pd.DataFrame:
             row[f"dice {name}"], row[f"hd95 {name}"] = s["dice"], s["hd95"]
         rows.append(row)
     return pd.DataFrame(rows).set_index("key")
-
-
-def example_maps(run: Run, case_id: str, decoded: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Noisy input, L^ref, the decoded map and (phantom) truth of one case on its original grid, and the CT."""
-    case = load_case(next(c for c in run.cases if c.case_id == case_id), run.table)
-    lref = np.asarray(nib.load(str(stage2_dir(run) / "labels" / f"{case_id}.nii.gz")).dataobj).astype(np.uint8)
-    maps = {"noisy": case.label.array, "stage 2 (L^ref)": lref, "stage 3 (decoded)": decoded}
-    if case.truth is not None:
-        maps["truth"] = case.truth.array
-    return maps, case.image.array if case.image is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:

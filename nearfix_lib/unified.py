@@ -135,6 +135,10 @@ class UnifiedTask:
         self.alpha = head_weights(class_fractions(self.maps, self.indices), loss)
         self.teachers = list(teachers) if teachers is not None else [[] for _ in self.maps]
         self.distill = loss.distill_weight > 0 and any(self.teachers)
+        # per case, which heads have a teacher (fixed, so not rebuilt every step)
+        self._has_teacher = np.zeros((self.n_cases, len(self.indices)), dtype=bool)
+        for i, case_teachers in enumerate(self.teachers):
+            self._has_teacher[i, [t.channel for t in case_teachers]] = True
         self.device = device
         self.chunk = chunk_points
         self.thresholds = np.full(len(self.indices), 0.5) if thresholds is None else np.asarray(thresholds)
@@ -152,8 +156,7 @@ class UnifiedTask:
         if self.distill:
             out["teacher"] = torch.from_numpy(np.stack([
                 teacher_values(self.teachers[i], points[k], len(self.indices)) for k, i in enumerate(case_idx)]))
-            out["has_teacher"] = torch.from_numpy(np.stack([
-                np.isin(np.arange(len(self.indices)), [t.channel for t in self.teachers[i]]) for i in case_idx]))
+            out["has_teacher"] = torch.from_numpy(self._has_teacher[np.asarray(case_idx)])
         return out
 
     def loss(self, model, batch):
