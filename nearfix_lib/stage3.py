@@ -1,6 +1,7 @@
 """Stage 3 on a run: distil L^ref (and the stage-1 fields) into the unified model, decode, score.
 
-Inputs: ``stage2/roi/<case>.npz`` (L^ref on the whole-heart ROI grid), ``stage1/<key>/prob/<case>.npz``
+Inputs: ``stage2/labels/<case>.nii.gz`` (L^ref on the original grid, learnt inside the whole-heart
+box; ``stage3.supervision: roi`` reads ``stage2/roi/<case>.npz`` instead), ``stage1/<key>/prob/<case>.npz``
 (the stage-1 probabilities, the distillation teachers) and ``prepared/crops.json`` (geometry).
 Outputs in ``<run>/stage3/``: ``ckpt/`` (the fit, resumable), ``unified.pt`` (the artifact),
 ``labels/<case>.nii.gz`` (decoded on the original grid, source affine and header) and
@@ -25,7 +26,7 @@ import torch
 
 from .classes import ClassTable
 from .geometry import Box, resample, roi_box, roi_grid
-from .io import load_case, write_nifti, write_text
+from .io import InputError, load_case, read_label, write_nifti, write_text
 from .metrics import binary_scores
 from .models import ImplicitField
 from .params import Params, Stage3Params
@@ -44,7 +45,7 @@ def stage3_dir(run: Run) -> Path:
 @dataclass
 class Stage3Data:
     case_ids: list[str]
-    maps: list[np.ndarray]  # L^ref on the whole-heart ROI grid
+    maps: list[np.ndarray]  # L^ref on the supervision grid (see supervision_labels)
     geometry: dict[str, CaseGeometry]
     teachers: list[list[Teacher]]
 
@@ -67,22 +68,38 @@ def load_teachers(run: Run, crops: CaseCrops) -> list[Teacher]:
     return out
 
 
+def supervision_labels(run: Run, crops: CaseCrops) -> np.ndarray:
+    """A case's L^ref on the grid stage 3 learns it on (``stage3.supervision``).
+
+    "original": the stage-2 map on the original voxels, cropped to the whole-heart box. The box
+    is where the ROI-normalised coordinates run from -1 to 1 (voxel edges), so the crop's own
+    normalised coordinates are the model's. "roi": the stage-2 map on the heart ROI grid.
+    """
+    if run.params.stage3.supervision == "roi":
+        with np.load(stage2_dir(run) / "roi" / f"{crops.case_id}.npz") as z:
+            return z["labels"].astype(np.uint8)
+    labels = read_label(stage2_dir(run) / "labels" / f"{crops.case_id}.nii.gz", run.table).array
+    if labels.shape != tuple(crops.shape):
+        raise InputError(stage2_dir(run) / "labels" / f"{crops.case_id}.nii.gz",
+                         f"shape {labels.shape} differs from the prepared case {tuple(crops.shape)}")
+    return np.ascontiguousarray(labels[crops.heart_box.slices], dtype=np.uint8)
+
+
 def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
     index = load_crops_index(run.path("prepared"))
     ids, maps, geometry, teachers = [], [], {}, []
     for cid, crops in index.items():
-        path = stage2_dir(run) / "roi" / f"{cid}.npz"
-        if not path.is_file():
-            run.skipped.add("stage3", cid, f"no stage-2 L^ref ({path.name}); run 03_fusion first")
+        try:
+            maps.append(supervision_labels(run, crops))
+        except (FileNotFoundError, InputError) as err:
+            run.skipped.add("stage3", cid, f"no usable stage-2 L^ref ({err}); run 03_fusion first")
             continue
-        with np.load(path) as z:
-            maps.append(z["labels"].astype(np.uint8))
         ids.append(cid)
         geometry[cid] = geometry_of(crops)
         teachers.append(load_teachers(run, crops) if with_teachers else [])
     run.write_skipped()
     if not ids:
-        raise ValueError(f"stage3: no case has a stage-2 L^ref in {stage2_dir(run) / 'roi'}")
+        raise ValueError(f"stage3: no case has a stage-2 L^ref in {stage2_dir(run)}")
     return Stage3Data(ids, maps, geometry, teachers)
 
 
@@ -200,8 +217,9 @@ def summary(metrics: pd.DataFrame, table: ClassTable, small: tuple[str, ...] = (
 
 # -- new cases ------------------------------------------------------------------------------------
 
-def roi_labels_of(labels: np.ndarray, affine: np.ndarray, params: Params) -> tuple[np.ndarray, CaseGeometry]:
-    """A new case's labels on its whole-heart ROI grid (as ``prepare`` would crop them) and its geometry."""
+def heart_labels_of(labels: np.ndarray, affine: np.ndarray, params: Params) -> tuple[np.ndarray, CaseGeometry]:
+    """A new case's labels on the supervision grid of its whole-heart box (as ``prepare`` would
+    crop them, see :func:`supervision_labels`) and its geometry."""
     from .geometry import voxel_spacing
 
     p = params.prepare
@@ -209,15 +227,18 @@ def roi_labels_of(labels: np.ndarray, affine: np.ndarray, params: Params) -> tup
     if box is None:
         raise ValueError("new case: empty label map")
     grid = roi_grid(box, p.heart_resolution)
-    return resample(labels, grid, order=0).astype(np.uint8), CaseGeometry(tuple(labels.shape), np.asarray(affine), box, grid)
+    geometry = CaseGeometry(tuple(labels.shape), np.asarray(affine), box, grid)
+    if params.stage3.supervision == "roi":
+        return resample(labels, grid, order=0).astype(np.uint8), geometry
+    return np.ascontiguousarray(labels[box.slices], dtype=np.uint8), geometry
 
 
 def fit_new_case(run: Run, unified: UnifiedModel, case_id: str, labels: np.ndarray, affine: np.ndarray,
                  progress: bool = False) -> np.ndarray:
     """Fit the latent of an unseen case's noisy labels (F_Θ frozen) and decode it on its original grid."""
-    roi, geometry = roi_labels_of(labels, affine, run.params)
+    heart, geometry = heart_labels_of(labels, affine, run.params)
     p = run.params.stage3
-    unified.fit_case(case_id, roi, geometry, p.sampling, p.loss, p.new_case_train,
+    unified.fit_case(case_id, heart, geometry, p.sampling, p.loss, p.new_case_train,
                      stage3_dir(run) / "new_cases" / str(case_id), seed=run.params.run.seed, progress=progress)
     return unified.decode(case_id, grid="original")
 

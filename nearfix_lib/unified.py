@@ -116,9 +116,10 @@ def head_weights(fractions: np.ndarray, params: UnifiedLossParams) -> torch.Tens
 class UnifiedTask:
     """Stage 3 for the fit loop: class-balanced points, per-head weighted BCE, distillation, prior.
 
-    ``label_maps`` are the cases' L^ref on their whole-heart ROI grids; ``teachers[i]`` the
-    stage-1 probabilities of case i (empty list: no distillation for that case).
-    Validation: mean over cases and classes of the Dice of the decoded ROI map against L^ref.
+    ``label_maps`` are the cases' L^ref on a lattice that tiles their whole-heart box (the original
+    voxels inside it, or the ROI grid), so a map's own normalised coordinates are the model's;
+    ``teachers[i]`` the stage-1 probabilities of case i (empty list: no distillation for that case).
+    Validation: mean over cases and classes of the Dice of the decoded map against L^ref.
     """
 
     score_name = "dice"
@@ -318,10 +319,10 @@ class UnifiedModel:
         return decode_priority(self.probabilities(case_id, grid), self.table, self.thresholds)
 
     # -- new cases ---------------------------------------------------------------------------
-    def fit_case(self, case_id: str, roi_labels: np.ndarray, geometry: CaseGeometry, sampling: BalancedSamplingParams,
+    def fit_case(self, case_id: str, heart_labels: np.ndarray, geometry: CaseGeometry, sampling: BalancedSamplingParams,
                  loss: UnifiedLossParams, train: TrainParams, out_dir: Path, seed: int = 0,
                  progress: bool = False) -> torch.Tensor:
-        """Fit z for an unseen case's (noisy) labels on its whole-heart ROI grid, F_Θ frozen.
+        """Fit z for an unseen case's (noisy) labels on its whole-heart box (supervision grid), F_Θ frozen.
 
         The same fit loop as every stage, on a copy of F_Θ with a one-case latent table whose
         latent is the only trainable parameter (initialised at the mean of the training latents);
@@ -335,7 +336,7 @@ class UnifiedModel:
             solo.latents.embedding.weight.copy_(frozen.latents.embedding.weight.mean(dim=0, keepdim=True))
         for name, p in solo.named_parameters():
             p.requires_grad_(name.startswith("latents."))
-        task = UnifiedTask([roi_labels], self.table, sampling, dataclasses.replace(loss, distill_weight=0.0),
+        task = UnifiedTask([heart_labels], self.table, sampling, dataclasses.replace(loss, distill_weight=0.0),
                            seed, self.device, chunk_points=self.chunk_points, thresholds=self.thresholds)
         fit(solo, task, train, out_dir, device=self.device, seed=seed, progress=progress,
             extra={"case_id": str(case_id), "latent_only": True})

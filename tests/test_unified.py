@@ -127,11 +127,11 @@ def phantom_roi_cases(n):
     """Noisy labels of n small phantom cases on their whole-heart ROI grids (as prepare crops them)."""
     from nearfix_lib.params import load_params
     from nearfix_lib.phantom import make_case
-    from nearfix_lib.stage3 import roi_labels_of
+    from nearfix_lib.stage3 import heart_labels_of
 
     params = load_params("params/demo.yaml", {"data.phantom": {"n_cases": n, "shape": [48, 44, 36]},
-                                              "prepare.heart_resolution": 22})
-    return [roi_labels_of(c.noisy, c.affine, params) for c in (make_case(i, params.data.phantom) for i in range(n))]
+                                              "prepare.heart_resolution": 22, "stage3.supervision": "roi"})
+    return [heart_labels_of(c.noisy, c.affine, params) for c in (make_case(i, params.data.phantom) for i in range(n))]
 
 
 def test_new_case_latent_fit_on_a_held_out_phantom_case(tmp_path):
@@ -173,6 +173,30 @@ def test_new_case_latent_fit_on_a_held_out_phantom_case(tmp_path):
     trained = agreement(u.decode("1", grid="roi"), train_maps[0])
     recovered = agreement(u.decode("1-again", grid="roi"), train_maps[0])
     assert recovered > agreement(before, train_maps[0]) and recovered >= trained - 0.02
+
+
+def test_original_supervision_is_the_heart_box_crop_in_the_model_frame():
+    from nearfix_lib.geometry import apply_affine, original_to_normalised
+    from nearfix_lib.params import load_params
+    from nearfix_lib.phantom import make_case
+    from nearfix_lib.sampling import index_to_normalised
+    from nearfix_lib.stage3 import heart_labels_of
+
+    over = {"data.phantom": {"n_cases": 1, "shape": [40, 36, 30]}, "prepare.heart_resolution": 16}
+    params = load_params("params/demo.yaml", over)
+    case = make_case(0, params.data.phantom)
+    crop, geo = heart_labels_of(case.noisy, case.affine, params)
+    assert params.stage3.supervision == "original"
+    assert crop.shape == geo.heart_box.shape and np.array_equal(crop, case.noisy[geo.heart_box.slices])
+    # a crop voxel's normalised centre (what the sampler feeds the model) is where that original
+    # voxel lies in the heart box's ROI-normalised frame (what decoding and the teachers use)
+    idx = np.array([[0, 0, 0], [crop.shape[0] - 1, 3, crop.shape[2] - 1], [5, crop.shape[1] - 1, 2]])
+    assert np.allclose(index_to_normalised(idx, crop.shape),
+                       apply_affine(original_to_normalised(geo.heart_box), idx + np.asarray(geo.heart_box.lo)))
+    roi, _ = heart_labels_of(case.noisy, case.affine, load_params("params/demo.yaml", {**over, "stage3.supervision": "roi"}))
+    assert roi.shape == (16, 16, 16)
+    with pytest.raises(ValueError, match="stage3.supervision"):
+        load_params("params/demo.yaml", {"stage3.supervision": "voxels"})
 
 
 def test_head_weights_follow_the_tempered_inverse_frequency_and_cover_absent_classes():
