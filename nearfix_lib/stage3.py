@@ -78,10 +78,10 @@ def supervision_labels(run: Run, crops: CaseCrops) -> np.ndarray:
     if run.params.stage3.supervision == "roi":
         with np.load(stage2_dir(run) / "roi" / f"{crops.case_id}.npz") as z:
             return z["labels"].astype(np.uint8)
-    labels = read_label(stage2_dir(run) / "labels" / f"{crops.case_id}.nii.gz", run.table).array
+    path = stage2_dir(run) / "labels" / f"{crops.case_id}.nii.gz"
+    labels = read_label(path, run.table).array
     if labels.shape != tuple(crops.shape):
-        raise InputError(stage2_dir(run) / "labels" / f"{crops.case_id}.nii.gz",
-                         f"shape {labels.shape} differs from the prepared case {tuple(crops.shape)}")
+        raise InputError(path, f"shape {labels.shape} differs from the prepared case {tuple(crops.shape)}")
     return np.ascontiguousarray(labels[crops.heart_box.slices], dtype=np.uint8)
 
 
