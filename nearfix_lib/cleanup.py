@@ -6,7 +6,9 @@ field crosses the threshold by accident, or split off a thin tip. The class tabl
 coronary trees, ...), so the clean-up keeps at most that many of the largest and can also drop
 fragments by absolute volume (mm^3, so the rule means the same at any spacing) or relative to
 the largest component. It never empties a non-empty mask: the largest component always stays,
-whatever the rules say, because an empty class is a worse error than an oversized one.
+whatever the rules say, because an empty class is a worse error than an oversized one. For a
+thin vessel the clean-up can first join pieces across short gaps (:func:`bridge_voxels`; stage 2
+uses the same tubes on the fused map), since a broken coronary is one tree, not several.
 
 Components are ranked by size, ties broken by their first voxel in C order ((i, j, k)
 lexicographic), so the result never depends on the labelling order of ``cc3d``. All work is done
@@ -24,6 +26,7 @@ import edt
 import fill_voids
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from .geometry import Box, bounding_box
 
@@ -38,6 +41,10 @@ class CleanupParams:
     # also keep components within this distance (mm) of the expected largest ones or of pieces
     # kept that way: a broken structure (a coronary cut by gaps) rather than far islands (0: off)
     keep_near_mm: float = 0.0
+    # join pieces to the expected largest by tubes across gaps up to this size (mm; 0: off), before
+    # the rules: a vessel the segmenter broke and the repair kept broken (see bridge_voxels)
+    bridge_gap_mm: float = 0.0
+    bridge_radius_vox: int = 1  # half-width of a bridge tube, in voxels; 0 = one-voxel line
     # fill enclosed cavities: background not 6-connected to the outside (the dual of 26-connected
     # foreground); a hollow decoder output is an artefact
     fill_holes: bool = False
@@ -45,6 +52,9 @@ class CleanupParams:
     def __post_init__(self) -> None:
         if self.min_component_mm3 < 0:
             raise ValueError(f"cleanup.min_component_mm3 must be >= 0, got {self.min_component_mm3}")
+        if self.bridge_gap_mm < 0 or self.bridge_radius_vox < 0:
+            raise ValueError("cleanup.bridge_gap_mm and cleanup.bridge_radius_vox must be >= 0, "
+                             f"got {self.bridge_gap_mm} and {self.bridge_radius_vox}")
         if self.keep_near_mm < 0:
             raise ValueError(f"cleanup.keep_near_mm must be >= 0, got {self.keep_near_mm}")
         if not 0.0 <= self.min_fraction_of_largest <= 1.0:
@@ -58,7 +68,8 @@ class CleanupReport:
 
     ``removed_components``/``removed_voxels`` count the components dropped by the rules;
     ``components_after`` is counted on the result, so it also reflects components merged by
-    hole filling (an island inside a filled cavity).
+    bridging or hole filling (an island inside a filled cavity); ``components_before`` is
+    counted on the thresholded input, before bridging.
     """
 
     components_before: int
@@ -66,6 +77,7 @@ class CleanupReport:
     removed_components: int
     removed_voxels: int
     filled_voxels: int
+    bridged_voxels: int = 0
 
 
 @dataclass
@@ -157,6 +169,74 @@ def _near_main(comps: _Components, main: np.ndarray, others: np.ndarray, spacing
         kept[others[grown] + 1] = True
 
 
+def _surface_points(cc: np.ndarray, n: int) -> list[np.ndarray]:
+    """Per component, the (k, 3) indices of its voxels with a background face neighbour."""
+    fg = cc > 0
+    surf = fg & ~ndimage.binary_erosion(fg, border_value=0)
+    idx = np.argwhere(surf)
+    comp = cc[surf]
+    order = np.argsort(comp, kind="stable")
+    bounds = np.searchsorted(comp[order], np.arange(1, n + 2))
+    return [idx[order[bounds[c]:bounds[c + 1]]] for c in range(n)]
+
+
+def _segment_voxels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Voxels (m, 3) on the straight segment from voxel a to voxel b, ends included, 26-connected."""
+    steps = int(np.abs(b - a).max()) + 1
+    t = np.linspace(0.0, 1.0, max(steps, 2))[:, None]
+    return np.unique(np.rint(a + t * (b - a)).astype(np.int64), axis=0)
+
+
+def bridge_voxels(mask: np.ndarray, n_main: int, spacing: Sequence[float], max_gap_mm: float,
+                  radius_vox: int) -> np.ndarray:
+    """Tubes (bool, ``mask``'s shape) joining the pieces of ``mask`` to its ``n_main`` largest.
+
+    A segmenter breaks thin vessels into pieces and a repair of their surfaces keeps the gaps.
+    Prim's algorithm grows the main pieces: among the pieces not yet joined, the one closest to
+    the joined set (surface voxel to surface voxel, in mm) is joined by a straight segment between
+    those two voxels, while that distance is at most ``max_gap_mm``; farther pieces stay apart.
+    The segments are thickened by ``radius_vox`` face-neighbour steps (0: a one-voxel line),
+    clipped to the array. The result may overlap ``mask``; callers take ``& ~mask`` for the new voxels.
+    """
+    mask = _as_mask(mask)
+    spacing = np.asarray(spacing, dtype=np.float64)
+    out = np.zeros(mask.shape, dtype=bool)
+    comps = _components(mask, 26)
+    if comps is None or comps.sizes.size <= n_main or max_gap_mm <= 0:
+        return out
+    n = comps.sizes.size
+    surfaces = _surface_points(comps.labels, n)
+    trees = [cKDTree(s * spacing) for s in surfaces]
+    joined = set(comps.ranking[:n_main].tolist())
+    segments = []
+    while len(joined) < n:
+        joined_points = np.concatenate([surfaces[i] for i in sorted(joined)])
+        best = (np.inf, -1, None, None)
+        for j in sorted(set(range(n)) - joined):
+            d, nearest = trees[j].query(joined_points * spacing)
+            k = int(np.argmin(d))
+            if d[k] < best[0]:
+                best = (float(d[k]), j, joined_points[k], surfaces[j][nearest[k]])
+        gap, j, a, b = best
+        if gap > max_gap_mm:
+            break
+        segments.append(_segment_voxels(a, b) + np.asarray(comps.box.lo))  # full-array indices
+        joined.add(j)
+    if not segments:
+        return out
+    # segments lie in the components' box; the tubes need radius_vox more on every side
+    lo = np.maximum(np.asarray(comps.box.lo) - radius_vox, 0)
+    hi = np.minimum(np.asarray(comps.box.hi) + radius_vox, mask.shape)
+    window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    local = np.zeros(tuple(hi - lo), dtype=bool)
+    local[tuple((np.concatenate(segments) - lo).T)] = True
+    if radius_vox > 0:
+        local = ndimage.binary_dilation(local, structure=ndimage.generate_binary_structure(3, 1),
+                                        iterations=radius_vox)
+    out[window] = local
+    return out
+
+
 def clean_mask(mask: np.ndarray, expected: int, spacing: Sequence[float],
                params: CleanupParams) -> tuple[np.ndarray, CleanupReport]:
     """Apply the clean-up rules (26-connectivity) to one class's binary mask.
@@ -170,11 +250,19 @@ def clean_mask(mask: np.ndarray, expected: int, spacing: Sequence[float],
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.shape != (3,) or np.any(spacing <= 0):
         raise ValueError(f"spacing must be three positive sizes in mm, got {spacing}")
-    if params.keep_expected and expected < 1:
+    if (params.keep_expected or params.bridge_gap_mm > 0) and expected < 1:
         raise ValueError(f"expected component count must be >= 1, got {expected}")
     comps = _components(mask, 26)
     if comps is None:
         return mask.copy(), CleanupReport(0, 0, 0, 0, 0)
+    n_input = int(comps.sizes.size)
+    bridged = 0
+    if params.bridge_gap_mm > 0 and n_input > expected:
+        tubes = bridge_voxels(mask, expected, spacing, params.bridge_gap_mm, params.bridge_radius_vox) & ~mask
+        bridged = int(tubes.sum())
+        if bridged:
+            mask = mask | tubes
+            comps = _components(mask, 26)
 
     sizes = comps.sizes
     keep = np.ones(sizes.size, dtype=bool)
@@ -198,7 +286,7 @@ def clean_mask(mask: np.ndarray, expected: int, spacing: Sequence[float],
         if filled:
             out[comps.box.slices] = solid
             n_after = int(cc3d.connected_components(solid, connectivity=26, return_N=True)[1])
-    report = CleanupReport(components_before=int(sizes.size), components_after=n_after,
+    report = CleanupReport(components_before=n_input, components_after=n_after,
                            removed_components=int((~keep).sum()),
-                           removed_voxels=int(sizes[~keep].sum()), filled_voxels=filled)
+                           removed_voxels=int(sizes[~keep].sum()), filled_voxels=filled, bridged_voxels=bridged)
     return out, report

@@ -37,9 +37,9 @@ import edt
 import fill_voids
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from .classes import ClassTable, LabelClass
+from .cleanup import bridge_voxels
 from .geometry import Box, bounding_box
 
 RULES = ("contact", "bridge", "distance", "holes", "largest")
@@ -223,67 +223,22 @@ def rule_distance(labels: np.ndarray, cls: LabelClass, masks: Mapping[str, np.nd
     return _remove_components(labels, cls, region, cc, drop, masks, table, "distance")
 
 
-def _surface_points(cc: np.ndarray, n: int) -> list[np.ndarray]:
-    """Per component, the (k, 3) indices of its voxels with a background face neighbour."""
-    fg = cc > 0
-    inner = ndimage.binary_erosion(fg, border_value=0)
-    surf = fg & ~inner
-    idx = np.argwhere(surf)
-    comp = cc[surf]
-    order = np.argsort(comp, kind="stable")
-    bounds = np.searchsorted(comp[order], np.arange(1, n + 2))
-    return [idx[order[bounds[c]:bounds[c + 1]]] for c in range(n)]
-
-
-def _segment_voxels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Voxels (m, 3) on the straight segment from voxel a to voxel b, ends included, 26-connected."""
-    steps = int(np.abs(b - a).max()) + 1
-    t = np.linspace(0.0, 1.0, max(steps, 2))[:, None]
-    return np.unique(np.rint(a + t * (b - a)).astype(np.int64), axis=0)
-
-
 def rule_bridge(labels: np.ndarray, cls: LabelClass, spacing: np.ndarray, max_gap_mm: float,
                 radius_vox: int) -> AuditRow:
     """Join pieces of ``cls`` to its ``expected_components`` largest by straight tubes across gaps.
 
-    Prim's algorithm grows the main trees: among all pieces not yet joined, the one closest to the
-    joined set (surface to surface, in mm) is joined by a tube between its two closest voxels,
-    while that distance is at most ``max_gap_mm``. Pieces farther than that stay separate (the
-    distance rule deals with them). Bridge voxels become ``cls`` whatever they held: a gap in a
-    coronary is where the segmenter lost the vessel.
+    The tubes are :func:`~nearfix_lib.cleanup.bridge_voxels` (Prim's algorithm, gaps up to
+    ``max_gap_mm``); pieces farther than that stay separate (the distance rule deals with them).
+    Bridge voxels become ``cls`` whatever they held: a gap in a coronary is where the segmenter
+    lost the vessel.
     """
-    box = bounding_box(labels == cls.index)
-    if box is None:
-        return AuditRow("bridge", cls.key, 0, 0)
-    region = _grow(box, radius_vox + 1, labels.shape)
-    cc, n = _class_components(labels, cls, region)
+    mask = labels == cls.index
+    n = _count(mask)
     if n <= cls.expected_components or max_gap_mm <= 0:
         return AuditRow("bridge", cls.key, n, n)
-    sizes = np.bincount(cc.ravel(), minlength=n + 1)[1:]
-    surfaces = _surface_points(cc, n)
-    trees = [cKDTree(s * spacing) for s in surfaces]
-    joined = set(np.argsort(-sizes, kind="stable")[:cls.expected_components].tolist())
-    add = np.zeros(cc.shape, dtype=bool)
-    while True:
-        best = (np.inf, -1, None, None)
-        joined_points = np.concatenate([surfaces[i] for i in sorted(joined)])
-        for j in sorted(set(range(n)) - joined):
-            d, nearest = trees[j].query(joined_points * spacing)
-            k = int(np.argmin(d))
-            if d[k] < best[0]:
-                best = (float(d[k]), j, joined_points[k], surfaces[j][nearest[k]])
-        gap, j, a, b = best
-        if j < 0 or gap > max_gap_mm:
-            break
-        add[tuple(_segment_voxels(a, b).T)] = True
-        joined.add(j)
-    if radius_vox > 0 and add.any():
-        add = ndimage.binary_dilation(add, structure=ndimage.generate_binary_structure(3, 1),
-                                      iterations=radius_vox)
-    sub = labels[region.slices]
-    new = add & (sub != cls.index)
-    sub[new] = cls.index
-    after = _count(labels[region.slices] == cls.index) if new.any() else n
+    new = bridge_voxels(mask, cls.expected_components, spacing, max_gap_mm, radius_vox) & ~mask
+    labels[new] = cls.index
+    after = _count(labels == cls.index) if new.any() else n
     return AuditRow("bridge", cls.key, n, after, 0, int(new.sum()), 0)
 
 

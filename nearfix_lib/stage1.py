@@ -216,7 +216,8 @@ def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarr
             rows.append({"case": case.case_id, "key": key, "source": source, "reference": ref_name, **s,
                          "n_comp": component_counts(pred.astype(np.uint8) * cls.index, only)[key],
                          "expected": cls.expected_components,
-                         "cleanup_removed_voxels": report["removed_voxels"] if source == "repaired" else 0})
+                         "cleanup_removed_voxels": report["removed_voxels"] if source == "repaired" else 0,
+                         "cleanup_bridged_voxels": report["bridged_voxels"] if source == "repaired" else 0})
     return rows
 
 

@@ -200,3 +200,27 @@ def test_keep_near_follows_a_chain_of_pieces():
     out, report = clean_mask(mask, 1, (1.0, 1.0, 1.0), CleanupParams(keep_near_mm=5.0))
     assert out[38:42, 3:5, 3:5].all() and not out[55:].any()
     assert report.components_after == 4 and report.removed_components == 1
+
+
+def test_bridge_joins_pieces_across_gaps_in_mm_before_the_rules():
+    """Two trees (expected 2): a piece 3 voxels off tree A is tubed in, a far island is not."""
+    mask = np.zeros((40, 14, 10), dtype=bool)
+    mask[2:15, 3:5, 4:6] = True  # tree A (largest)
+    mask[2:12, 10:12, 4:6] = True  # tree B
+    mask[18:22, 3:5, 4:6] = True  # piece of A past a gap of 3 voxels along i
+    mask[36:38, 10:12, 4:6] = True  # island 24 voxels past tree B
+    params = CleanupParams(keep_expected=False, bridge_gap_mm=4.0, bridge_radius_vox=0)
+    out, report = clean_mask(mask, 2, (1.0, 0.5, 0.5), params)
+    added = out & ~mask
+    assert added[15:18, 3:5, 4:6].any() and not added[:, 6:].any() and not added[22:].any()
+    assert report.components_before == 4 and report.components_after == 3
+    assert report.bridged_voxels == added.sum() >= 3
+    assert out[36:38].any()  # nothing asked for the island to go
+    # in mm: at 2 mm along i the gap is 6 mm and nothing is joined
+    far, far_report = clean_mask(mask, 2, (2.0, 0.5, 0.5), params)
+    assert np.array_equal(far, mask) and far_report.bridged_voxels == 0
+    # a tube of radius 1 is thicker than the line, and the rules run after the bridge
+    thick, _ = clean_mask(mask, 2, (1.0, 0.5, 0.5), CleanupParams(keep_expected=True, bridge_gap_mm=4.0))
+    assert (thick & ~mask).sum() > added.sum() and thick[18:22, 3:5, 4:6].all() and not thick[36:].any()
+    with pytest.raises(ValueError, match="bridge"):
+        CleanupParams(bridge_gap_mm=-1.0)
