@@ -82,9 +82,6 @@ class SamplingParams:
             last = entry[0]
 
 
-BALANCED_BANDS = ("edges", "foreground")
-
-
 @dataclass
 class BalancedSamplingParams:
     """Per-case point budget of the unified multi-class fit.
@@ -94,12 +91,8 @@ class BalancedSamplingParams:
     """
 
     positives_per_class: int = 1000
-    negatives: int = 4000  # half uniform over the ROI, half from the band (below)
+    negatives: int = 4000  # half uniform over the ROI, half from the band around the foreground
     dilation_radius: int = 2  # of that band, in voxels
-    # "edges": within the radius of any change of label, so the interfaces between classes
-    # (myocardium | ventricle, atrium | ventricle) are sampled as densely as the outer surface;
-    # "foreground": only around the union of the classes (the heart's outer surface)
-    band: str = "edges"
     jitter: bool = True  # points uniform within their voxel cell, else at the cell centre
 
     def __post_init__(self) -> None:
@@ -109,8 +102,6 @@ class BalancedSamplingParams:
             raise ValueError("balanced sampling: no points per case")
         if self.dilation_radius < 1:
             raise ValueError(f"balanced sampling: dilation_radius must be >= 1, got {self.dilation_radius}")
-        if self.band not in BALANCED_BANDS:
-            raise ValueError(f"balanced sampling: band must be one of {BALANCED_BANDS}, got {self.band!r}")
 
 
 def _check_ratio(value: float, where: str) -> None:
@@ -164,33 +155,6 @@ def boundary_band(mask: np.ndarray, radius: int) -> np.ndarray:
     grown = ndimage.binary_dilation(crop, structure=ball)
     shrunk = ndimage.binary_erosion(crop, structure=ball, border_value=0)
     out[window] = grown & ~shrunk
-    return out
-
-
-def label_edge_band(labels: np.ndarray, radius: int) -> np.ndarray:
-    """Voxels within ``radius`` (ball) of a voxel with another label, background included.
-
-    The union over the classes of :func:`boundary_band` of each class: where two classes meet,
-    both sides of the interface are in it, which a band around the union foreground misses.
-    Outside the array counts as background, as in :func:`boundary_band`.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"label_edge_band needs a 3-D label map, got shape {labels.shape}")
-    if radius < 1:
-        raise ValueError(f"band radius must be >= 1 voxel, got {radius}")
-    out = np.zeros(labels.shape, dtype=bool)
-    box = bounding_box(labels != 0)
-    if box is None:
-        return out
-    lo = np.maximum(np.asarray(box.lo) - radius, 0)
-    hi = np.minimum(np.asarray(box.hi) + radius, labels.shape)
-    window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    crop = labels[window]
-    ball = _ball(radius)
-    highest = ndimage.maximum_filter(crop, footprint=ball, mode="constant", cval=0)
-    lowest = ndimage.minimum_filter(crop, footprint=ball, mode="constant", cval=0)
-    out[window] = highest != lowest
     return out
 
 
@@ -405,14 +369,9 @@ class ClassBalancedSampler(_CheckpointableRNG):
         self._lut = np.zeros(256, dtype=np.int64)
         self._lut[self.classes] = self.classes
         self._cases = [_LabelVolume(lab, self.classes) for lab in label_maps]
-        self._bands = [sparse_coordinates(self._band(case.labels)) for case in self._cases]
-
-    def _band(self, labels: np.ndarray) -> np.ndarray:
-        """The band the band negatives come from (``params.band``), over the learned classes only."""
-        learned = self._lut[labels]
-        if self.params.band == "edges":
-            return label_edge_band(learned, self.params.dilation_radius)
-        return boundary_band(learned != 0, self.params.dilation_radius)
+        self._bands = [sparse_coordinates(boundary_band(np.isin(case.labels, self.classes),
+                                                        params.dilation_radius))
+                       for case in self._cases]
 
     def __len__(self) -> int:
         return len(self._cases)
@@ -427,7 +386,7 @@ class ClassBalancedSampler(_CheckpointableRNG):
         ``N = positives_per_class * len(classes) + negatives`` for every case. Per case, in this
         order: ``positives_per_class`` points from each present class (in :attr:`classes` order),
         then the negatives — the nominal ones plus the slots of absent classes — with the larger
-        half from the band (``params.band``) and the rest uniform over the ROI (all
+        half from the band around the union foreground and the rest uniform over the ROI (all
         uniform if the case has no foreground). Every label is looked up at its returned point,
         so a "negative" in the band may well be foreground. ``epoch`` is accepted so that both
         samplers serve the same training loop; the class balance follows no schedule.

@@ -9,7 +9,7 @@ from scipy.spatial import cKDTree
 from nearfix_lib.geometry import Box, roi_grid
 from nearfix_lib.sampling import (BalancedSamplingParams, BandSampler, ClassBalancedSampler, SamplingParams,
                                   bias_at_epoch, boundary_band, cell_index, dense_from_sparse,
-                                  index_to_normalised, label_edge_band, lookup, normalised_to_index, sparse_coordinates)
+                                  index_to_normalised, lookup, normalised_to_index, sparse_coordinates)
 
 SHAPE = (20, 14, 9)
 
@@ -173,32 +173,10 @@ def label_maps():
     return [a, b]
 
 
-def learned_band(labels, classes, band):
-    """The band the sampler should draw from, built from per-class masks: the definition."""
-    if band == "foreground":
-        return boundary_band(np.isin(labels, classes), 2)
-    return np.any([boundary_band(labels == c, 2) for c in classes], axis=0)
-
-
-def test_label_edge_band_is_the_union_of_class_bands_and_has_the_interfaces():
-    lab = label_maps()[0]
-    lab = np.where(lab == 1, 0, lab)  # classes 2, 3, 8; 8 touches 2 across i = 9 | 10
-    edges = label_edge_band(lab, 2)
-    assert np.array_equal(edges, learned_band(lab, [2, 3, 8], "edges"))
-    outer = boundary_band(lab > 0, 2)
-    assert np.all(edges >= outer)
-    assert edges[8, 5, 3] and not outer[8, 5, 3]  # class 2, two voxels from class 8: interface only
-    assert not edges[5, 5, 3]  # deep inside class 2
-    assert not label_edge_band(np.zeros(SHAPE, np.uint8), 1).any()
-    with pytest.raises(ValueError):
-        label_edge_band(lab, 0)
-
-
-@pytest.mark.parametrize("band", ["edges", "foreground"])
-def test_class_balanced_counts_labels_and_missing_classes(band):
+def test_class_balanced_counts_labels_and_missing_classes():
     maps = label_maps()
     classes = [2, 3, 8, 9]
-    p = BalancedSamplingParams(positives_per_class=50, negatives=101, dilation_radius=2, band=band)
+    p = BalancedSamplingParams(positives_per_class=50, negatives=101, dilation_radius=2)
     sampler = ClassBalancedSampler(maps, classes, p, seed=0)
     assert sampler.points_per_case == 301
     pts, labels = sampler.sample([0, 1], epoch=1)
@@ -214,9 +192,9 @@ def test_class_balanced_counts_labels_and_missing_classes(band):
         n_pos = 50 * len(present)
         n_neg = 301 - n_pos
         n_band = n_neg - n_neg // 2
-        region = learned_band(np.where(np.isin(maps[b], classes), maps[b], 0), classes, band)
+        band = boundary_band(np.isin(maps[b], classes), 2)
         cells = cell_index(pts[b, n_pos:n_pos + n_band], maps[b].shape)
-        assert region[cells[:, 0], cells[:, 1], cells[:, 2]].all()
+        assert band[cells[:, 0], cells[:, 1], cells[:, 2]].all()
     empty = ClassBalancedSampler([np.zeros(SHAPE, np.uint8)], classes, p, seed=0)
     pts, labels = empty.sample([0], epoch=1)
     assert pts.shape == (1, 301, 3) and not labels.any()
