@@ -131,7 +131,7 @@ class Stage3Params:
     loss: UnifiedLossParams = field(default_factory=UnifiedLossParams)
     train: TrainParams = field(default_factory=TrainParams)
     # t_c is chosen among these on the training cases (Dice of P_c >= t_c against L^ref)
-    threshold_candidates: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    threshold_candidates: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     chunk_points: int = 262_144
     new_case_train: TrainParams = field(default_factory=_latent_only_train)  # latent-only fit of a new case
     compare_distillation: bool = True  # notebook 04 also fits without distillation, to show the difference
