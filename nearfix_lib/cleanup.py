@@ -199,12 +199,19 @@ def bridge_voxels(mask: np.ndarray, n_main: int, spacing: Sequence[float], max_g
     clipped to the array. The result may overlap ``mask``; callers take ``& ~mask`` for the new voxels.
     """
     mask = _as_mask(mask)
-    spacing = np.asarray(spacing, dtype=np.float64)
-    out = np.zeros(mask.shape, dtype=bool)
     comps = _components(mask, 26)
-    if comps is None or comps.sizes.size <= n_main or max_gap_mm <= 0:
-        return out
+    if comps is None:
+        return np.zeros(mask.shape, dtype=bool)
+    return _tubes(comps, mask.shape, n_main, np.asarray(spacing, dtype=np.float64), max_gap_mm, radius_vox)
+
+
+def _tubes(comps: _Components, shape: Sequence[int], n_main: int, spacing: np.ndarray, max_gap_mm: float,
+           radius_vox: int) -> np.ndarray:
+    """:func:`bridge_voxels` on components already labelled (the clean-up has them at hand)."""
+    out = np.zeros(tuple(shape), dtype=bool)
     n = comps.sizes.size
+    if n <= n_main or max_gap_mm <= 0:
+        return out
     surfaces = _surface_points(comps.labels, n)
     trees = [cKDTree(s * spacing) for s in surfaces]
     joined = set(comps.ranking[:n_main].tolist())
@@ -226,7 +233,7 @@ def bridge_voxels(mask: np.ndarray, n_main: int, spacing: Sequence[float], max_g
         return out
     # segments lie in the components' box; the tubes need radius_vox more on every side
     lo = np.maximum(np.asarray(comps.box.lo) - radius_vox, 0)
-    hi = np.minimum(np.asarray(comps.box.hi) + radius_vox, mask.shape)
+    hi = np.minimum(np.asarray(comps.box.hi) + radius_vox, shape)
     window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     local = np.zeros(tuple(hi - lo), dtype=bool)
     local[tuple((np.concatenate(segments) - lo).T)] = True
@@ -257,8 +264,8 @@ def clean_mask(mask: np.ndarray, expected: int, spacing: Sequence[float],
         return mask.copy(), CleanupReport(0, 0, 0, 0, 0)
     n_input = int(comps.sizes.size)
     bridged = 0
-    if params.bridge_gap_mm > 0 and n_input > expected:
-        tubes = bridge_voxels(mask, expected, spacing, params.bridge_gap_mm, params.bridge_radius_vox) & ~mask
+    if params.bridge_gap_mm > 0:
+        tubes = _tubes(comps, mask.shape, expected, spacing, params.bridge_gap_mm, params.bridge_radius_vox) & ~mask
         bridged = int(tubes.sum())
         if bridged:
             mask = mask | tubes
