@@ -2,6 +2,7 @@
 
     python -m nearfix_lib.bench stage1 --resolutions 32 64 128 --budget-s 60
     python -m nearfix_lib.bench stage2 --shapes 128 256 --cases 2
+    python -m nearfix_lib.bench stage3 --shape 128 120 112 --cases 8 --steps 20
 
 Stage 1: the per-class auto-decoder trained our way — a few thousand sampled points per case
 per step, several cases per step — against the *dense* reference the user's scripts used: the
@@ -10,6 +11,10 @@ is its own, and a dense run that exhausts memory cannot take the benchmark down)
 training points/s, seconds per epoch (every case once), the memory training adds (CPU: growth
 of the peak RSS over the training loop; CUDA: peak allocation), and the Dice against the
 phantom's truth after the same wall-clock budget, with sparse/dense ratios.
+
+Stage 3: the unified model's cost per training step and per decoded case for feature-grid
+pyramids that end at 32^3 (the reference, the default model) or 64^3, each in its own process,
+with ratios against the reference: what a finer grid costs before a long fit is started.
 """
 
 from __future__ import annotations
@@ -146,10 +151,12 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_isolated(cfg: Stage1BenchConfig, timeout_s: float) -> dict:
+def _run_isolated(cfg, timeout_s: float, target=_measure) -> dict:
+    """``target(cfg, queue)`` in a fresh process: its peak memory is its own, and a run that
+    exhausts memory reports a failure instead of taking the benchmark down."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(cfg, queue))
+    proc = ctx.Process(target=target, args=(cfg, queue))
     proc.start()
     proc.join(timeout_s)
     if proc.is_alive():
@@ -239,6 +246,96 @@ def bench_stage2(sizes: list[int], n_cases: int, repeats: int = 2) -> "pd.DataFr
     return pd.DataFrame(rows)
 
 
+@dataclass
+class Stage3BenchConfig:
+    name: str  # the feature-grid sizes, e.g. "4/8/16/32"
+    grid_channels: tuple[int, ...]
+    grid_sizes: tuple[int, ...]
+    n_cases: int
+    phantom_shape: tuple[int, int, int]
+    positives_per_class: int
+    negatives: int
+    steps: int
+    device: str
+    seed: int = 0
+
+
+#: the stage-3 pyramids compared: the default model (reference) and one more level at 64^3
+STAGE3_GRIDS = {"4/8/16/32": ((64, 48, 32, 16), (4, 8, 16, 32)),
+                "4/8/16/32/64": ((64, 48, 32, 16, 8), (4, 8, 16, 32, 64))}
+
+
+def stage3_configs(n_cases: int, shape: tuple[int, int, int], positives: int, negatives: int, steps: int,
+                   device: str) -> list[Stage3BenchConfig]:
+    return [Stage3BenchConfig(name, ch, sz, n_cases, shape, positives, negatives, steps, device)
+            for name, (ch, sz) in STAGE3_GRIDS.items()]
+
+
+def _measure_stage3(cfg: Stage3BenchConfig, queue) -> None:
+    """Child process: a few training steps of all cases (the first is warm-up, not timed), then a
+    decode of every case on its whole-heart box (all heads + the priority walk)."""
+    try:
+        import torch
+
+        from .classes import CARDIAC
+        from .geometry import roi_box, voxel_spacing
+        from .models import ImplicitField, ModelParams
+        from .phantom import PhantomParams, make_case
+        from .sampling import BalancedSamplingParams
+        from .unified import UnifiedLossParams, UnifiedTask, decode_priority
+
+        torch.manual_seed(cfg.seed)
+        params = PhantomParams(n_cases=cfg.n_cases, shape=cfg.phantom_shape, seed=cfg.seed)
+        maps = []
+        for i in range(cfg.n_cases):
+            case = make_case(i, params)
+            maps.append(case.truth[roi_box(case.truth > 0, 6.0, voxel_spacing(case.affine)).slices])
+        task = UnifiedTask(maps, CARDIAC, BalancedSamplingParams(cfg.positives_per_class, cfg.negatives),
+                           UnifiedLossParams(distill_weight=0.0), cfg.seed, cfg.device)
+        model = ImplicitField(cfg.n_cases, ModelParams(grid_channels=cfg.grid_channels, grid_sizes=cfg.grid_sizes),
+                              n_heads=len(CARDIAC)).to(cfg.device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        every_case = np.arange(cfg.n_cases)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        before_mb = _peak_mb(cfg.device)
+
+        def step(epoch: int) -> None:
+            batch = {k: v.to(cfg.device) for k, v in task.batch(every_case, epoch).items()}
+            opt.zero_grad(set_to_none=True)
+            task.loss(model, batch)[0].backward()
+            opt.step()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        step(0)
+        t_train = sum(_timed(partial(step, e)) for e in range(1, cfg.steps + 1))
+        train_mb = _peak_mb(cfg.device) - (0.0 if cfg.device.startswith("cuda") else before_mb)
+        model.eval()
+        t_decode = [_timed(lambda i=i: decode_priority(task.probabilities(model, i), CARDIAC, task.thresholds))
+                    for i in range(cfg.n_cases)]
+        queue.put({**asdict(cfg), "threads": torch.get_num_threads(), "box_voxels": float(np.mean([m.size for m in maps])),
+                   "s_per_step": t_train / cfg.steps, "peak_mb": train_mb, "s_decode_per_case": float(np.mean(t_decode)),
+                   "status": "ok"})
+    except (RuntimeError, MemoryError) as err:  # out of memory, typically
+        queue.put({**asdict(cfg), "status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"})
+
+
+def bench_stage3(configs: list[Stage3BenchConfig], timeout_s: float = 3600) -> "pd.DataFrame":
+    """One isolated run per configuration; ``/ref`` columns divide by the first configuration."""
+    import pandas as pd
+
+    rows = []
+    for cfg in configs:
+        print(f"stage 3, grids {cfg.name} ...", flush=True)
+        rows.append(_run_isolated(cfg, timeout_s, target=_measure_stage3))
+    table = pd.DataFrame(rows)
+    if (table["status"] == "ok").all():
+        for k in ("s_per_step", "s_decode_per_case", "peak_mb"):
+            table[f"{k} /ref"] = table[k] / table[k].iloc[0]
+    return table
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -247,11 +344,15 @@ def _timed(fn) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="nearfix benchmarks")
-    ap.add_argument("stage", choices=["stage1", "stage2"])
+    ap.add_argument("stage", choices=["stage1", "stage2", "stage3"])
     ap.add_argument("--shapes", type=int, nargs="+", default=[128, 256], help="stage 2: phantom edge sizes")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--shape", type=int, nargs=3, default=[128, 120, 112], help="stage 3: phantom shape")
     ap.add_argument("--cases", type=int, default=4)
-    ap.add_argument("--points", type=int, default=8192, help="sampled points per case per step")
+    ap.add_argument("--points", type=int, default=8192,
+                    help="sampled points per case per step (stage 3: positives per class)")
+    ap.add_argument("--negatives", type=int, default=1024, help="stage 3: negatives per case per step")
+    ap.add_argument("--steps", type=int, default=20, help="stage 3: timed training steps")
     ap.add_argument("--budget-s", type=float, default=60.0, help="training wall-clock per configuration")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-dense-gb", type=float, default=12.0)
@@ -270,6 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     device = resolve_device(args.device)
+    if args.stage == "stage3":
+        table = bench_stage3(stage3_configs(args.cases, tuple(args.shape), args.points, args.negatives, args.steps,
+                                            device))
+        text = f"device: {device}\n\n" + table.drop(columns=["grid_channels", "grid_sizes"]).to_markdown(
+            index=False, floatfmt=".3g") + "\n"
+        write_text(out / "stage3.csv", table.to_csv(index=False))
+        write_text(out / "stage3.md", text)
+        print(text)
+        return 0
     table = bench_stage1(args.resolutions, args.cases, args.points, args.budget_s, device, args.max_dense_gb * 1024)
     write_text(out / "stage1.csv", table.to_csv(index=False))
     cols = ["resolution", "name", "status", "points_per_s", "s_per_epoch", "peak_mb", "dice_vs_truth",

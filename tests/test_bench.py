@@ -33,3 +33,16 @@ def test_stage2_benchmark_times_fusion_against_the_priority_pass():
     assert row["s_fusion_rules"] > 0 and row["s_fusion_only"] > 0
     assert row["rules/fusion_only"] == row["s_fusion_rules"] / row["s_fusion_only"]
     assert 0 <= row["classes_at_expected"] <= 10
+
+
+def test_stage3_benchmark_times_a_finer_grid_against_the_default_model():
+    from nearfix_lib.bench import bench_stage3, stage3_configs
+
+    configs = stage3_configs(2, (44, 40, 36), positives=32, negatives=64, steps=2, device="cpu")
+    assert [c.grid_sizes[-1] for c in configs] == [32, 64]
+    table = bench_stage3(configs, timeout_s=300)
+    assert (table["status"] == "ok").all(), table["status"].tolist()
+    assert (table["s_per_step"] > 0).all() and (table["s_decode_per_case"] > 0).all()
+    assert table["s_per_step /ref"].iloc[0] == 1.0
+    assert table["s_per_step /ref"].iloc[1] == table["s_per_step"].iloc[1] / table["s_per_step"].iloc[0]
+    assert (table["box_voxels"] < 44 * 40 * 36).all()  # decoded on the heart box, not the whole image
