@@ -94,8 +94,14 @@ class BalancedSamplingParams:
     negatives: int = 4000  # half uniform over the ROI, half from the band around the foreground
     dilation_radius: int = 2  # of that band, in voxels
     jitter: bool = True  # points uniform within their voxel cell, else at the cell centre
+    # > 0: jitter only up to this epoch, then cell centres. The decoded map is read at voxel
+    # centres; a jittered point near a face asks a smooth field for a voxel's step, and once the
+    # shape is learnt those points only blur the boundary the decoder is judged on (README)
+    jitter_epochs: int = 0
 
     def __post_init__(self) -> None:
+        if self.jitter_epochs < 0:
+            raise ValueError(f"balanced sampling: jitter_epochs must be >= 0, got {self.jitter_epochs}")
         if self.positives_per_class < 0 or self.negatives < 0:
             raise ValueError("balanced sampling: point counts must be >= 0")
         if self.positives_per_class + self.negatives < 1:
@@ -388,24 +394,24 @@ class ClassBalancedSampler(_CheckpointableRNG):
         then the negatives — the nominal ones plus the slots of absent classes — with the larger
         half from the band around the union foreground and the rest uniform over the ROI (all
         uniform if the case has no foreground). Every label is looked up at its returned point,
-        so a "negative" in the band may well be foreground. ``epoch`` is accepted so that both
-        samplers serve the same training loop; the class balance follows no schedule.
+        so a "negative" in the band may well be foreground. ``epoch`` (1-based) only decides
+        whether cell points are jittered (``jitter_epochs``); the class balance follows no schedule.
         """
-        del epoch
         p = self.params
+        jitter = p.jitter and (p.jitter_epochs == 0 or epoch <= p.jitter_epochs)
         n = self.points_per_case
         points = np.empty((len(case_indices), n, 3), dtype=np.float32)
         labels = np.empty((len(case_indices), n), dtype=np.int64)
         for b, case in enumerate(case_indices):
             volume, band = self._cases[case], self._bands[case]
             parts = [_cell_points(volume.draw(c, p.positives_per_class, self._rng), volume.shape,
-                                  self._rng, p.jitter)
+                                  self._rng, jitter)
                      for c in self.classes if volume.present(c)]
             n_neg = n - p.positives_per_class * len(parts)
             n_band = (n_neg - n_neg // 2) if len(band) else 0
             if n_band:
                 cells = band[self._rng.integers(0, len(band), n_band)]
-                parts.append(_cell_points(cells, volume.shape, self._rng, p.jitter))
+                parts.append(_cell_points(cells, volume.shape, self._rng, jitter))
             parts.append(self._rng.uniform(-1.0, 1.0, (n_neg - n_band, 3)))
             points[b] = np.concatenate(parts, axis=0)
             labels[b] = self._lut[volume.at(points[b])]

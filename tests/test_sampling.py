@@ -217,6 +217,22 @@ def test_class_balanced_draws_each_class_voxel_equally():
     assert np.count_nonzero(big) > 0.95 * np.count_nonzero(lab == 4)  # 7000 draws over 648 voxels
 
 
+def test_class_balanced_jitter_stops_after_jitter_epochs():
+    maps = label_maps()
+    sampler = ClassBalancedSampler(maps, [2, 3, 8], BalancedSamplingParams(20, 30, jitter_epochs=3), seed=1)
+    n_cell = 20 * 3 + (30 - 30 // 2)  # case 0 has all three classes: positives + band negatives
+
+    def off_centre(epoch):
+        pts = sampler.sample([0], epoch)[0][0, :n_cell]
+        from_centre = normalised_to_index(pts, maps[0].shape) - cell_index(pts, maps[0].shape)
+        return np.abs(from_centre).max()
+
+    assert off_centre(1) > 0.2 and off_centre(3) > 0.2  # jittered within the cell up to epoch 3
+    assert off_centre(4) < 1e-5 and off_centre(10) < 1e-5  # cell centres afterwards
+    with pytest.raises(ValueError, match="jitter_epochs"):
+        BalancedSamplingParams(jitter_epochs=-1)
+
+
 def test_class_balanced_state_round_trip():
     maps = label_maps()
     p = BalancedSamplingParams(positives_per_class=20, negatives=30)
