@@ -349,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--shape", type=int, nargs=3, default=[128, 120, 112], help="stage 3: phantom shape")
     ap.add_argument("--cases", type=int, default=4)
-    ap.add_argument("--points", type=int, default=8192,
-                    help="sampled points per case per step (stage 3: positives per class)")
+    ap.add_argument("--points", type=int, default=8192, help="stage 1: sampled points per case per step")
+    ap.add_argument("--positives", type=int, default=256, help="stage 3: positives per class per case per step")
     ap.add_argument("--negatives", type=int, default=1024, help="stage 3: negatives per case per step")
     ap.add_argument("--steps", type=int, default=20, help="stage 3: timed training steps")
     ap.add_argument("--budget-s", type=float, default=60.0, help="training wall-clock per configuration")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = resolve_device(args.device)
     if args.stage == "stage3":
-        table = bench_stage3(stage3_configs(args.cases, tuple(args.shape), args.points, args.negatives, args.steps,
+        table = bench_stage3(stage3_configs(args.cases, tuple(args.shape), args.positives, args.negatives, args.steps,
                                             device))
         text = f"device: {device}\n\n" + table.drop(columns=["grid_channels", "grid_sizes"]).to_markdown(
             index=False, floatfmt=".3g") + "\n"
