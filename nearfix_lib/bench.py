@@ -260,15 +260,17 @@ class Stage3BenchConfig:
     seed: int = 0
 
 
-#: the stage-3 pyramids compared: the default model (reference) and one more level at 64^3
-STAGE3_GRIDS = {"4/8/16/32": ((64, 48, 32, 16), (4, 8, 16, 32)),
-                "4/8/16/32/64": ((64, 48, 32, 16, 8), (4, 8, 16, 32, 64))}
-
-
 def stage3_configs(n_cases: int, shape: tuple[int, int, int], positives: int, negatives: int, steps: int,
                    device: str) -> list[Stage3BenchConfig]:
-    return [Stage3BenchConfig(name, ch, sz, n_cases, shape, positives, negatives, steps, device)
-            for name, (ch, sz) in STAGE3_GRIDS.items()]
+    """The default model's pyramid (the reference) and the same with one more level at twice the
+    finest size and half its channels (64^3 x 8 after 32^3 x 16)."""
+    from .models import ModelParams
+
+    ref = ModelParams()
+    finer = (ref.grid_channels + (ref.grid_channels[-1] // 2,), ref.grid_sizes + (2 * ref.grid_sizes[-1],))
+    return [Stage3BenchConfig("/".join(map(str, sizes)), channels, sizes, n_cases, shape, positives, negatives,
+                              steps, device)
+            for channels, sizes in ((ref.grid_channels, ref.grid_sizes), finer)]
 
 
 def _measure_stage3(cfg: Stage3BenchConfig, queue) -> None:
@@ -308,8 +310,8 @@ def _measure_stage3(cfg: Stage3BenchConfig, queue) -> None:
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        step(0)
-        t_train = sum(_timed(partial(step, e)) for e in range(1, cfg.steps + 1))
+        step(1)  # warm-up
+        t_train = sum(_timed(partial(step, e)) for e in range(2, cfg.steps + 2))
         train_mb = _peak_mb(cfg.device) - (0.0 if cfg.device.startswith("cuda") else before_mb)
         model.eval()
         t_decode = [_timed(lambda i=i: decode_priority(task.probabilities(model, i), CARDIAC, task.thresholds))
@@ -342,6 +344,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _write_report(out: Path, name: str, table: "pd.DataFrame", text: str) -> None:
+    from .io import write_text
+
+    write_text(out / f"{name}.csv", table.to_csv(index=False))
+    write_text(out / f"{name}.md", text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="nearfix benchmarks")
     ap.add_argument("stage", choices=["stage1", "stage2", "stage3"])
@@ -359,35 +369,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="outputs/bench")
     args = ap.parse_args(argv)
 
-    from .io import write_text
     from .runs import resolve_device
 
     out = Path(args.out)
     if args.stage == "stage2":
         table = bench_stage2(args.shapes, args.cases)
-        text = table.to_markdown(index=False, floatfmt=".3g") + "\n"
-        write_text(out / "stage2.csv", table.to_csv(index=False))
-        write_text(out / "stage2.md", text)
-        print(text)
+        _write_report(out, "stage2", table, table.to_markdown(index=False, floatfmt=".3g") + "\n")
         return 0
     device = resolve_device(args.device)
     if args.stage == "stage3":
         table = bench_stage3(stage3_configs(args.cases, tuple(args.shape), args.positives, args.negatives, args.steps,
                                             device))
-        text = f"device: {device}\n\n" + table.drop(columns=["grid_channels", "grid_sizes"]).to_markdown(
-            index=False, floatfmt=".3g") + "\n"
-        write_text(out / "stage3.csv", table.to_csv(index=False))
-        write_text(out / "stage3.md", text)
-        print(text)
+        _write_report(out, "stage3", table, f"device: {device}\n\n" + table.drop(
+            columns=["grid_channels", "grid_sizes"]).to_markdown(index=False, floatfmt=".3g") + "\n")
         return 0
     table = bench_stage1(args.resolutions, args.cases, args.points, args.budget_s, device, args.max_dense_gb * 1024)
-    write_text(out / "stage1.csv", table.to_csv(index=False))
     cols = ["resolution", "name", "status", "points_per_s", "s_per_epoch", "peak_mb", "dice_vs_truth",
             "noisy_dice_vs_truth", "steps"]
     text = (f"device: {device}\n\n" + table.reindex(columns=cols).to_markdown(index=False, floatfmt=".3g")
             + "\n\n" + ratios(table).to_markdown(index=False, floatfmt=".3g") + "\n")
-    write_text(out / "stage1.md", text)
-    print(text)
+    _write_report(out, "stage1", table, text)
     return 0
 
 
