@@ -67,6 +67,20 @@ def field_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box,
 
 
 
+@torch.no_grad()
+def field_at_points(model: torch.nn.Module, case_index: int, points: np.ndarray, device: str = "cpu",
+                    chunk_points: int = 262_144) -> np.ndarray:
+    """Sigmoid probabilities (N, heads) of case ``case_index`` at normalised (N, 3) ``points``:
+    a scattered set (a boundary band) instead of a whole grid."""
+    model.eval()
+    encoded = model.encode(torch.tensor([case_index], device=device))
+    pts = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    chunks = [torch.sigmoid(model.decode(encoded, torch.from_numpy(pts[s:s + chunk_points]).to(device)[None])[0]
+                            .float()).cpu().numpy()
+              for s in range(0, len(pts), chunk_points)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.n_heads), dtype=np.float32)
+
+
 def field_in_box(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, device: str = "cpu",
                  chunk_points: int = 262_144, image: torch.Tensor | None = None) -> np.ndarray:
     """Like :func:`field_on_grid` on any (axis-aligned) ``grid``, but only where it lies inside ``box``.

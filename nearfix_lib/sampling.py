@@ -98,16 +98,36 @@ class BalancedSamplingParams:
     # centres; a jittered point near a face asks a smooth field for a voxel's step, and once the
     # shape is learnt those points only blur the boundary the decoder is judged on (README)
     jitter_epochs: int = 0
+    # Hard-example mining, > 0: this many of each case's band negatives are drawn instead from
+    # the voxels the model decoded wrong (against L^ref, grown by one voxel) at its last mining
+    # pass. Late in a fit the errors sit in a thin shell on a few boundaries, which band and
+    # class-balanced points visit once in hundreds of steps (README). The uniform negatives stay:
+    # taking them instead let detached blobs grow far from the heart. Passes run after epoch
+    # mine_from_epoch and every mine_interval epochs after it (UnifiedTask.before_epoch).
+    mined: int = 0
+    mine_from_epoch: int = 0
+    mine_interval: int = 100
 
     def __post_init__(self) -> None:
         if self.jitter_epochs < 0:
             raise ValueError(f"balanced sampling: jitter_epochs must be >= 0, got {self.jitter_epochs}")
+        if not 0 <= self.mined <= self.negatives - self.negatives // 2:
+            raise ValueError(f"balanced sampling: mined must lie in 0..negatives - negatives // 2 (the band half), "
+                             f"got {self.mined} with {self.negatives} negatives")
+        if self.mine_from_epoch < 0 or self.mine_interval < 1:
+            raise ValueError("balanced sampling: mine_from_epoch must be >= 0 and mine_interval >= 1")
         if self.positives_per_class < 0 or self.negatives < 0:
             raise ValueError("balanced sampling: point counts must be >= 0")
         if self.positives_per_class + self.negatives < 1:
             raise ValueError("balanced sampling: no points per case")
         if self.dilation_radius < 1:
             raise ValueError(f"balanced sampling: dilation_radius must be >= 1, got {self.dilation_radius}")
+
+
+def mining_due(params: BalancedSamplingParams, epoch: int) -> bool:
+    """Whether a mining pass runs after ``epoch`` (1-based)."""
+    return (params.mined > 0 and epoch >= max(params.mine_from_epoch, 1)
+            and (epoch - params.mine_from_epoch) % params.mine_interval == 0)
 
 
 def _check_ratio(value: float, where: str) -> None:
@@ -162,6 +182,21 @@ def boundary_band(mask: np.ndarray, radius: int) -> np.ndarray:
     shrunk = ndimage.binary_erosion(crop, structure=ball, border_value=0)
     out[window] = grown & ~shrunk
     return out
+
+
+def interface_band(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Voxels within ``radius`` (ball) of a change of label: every class boundary, on both sides.
+
+    Where a multi-class decoder can be wrong without also being wrong far from any boundary (a
+    detached blob, which validation shows): the mining pass decodes only these voxels.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"interface_band needs a 3-D label map, got shape {labels.shape}")
+    if radius < 1:
+        raise ValueError(f"band radius must be >= 1 voxel, got {radius}")
+    ball = _ball(radius)
+    return ndimage.maximum_filter(labels, footprint=ball) != ndimage.minimum_filter(labels, footprint=ball)
 
 
 # -- index <-> normalised coordinates --------------------------------------------------------------
@@ -378,6 +413,29 @@ class ClassBalancedSampler(_CheckpointableRNG):
         self._bands = [sparse_coordinates(boundary_band(np.isin(case.labels, self.classes),
                                                         params.dilation_radius))
                        for case in self._cases]
+        self._mined = [np.zeros((0, 3), dtype=np.int32) for _ in self._cases]
+
+    def set_mined(self, case: int, coords: np.ndarray) -> None:
+        """The voxels (M, 3) of case ``case`` that ``params.mined`` points per step come from (M = 0: none)."""
+        coords = np.asarray(coords).reshape(-1, 3)
+        shape = self._cases[case].shape
+        if coords.size and (coords.min() < 0 or np.any(coords.max(axis=0) >= shape)):
+            raise ValueError(f"mined voxels outside case {case}'s grid {shape}")
+        self._mined[case] = coords.astype(np.int32)
+
+    def mined_count(self, case: int) -> int:
+        return len(self._mined[case])
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "mined": [m.copy() for m in self._mined]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "mined" in state:  # checkpoints from before mining have none
+            if len(state["mined"]) != len(self._cases):
+                raise ValueError(f"sampler state has mined voxels for {len(state['mined'])} cases, not {len(self._cases)}")
+            for case, coords in enumerate(state["mined"]):
+                self.set_mined(case, coords)
 
     def __len__(self) -> int:
         return len(self._cases)
@@ -393,7 +451,8 @@ class ClassBalancedSampler(_CheckpointableRNG):
         order: ``positives_per_class`` points from each present class (in :attr:`classes` order),
         then the negatives — the nominal ones plus the slots of absent classes — with the larger
         half from the band around the union foreground and the rest uniform over the ROI (all
-        uniform if the case has no foreground). Every label is looked up at its returned point,
+        uniform if the case has no foreground), ``mined`` of those band ones from the case's
+        mined voxels once it has any. Every label is looked up at its returned point,
         so a "negative" in the band may well be foreground. ``epoch`` (1-based) only decides
         whether cell points are jittered (``jitter_epochs``); the class balance follows no schedule.
         """
@@ -409,9 +468,12 @@ class ClassBalancedSampler(_CheckpointableRNG):
                      for c in self.classes if volume.present(c)]
             n_neg = n - p.positives_per_class * len(parts)
             n_band = (n_neg - n_neg // 2) if len(band) else 0
-            if n_band:
-                cells = band[self._rng.integers(0, len(band), n_band)]
-                parts.append(_cell_points(cells, volume.shape, self._rng, jitter))
+            mined = self._mined[case]
+            n_mined = min(p.mined, n_band) if len(mined) else 0
+            for cells, count in ((band, n_band - n_mined), (mined, n_mined)):
+                if count:
+                    picked = cells[self._rng.integers(0, len(cells), count)]
+                    parts.append(_cell_points(picked, volume.shape, self._rng, jitter))
             parts.append(self._rng.uniform(-1.0, 1.0, (n_neg - n_band, 3)))
             points[b] = np.concatenate(parts, axis=0)
             labels[b] = self._lut[volume.at(points[b])]

@@ -54,7 +54,13 @@ class TrainParams:
 
 
 class FitTask(Protocol):
-    """The stage-specific half of a fit."""
+    """The stage-specific half of a fit.
+
+    A task may also define ``before_epoch(model, epoch)``: the loop calls it on every rank at the
+    start of each epoch (the unwrapped model), e.g. to choose where the epoch's points come from.
+    Work that belongs after epoch e runs there before epoch e + 1, so a fit resumed from epoch e's
+    checkpoint does it too.
+    """
 
     n_cases: int
     score_name: str  # the validation score (higher is better) that selects best.pt
@@ -188,9 +194,12 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
 
     bar = tqdm(range(epoch + 1, total + 1), initial=epoch, total=total, desc="fit", unit="epoch",
                disable=not (progress and lead), file=sys.stdout, mininterval=2.0)
+    before_epoch = getattr(task, "before_epoch", None)
     for epoch in bar:
-        model.train()
         t0 = time.perf_counter()
+        if before_epoch is not None:  # every rank (stage 3's mining passes)
+            before_epoch(model, epoch)
+        model.train()
         order = order_rng.permutation(task.n_cases)
         sums: dict[str, float] = {}
         for s in range(steps_per_epoch):

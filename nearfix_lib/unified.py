@@ -24,15 +24,17 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .classes import ClassTable
 from .geometry import Box, Grid, apply_affine, normalised_to_original, original_to_normalised, roi_grid, to_grid_sample_order
-from .infer import field_on_grid, original_box_grid
+from .infer import field_at_points, field_on_grid, original_box_grid
 from .io import atomic_path
 from .losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
 from .metrics import dice
 from .models import ImplicitField, ModelParams
-from .sampling import BalancedSamplingParams, ClassBalancedSampler
+from .sampling import (BalancedSamplingParams, ClassBalancedSampler, index_to_normalised, interface_band,
+                       mining_due, sparse_coordinates)
 from .train import TrainParams, fit, unwrap
 
 ARTIFACT_FORMAT = "nearfix-unified"
@@ -145,6 +147,9 @@ class UnifiedTask:
         self.thresholds = np.full(len(self.indices), 0.5) if thresholds is None else np.asarray(thresholds)
         self._channel = np.zeros(256, dtype=np.int64) - 1
         self._channel[self.indices] = np.arange(len(self.indices))
+        # where mining passes decode: the band around every class boundary of L^ref
+        self._interfaces = ([sparse_coordinates(interface_band(m, sampling.dilation_radius)) for m in self.maps]
+                            if sampling.mined else [])
 
     def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         points, labels = self.sampler.sample(list(case_idx), epoch)
@@ -172,6 +177,25 @@ class UnifiedTask:
             total = total + self.loss_params.distill_weight * dist
             parts["distill"] = dist.item()
         return total, parts
+
+    def before_epoch(self, model, epoch: int) -> None:
+        """A mining pass when one is due after epoch - 1 (``sampling.mined``): decode each case on
+        the band around its L^ref boundaries and give the sampler the voxels decoded wrong, grown
+        by one voxel — the other side of a misplaced boundary, which the decoder must not overshoot into.
+
+        Every process of a distributed fit runs it for every case on the same weights, so all
+        ranks keep drawing the same global batch without exchanging the voxels.
+        """
+        if not mining_due(self.sampler.params, epoch - 1):
+            return
+        for i, ref in enumerate(self.maps):
+            coords = self._interfaces[i]
+            prob = field_at_points(model, i, index_to_normalised(coords, ref.shape), self.device, self.chunk)
+            labels = decode_priority(prob, self.table, self.thresholds)
+            wrong = coords[labels != ref[coords[:, 0], coords[:, 1], coords[:, 2]]]
+            mask = np.zeros(ref.shape, dtype=bool)
+            mask[wrong[:, 0], wrong[:, 1], wrong[:, 2]] = True
+            self.sampler.set_mined(i, sparse_coordinates(ndimage.binary_dilation(mask)))
 
     def probabilities(self, model, i: int) -> np.ndarray:
         box = Box((0, 0, 0), self.maps[i].shape)
@@ -336,7 +360,9 @@ class UnifiedModel:
             solo.latents.embedding.weight.copy_(frozen.latents.embedding.weight.mean(dim=0, keepdim=True))
         for name, p in solo.named_parameters():
             p.requires_grad_(name.startswith("latents."))
-        task = UnifiedTask([heart_labels], self.table, sampling, dataclasses.replace(loss, distill_weight=0.0),
+        # no mining: these labels are noisy, and chasing the voxels decoded "wrong" would fit the noise
+        task = UnifiedTask([heart_labels], self.table, dataclasses.replace(sampling, mined=0),
+                           dataclasses.replace(loss, distill_weight=0.0),
                            seed, self.device, chunk_points=self.chunk_points, thresholds=self.thresholds)
         fit(solo, task, train, out_dir, device=self.device, seed=seed, progress=progress,
             extra={"case_id": str(case_id), "latent_only": True})

@@ -5,6 +5,7 @@ keep 2 cases each, DDP averages their gradients, so every update equals the one-
 up to float rounding.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -23,27 +24,32 @@ TRAIN = TrainParams(epochs=4, cases_per_batch=4, lr=3e-3, lr_latent=3e-3, lr_ste
                     eval_interval=4, checkpoint_interval=4)
 
 
-def _fit(out_dir):
+# mining passes after every epoch from the first: each rank mines every case on its own weights
+MINING = dataclasses.replace(SAMPLING, mined=32, mine_from_epoch=1, mine_interval=1)
+
+
+def _fit(out_dir, sampling):
     torch.manual_seed(0)
     model = ImplicitField(4, SMALL_MODEL, n_heads=len(T))
-    task = UnifiedTask(heart_maps(4), T, SAMPLING, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+    task = UnifiedTask(heart_maps(4), T, sampling, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
     return fit(model, task, TRAIN, out_dir, device="cpu", seed=0, progress=False)
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir, sampling):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        _fit(out_dir)
+        _fit(out_dir, sampling)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("sampling", [SAMPLING, MINING], ids=["plain", "mining"])
+def test_two_gloo_processes_match_one_process(tmp_path, sampling):
     os.environ.pop("WORLD_SIZE", None)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp")), nprocs=2, join=True)
-    _fit(tmp_path / "single")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), sampling), nprocs=2, join=True)
+    _fit(tmp_path / "single", sampling)
     ddp, single = load_checkpoint(tmp_path / "ddp" / "last.pt"), load_checkpoint(tmp_path / "single" / "last.pt")
     assert ddp["epoch"] == single["epoch"] == 4
     for name, value in single["model"].items():

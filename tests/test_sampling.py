@@ -1,5 +1,6 @@
 """Training-point sampling on asymmetric grids, where any (i, j, k) transpose shows up."""
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -9,7 +10,8 @@ from scipy.spatial import cKDTree
 from nearfix_lib.geometry import Box, roi_grid
 from nearfix_lib.sampling import (BalancedSamplingParams, BandSampler, ClassBalancedSampler, SamplingParams,
                                   bias_at_epoch, boundary_band, cell_index, dense_from_sparse,
-                                  index_to_normalised, lookup, normalised_to_index, sparse_coordinates)
+                                  index_to_normalised, interface_band, lookup, mining_due, normalised_to_index,
+                                  sparse_coordinates)
 
 SHAPE = (20, 14, 9)
 
@@ -254,3 +256,74 @@ def test_sparse_round_trip():
     assert not dense_from_sparse(sparse_coordinates(np.zeros(SHAPE, bool)), SHAPE).any()
     with pytest.raises(ValueError):
         dense_from_sparse(np.array([[19, 14, 0]]), SHAPE)
+
+
+def test_interface_band_covers_both_sides_of_every_class_boundary():
+    lab = np.zeros((12, 10, 9), dtype=np.uint8)
+    lab[2:10, 2:8, 2:7] = 2
+    lab[2:10, 2:8, 5:7] = 3  # a 2|3 face between k = 4 and k = 5, inside the foreground
+    band = interface_band(lab, 1)
+    assert band[5, 5, 4] and band[5, 5, 5]  # both sides of the class-class face
+    assert band[5, 5, 1] and band[5, 5, 2]  # both sides of the foreground-background face
+    assert not band[5, 5, 3]  # inside class 2, one voxel from both faces
+    assert not band[0, 0, 0] and not band[11, 9, 8]  # far background
+    assert np.array_equal(interface_band(lab, 2) | band, interface_band(lab, 2))  # grows with the radius
+    assert not interface_band(np.full((4, 5, 6), 3, np.uint8), 1).any()
+    with pytest.raises(ValueError, match="radius"):
+        interface_band(lab, 0)
+
+
+def test_mining_schedule_and_limits():
+    p = BalancedSamplingParams(positives_per_class=10, negatives=40, mined=20, mine_from_epoch=30, mine_interval=10)
+    assert [e for e in range(1, 61) if mining_due(p, e)] == [30, 40, 50, 60]
+    assert [e for e in range(1, 25) if mining_due(dataclasses.replace(p, mine_from_epoch=0), e)] == [10, 20]
+    assert not any(mining_due(dataclasses.replace(p, mined=0), e) for e in range(1, 61))
+    BalancedSamplingParams(negatives=41, mined=21)  # the band takes the larger half
+    with pytest.raises(ValueError, match="band half"):
+        BalancedSamplingParams(negatives=40, mined=21)
+    with pytest.raises(ValueError, match="mine_interval"):
+        BalancedSamplingParams(negatives=40, mined=4, mine_interval=0)
+
+
+def test_mined_voxels_replace_band_negatives_only_once_there_are_some():
+    maps = label_maps()
+    p = BalancedSamplingParams(positives_per_class=20, negatives=30, jitter=False, mined=10)
+    plain = ClassBalancedSampler(maps, [2, 3, 8], dataclasses.replace(p, mined=0), seed=5)
+    mining = ClassBalancedSampler(maps, [2, 3, 8], p, seed=5)
+    # no mined voxels yet: the very same points as without mining
+    assert all(np.array_equal(x, y) for x, y in zip(plain.sample([0, 1], 1), mining.sample([0, 1], 1)))
+    cells = np.array([[0, 13, 8], [11, 5, 3]])  # background and a voxel of class 8
+    mining.set_mined(0, cells)
+    pts, lab = mining.sample([0, 1], 2)
+    n_before = 20 * 3 + (30 - 30 // 2) - 10  # positives and what is left of the band negatives of case 0
+    got = cell_index(pts[0], maps[0].shape)
+    from_mined = (got[:, None, :] == cells[None]).all(-1).any(1)
+    assert from_mined[n_before:n_before + 10].all()  # the last 10 of the band half ...
+    assert np.allclose(pts[0, n_before:n_before + 10], index_to_normalised(got[n_before:n_before + 10], maps[0].shape))
+    mined = got[n_before:n_before + 10]
+    assert np.array_equal(lab[0, n_before:n_before + 10], maps[0][mined[:, 0], mined[:, 1], mined[:, 2]])
+    assert set(lab[0, n_before:n_before + 10]) == {0, 8}  # ... with their labels looked up
+    uniform = pts[0, n_before + 10:]
+    assert len(uniform) == 30 // 2 and not from_mined[n_before + 10:].all()  # the uniform half stays
+    assert np.abs(normalised_to_index(uniform, maps[0].shape) - cell_index(uniform, maps[0].shape)).max() > 0.1
+    assert mining.mined_count(0) == 2 and mining.mined_count(1) == 0
+    with pytest.raises(ValueError, match="outside"):
+        mining.set_mined(1, np.array([[17, 0, 0]]))
+
+
+def test_mined_voxels_survive_a_checkpoint():
+    maps = label_maps()
+    p = BalancedSamplingParams(positives_per_class=20, negatives=30, mined=10)
+    a = ClassBalancedSampler(maps, [2, 3, 8], p, seed=5)
+    a.set_mined(1, np.array([[3, 2, 4], [16, 10, 12]]))
+    state = pickle.dumps(a.state_dict())
+    expected = a.sample([1, 0], 7)
+    b = ClassBalancedSampler(maps, [2, 3, 8], p, seed=0)
+    b.load_state_dict(pickle.loads(state))
+    assert b.mined_count(1) == 2 and b.mined_count(0) == 0
+    assert all(np.array_equal(x, y) for x, y in zip(expected, b.sample([1, 0], 7)))
+    old = pickle.loads(state)
+    del old["mined"]  # a checkpoint written before mining existed
+    c = ClassBalancedSampler(maps, [2, 3, 8], p, seed=0)
+    c.load_state_dict(old)
+    assert c.mined_count(1) == 0

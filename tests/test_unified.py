@@ -1,5 +1,7 @@
 """The unified model: targets, teachers, decision rule, thresholds, artifact, new-case latent fitting."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -208,3 +210,44 @@ def test_head_weights_follow_the_tempered_inverse_frequency_and_cover_absent_cla
     root = head_weights(f, UnifiedLossParams(class_weight_power=0.5))
     assert root[3] / root[1] == pytest.approx(10 ** 0.5, rel=1e-5)
     assert torch.equal(head_weights(f, UnifiedLossParams(class_weights="uniform")), torch.ones(4))
+
+
+def test_mining_pass_collects_the_voxels_decoded_wrong_grown_by_one():
+    from scipy import ndimage
+
+    from nearfix_lib.sampling import dense_from_sparse, interface_band
+
+    maps = heart_maps(2)
+    sampling = dataclasses.replace(SAMPLING, mined=16, mine_from_epoch=2, mine_interval=3)
+    task = UnifiedTask(maps, T, sampling, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+    torch.manual_seed(0)
+    model = ImplicitField(2, SMALL_MODEL, n_heads=len(T))
+    task.before_epoch(model, 2)
+    assert task.sampler.mined_count(0) == task.sampler.mined_count(1) == 0  # the first pass is after epoch 2
+    task.before_epoch(model, 3)
+    for i, ref in enumerate(maps):
+        # the same decision on the whole grid, restricted to the band where the pass decodes
+        labels = decode_priority(task.probabilities(model, i), T, task.thresholds)
+        expected = ndimage.binary_dilation((labels != ref) & interface_band(ref, sampling.dilation_radius))
+        got = dense_from_sparse(task.sampler.state_dict()["mined"][i], ref.shape)
+        assert expected.any() and np.array_equal(got, expected)
+
+
+def test_a_fit_with_mining_resumes_exactly(tmp_path):
+    sampling = dataclasses.replace(SAMPLING, jitter=False, mined=32, mine_from_epoch=1, mine_interval=1)
+    train = TrainParams(epochs=4, cases_per_batch=2, lr=3e-3, lr_latent=3e-3, eval_interval=4, checkpoint_interval=1)
+
+    def run(out, seed, epochs=None):
+        torch.manual_seed(seed)
+        model = ImplicitField(2, SMALL_MODEL, n_heads=len(T))
+        task = UnifiedTask(heart_maps(2), T, sampling, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+        return model, task, fit(model, task, train, out, progress=False, epochs=epochs)
+
+    straight, straight_task, _ = run(tmp_path / "a", 0)
+    run(tmp_path / "b", 0, epochs=2)
+    resumed, resumed_task, result = run(tmp_path / "b", 7)
+    assert result.resumed_from == 2 and straight_task.sampler.mined_count(0) > 0
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert all(np.array_equal(x, y) for x, y in zip(straight_task.sampler.state_dict()["mined"],
+                                                    resumed_task.sampler.state_dict()["mined"]))
