@@ -66,7 +66,6 @@ def field_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box,
     return out
 
 
-
 @torch.no_grad()
 def field_at_points(model: torch.nn.Module, case_index: int, points: np.ndarray, device: str = "cpu",
                     chunk_points: int = 262_144) -> np.ndarray:

@@ -187,8 +187,8 @@ def boundary_band(mask: np.ndarray, radius: int) -> np.ndarray:
 def interface_band(labels: np.ndarray, radius: int) -> np.ndarray:
     """Voxels within ``radius`` (ball) of a change of label: every class boundary, on both sides.
 
-    Where a multi-class decoder can be wrong without also being wrong far from any boundary (a
-    detached blob, which validation shows): the mining pass decodes only these voxels.
+    Once a multi-class decoder has learnt the shapes, its errors lie here, apart from detached
+    blobs far from any boundary (which validation shows), so the mining pass decodes only these.
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
