@@ -244,12 +244,17 @@ def sparse_coordinates(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(np.asarray(mask, dtype=bool)).astype(np.int32)
 
 
+def _within(coords: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``coords`` (N, 3), refused if a row lies outside a volume of ``shape``."""
+    if coords.size and (coords.min() < 0 or np.any(coords.max(axis=0) >= np.asarray(shape))):
+        raise ValueError(f"coordinates outside a volume of shape {tuple(shape)}")
+    return coords
+
+
 def dense_from_sparse(coords: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """The bool volume of ``shape`` that is True exactly at the (i, j, k) rows ``coords``."""
     shape = tuple(int(s) for s in shape)
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 3)
-    if coords.size and (coords.min() < 0 or np.any(coords.max(axis=0) >= shape)):
-        raise ValueError(f"coordinates outside a volume of shape {shape}")
+    coords = _within(np.asarray(coords, dtype=np.int64).reshape(-1, 3), shape)
     out = np.zeros(shape, dtype=bool)
     out[coords[:, 0], coords[:, 1], coords[:, 2]] = True
     return out
@@ -417,17 +422,13 @@ class ClassBalancedSampler(_CheckpointableRNG):
 
     def set_mined(self, case: int, coords: np.ndarray) -> None:
         """The voxels (M, 3) of case ``case`` that ``params.mined`` points per step come from (M = 0: none)."""
-        coords = np.asarray(coords).reshape(-1, 3)
-        shape = self._cases[case].shape
-        if coords.size and (coords.min() < 0 or np.any(coords.max(axis=0) >= shape)):
-            raise ValueError(f"mined voxels outside case {case}'s grid {shape}")
-        self._mined[case] = coords.astype(np.int32)
+        self._mined[case] = _within(np.asarray(coords).reshape(-1, 3), self._cases[case].shape).astype(np.int32)
 
     def mined_count(self, case: int) -> int:
         return len(self._mined[case])
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "mined": [m.copy() for m in self._mined]}
+        return {**super().state_dict(), "mined": list(self._mined)}  # set_mined replaces, never mutates
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

@@ -33,8 +33,8 @@ from .io import atomic_path
 from .losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
 from .metrics import dice
 from .models import ImplicitField, ModelParams
-from .sampling import (BalancedSamplingParams, ClassBalancedSampler, index_to_normalised, interface_band,
-                       mining_due, sparse_coordinates)
+from .sampling import (BalancedSamplingParams, ClassBalancedSampler, dense_from_sparse, index_to_normalised,
+                       interface_band, mining_due, sparse_coordinates)
 from .train import TrainParams, fit, unwrap
 
 ARTIFACT_FORMAT = "nearfix-unified"
@@ -194,9 +194,7 @@ class UnifiedTask:
             prob = field_at_points(model, i, index_to_normalised(coords, ref.shape), self.device, self.chunk)
             labels = decode_priority(prob, self.table, self.thresholds)
             wrong = coords[labels != ref[coords[:, 0], coords[:, 1], coords[:, 2]]]
-            mask = np.zeros(ref.shape, dtype=bool)
-            mask[wrong[:, 0], wrong[:, 1], wrong[:, 2]] = True
-            self.sampler.set_mined(i, sparse_coordinates(ndimage.binary_dilation(mask)))
+            self.sampler.set_mined(i, sparse_coordinates(ndimage.binary_dilation(dense_from_sparse(wrong, ref.shape))))
 
     def probabilities(self, model, i: int) -> np.ndarray:
         box = Box((0, 0, 0), self.maps[i].shape)
