@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .geometry import Box, Grid, apply_affine, original_to_normalised
+from .models import Encoded
 
 
 def original_box_grid(box: Box) -> Grid:
@@ -42,6 +43,21 @@ def iter_normalised_points(grid: Grid, box: Box, max_points: int) -> Iterator[tu
         yield slice(start, stop), apply_affine(to_norm, idx).astype(np.float32)
 
 
+def _encode(model: torch.nn.Module, case_index: int, device: str, image: torch.Tensor | None = None,
+            latent: torch.Tensor | None = None) -> Encoded:
+    """The case's feature grids, from its table entry or from a free ``latent`` (1, D)."""
+    model.eval()
+    if latent is not None:
+        return model.encode_latent(latent.to(device), image)
+    return model.encode(torch.tensor([case_index], device=device), image)
+
+
+def _probabilities(model: torch.nn.Module, encoded: Encoded, points: np.ndarray, device: str) -> np.ndarray:
+    """Sigmoid probabilities (n, heads) at normalised (n, 3) ``points`` of one encoded case."""
+    logits = model.decode(encoded, torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(device)[None])[0]
+    return torch.sigmoid(logits.float()).cpu().numpy()
+
+
 @torch.no_grad()
 def field_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, device: str = "cpu",
                   chunk_points: int = 262_144, image: torch.Tensor | None = None,
@@ -51,15 +67,10 @@ def field_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box,
     ``box`` is the ROI the model's normalised space refers to. ``latent`` (1, D) replaces the
     table entry (latent-only fitting of a new case).
     """
-    model.eval()
-    if latent is not None:
-        encoded = model.encode_latent(latent.to(device), image)
-    else:
-        encoded = model.encode(torch.tensor([case_index], device=device), image)
+    encoded = _encode(model, case_index, device, image, latent)
     out = None
     for slab, pts in iter_normalised_points(grid, box, chunk_points):
-        logits = model.decode(encoded, torch.from_numpy(pts).to(device)[None])[0]
-        prob = torch.sigmoid(logits.float()).cpu().numpy()
+        prob = _probabilities(model, encoded, pts, device)
         if out is None:
             out = np.empty((*grid.shape, prob.shape[-1]), dtype=np.float32)
         out[slab] = prob.reshape(slab.stop - slab.start, grid.shape[1], grid.shape[2], -1)
@@ -71,12 +82,9 @@ def field_at_points(model: torch.nn.Module, case_index: int, points: np.ndarray,
                     chunk_points: int = 262_144) -> np.ndarray:
     """Sigmoid probabilities (N, heads) of case ``case_index`` at normalised (N, 3) ``points``:
     a scattered set (a boundary band) instead of a whole grid."""
-    model.eval()
-    encoded = model.encode(torch.tensor([case_index], device=device))
+    encoded = _encode(model, case_index, device)
     pts = np.asarray(points, dtype=np.float32).reshape(-1, 3)
-    chunks = [torch.sigmoid(model.decode(encoded, torch.from_numpy(pts[s:s + chunk_points]).to(device)[None])[0]
-                            .float()).cpu().numpy()
-              for s in range(0, len(pts), chunk_points)]
+    chunks = [_probabilities(model, encoded, pts[s:s + chunk_points], device) for s in range(0, len(pts), chunk_points)]
     return np.concatenate(chunks) if chunks else np.zeros((0, model.n_heads), dtype=np.float32)
 
 
