@@ -22,7 +22,8 @@ import csv
 import json
 import os
 import re
-import tempfile
+import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +107,12 @@ def discover_cases(root: str | Path, require_images: bool = False) -> Discovery:
 
     Unpaired files become problems and their cases are left out: an image or a truth without
     labels, and labels without an image when the root has an ``images/`` folder at all (a
-    labels-only root is valid: the repair is shape-only). The cases that pair go on.
+    labels-only root is valid: the repair is shape-only). The cases that pair go on. A missing
+    root, or one whose ``segmentations/`` holds no NIfTI file, raises :class:`InputError`.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "data root does not exist")
     if not (root / LABEL_DIR).is_dir():
         raise InputError(root, f"data root has no '{LABEL_DIR}/' folder")
     problems: list[InputError] = []
@@ -130,8 +134,8 @@ def discover_cases(root: str | Path, require_images: bool = False) -> Discovery:
             problems.append(InputError(labels[cid], f"labels without image (no case {cid!r} in {IMAGE_DIR}/)"))
             continue
         cases.append(Case(cid, labels[cid], images.get(cid), truths.get(cid)))
-    if not cases:
-        problems.append(InputError(root / LABEL_DIR, "no NIfTI label files found"))
+    if not labels:
+        raise InputError(root / LABEL_DIR, f"no cases found in {root} (no .nii/.nii.gz label files)")
     return Discovery(cases, problems)
 
 
@@ -252,25 +256,79 @@ def load_case(case: Case, table: ClassTable, with_image: bool = True,
 
 # -- atomic writing -------------------------------------------------------------------------
 
+# A temporary names its writer: ``.<target name>.nftmp-<host>-<pid>-<token><suffixes>``. A
+# resumed run can then tell a dead writer's leftover from a live writer's file (stage-1 class
+# jobs of a SLURM array share one run folder, each writing at its own pace).
+_TMP_MARK = ".nftmp-"
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.nftmp-(?P<host>\w+)-(?P<pid>\d+)-[0-9a-f]{8}(\.[^/]*)?$")
+STALE_FOREIGN_TMP_S = 24 * 3600  # another host's temporary is stale after this long
+
+
+def _host() -> str:
+    return re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII) or "host"
+
+
+def _temporary_name(path: Path) -> Path:
+    suffix = "".join(path.suffixes)
+    token = os.urandom(4).hex()
+    return path.parent / f".{path.name}{_TMP_MARK}{_host()}-{os.getpid()}-{token}{suffix}"
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
 
-    The temporary name keeps the suffixes (``.nii.gz``, ``.npz``) so writers that infer the
-    format from the name behave; on failure the temporary file is removed.
+    The temporary is created like ``open(path, "w")`` would create the target, so the result
+    gets the permissions the user's umask allows (a cluster group can read it); its name keeps
+    the suffixes (``.nii.gz``, ``.npz``) so writers that infer the format from the name behave,
+    and names the writing host and process so :func:`remove_stale_temporaries` can clean up
+    after a killed writer. On failure the temporary is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}",
-                               dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_name(path)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _writer_alive(host: str, pid: int, mtime: float) -> bool:
+    if host != _host():  # no way to ask another node: trust it for a day
+        return time.time() - mtime < STALE_FOREIGN_TMP_S
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user holds that pid
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries that killed writers left anywhere under ``folder``; return them.
+
+    A temporary belongs to a dead writer when its process no longer runs on this host (or, for
+    another host, when it is older than ``STALE_FOREIGN_TMP_S``). Live writers' files stay.
+    """
+    removed = []
+    for path in sorted(Path(folder).rglob(f".*{_TMP_MARK}*")):
+        match = _TMP_NAME.match(path.name)
+        if not match or not path.is_file():
+            continue
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        if not _writer_alive(match["host"], int(match["pid"]), mtime):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray,
@@ -349,17 +407,23 @@ class SkipList:
     def __len__(self) -> int:
         return len(self.entries)
 
+    @classmethod
+    def read(cls, path: str | Path) -> "SkipList":
+        """The rows of a ``skipped.csv`` (empty when there is none yet)."""
+        path = Path(path)
+        if not path.is_file():
+            return cls()
+        with open(path, newline="", encoding="utf-8") as fh:
+            return cls([tuple(r) for r in csv.reader(fh)][1:])
+
     def write(self, path: str | Path) -> Path:
         """Merge with rows already in ``path`` from other stages, then rewrite atomically."""
         path = Path(path)
-        rows = []
-        if path.exists():
-            with open(path, newline="") as fh:
-                rows = [tuple(r) for r in csv.reader(fh)][1:]
+        rows = SkipList.read(path).entries
         stages = {e[0] for e in self.entries}
         rows = [r for r in rows if r[0] not in stages] + list(self.entries)
         with atomic_path(path) as tmp:
-            with open(tmp, "w", newline="") as fh:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
                 writer = csv.writer(fh)
                 writer.writerow(["stage", "case", "problem"])
                 writer.writerows(rows)

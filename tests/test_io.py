@@ -2,6 +2,11 @@
 
 import gzip
 import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -9,7 +14,8 @@ import pytest
 
 from nearfix_lib.classes import CARDIAC
 from nearfix_lib.io import (InputError, SkipList, atomic_path, case_id_from_name, discover_cases,
-                            load_case, read_image, read_label, write_nifti)
+                            load_case, read_image, read_label, remove_stale_temporaries, write_json,
+                            write_nifti, write_text)
 
 
 def save(path, array, affine, dtype=None):
@@ -123,8 +129,21 @@ def test_unpaired_files_are_listed_and_others_go_on(tmp_path, small_labels, affi
     assert any("3.img.nii.gz" in m and "image without labels" in m for m in msgs)
     assert any("4.label.nii.gz" in m and "labels without image" in m for m in msgs)
     assert any("9.label.nii.gz" in m and "ground truth without labels" in m for m in msgs)
-    with pytest.raises(InputError, match="segmentations"):
+    with pytest.raises(InputError, match="elsewhere: data root does not exist$"):
         discover_cases(tmp_path / "elsewhere")
+    (tmp_path / "no_labels").mkdir()
+    with pytest.raises(InputError, match="no_labels: data root has no 'segmentations/' folder$"):
+        discover_cases(tmp_path / "no_labels")
+
+
+def test_an_empty_segmentations_folder_is_one_line_no_cases_found(tmp_path, small_labels, affine):
+    root = tmp_path / "root"
+    (root / "segmentations").mkdir(parents=True)
+    (root / "segmentations" / "README.txt").write_text("not a label")
+    save(root / "images" / "1.img.nii.gz", np.zeros(small_labels.shape, np.int16), affine)
+    with pytest.raises(InputError) as err:
+        discover_cases(root)
+    assert str(err.value) == f"{root / 'segmentations'}: no cases found in {root} (no .nii/.nii.gz label files)"
 
 
 def test_labels_only_root_is_valid(tmp_path, small_labels, affine):
@@ -166,6 +185,47 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.nii.gz"]
+
+
+def test_atomic_writes_get_the_permissions_of_the_users_umask(tmp_path, small_labels, affine):
+    old = os.umask(0o027)
+    try:
+        write_nifti(tmp_path / "a.nii.gz", small_labels, affine)
+        write_json(tmp_path / "a.json", {"x": 1})
+        os.umask(0o002)
+        write_text(tmp_path / "b.txt", "hello")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"a.nii.gz": 0o640, "a.json": 0o640, "b.txt": 0o664}
+
+
+def test_a_killed_writer_leaves_no_target_and_its_temporary_is_removed_later(tmp_path):
+    target = tmp_path / "run" / "stage1" / "masks" / "1.nii.gz"
+    code = ("import os, signal, sys\n"
+            "from nearfix_lib.io import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'x' * 100000)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    left = [p for p in target.parent.iterdir()]
+    assert not target.exists() and len(left) == 1 and left[0].name.startswith(".1.nii.gz.nftmp-")
+    assert left[0].name.endswith(".nii.gz") and left[0].stat().st_size == 100000
+    with atomic_path(tmp_path / "run" / "live.txt") as live:  # a live writer's temporary stays
+        live.write_text("busy")
+        removed = remove_stale_temporaries(tmp_path / "run")
+        assert removed == left and live.exists()
+    assert list(target.parent.iterdir()) == [] and (tmp_path / "run" / "live.txt").read_text() == "busy"
+
+
+def test_another_hosts_temporary_is_kept_for_a_day(tmp_path):
+    foreign = tmp_path / ".x.npz.nftmp-othernode-12345-0a1b2c3d.npz"
+    foreign.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [] and foreign.exists()
+    day_old = time.time() - 25 * 3600
+    os.utime(foreign, (day_old, day_old))
+    assert remove_stale_temporaries(tmp_path) == [foreign] and not foreign.exists()
 
 
 def test_skip_list_merges_stages(tmp_path):

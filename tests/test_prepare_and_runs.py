@@ -124,3 +124,27 @@ def test_a_class_can_have_its_own_resolution(phantom_root, tmp_path):
     assert c.class_grids["Cor"].shape == (18, 18, 18)
     with pytest.raises(ValueError, match="class_resolution_overrides.Cor"):
         load_params(PROJECT / "params/demo.yaml", {"prepare.class_resolution_overrides": {"Cor": 1}})
+
+
+def test_a_missing_data_root_is_one_line_and_a_resumed_run_says_so(phantom_root, tmp_path, capsys):
+    from nearfix_lib.io import InputError
+
+    missing = tmp_path / "no such folder"
+    with pytest.raises(InputError) as err:
+        start_run(load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(missing),
+                              run_dir=str(tmp_path / "run")))
+    assert str(err.value) == f"{missing}: data root does not exist"
+    params = load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
+    start_run(params)
+    assert "resuming" not in capsys.readouterr().out
+    stale = tmp_path / "run" / "prepared" / "1" / ".heart.npz.nftmp-ghost-999999999-0123abcd.npz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a file")
+    import nearfix_lib.io as nio
+
+    stale = stale.rename(stale.with_name(stale.name.replace("ghost", nio._host())))  # this host, a dead pid
+    start_run(params)
+    out = capsys.readouterr().out
+    assert f"resuming the run in {tmp_path / 'run'}" in out
+    assert "removed 1 temporary file(s) of interrupted writes: prepared/1/.heart.npz.nftmp-" in out
+    assert not stale.exists()
