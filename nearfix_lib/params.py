@@ -317,17 +317,37 @@ def _plain(obj):
     return obj
 
 
+def mapping_parameter(value: dict | str | None, name: str) -> dict:
+    """A dict notebook parameter as a dict: papermill's ``-p`` hands every value over as text.
+
+    Accepts a mapping, its YAML or JSON text, or an empty value; anything else is a one-line
+    ``ValueError`` naming the parameter.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ValueError(f"parameter {name}: not valid YAML/JSON ({first}): {value!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"parameter {name}: expected a mapping such as '{{\"data.max_cases\": 2}}', got {value!r}")
+    return value
+
+
 def load_params(params_file: str | Path = "params/default.yaml", overrides: dict | None = None,
                 *, data_root: str | None = None, run_dir: str | None = None,
                 device: str | None = None) -> Params:
     """Resolve a params file (with its ``inherit`` chain), overrides and notebook parameters.
 
     ``data_root``/``run_dir``/``device`` given as non-empty strings win over the file (they are
-    the papermill parameters every notebook has); ``overrides`` takes dotted keys.
+    the papermill parameters every notebook has); ``overrides`` takes dotted keys, as a dict or
+    as its YAML/JSON text (what ``papermill -p overrides '{...}'`` passes).
     """
     path = resolve_path(params_file)
     data = _read_yaml_chain(path)
-    data = _apply_overrides(data, overrides or {})
+    data = _apply_overrides(data, mapping_parameter(overrides, "overrides"))
     for dotted, value in (("data.data_root", data_root), ("run.run_dir", run_dir),
                           ("run.device", device)):
         if value:

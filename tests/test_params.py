@@ -61,3 +61,15 @@ def test_paths_resolve_from_notebooks_folder_too(monkeypatch):
     assert project_root() == PROJECT
     assert resolve_path("params/demo.yaml") == PROJECT / "params/demo.yaml"
     assert load_params("params/demo.yaml").run.name == "demo"
+
+
+def test_overrides_given_as_text_like_papermill_p_passes_them():
+    as_json = load_params(PROJECT / "params/demo.yaml", '{"stage1.train.epochs": 20, "data.max_cases": 2}')
+    as_yaml = load_params(PROJECT / "params/demo.yaml", "stage1.train: {epochs: 20}\ndata.max_cases: 2")
+    assert as_json.stage1.train.epochs == as_yaml.stage1.train.epochs == 20
+    assert as_json.data.max_cases == as_yaml.data.max_cases == 2
+    assert load_params(PROJECT / "params/demo.yaml", "  ") == load_params(PROJECT / "params/demo.yaml", {})
+    with pytest.raises(ValueError, match=r"^parameter overrides: expected a mapping"):
+        load_params(PROJECT / "params/demo.yaml", "[1, 2]")
+    with pytest.raises(ValueError, match=r"^parameter overrides: not valid YAML/JSON"):
+        load_params(PROJECT / "params/demo.yaml", '{"stage1.train.epochs": [20')
