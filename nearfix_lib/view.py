@@ -9,7 +9,22 @@ run it under ``xvfb-run -a``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+NO_DISPLAY = ("no display: napari needs an X server; run it under a virtual one, "
+              "`xvfb-run -a python -m nearfix_lib.view …` (apt-get install xvfb xauth)")
+
+
+def display_available() -> bool:
+    """Whether Qt can open a window here: always off Linux; on Linux only with an X or Wayland server.
+
+    Without one, Qt aborts the whole process (a core dump, rc 134) before Python can catch
+    anything, so the viewer checks first.
+    """
+    if not sys.platform.startswith("linux"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opacity", type=float, default=0.6, help="labels opacity")
     ap.add_argument("--screenshot", default="", help="save the canvas to this PNG and exit")
     args = ap.parse_args(argv)
+    if not display_available():
+        print(NO_DISPLAY, file=sys.stderr)
+        return 2
 
     import napari
 

@@ -1,5 +1,6 @@
 """napari overlays: class colours in the labels colormap, and a real viewer on Xvfb with a screenshot."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -58,3 +59,14 @@ def test_viewer_screenshot_shows_the_class_colours_under_xvfb(tiny_run, tmp_path
     light_blue = (b - r > 60) & (g - r > 40)  # RV (100, 200, 255)
     grey = (np.abs(r - g) < 8) & (np.abs(g - b) < 8) & (r > 40)  # CT
     assert orange.sum() > 200 and light_blue.sum() > 200 and grey.sum() > 200
+
+
+def test_viewer_without_a_display_says_so_in_one_line(tiny_run, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    proc = subprocess.run([sys.executable, "-m", "nearfix_lib.view", str(tiny_run), "1", "--screenshot",
+                           str(tmp_path / "shot.png")], cwd=PROJECT, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("no display") and "xvfb-run -a" in lines[0]
+    assert not (tmp_path / "shot.png").exists()
