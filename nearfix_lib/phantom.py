@@ -1002,3 +1002,35 @@ def _remove_case_files(root: Path) -> None:
             for path in folder.iterdir():
                 if _CASE_FILE.match(path.name) and path.is_file():
                     path.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nearfix_lib.phantom OUT``: write a phantom data root to try nearfix on.
+
+    The folder has the layout of a user's data root (``segmentations/``, ``images/``,
+    ``ground_truth/``), so copies of its cases can be broken on purpose to see what the data
+    contract does with them. Sizes not given keep the :class:`PhantomParams` defaults.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m nearfix_lib.phantom",
+                                 description="Write a phantom data root (segmentations/, images/, ground_truth/).")
+    ap.add_argument("out", help="folder to create (must not hold labels made elsewhere)")
+    ap.add_argument("--cases", type=int, help=f"number of cases (default {PhantomParams.n_cases})")
+    ap.add_argument("--shape", type=int, nargs=3, metavar=("I", "J", "K"),
+                    help=f"voxels per case (default {' '.join(map(str, PhantomParams.shape))})")
+    ap.add_argument("--fov-mm", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                    help=f"field of view in mm; spacing = fov / shape (default {' '.join(map(str, PhantomParams.fov_mm))})")
+    ap.add_argument("--seed", type=int, help=f"seed of the anatomy and noise (default {PhantomParams.seed})")
+    args = ap.parse_args(argv)
+    given = {"n_cases": args.cases, "shape": args.shape, "fov_mm": args.fov_mm, "seed": args.seed}
+    params = PhantomParams(**{k: v for k, v in given.items() if v is not None})
+    ids = write_dataset(args.out, params, progress=True)
+    print(f"wrote {len(ids)} phantom cases to {args.out} (spacing {' x '.join(f'{s:.2f}' for s in params.spacing)} mm)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

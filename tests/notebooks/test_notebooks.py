@@ -8,15 +8,7 @@ import pytest
 from conftest import PROJECT
 
 NOTEBOOKS = sorted((PROJECT / "notebooks").glob("*.ipynb"))
-TINY = {"data.phantom": {"n_cases": 2, "shape": [48, 44, 36]},
-        "prepare": {"heart_resolution": 24, "class_resolution": 16},
-        "stage1.model": {"latent_dim": 32, "grid_channels": [16, 8], "grid_sizes": [4, 8]},
-        "stage1.sampling": {"points_per_case": 512},
-        "stage1.train": {"epochs": 6, "eval_interval": 3, "checkpoint_interval": 3},
-        "stage3.model": {"latent_dim": 32, "grid_channels": [16, 8], "grid_sizes": [4, 8]},
-        "stage3.sampling": {"positives_per_class": 16, "negatives": 64},
-        "stage3.train": {"epochs": 4, "cases_per_batch": 2, "eval_interval": 2, "checkpoint_interval": 2},
-        "stage3.new_case_train": {"epochs": 3, "eval_interval": 3, "checkpoint_interval": 3}}
+TINY_PARAMS = "params/test.yaml"  # the tests' tiny run, shared with the fault-injection suite
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -42,8 +34,7 @@ def test_notebook_executes(path, run_dir):
     out = run_dir / "notebooks" / path.name
     out.parent.mkdir(exist_ok=True)
     pm.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(PROJECT), progress_bar=False,
-                        parameters={"params_file": "params/demo.yaml", "run_dir": str(run_dir),
-                                    "overrides": TINY})
+                        parameters={"params_file": TINY_PARAMS, "run_dir": str(run_dir)})
     assert (run_dir / "params.yaml").is_file()
     if path.stem.startswith("00"):
         assert (run_dir / "inspection" / "noisy_vs_truth.csv").is_file()
