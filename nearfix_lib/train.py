@@ -9,8 +9,10 @@ Checkpoints hold everything a resumed run needs to continue *exactly* as if it h
 stopped: weights and latents, optimiser and scheduler state, every random state (torch, the
 task's samplers, the case order), epoch, step, the history and the resolved parameters.
 ``last.pt`` is written every ``checkpoint_interval`` epochs and at the end; ``best.pt`` whenever
-the validation score improves. Resume is explicit and loud: a checkpoint that does not match
-the model raises instead of silently restarting (the user's scripts restarted silently).
+the validation score improves. Resume is explicit and loud: a resumed fit prints (and appends
+to ``events.log`` beside the checkpoints) ``resumed from <last.pt> at epoch N``, and a checkpoint
+that does not match the model raises instead of silently restarting (the user's scripts
+restarted silently).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -148,8 +151,11 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     """Train ``model`` on ``task`` for ``params.epochs`` (or ``epochs``) epochs into ``out_dir``.
 
     ``out_dir`` receives ``last.pt``, ``best.pt`` and ``log.csv``. With ``resume`` and an
-    existing ``last.pt`` the fit continues from it; ``extra`` (e.g. resolved params, class key,
-    case ids) is stored in every checkpoint. ``epochs`` overrides the total (tests stop early).
+    existing ``last.pt`` the fit continues from it and says so: the lead process prints one line
+    ``resumed from <out_dir>/last.pt at epoch N`` and appends it, after a local ISO timestamp, to
+    ``<out_dir>/events.log`` (plain text, one event per line, never truncated; a fresh fit
+    writes nothing there). ``extra`` (e.g. resolved params, class key, case ids) is stored in
+    every checkpoint. ``epochs`` overrides the total (tests stop early).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,12 +164,17 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     opt = _optimizer(model, params)
     sched = _scheduler(opt, params)
     order_rng = np.random.Generator(np.random.PCG64(seed))
+    # every random state a checkpoint holds starts from the seed, so two fits of the same seed
+    # hold the same states (numpy's and Python's global ones are otherwise seeded by the OS)
     torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     history: list[dict] = []
     epoch = step = 0
     best_score, best_epoch = -math.inf, 0
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if resume and last_path.is_file():
+    resumed = resume and last_path.is_file()
+    if resumed:
         ckpt = load_checkpoint(last_path)
         try:
             model.load_state_dict(ckpt["model"])
@@ -179,12 +190,14 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
         best_score, best_epoch = float(ckpt["best_score"]), int(ckpt["best_epoch"])
         history = list(ckpt["history"])
     resumed_from = epoch
+    rank, world = distributed_rank_world()
+    lead = rank == 0  # validates, checkpoints and shows progress
+    if resumed and lead:
+        _log_event(out_dir, f"resumed from {last_path} at epoch {epoch}")
     use_amp = params.amp and str(device).startswith("cuda")
     steps_per_epoch = math.ceil(task.n_cases / params.cases_per_batch)
     started = time.perf_counter()
-    rank, world = distributed_rank_world()
     net = _wrap_distributed(model, device) if world > 1 else model
-    lead = rank == 0  # validates, checkpoints and shows progress
 
     def payload() -> dict:
         return {"format": "nearfix-fit", "version": CKPT_VERSION, "model": model.state_dict(),
@@ -245,6 +258,17 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     if world > 1:
         torch.distributed.barrier()  # the checkpoints are written before any rank reads them
     return FitResult(history, best_score, best_epoch, epoch, resumed_from, time.perf_counter() - started)
+
+
+EVENTS_LOG = "events.log"
+
+
+def _log_event(out_dir: Path, text: str) -> None:
+    """Print ``text`` and append it, after a local ISO timestamp, to ``out_dir/events.log``."""
+    print(text, flush=True)
+    stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+    with open(Path(out_dir) / EVENTS_LOG, "a", encoding="utf-8") as f:
+        f.write(f"{stamp} {text}\n")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
