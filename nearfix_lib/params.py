@@ -51,7 +51,7 @@ class DataParams:
     classes: str = "cardiac"  # built-in table name or a YAML class table (params/classes_*.yaml)
     class_keys: list[str] = field(default_factory=list)  # subset of the table; empty = all
     max_cases: int = 0  # 0 = every case found
-    phantom: PhantomParams = field(default_factory=PhantomParams)
+    phantom: PhantomParams = field(default_factory=lambda: PhantomParams(n_cases=8, shape=(160, 160, 128)))
 
 
 @dataclass
@@ -84,39 +84,56 @@ class PrepareParams:
 
 def _coronary_overrides() -> dict:
     """Coronary: 0.7 Dice + 0.3 Focal (gamma 4) as the user asked; a thin tube's probability
-    peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold
-    and no expected-count rule (small specks still go)."""
+    peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold,
+    no expected-count rule (small specks still go) and bridges across gaps up to 12 mm."""
     return {"loss": {"kind": "dice_focal", "dice_weight": 0.7, "focal_weight": 0.3, "focal_gamma": 4.0},
             "threshold": 0.3,
-            "cleanup": {"keep_expected": False, "min_component_mm3": 30.0}}
+            "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": 12.0}}
 
 
 @dataclass
 class Stage1Params:
+    """Per-class repair. The defaults here are the production values (``params/default.yaml``
+    is checked equal to them); the sections' own dataclasses keep library-level defaults."""
+
     model: ModelParams = field(default_factory=ModelParams)
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(points_per_case=8192))
     loss: LossParams = field(default_factory=LossParams)
-    train: TrainParams = field(default_factory=TrainParams)
+    train: TrainParams = field(default_factory=lambda: TrainParams(cases_per_batch=8, checkpoint_interval=5))
     threshold: float = 0.5
-    cleanup: CleanupParams = field(default_factory=CleanupParams)
+    cleanup: CleanupParams = field(default_factory=lambda: CleanupParams(min_component_mm3=10.0))
     chunk_points: int = 262_144  # points per inference chunk (bounds memory, not results)
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}
     overrides: dict = field(default_factory=lambda: {"Cor": _coronary_overrides()})
 
+    def __post_init__(self) -> None:
+        # every class's merged parameters are built now, so a typo in stage1.overrides.<key> fails
+        # when the params load, not when that class's job starts hours into a SLURM array
+        for key in self.overrides:
+            self.for_class(key)
+
     def for_class(self, key: str) -> "Stage1Params":
         """The parameters class ``key`` runs with: these, with its overrides merged in."""
         over = self.overrides.get(key)
         if not over:
             return self
+        if not isinstance(over, dict):
+            raise ValueError(f"stage1.overrides.{key}: expected a mapping of fields, got {over!r}")
         if "overrides" in over or "classes" in over:
             raise ValueError(f"stage1.overrides.{key}: 'overrides'/'classes' cannot be overridden per class")
         base = {k: v for k, v in _plain(dataclasses.asdict(self)).items() if k != "overrides"}
-        return _build(Stage1Params, _deep_merge(base, over), f"stage1.overrides.{key}")
+        return _build(Stage1Params, {**_deep_merge(base, over), "overrides": {}}, f"stage1.overrides.{key}")
 
 
 SUPERVISION_GRIDS = ("original", "roi")
+
+
+def _unified_train() -> TrainParams:
+    """F_theta sees every case each epoch; it needs more epochs and a faster start than stage 1."""
+    return TrainParams(epochs=1500, cases_per_batch=8, lr=3e-3, lr_latent=3e-3, lr_step_epochs=500,
+                       eval_interval=50, checkpoint_interval=10)
 
 
 def _latent_only_train() -> TrainParams:
@@ -128,8 +145,9 @@ def _latent_only_train() -> TrainParams:
 class Stage3Params:
     model: ModelParams = field(default_factory=ModelParams)
     sampling: BalancedSamplingParams = field(default_factory=BalancedSamplingParams)
-    loss: UnifiedLossParams = field(default_factory=UnifiedLossParams)
-    train: TrainParams = field(default_factory=TrainParams)
+    # 1/f_c^1 on top of balanced sampling starves the large classes; 0.5 tempers it
+    loss: UnifiedLossParams = field(default_factory=lambda: UnifiedLossParams(class_weight_power=0.5))
+    train: TrainParams = field(default_factory=_unified_train)
     # t_c is chosen among these on the training cases (Dice of P_c >= t_c against L^ref)
     threshold_candidates: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     chunk_points: int = 262_144

@@ -73,3 +73,19 @@ def test_overrides_given_as_text_like_papermill_p_passes_them():
         load_params(PROJECT / "params/demo.yaml", "[1, 2]")
     with pytest.raises(ValueError, match=r"^parameter overrides: not valid YAML/JSON"):
         load_params(PROJECT / "params/demo.yaml", '{"stage1.train.epochs": [20')
+
+
+def test_default_yaml_is_the_dataclass_defaults():
+    """One source of defaults: params/default.yaml only restates (and comments) the dataclasses."""
+    from nearfix_lib.params import Params
+
+    assert load_params(PROJECT / "params/default.yaml").to_dict() == {**Params().to_dict(),
+                                                                       "source": str(PROJECT / "params/default.yaml")}
+    assert Params().stage1.for_class("Cor").cleanup.bridge_gap_mm == 12.0
+
+
+def test_a_typo_in_a_class_override_fails_when_the_params_load():
+    with pytest.raises(ValueError, match=r"stage1\.overrides\.LAA.*unknown key\(s\) \['threshhold'\]"):
+        load_params(PROJECT / "params/demo.yaml", {"stage1.overrides.LAA": {"threshhold": 0.4}})
+    with pytest.raises(ValueError, match=r"stage1\.overrides\.Cor\.cleanup.*unknown key\(s\) \['bridge_gap'\]"):
+        load_params(PROJECT / "params/demo.yaml", {"stage1.overrides.Cor.cleanup.bridge_gap": 3.0})
