@@ -1,9 +1,61 @@
-"""Shared fixtures: small hand-built volumes with asymmetric shapes and non-identity affines."""
+"""Shared fixtures: small hand-built volumes with asymmetric shapes and non-identity affines.
 
-from pathlib import Path
+Also the session's CPU thread count, pinned before anything imports torch (see ``TEST_THREADS``).
+"""
 
-import numpy as np
-import pytest
+import os
+
+# How many threads a reduction is split over decides its float rounding, so a comparison of two
+# float results (DDP vs one process, a resumed fit vs an uninterrupted one, a notebook's numbers)
+# must not take the count from the machine (torch's default: one per core) or from whatever
+# OMP_NUM_THREADS the caller has set: the suite would pass on one machine and fail on another.
+# Every process of the session runs this many: the test process (torch.set_num_threads below) and
+# every child, which inherits these variables (papermill kernels, spawned gloo ranks and benchmark
+# runs, the subprocesses of the kill/resume and viewer tests). They are set here, before torch is
+# imported, so that its OpenMP runtime starts with them, and they replace any the caller set.
+# One thread, not two, although CI machines have 2 cores: the tensors here are small, the 2-rank
+# and 2-job tests already fill both cores with one thread per process, and OpenMP threads that
+# wait for a core are very slow when anything else runs. Measured on a 2-core machine shared with
+# other jobs: the whole suite 252 s on 1 thread vs 626 s on 2; the held-out latent fit of
+# test_unified 10-11 s vs 84-250 s. One thread is also the count every machine can run the same way.
+# NEARFIX_TEST_THREADS chooses another count on purpose (e.g. to check that no verdict depends on it).
+TEST_THREADS = int(os.environ.get("NEARFIX_TEST_THREADS", "1"))
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+os.environ.update({name: str(TEST_THREADS) for name in _THREAD_VARIABLES})
+
+
+def _pin_loaded_openblas(n: int) -> None:
+    """numpy (and its OpenBLAS) is already loaded by pytest's plugins before this file, having read
+    the variables before they were set: set its thread count directly (what threadpoolctl does)."""
+    import ctypes
+    import re
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = set(re.findall(r"(/\S*openblas\S*\.so[.\d]*)", f.read()))
+    except OSError:  # not Linux: numpy's BLAS keeps the count it started with
+        return
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)  # the library already loaded: dlopen returns it
+        except OSError:
+            continue
+        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, symbol):
+                getattr(lib, symbol)(ctypes.c_int(n))
+                break
+
+
+_pin_loaded_openblas(TEST_THREADS)
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(TEST_THREADS)
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT.parent / "shared" / "data"
