@@ -173,8 +173,8 @@ def test_the_root_package_imports_nothing_of_itself():
 
 
 @pytest.mark.parametrize("module", [CONFIG, f"{PACKAGE}.core.workspace", f"{PACKAGE}.stages.prepare"])
-def test_light_modules_do_not_pull_torch(module):
+def test_light_modules_do_not_pull_torch_or_the_phantom(module):
     # params, the run folder and prepare are read by viewers and CPU jobs: torch is seconds to import
-    code = f"import sys, {module}; print('torch' in sys.modules)"
+    code = f"import sys, {module}; print('torch' in sys.modules, '{PACKAGE}.phantom' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False", f"importing {module} imports torch"
+    assert out.split() == ["False", "False"], f"importing {module} imports torch or the phantom: {out}"
