@@ -20,9 +20,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $@
 
-# every notebook in order through papermill (stage 1: one job per class), see nearfix_lib/pipeline.py
+# every notebook in order through papermill (stage 1: one job per class), see nearfix_lib/stages/pipeline.py
 demo: venv
-	$(BIN)/python -m nearfix_lib.pipeline --params $(DEMO_PARAMS) --run-dir $(DEMO_RUN) --jobs $(DEMO_JOBS)
+	$(BIN)/nearfix pipeline --params $(DEMO_PARAMS) --run-dir $(DEMO_RUN) --jobs $(DEMO_JOBS)
 
 test: venv
 	$(BIN)/python -m pytest -q

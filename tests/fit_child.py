@@ -27,14 +27,14 @@ import torch
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from nearfix_lib import stage1, stage3  # noqa: E402
-from nearfix_lib.io import write_npz  # noqa: E402
-from nearfix_lib.params import load_params  # noqa: E402
-from nearfix_lib.prepare import case_dir, load_crops_index, prepare_run  # noqa: E402
-from nearfix_lib.runs import start_run  # noqa: E402
-from nearfix_lib.stage1 import Stage1Task, stage1_dir  # noqa: E402
-from nearfix_lib.stage2 import stage2_dir  # noqa: E402
-from nearfix_lib.unified import UnifiedTask  # noqa: E402
+from nearfix_lib.core.config import load_params  # noqa: E402
+from nearfix_lib.core.io import write_npz  # noqa: E402
+from nearfix_lib.core.workspace import case_dir, stage1_dir, stage2_dir  # noqa: E402
+from nearfix_lib.field.unified import UnifiedTask  # noqa: E402
+from nearfix_lib.stages import stage1, stage3  # noqa: E402
+from nearfix_lib.stages.prepare import load_crops_index, prepare_run  # noqa: E402
+from nearfix_lib.stages.runs import start_run  # noqa: E402
+from nearfix_lib.stages.stage1 import Stage1Task  # noqa: E402
 
 EPOCHS = 6
 SLEEP_S = 0.1

@@ -4,8 +4,9 @@ import cc3d
 import numpy as np
 import pytest
 
-from nearfix_lib.baselines import BaselineParams, ball, closing_largest, gaussian_argmax, run_baseline
-from nearfix_lib.classes import CARDIAC
+from nearfix_lib.core.classes import CARDIAC
+from nearfix_lib.core.config import BaselineParams
+from nearfix_lib.repair.baselines import ball, closing_largest, gaussian_argmax, run_baseline
 
 T = CARDIAC
 LV, MYO, LA = T["LV"].index, T["Myo"].index, T["LA"].index

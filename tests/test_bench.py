@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from nearfix_lib.bench import Stage1BenchConfig, _run_isolated, dense_memory_estimate_mb, ratios
+from benchmarks.bench import Stage1BenchConfig, _run_isolated, dense_memory_estimate_mb, ratios
 
 
 def test_dense_memory_grows_with_the_cube_of_the_resolution():
@@ -26,7 +26,7 @@ def test_one_configuration_measures_speed_memory_and_quality():
 
 
 def test_stage2_benchmark_times_fusion_against_the_priority_pass():
-    from nearfix_lib.bench import bench_stage2
+    from benchmarks.bench import bench_stage2
 
     table = bench_stage2([40], n_cases=1, repeats=1)
     row = table.iloc[0]
@@ -36,7 +36,7 @@ def test_stage2_benchmark_times_fusion_against_the_priority_pass():
 
 
 def test_stage3_benchmark_times_a_finer_grid_against_the_default_model():
-    from nearfix_lib.bench import bench_stage3, stage3_configs
+    from benchmarks.bench import bench_stage3, stage3_configs
 
     configs = stage3_configs(2, (44, 40, 36), positives=32, negatives=64, steps=2, device="cpu")
     assert [c.grid_sizes[-1] for c in configs] == [32, 64]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT
-from nearfix_lib.classes import CARDIAC, ClassTable, load_table
+from nearfix_lib.core.classes import CARDIAC, ClassTable, load_table
 
 
 def test_cardiac_table_matches_mission():

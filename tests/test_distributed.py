@@ -30,9 +30,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from nearfix_lib.models import ImplicitField
-from nearfix_lib.train import TrainParams, fit, load_checkpoint
-from nearfix_lib.unified import UnifiedLossParams, UnifiedTask
+from nearfix_lib.core.config import TrainParams, UnifiedLossParams
+from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.train import fit, load_checkpoint
+from nearfix_lib.field.unified import UnifiedTask
 
 from test_unified import SAMPLING, SMALL_MODEL, T, heart_maps
 
@@ -153,7 +154,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, sampling):
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused():
-    from nearfix_lib.train import _shard
+    from nearfix_lib.field.train import _shard
 
     batch = {"case": torch.arange(3), "points": torch.zeros(3, 5, 3)}
     assert _shard({"case": torch.arange(4)}, 4, 1, 2)["case"].tolist() == [2, 3]

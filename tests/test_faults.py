@@ -23,8 +23,8 @@ import papermill as pm
 import pytest
 
 from conftest import PROJECT
-from nearfix_lib.params import load_params
-from nearfix_lib.phantom import write_dataset
+from nearfix_lib.core.config import load_params
+from nearfix_lib.phantom.dataset import write_dataset
 
 NOTEBOOKS = {stem: PROJECT / "notebooks" / f"{stem}.ipynb" for stem in ("00_data_inspection", "01_prepare", "02_stage1")}
 TEST_PARAMS = "params/test.yaml"

@@ -6,10 +6,11 @@ import cc3d
 import numpy as np
 import pytest
 
-from nearfix_lib.classes import CARDIAC
-from nearfix_lib.fusion import (FusionParams, fuse_case, fuse_priority, reassign, rule_bridge, rule_contact,
-                                rule_distance, rule_holes, rule_largest)
-from nearfix_lib.metrics import attachment_report, component_counts
+from nearfix_lib.core.classes import CARDIAC
+from nearfix_lib.core.config import FusionParams
+from nearfix_lib.core.metrics import attachment_report, component_counts
+from nearfix_lib.repair.fusion import (fuse_case, fuse_priority, reassign, rule_bridge, rule_contact,
+                                       rule_distance, rule_holes, rule_largest)
 
 T = CARDIAC
 SHAPE = (26, 19, 13)

@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nearfix_lib.classes import CARDIAC
-from nearfix_lib.io import (InputError, SkipList, atomic_path, case_id_from_name, discover_cases,
-                            load_case, read_image, read_label, remove_stale_temporaries, write_json,
-                            write_nifti, write_text)
+from nearfix_lib.core.classes import CARDIAC
+from nearfix_lib.core.io import (InputError, SkipList, atomic_path, case_id_from_name, discover_cases,
+                                 load_case, read_image, read_label, remove_stale_temporaries, write_json,
+                                 write_nifti, write_text)
 
 
 def save(path, array, affine, dtype=None):
@@ -203,7 +203,7 @@ def test_atomic_writes_get_the_permissions_of_the_users_umask(tmp_path, small_la
 def test_a_killed_writer_leaves_no_target_and_its_temporary_is_removed_later(tmp_path):
     target = tmp_path / "run" / "stage1" / "masks" / "1.nii.gz"
     code = ("import os, signal, sys\n"
-            "from nearfix_lib.io import atomic_path\n"
+            "from nearfix_lib.core.io import atomic_path\n"
             "with atomic_path(sys.argv[1]) as tmp:\n"
             "    tmp.write_bytes(b'x' * 100000)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from fit_child import EPOCHS, TRAIN, checkpoint_dir
-from nearfix_lib.train import fit, load_checkpoint
+from nearfix_lib.field.train import fit, load_checkpoint
 from test_train_infer import make
 
 from conftest import PROJECT

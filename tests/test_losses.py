@@ -1,14 +1,13 @@
 """Every loss against an obvious reference, at extreme logits, and the dispatch from params."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nearfix_lib.losses import (LOSS_KINDS, LossParams, bce, bce_dice, build_loss, ce_dice, deep_supervision,
-                                dice_focal, distillation, focal_loss, inverse_frequency_weights, latent_l2,
-                                per_head_weighted_bce, soft_dice_loss)
+from nearfix_lib.core.config import LOSS_KINDS, LossParams
+from nearfix_lib.field.losses import (bce, bce_dice, build_loss, dice_focal, distillation, focal_loss,
+                                      inverse_frequency_weights, latent_l2, per_head_weighted_bce,
+                                      soft_dice_loss)
 
 
 def sample(shape=(3, 200, 4), seed=0, scale=3.0):
@@ -91,44 +90,6 @@ def test_soft_targets_and_distillation():
                 + (1 - teacher) * (1 - teacher).clamp_min(1e-12).log()).mean()
     assert torch.allclose(loss, entropy, atol=1e-3)
     assert distillation(student.detach() + 1, teacher) > loss
-
-
-def test_ce_dice_matches_a_manual_computation():
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 50, 4, generator=gen)
-    labels = torch.randint(0, 4, (2, 50), generator=gen)
-    log_p = logits.log_softmax(-1)
-    ce = -torch.stack([log_p[b, n, labels[b, n]] for b in range(2) for n in range(50)]).mean()
-    prob = log_p.exp()
-
-    def dice_term(classes):
-        values = []
-        for b in range(2):
-            for c in classes:
-                t = (labels[b] == c).float()
-                p = prob[b, :, c]
-                values.append((2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
-        return 1 - torch.stack(values).mean()
-
-    assert torch.allclose(ce_dice(logits, labels, 1.0, 0.5), ce + 0.5 * dice_term([1, 2, 3]), atol=1e-5)
-    assert torch.allclose(ce_dice(logits, labels, 0.3, 1.0, include_background=True),
-                          0.3 * ce + dice_term([0, 1, 2, 3]), atol=1e-5)
-    with pytest.raises(ValueError, match="labels"):
-        ce_dice(logits, labels[:, :10])
-
-
-def test_deep_supervision_weights():
-    losses = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0), torch.tensor(8.0)]
-    expected = (8 * 1 + 4 * 2 + 2 * 4 + 1 * 8) / 15
-    assert math.isclose(deep_supervision(losses).item(), expected, rel_tol=1e-6)
-    one_hot = [deep_supervision([torch.tensor(float(i == k)) for i in range(4)]).item() for k in range(4)]
-    assert one_hot == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
-    assert deep_supervision(losses[:2]).item() == pytest.approx((8 + 4 * 2) / 12)
-    assert deep_supervision([torch.tensor(3.0)]).item() == pytest.approx(3.0)
-    with pytest.raises(ValueError):
-        deep_supervision(losses + [torch.tensor(1.0)])
-    with pytest.raises(ValueError):
-        deep_supervision([])
 
 
 def test_latent_l2():

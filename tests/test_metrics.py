@@ -1,4 +1,4 @@
-"""Tests of nearfix_lib.metrics: every fast metric against a slow, obvious re-implementation.
+"""Tests of nearfix_lib.core.metrics: every fast metric against a slow, obvious re-implementation.
 
 The slow versions walk voxels, faces and edges with Python loops, sets and brute-force
 pairwise distances, so they share no code (and no crop/EDT shortcut) with the module. Shapes
@@ -19,8 +19,8 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 from skimage.measure import marching_cubes
 
-from nearfix_lib import metrics as M
-from nearfix_lib.classes import CARDIAC
+from nearfix_lib.core import metrics as M
+from nearfix_lib.core.classes import CARDIAC
 
 SHAPE = (13, 17, 11)
 SPACING = (0.7, 1.9, 1.3)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT
-from nearfix_lib.classes import CARDIAC
+from nearfix_lib.core.classes import CARDIAC
 
 napari = pytest.importorskip("napari", reason="napari is not installed (pip install -e .[viewer])")
 
 
 def test_labels_colormap_uses_the_class_table_colours():
-    from nearfix_lib.viz import napari_label_colormap
+    from nearfix_lib.viz.napari_viewer import napari_label_colormap
 
     cmap = napari_label_colormap(CARDIAC)
     mapped = cmap.map(np.array([0, CARDIAC["Cor"].index, CARDIAC["LV"].index]))
@@ -27,8 +27,9 @@ def test_labels_colormap_uses_the_class_table_colours():
 @pytest.fixture
 def tiny_run(tmp_path):
     """A run folder with the phantom, and case 1's 'stage 2' labels (the noisy ones, for the layers)."""
-    from nearfix_lib.params import load_params
-    from nearfix_lib.runs import open_run, start_run
+    from nearfix_lib.core.config import load_params
+    from nearfix_lib.core.workspace import open_run
+    from nearfix_lib.stages.runs import start_run
 
     params = load_params("params/demo.yaml", {"data.phantom": {"n_cases": 1, "shape": [48, 44, 36]}},
                          run_dir=str(tmp_path / "run"))
@@ -45,7 +46,7 @@ def test_viewer_screenshot_shows_the_class_colours_under_xvfb(tiny_run, tmp_path
     if shutil.which("xvfb-run") is None:
         pytest.skip("no display server: xvfb-run is not installed (apt-get install xvfb)")
     shot = tmp_path / "shot.png"
-    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, "-m", "nearfix_lib.view",
+    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, "-m", "nearfix_lib.viz.view",
                            str(tiny_run), "1", "--screenshot", str(shot)], cwd=PROJECT, capture_output=True,
                           text=True, timeout=240)
     if proc.returncode != 0 and "cannot open display" in (proc.stderr + proc.stdout).lower():
@@ -63,7 +64,7 @@ def test_viewer_screenshot_shows_the_class_colours_under_xvfb(tiny_run, tmp_path
 
 def test_viewer_without_a_display_says_so_in_one_line(tiny_run, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    proc = subprocess.run([sys.executable, "-m", "nearfix_lib.view", str(tiny_run), "1", "--screenshot",
+    proc = subprocess.run([sys.executable, "-m", "nearfix_lib.viz.view", str(tiny_run), "1", "--screenshot",
                            str(tmp_path / "shot.png")], cwd=PROJECT, capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import PROJECT
-from nearfix_lib.params import load_params, params_from_yaml_text, project_root, resolve_path
+from nearfix_lib.core.config import load_params, params_from_yaml_text, project_root, resolve_path
 
 
 def test_demo_inherits_default_and_only_overrides_what_differs():
@@ -77,7 +77,7 @@ def test_overrides_given_as_text_like_papermill_p_passes_them():
 
 def test_default_yaml_is_the_dataclass_defaults():
     """One source of defaults: params/default.yaml only restates (and comments) the dataclasses."""
-    from nearfix_lib.params import Params
+    from nearfix_lib.core.config import Params
 
     assert load_params(PROJECT / "params/default.yaml").to_dict() == {**Params().to_dict(),
                                                                        "source": str(PROJECT / "params/default.yaml")}

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nearfix_lib.classes import CARDIAC, ClassTable
-from nearfix_lib.io import discover_cases, read_image, read_label
-from nearfix_lib.phantom import NoiseParams, PhantomParams, make_case, write_dataset
+from nearfix_lib.core.classes import CARDIAC, ClassTable
+from nearfix_lib.core.config import NoiseParams, PhantomParams
+from nearfix_lib.core.io import discover_cases, read_image, read_label
+from nearfix_lib.phantom.dataset import make_case, write_dataset
 
 DEMO = PhantomParams()
 BALL = np.ones((3, 3, 3), dtype=bool)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nearfix_lib import pipeline
+from nearfix_lib.stages import pipeline
 
 
 def test_parallel_jobs_each_run_once_with_limited_threads(monkeypatch, tmp_path):

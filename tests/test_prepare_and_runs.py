@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT, require_ts_chest
-from nearfix_lib.geometry import paste_back
-from nearfix_lib.params import load_params
-from nearfix_lib.prepare import load_case_arrays, load_crops_index, prepare_run
-from nearfix_lib.runs import resolve_device, start_run
+from nearfix_lib.core.config import load_params
+from nearfix_lib.core.geometry import paste_back
+from nearfix_lib.stages.prepare import load_case_arrays, load_crops_index, prepare_run
+from nearfix_lib.stages.runs import resolve_device, start_run
 
 TINY = {"data.phantom": {"n_cases": 3, "shape": [40, 38, 30]},
         "prepare": {"heart_resolution": 20, "class_resolution": 12}}
@@ -127,7 +127,7 @@ def test_a_class_can_have_its_own_resolution(phantom_root, tmp_path):
 
 
 def test_a_missing_data_root_is_one_line_and_a_resumed_run_says_so(phantom_root, tmp_path, capsys):
-    from nearfix_lib.io import InputError
+    from nearfix_lib.core.io import InputError
 
     missing = tmp_path / "no such folder"
     with pytest.raises(InputError) as err:
@@ -140,7 +140,7 @@ def test_a_missing_data_root_is_one_line_and_a_resumed_run_says_so(phantom_root,
     stale = tmp_path / "run" / "prepared" / "1" / ".heart.npz.nftmp-ghost-999999999-0123abcd.npz"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a file")
-    import nearfix_lib.io as nio
+    import nearfix_lib.core.io as nio
 
     stale = stale.rename(stale.with_name(stale.name.replace("ghost", nio._host())))  # this host, a dead pid
     start_run(params)

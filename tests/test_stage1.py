@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT
-from nearfix_lib import prepare, stage1
-from nearfix_lib.params import load_params
-from nearfix_lib.runs import start_run
+from nearfix_lib.core.config import load_params
+from nearfix_lib.stages import prepare, stage1
+from nearfix_lib.stages.runs import start_run
 
 TINY = {"data.phantom": {"n_cases": 2, "shape": [44, 40, 34]},
         "prepare": {"heart_resolution": 16, "class_resolution": 24},
@@ -25,8 +25,15 @@ def tiny_run(tmp_path_factory):
     return run
 
 
-def test_run_class_writes_masks_on_the_original_grid(tiny_run):
-    table = stage1.run_class(tiny_run, "9", progress=False)  # papermill passes "-p cls 9" like this
+def fit_and_repair(run, cls):
+    """What ``02_stage1`` does with ``-p cls 9``: resolve the class, fit F_c, write and score M^ref."""
+    key = run.table.resolve(cls).key
+    model, data, _ = stage1.fit_class(run, key, run.params.stage1, progress=False)
+    return stage1.repair_class(run, key, run.params.stage1, model, data, progress=False)
+
+
+def test_fit_and_repair_write_masks_on_the_original_grid(tiny_run):
+    table = fit_and_repair(tiny_run, "9")  # papermill passes "-p cls 9" like this
     out = stage1.stage1_dir(tiny_run, "Cor")
     for case in tiny_run.cases:
         src = nib.load(str(case.label))
@@ -44,7 +51,7 @@ def test_run_class_writes_masks_on_the_original_grid(tiny_run):
 
 
 def test_finished_fit_is_loaded_not_retrained(tiny_run):
-    stage1.run_class(tiny_run, "LA", progress=False)
+    fit_and_repair(tiny_run, "LA")
     ckpt = stage1.stage1_dir(tiny_run, "LA") / "ckpt" / "last.pt"
     stamp = ckpt.stat().st_mtime_ns
     _, _, result = stage1.fit_class(tiny_run, "LA", tiny_run.params.stage1, progress=False)
@@ -73,13 +80,11 @@ def test_repair_beats_a_noisy_mask_with_islands_and_stairs():
     """The auto-decoder + clean-up recover a smooth shape from a stair-cased, island-ridden one."""
     import torch
 
-    from nearfix_lib.cleanup import CleanupParams, clean_mask
-    from nearfix_lib.geometry import Box, roi_grid
-    from nearfix_lib.infer import field_on_grid
-    from nearfix_lib.models import ModelParams
-    from nearfix_lib.params import Stage1Params
-    from nearfix_lib.sampling import SamplingParams
-    from nearfix_lib.train import TrainParams, fit
+    from nearfix_lib.core.config import CleanupParams, ModelParams, SamplingParams, Stage1Params, TrainParams
+    from nearfix_lib.core.geometry import Box, roi_grid
+    from nearfix_lib.field.infer import field_on_grid
+    from nearfix_lib.field.train import fit
+    from nearfix_lib.repair.cleanup import clean_mask
 
     shape = (30, 24, 20)
     ii, jj, kk = np.meshgrid(*[np.arange(s) + 0.5 for s in shape], indexing="ij")
@@ -98,7 +103,7 @@ def test_repair_beats_a_noisy_mask_with_islands_and_stairs():
                           sampling=SamplingParams(points_per_case=1024, bias_schedule=[]),
                           train=TrainParams(epochs=150, cases_per_batch=2, eval_interval=150, lr_step_epochs=0))
     model = stage1.build_model(2, params)
-    task = stage1.Stage1Task(noisy, params, "LV", seed=0, device="cpu")
+    task = stage1.Stage1Task(noisy, params, seed=0, device="cpu")
     fit(model, task, params.train, __import__("tempfile").mkdtemp(), progress=False)
     box = Box((0, 0, 0), shape)
     for i, (t, n) in enumerate(zip(truths, noisy)):
@@ -126,7 +131,7 @@ def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):
     """An empty class in one case: prepare records it, stage 1 leaves that case out and says so."""
     import shutil
 
-    from nearfix_lib.io import read_label, write_nifti
+    from nearfix_lib.core.io import read_label, write_nifti
 
     root = tmp_path / "data"
     shutil.copytree(tiny_run.data_root, root)

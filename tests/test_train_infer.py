@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from nearfix_lib.geometry import Box, roi_grid
-from nearfix_lib.infer import field_in_box, field_on_grid, grid_within_box, iter_normalised_points, original_box_grid
-from nearfix_lib.models import ImplicitField, ModelParams
-from nearfix_lib.params import Stage1Params
-from nearfix_lib.sampling import SamplingParams
-from nearfix_lib.stage1 import Stage1Task
-from nearfix_lib.train import TrainParams, fit, load_checkpoint
+from nearfix_lib.core.config import ModelParams, SamplingParams, Stage1Params, TrainParams
+from nearfix_lib.core.geometry import Box, roi_grid
+from nearfix_lib.field.infer import (field_in_box, field_on_grid, grid_within_box, iter_normalised_points,
+                                     original_box_grid)
+from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.train import fit, load_checkpoint
+from nearfix_lib.stages.stage1 import Stage1Task
 
 TINY_MODEL = ModelParams(latent_dim=16, grid_channels=(8, 4), grid_sizes=(4, 8))
 
@@ -34,7 +34,7 @@ def stage1_params(epochs=6):
 def make(seed=0):
     torch.manual_seed(seed)
     params = stage1_params()
-    return ImplicitField(4, params.model), Stage1Task(masks(), params, "LV", seed=0, device="cpu"), params
+    return ImplicitField(4, params.model), Stage1Task(masks(), params, seed=0, device="cpu"), params
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -74,7 +74,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     fit(model, task, params.train, tmp_path, progress=False, epochs=1)
     other = ImplicitField(5, params.model)  # different number of cases
     with pytest.raises(RuntimeError, match="does not fit this model"):
-        fit(other, Stage1Task(masks(5), params, "LV", 0, "cpu"), params.train, tmp_path, progress=False)
+        fit(other, Stage1Task(masks(5), params, 0, "cpu"), params.train, tmp_path, progress=False)
 
 
 def test_chunked_evaluation_equals_one_shot_on_any_grid():

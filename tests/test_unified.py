@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from nearfix_lib.classes import CARDIAC
-from nearfix_lib.geometry import Box, roi_grid
-from nearfix_lib.metrics import dice
-from nearfix_lib.models import ImplicitField, ModelParams
-from nearfix_lib.sampling import BalancedSamplingParams
-from nearfix_lib.train import TrainParams, fit
-from nearfix_lib.unified import (CaseGeometry, Teacher, UnifiedLossParams, UnifiedModel, UnifiedTask,
-                                 class_fractions, decode_priority, head_weights, fit_thresholds, teacher_affine, teacher_values)
+from nearfix_lib.core.classes import CARDIAC
+from nearfix_lib.core.config import BalancedSamplingParams, ModelParams, TrainParams, UnifiedLossParams
+from nearfix_lib.core.geometry import Box, roi_grid
+from nearfix_lib.core.metrics import dice
+from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.train import fit
+from nearfix_lib.field.unified import (CaseGeometry, Teacher, UnifiedModel, UnifiedTask, class_fractions,
+                                       decode_priority, fit_thresholds, head_weights, teacher_affine,
+                                       teacher_values)
 
 from conftest import lps_affine
 
@@ -127,9 +128,9 @@ def test_artifact_round_trip_decodes_on_its_own(tmp_path):
 
 def phantom_roi_cases(n):
     """Noisy labels of n small phantom cases on their whole-heart ROI grids (as prepare crops them)."""
-    from nearfix_lib.params import load_params
-    from nearfix_lib.phantom import make_case
-    from nearfix_lib.stage3 import heart_labels_of
+    from nearfix_lib.core.config import load_params
+    from nearfix_lib.phantom.dataset import make_case
+    from nearfix_lib.stages.stage3 import heart_labels_of
 
     params = load_params("params/demo.yaml", {"data.phantom": {"n_cases": n, "shape": [48, 44, 36]},
                                               "prepare.heart_resolution": 22, "stage3.supervision": "roi"})
@@ -178,11 +179,11 @@ def test_new_case_latent_fit_on_a_held_out_phantom_case(tmp_path):
 
 
 def test_original_supervision_is_the_heart_box_crop_in_the_model_frame():
-    from nearfix_lib.geometry import apply_affine, original_to_normalised
-    from nearfix_lib.params import load_params
-    from nearfix_lib.phantom import make_case
-    from nearfix_lib.sampling import index_to_normalised
-    from nearfix_lib.stage3 import heart_labels_of
+    from nearfix_lib.core.config import load_params
+    from nearfix_lib.core.geometry import apply_affine, original_to_normalised
+    from nearfix_lib.field.sampling import index_to_normalised
+    from nearfix_lib.phantom.dataset import make_case
+    from nearfix_lib.stages.stage3 import heart_labels_of
 
     over = {"data.phantom": {"n_cases": 1, "shape": [40, 36, 30]}, "prepare.heart_resolution": 16}
     params = load_params("params/demo.yaml", over)
@@ -215,7 +216,7 @@ def test_head_weights_follow_the_tempered_inverse_frequency_and_cover_absent_cla
 def test_mining_pass_collects_the_voxels_decoded_wrong_grown_by_one():
     from scipy import ndimage
 
-    from nearfix_lib.sampling import dense_from_sparse, interface_band
+    from nearfix_lib.field.sampling import dense_from_sparse, interface_band
 
     maps = heart_maps(2)
     sampling = dataclasses.replace(SAMPLING, mined=16, mine_from_epoch=2, mine_interval=3)

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from nearfix_lib import viz  # noqa: E402
-from nearfix_lib.classes import CARDIAC  # noqa: E402
+from nearfix_lib.core.classes import CARDIAC  # noqa: E402
+from nearfix_lib.viz import figures as viz  # noqa: E402
 
 T = CARDIAC
 

@@ -62,7 +62,7 @@ def test_notebook_executes(path, run_dir):
         import nibabel as nib
         import numpy as np
 
-        from nearfix_lib.unified import UnifiedModel
+        from nearfix_lib.field.unified import UnifiedModel
 
         source = nib.load(str(run_dir / "phantom" / "segmentations" / "2.label.nii.gz"))
         decoded = UnifiedModel.load(run_dir / "stage3" / "unified.pt").decode("2")

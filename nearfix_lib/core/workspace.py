@@ -1,0 +1,162 @@
+"""The run folder: every path a stage writes or a viewer reads, and the read-only view of a run.
+
+One module owns the layout, so a stage that writes ``stage2/labels/<case>.nii.gz`` and the viewer
+that reads it cannot drift apart, and the viewers (``viz``) read the stages' outputs from disk
+without importing the stages::
+
+    outputs/<run>/
+      params.yaml  version.txt  skipped.csv
+      phantom/                          (generated data root when params give none)
+      prepared/crops.json  prepared/<case>/{crop.json,heart.npz,class_<key>.npz}
+      stage1/<key>/{ckpt,prob,masks}/  stage1/<key>/metrics.csv
+      stage2/{labels,roi}/  stage2/{audit,checks,metrics}.csv
+      stage3/{ckpt,labels,new_cases}/  stage3/unified.pt  stage3/metrics.csv
+      report/  notebooks/
+
+:func:`open_run` opens an existing run read-only (viewers); ``stages.runs.start_run`` creates or
+resumes one (notebooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+from nearfix_lib.core.classes import ClassTable, load_table
+from nearfix_lib.core.config import Params, params_from_yaml_text, project_root, resolve_path
+from nearfix_lib.core.io import Case, InputError, LoadedCase, SkipList, discover_cases, load_case
+
+SKIPPED_CSV = "skipped.csv"
+
+
+@dataclass
+class Run:
+    params: Params
+    dir: Path
+    table: ClassTable
+    data_root: Path
+    cases: list[Case]
+    skipped: SkipList = field(default_factory=SkipList)
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def iter_loaded(self, stage: str, with_image: bool = True,
+                    with_truth: bool = True) -> Iterator[LoadedCase]:
+        """Load the cases one by one; a bad case is recorded under ``stage`` and skipped.
+
+        When not one case loads, ``skipped.csv`` is written and an :class:`InputError` names
+        the data root: nothing downstream can run on an empty set.
+        """
+        loaded = 0
+        for case in self.cases:
+            try:
+                yield load_case(case, self.table, with_image=with_image, with_truth=with_truth)
+                loaded += 1
+            except InputError as err:
+                self.skipped.add(stage, case.case_id, err)
+                print(f"skipped case {case.case_id}: {err}")
+        if self.cases and not loaded:
+            self.write_skipped()
+            raise InputError(self.data_root, f"none of the {len(self.cases)} cases could be read "
+                                             f"(each is listed in {self.path(SKIPPED_CSV)})")
+
+    def load(self, case_id: str, with_image: bool = True, with_truth: bool = True) -> LoadedCase:
+        """One case by id, read and validated (raises :class:`InputError`)."""
+        case = next((c for c in self.cases if c.case_id == str(case_id)), None)
+        if case is None:
+            raise InputError(self.data_root, f"no case {case_id!r} in this run")
+        return load_case(case, self.table, with_image=with_image, with_truth=with_truth)
+
+    def usable_case_ids(self) -> list[str]:
+        """The run's cases that no stage so far has skipped (this session's or ``skipped.csv``'s)."""
+        bad = {case for _, case, _ in self.skipped.entries}
+        bad |= {case for _, case, _ in SkipList.read(self.path(SKIPPED_CSV)).entries}
+        return [c.case_id for c in self.cases if c.case_id not in bad]
+
+    def example_case(self, requested: str = "") -> str:
+        """The case a notebook's figures show: ``requested``, else the first usable case."""
+        if requested:
+            return str(requested)
+        usable = self.usable_case_ids()
+        if not usable:
+            raise InputError(self.data_root, f"no usable case to show (all are listed in {self.path(SKIPPED_CSV)})")
+        return usable[0]
+
+    def write_skipped(self) -> Path:
+        return self.skipped.write(self.path(SKIPPED_CSV))
+
+
+def run_directory(params: Params) -> Path:
+    root = project_root()
+    if params.run.run_dir:
+        return resolve_path(params.run.run_dir, root)
+    return root / "outputs" / params.run.name
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """An existing run, read-only: its recorded params, class table and cases (for viewers)."""
+    run_dir = Path(run_dir)
+    meta = run_dir / "params.yaml"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta}: not a nearfix run folder (no params.yaml)")
+    params = params_from_yaml_text(meta.read_text())
+    root = project_root()
+    table = load_table(params.data.classes, params.data.class_keys or None, root)
+    data_root = resolve_path(params.data.data_root, root) if params.data.data_root else run_dir / "phantom"
+    cases = discover_cases(data_root).cases
+    return Run(params, run_dir.resolve(), table, data_root, cases[: params.data.max_cases or None])
+
+
+# -- the stages' folders ---------------------------------------------------------------------------
+
+def prepared_dir(run: Run) -> Path:
+    return run.path("prepared")
+
+
+def case_dir(prepared_root: Path, case_id: str) -> Path:
+    return Path(prepared_root) / str(case_id)
+
+
+def stage1_dir(run: Run, key: str) -> Path:
+    return run.path("stage1", key)
+
+
+def stage2_dir(run: Run) -> Path:
+    return run.path("stage2")
+
+
+def stage3_dir(run: Run) -> Path:
+    return run.path("stage3")
+
+
+def report_dir(run: Run) -> Path:
+    return run.path("report")
+
+
+def stage_labels(run: Run, stage: str, case_id: str) -> Path:
+    """The full label map a stage wrote for a case on its original grid (``stage2`` or ``stage3``)."""
+    return run.path(stage, "labels", f"{case_id}.nii.gz")
+
+
+# -- what viewers read ------------------------------------------------------------------------------
+
+def _read_labels(path: Path) -> np.ndarray | None:
+    return np.asarray(nib.load(str(path)).dataobj).astype(np.uint8) if path.is_file() else None
+
+
+def case_view(run: Run, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """What the figures and the browser show of one case: original, stage 2, stage 3 (and truth), CT."""
+    case = load_case(next(c for c in run.cases if c.case_id == case_id), run.table)
+    maps = {"original": case.label.array}
+    for name, stage in (("stage 2", "stage2"), ("stage 3", "stage3")):
+        labels = _read_labels(stage_labels(run, stage, case_id))
+        if labels is not None:
+            maps[name] = labels
+    if case.truth is not None:
+        maps["truth"] = case.truth.array
+    return maps, case.image.array if case.image is not None else None

@@ -1,0 +1,397 @@
+"""Training points for the implicit auto-decoders: where they are queried and what they should say.
+
+An implicit model is never fitted on the dense grid: every step queries a few thousand points
+per case. Uniform points alone spend almost all of them deep inside or far outside the shape,
+where the answer is trivial; the shape lives in a thin band around its surface. So a fraction of
+the points (the *bias*, on a schedule over the epochs) comes from that band, the rest from the
+whole ROI so that no spurious blob far from the surface goes unpunished.
+
+Conventions (see :mod:`nearfix_lib.core.geometry`):
+
+* Arrays and points are (i, j, k). Voxel indices come from :func:`sparse_coordinates`
+  (``np.argwhere``), normalised points are (i, j, k) as well; only the model reorders them for
+  ``grid_sample``. An asymmetric grid is never transposed here.
+* A grid of shape (R_i, R_j, R_k) tiles ROI-normalised ``[-1, 1]^3``: index g has its centre at
+  ``n = -1 + (2 g + 1) / R`` and its cell covers ``[-1 + 2 g / R, -1 + 2 (g + 1) / R)``.
+  :func:`normalised_to_index` is the exact inverse of :func:`index_to_normalised` (integers are
+  voxel centres, as in original voxel space), so the cell containing a point is
+  ``floor(index + 0.5)``, which is what :func:`cell_index` returns.
+* A point's target is the value of the voxel whose cell contains it (nearest neighbour), never
+  an interpolation: the labels are binary and the noise we repair is at voxel scale.
+
+Data are kept compact so that a 1000-case data set fits in memory: band voxels as int32 (i, j, k)
+rows, binary masks as bit sets (one bit per voxel), label maps as uint8 with per-row class counts
+instead of per-class voxel lists. Every sampler draws from one
+``np.random.Generator(np.random.PCG64(seed))`` whose state is checkpointed, so an interrupted fit
+resumes with exactly the points it would have drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from nearfix_lib.core.config import BalancedSamplingParams, SamplingParams
+from nearfix_lib.core.geometry import bounding_box
+
+# Jittered points stay this fraction of a cell away from the cell's faces: a point exactly on a
+# face (or rounded onto it when cast to float32) would belong to the neighbouring voxel, and its
+# target would silently come from there. 1e-3 of a cell is far above float32 resolution in
+# [-1, 1] for any grid below ~30000 voxels per axis, and far below anything a model can resolve.
+_JITTER_MARGIN = 1e-3
+
+
+# -- parameters (their dataclasses live in core.config) ------------------------------------------
+
+def mining_due(params: BalancedSamplingParams, epoch: int) -> bool:
+    """Whether a mining pass runs after ``epoch`` (1-based)."""
+    return (params.mined > 0 and epoch >= max(params.mine_from_epoch, 1)
+            and (epoch - params.mine_from_epoch) % params.mine_interval == 0)
+
+
+def bias_at_epoch(params: SamplingParams, epoch: int) -> float:
+    """Fraction of band points at ``epoch`` (1-based): the schedule, else the fixed ratio."""
+    if epoch < 1:
+        raise ValueError(f"epochs are 1-based, got {epoch}")
+    if not params.bias_schedule:
+        return float(params.sampling_bias_ratio)
+    for last_epoch, ratio in params.bias_schedule:
+        if epoch <= last_epoch:
+            return float(ratio)
+    return float(params.bias_schedule[-1][1])
+
+
+# -- geometry of the band -------------------------------------------------------------------------
+
+def _ball(radius: int) -> np.ndarray:
+    """Offsets d with |d| <= radius (Euclidean), as a structuring element."""
+    r = np.arange(-radius, radius + 1)
+    d2 = r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2
+    return d2 <= radius * radius
+
+
+def boundary_band(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Voxels within ``radius`` (ball) of the surface: ``dilate(M, r) & ~erode(M, r)``.
+
+    Outside the array counts as background for the erosion, so a mask cut by the ROI border has
+    band there too: a surface the model must learn to place (a cropped vessel ends at the border
+    of its ROI in every case alike). The work is done on the mask's bounding box grown by
+    ``radius``, which gives the same result as the full array in a fraction of the time.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"boundary_band needs a 3-D mask, got shape {mask.shape}")
+    if radius < 1:
+        raise ValueError(f"band radius must be >= 1 voxel, got {radius}")
+    out = np.zeros(mask.shape, dtype=bool)
+    box = bounding_box(mask)
+    if box is None:
+        return out
+    lo = np.maximum(np.asarray(box.lo) - radius, 0)
+    hi = np.minimum(np.asarray(box.hi) + radius, mask.shape)
+    window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    crop = mask[window]
+    ball = _ball(radius)
+    grown = ndimage.binary_dilation(crop, structure=ball)
+    shrunk = ndimage.binary_erosion(crop, structure=ball, border_value=0)
+    out[window] = grown & ~shrunk
+    return out
+
+
+def interface_band(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Voxels within ``radius`` (ball) of a change of label: every class boundary, on both sides.
+
+    Once a multi-class decoder has learnt the shapes, its errors lie here, apart from detached
+    blobs far from any boundary (which validation shows), so the mining pass decodes only these.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"interface_band needs a 3-D label map, got shape {labels.shape}")
+    if radius < 1:
+        raise ValueError(f"band radius must be >= 1 voxel, got {radius}")
+    ball = _ball(radius)
+    return ndimage.maximum_filter(labels, footprint=ball) != ndimage.minimum_filter(labels, footprint=ball)
+
+
+# -- index <-> normalised coordinates --------------------------------------------------------------
+
+def _grid_shape(shape: Sequence[int] | int) -> np.ndarray:
+    res = np.broadcast_to(np.asarray(shape, dtype=np.float64), (3,))
+    if np.any(res < 1):
+        raise ValueError(f"grid shape must be positive, got {shape}")
+    return res
+
+
+def index_to_normalised(idx: np.ndarray, shape: Sequence[int] | int) -> np.ndarray:
+    """Continuous (i, j, k) voxel coordinates (integers = centres) -> ROI-normalised points."""
+    res = _grid_shape(shape)
+    return (2.0 * np.asarray(idx, dtype=np.float64) + 1.0) / res - 1.0
+
+
+def normalised_to_index(points: np.ndarray, shape: Sequence[int] | int) -> np.ndarray:
+    """ROI-normalised (i, j, k) points -> continuous voxel coordinates (integers = centres)."""
+    res = _grid_shape(shape)
+    return ((np.asarray(points, dtype=np.float64) + 1.0) * res - 1.0) / 2.0
+
+
+def cell_index(points: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Integer (i, j, k) of the voxel whose cell contains each point, clipped onto the grid.
+
+    Clipping puts the closed upper face ``n = 1`` (and anything beyond the box) into the edge
+    voxel, matching how ``grid_sample`` with border padding reads a point there.
+    """
+    res = _grid_shape(shape)
+    cells = np.floor((np.asarray(points, dtype=np.float64) + 1.0) * 0.5 * res).astype(np.int64)
+    return np.clip(cells, 0, res.astype(np.int64) - 1)
+
+
+def lookup(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Values of ``mask`` at the cells containing ``points`` (..., 3), shaped like ``points[..., 0]``."""
+    mask = np.asarray(mask)
+    pts = np.asarray(points)
+    cells = cell_index(pts.reshape(-1, 3), mask.shape)
+    return mask[cells[:, 0], cells[:, 1], cells[:, 2]].reshape(pts.shape[:-1])
+
+
+def sparse_coordinates(mask: np.ndarray) -> np.ndarray:
+    """(N, 3) int32 (i, j, k) rows of the True voxels, in C order: a volume as a coordinate list."""
+    return np.argwhere(np.asarray(mask, dtype=bool)).astype(np.int32)
+
+
+def _within(coords: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``coords`` (N, 3), refused if a row lies outside a volume of ``shape``."""
+    if coords.size and (coords.min() < 0 or np.any(coords.max(axis=0) >= np.asarray(shape))):
+        raise ValueError(f"coordinates outside a volume of shape {tuple(shape)}")
+    return coords
+
+
+def dense_from_sparse(coords: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The bool volume of ``shape`` that is True exactly at the (i, j, k) rows ``coords``."""
+    shape = tuple(int(s) for s in shape)
+    coords = _within(np.asarray(coords, dtype=np.int64).reshape(-1, 3), shape)
+    out = np.zeros(shape, dtype=bool)
+    out[coords[:, 0], coords[:, 1], coords[:, 2]] = True
+    return out
+
+
+def _cell_points(cells: np.ndarray, shape: Sequence[int], rng: np.random.Generator,
+                 jitter: bool) -> np.ndarray:
+    """Normalised points inside the given cells: uniform within each cell, or at its centre."""
+    offset = (rng.random(cells.shape) - 0.5) * (1.0 - 2.0 * _JITTER_MARGIN) if jitter else 0.0
+    return index_to_normalised(cells + offset, shape)
+
+
+# -- compact per-case storage ------------------------------------------------------------------------
+
+class _BitVolume:
+    """A binary volume at one bit per voxel: dense random access for targets, 1/8 of a bool array."""
+
+    def __init__(self, mask: np.ndarray):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim != 3:
+            raise ValueError(f"masks must be 3-D, got shape {mask.shape}")
+        self.shape: tuple[int, int, int] = mask.shape  # type: ignore[assignment]
+        self._bits = np.packbits(mask, axis=None)
+
+    def at(self, points: np.ndarray) -> np.ndarray:
+        """Values (bool) at the cells containing the normalised (N, 3) ``points``."""
+        flat = np.ravel_multi_index(cell_index(points, self.shape).T, self.shape)
+        return ((self._bits[flat >> 3] >> (7 - (flat & 7))) & 1).astype(bool)
+
+
+class _LabelVolume:
+    """A label map (uint8) and, per class, cumulative voxel counts over its (i, j) rows.
+
+    Uniform sampling over one class's voxels then needs no per-class coordinate list (12 bytes
+    per voxel, several per case): draw a rank r among the class's voxels, find its row by binary
+    search in the cumulative counts and its k by scanning that one row.
+    """
+
+    def __init__(self, labels: np.ndarray, classes: Sequence[int]):
+        lab = np.asarray(labels)
+        if lab.ndim != 3:
+            raise ValueError(f"label maps must be 3-D, got shape {lab.shape}")
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"label maps must be integer, got {lab.dtype}")
+        if lab.size and (lab.min() < 0 or lab.max() > 255):
+            raise ValueError("label values must lie in 0..255")
+        if not 0 < lab.size < 2**31:
+            raise ValueError(f"label grids need 1 to 2**31 - 1 voxels (int32 counts), got {lab.size}")
+        self.labels = np.array(lab, dtype=np.uint8, order="C")  # a copy: the counts must stay valid
+        self.shape: tuple[int, int, int] = lab.shape  # type: ignore[assignment]
+        rows = self.labels.reshape(-1, self.shape[2])
+        self._cum: dict[int, np.ndarray] = {}
+        for c in classes:
+            cum = np.cumsum(np.count_nonzero(rows == c, axis=1), dtype=np.int64)
+            if cum[-1] > 0:
+                self._cum[int(c)] = cum.astype(np.int32)
+
+    def present(self, c: int) -> bool:
+        return c in self._cum
+
+    def draw(self, c: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """(n, 3) int64 (i, j, k) of voxels drawn uniformly, with replacement, from class ``c``."""
+        cum = self._cum[c]
+        rank = rng.integers(0, int(cum[-1]), n)
+        row = np.searchsorted(cum, rank, side="right")
+        before = np.where(row > 0, cum[np.maximum(row - 1, 0)], 0)
+        hits = self.labels.reshape(-1, self.shape[2])[row] == c
+        k = np.argmax(np.cumsum(hits, axis=1) > (rank - before)[:, None], axis=1)
+        i, j = np.divmod(row, self.shape[1])
+        return np.stack([i, j, k], axis=1)
+
+    def at(self, points: np.ndarray) -> np.ndarray:
+        """Labels at the cells containing the normalised (N, 3) ``points``."""
+        cells = cell_index(points, self.shape)
+        return self.labels[cells[:, 0], cells[:, 1], cells[:, 2]]
+
+
+# -- samplers ------------------------------------------------------------------------------------------
+
+class _CheckpointableRNG:
+    """One PCG64 stream per sampler, whose state goes into and comes back from checkpoints."""
+
+    def __init__(self, seed: int):
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+
+    def state_dict(self) -> dict:
+        """Plain picklable data (dicts, strings and ints) that :meth:`load_state_dict` restores."""
+        return {"bit_generator": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        bit_state = state["bit_generator"]
+        if bit_state.get("bit_generator") != "PCG64":
+            raise ValueError(f"sampler state is for {bit_state.get('bit_generator')!r}, not PCG64")
+        self._rng.bit_generator.state = bit_state
+
+
+class BandSampler(_CheckpointableRNG):
+    """Surface-biased points and binary targets for per-class fits over many cases.
+
+    Each case's mask lives on its own ROI grid (any shape; cases may differ). Per case, the
+    sampler keeps the boundary band as int32 (i, j, k) rows and the mask as a bit set.
+    """
+
+    def __init__(self, masks: Sequence[np.ndarray], params: SamplingParams, seed: int):
+        super().__init__(seed)
+        if len(masks) == 0:
+            raise ValueError("BandSampler needs at least one mask")
+        self.params = params
+        self._masks = [_BitVolume(m) for m in masks]
+        self._bands = [sparse_coordinates(boundary_band(m, params.sampling_dilation_radius))
+                       for m in masks]
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def sample(self, case_indices: Sequence[int], epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Points (B, N, 3) float32, normalised (i, j, k), and targets (B, N) float32 in {0, 1}.
+
+        Per case the first ``round(ratio * N)`` points come from the band (``ratio`` from
+        :func:`bias_at_epoch`) and the rest are uniform over ``[-1, 1]^3``; the order is not
+        shuffled, because the loss is a mean over points and a fixed layout lets callers tell
+        the two groups apart. A case with an empty band draws all N points uniformly. Targets are
+        looked up at the float32 points returned, so they always agree with :func:`lookup`.
+        """
+        n = self.params.points_per_case
+        n_band = int(round(bias_at_epoch(self.params, epoch) * n))
+        points = np.empty((len(case_indices), n, 3), dtype=np.float32)
+        targets = np.empty((len(case_indices), n), dtype=np.float32)
+        for b, case in enumerate(case_indices):
+            band, volume = self._bands[case], self._masks[case]
+            k = n_band if len(band) else 0
+            cells = band[self._rng.integers(0, len(band), k)] if k else band[:0]
+            points[b, :k] = _cell_points(cells, volume.shape, self._rng, self.params.jitter)
+            points[b, k:] = self._rng.uniform(-1.0, 1.0, (n - k, 3))
+            targets[b] = volume.at(points[b])
+        return points, targets
+
+
+class ClassBalancedSampler(_CheckpointableRNG):
+    """Class-balanced points and integer labels for the unified multi-class fit.
+
+    ``classes`` are the label values the model learns; label values not listed read as 0
+    (background). Labels are label-map values, not channel numbers: the caller maps them onto
+    its output channels through :attr:`classes`.
+    """
+
+    def __init__(self, label_maps: Sequence[np.ndarray], classes: Sequence[int],
+                 params: BalancedSamplingParams, seed: int):
+        super().__init__(seed)
+        if len(label_maps) == 0:
+            raise ValueError("ClassBalancedSampler needs at least one label map")
+        self.classes = [int(c) for c in classes]
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be a non-empty list of distinct labels, got {classes}")
+        if min(self.classes) < 1 or max(self.classes) > 255:
+            raise ValueError(f"class labels must lie in 1..255, got {self.classes}")
+        self.params = params
+        self._lut = np.zeros(256, dtype=np.int64)
+        self._lut[self.classes] = self.classes
+        self._cases = [_LabelVolume(lab, self.classes) for lab in label_maps]
+        self._bands = [sparse_coordinates(boundary_band(np.isin(case.labels, self.classes),
+                                                        params.dilation_radius))
+                       for case in self._cases]
+        self._mined = [np.zeros((0, 3), dtype=np.int32) for _ in self._cases]
+
+    def set_mined(self, case: int, coords: np.ndarray) -> None:
+        """The voxels (M, 3) of case ``case`` that ``params.mined`` points per step come from (M = 0: none)."""
+        self._mined[case] = _within(np.asarray(coords).reshape(-1, 3), self._cases[case].shape).astype(np.int32)
+
+    def mined_count(self, case: int) -> int:
+        return len(self._mined[case])
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "mined": list(self._mined)}  # set_mined replaces, never mutates
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "mined" in state:  # checkpoints from before mining have none
+            if len(state["mined"]) != len(self._cases):
+                raise ValueError(f"sampler state has mined voxels for {len(state['mined'])} cases, not {len(self._cases)}")
+            for case, coords in enumerate(state["mined"]):
+                self.set_mined(case, coords)
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    @property
+    def points_per_case(self) -> int:
+        return self.params.positives_per_class * len(self.classes) + self.params.negatives
+
+    def sample(self, case_indices: Sequence[int], epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Points (B, N, 3) float32, normalised (i, j, k), and labels (B, N) int64.
+
+        ``N = positives_per_class * len(classes) + negatives`` for every case. Per case, in this
+        order: ``positives_per_class`` points from each present class (in :attr:`classes` order),
+        then the negatives — the nominal ones plus the slots of absent classes — with the larger
+        half from the band around the union foreground and the rest uniform over the ROI (all
+        uniform if the case has no foreground), ``mined`` of those band ones from the case's
+        mined voxels once it has any. Every label is looked up at its returned point,
+        so a "negative" in the band may well be foreground. ``epoch`` (1-based) only decides
+        whether cell points are jittered (``jitter_epochs``); the class balance follows no schedule.
+        """
+        p = self.params
+        jitter = p.jitter and (p.jitter_epochs == 0 or epoch <= p.jitter_epochs)
+        n = self.points_per_case
+        points = np.empty((len(case_indices), n, 3), dtype=np.float32)
+        labels = np.empty((len(case_indices), n), dtype=np.int64)
+        for b, case in enumerate(case_indices):
+            volume, band = self._cases[case], self._bands[case]
+            parts = [_cell_points(volume.draw(c, p.positives_per_class, self._rng), volume.shape,
+                                  self._rng, jitter)
+                     for c in self.classes if volume.present(c)]
+            n_neg = n - p.positives_per_class * len(parts)
+            n_band = (n_neg - n_neg // 2) if len(band) else 0
+            mined = self._mined[case]
+            n_mined = min(p.mined, n_band) if len(mined) else 0
+            for cells, count in ((band, n_band - n_mined), (mined, n_mined)):
+                if count:
+                    picked = cells[self._rng.integers(0, len(cells), count)]
+                    parts.append(_cell_points(picked, volume.shape, self._rng, jitter))
+            parts.append(self._rng.uniform(-1.0, 1.0, (n_neg - n_band, 3)))
+            points[b] = np.concatenate(parts, axis=0)
+            labels[b] = self._lut[volume.at(points[b])]
+        return points, labels

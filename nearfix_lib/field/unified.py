@@ -1,0 +1,356 @@
+"""The unified model F_Θ(z_i, p): one auto-decoder, C independent sigmoid heads, one latent per case.
+
+This module is the user's deliverable and everything needed to use it without the run folder:
+
+* :class:`UnifiedTask` — what stage 3 fits (class-balanced points on the whole-heart ROI,
+  per-head inverse-frequency BCE against L^ref, optional distillation from the stage-1
+  probabilities, latent prior), for the shared fit loop;
+* :func:`decode_priority` — the decision rule: walk the classes by priority, the first with
+  P_c >= t_c wins, else background; :func:`fit_thresholds` chooses t_c on the training cases;
+* :class:`UnifiedModel` — the artifact ``unified.pt`` (weights, latents keyed by case id, class
+  table, priorities, thresholds, per-case geometry): ``UnifiedModel.load(path).decode(case_id)``
+  returns a case's 10-class map on its original grid with nothing else on disk, and
+  :meth:`UnifiedModel.fit_case` fits the latent of a new case's noisy labels with F_Θ frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from nearfix_lib.core.classes import ClassTable
+from nearfix_lib.core.config import BalancedSamplingParams, ModelParams, TrainParams, UnifiedLossParams
+from nearfix_lib.core.geometry import (Box, Grid, apply_affine, normalised_to_original,
+                                       original_to_normalised, roi_grid, to_grid_sample_order)
+from nearfix_lib.core.io import atomic_path
+from nearfix_lib.core.metrics import dice
+from nearfix_lib.field.infer import field_at_points, field_on_grid, original_box_grid
+from nearfix_lib.field.losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
+from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.sampling import (ClassBalancedSampler, dense_from_sparse, index_to_normalised,
+                                        interface_band, mining_due, sparse_coordinates)
+from nearfix_lib.field.train import fit, unwrap
+
+ARTIFACT_FORMAT = "nearfix-unified"
+ARTIFACT_VERSION = 1
+
+
+@dataclass
+class Teacher:
+    """Stage-1 probabilities of one class of one case on its class ROI grid, and where that grid lies.
+
+    ``from_heart`` maps whole-heart ROI-normalised coordinates to this class ROI's normalised
+    coordinates (through the original voxel grid), so a training point is looked up at the
+    same world position in the class model's own frame.
+    """
+
+    channel: int  # head index of the class
+    prob: torch.Tensor  # (1, 1, R, R, R) float16 as stage 1 saved it: half the memory of float32
+    from_heart: np.ndarray  # 4x4
+
+
+def teacher_affine(heart_box: Box, class_box: Box) -> np.ndarray:
+    return original_to_normalised(class_box) @ normalised_to_original(heart_box)
+
+
+def teacher_values(teachers: Sequence[Teacher], points: np.ndarray, n_heads: int) -> np.ndarray:
+    """Soft targets (N, n_heads) at whole-heart-normalised ``points`` (N, 3); 0 outside a class ROI.
+
+    Trilinear, with the same voxel-centre convention as the feature grids (``align_corners=False``);
+    a class ROI holds the class plus a margin, so 0 outside it is the teacher's own answer.
+    """
+    out = np.zeros((len(points), n_heads), dtype=np.float32)
+    for t in teachers:
+        q = torch.from_numpy(to_grid_sample_order(apply_affine(t.from_heart, points)).astype(np.float32))
+        v = F.grid_sample(t.prob.float(), q.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
+        out[:, t.channel] = v.reshape(-1).numpy()
+    return out
+
+
+def class_fractions(label_maps: Sequence[np.ndarray], indices: Sequence[int]) -> np.ndarray:
+    """Voxel fraction f_c of each class over all maps (0 for a class absent everywhere)."""
+    counts = np.zeros(256, dtype=np.float64)
+    total = 0
+    for lab in label_maps:
+        counts += np.bincount(np.asarray(lab, dtype=np.uint8).ravel(), minlength=256)
+        total += lab.size
+    return counts[list(indices)] / max(total, 1)
+
+
+def head_weights(fractions: np.ndarray, params: UnifiedLossParams) -> torch.Tensor:
+    """alpha_c per head, mean 1. A class absent from every map has no frequency: it only ever sees
+    negatives, and gets the smallest weight of the present classes (enough to keep its head at 0)."""
+    n = len(fractions)
+    present = fractions > 0
+    if params.class_weights == "uniform" or not present.any():
+        return torch.ones(n)
+    alpha = torch.zeros(n)
+    alpha[torch.from_numpy(present)] = inverse_frequency_weights(fractions[present] ** params.class_weight_power)
+    alpha[torch.from_numpy(~present)] = alpha[torch.from_numpy(present)].min()
+    return alpha * n / alpha.sum()
+
+
+class UnifiedTask:
+    """Stage 3 for the fit loop: class-balanced points, per-head weighted BCE, distillation, prior.
+
+    ``label_maps`` are the cases' L^ref on a lattice that tiles their whole-heart box (the original
+    voxels inside it, or the ROI grid), so a map's own normalised coordinates are the model's;
+    ``teachers[i]`` the stage-1 probabilities of case i (empty list: no distillation for that case).
+    Validation: mean over cases and classes of the Dice of the decoded map against L^ref.
+    """
+
+    score_name = "dice"
+
+    def __init__(self, label_maps: Sequence[np.ndarray], table: ClassTable, sampling: BalancedSamplingParams,
+                 loss: UnifiedLossParams, seed: int, device: str, teachers: Sequence[Sequence[Teacher]] | None = None,
+                 chunk_points: int = 262_144, thresholds: Sequence[float] | None = None):
+        self.maps = [np.asarray(m, dtype=np.uint8) for m in label_maps]
+        self.n_cases = len(self.maps)
+        self.table = table
+        self.indices = table.indices
+        self.sampler = ClassBalancedSampler(self.maps, self.indices, sampling, seed)
+        self.loss_params = loss
+        self.alpha = head_weights(class_fractions(self.maps, self.indices), loss)
+        self.teachers = list(teachers) if teachers is not None else [[] for _ in self.maps]
+        self.distill = loss.distill_weight > 0 and any(self.teachers)
+        # per case, which heads have a teacher (fixed, so not rebuilt every step)
+        self._has_teacher = np.zeros((self.n_cases, len(self.indices)), dtype=bool)
+        for i, case_teachers in enumerate(self.teachers):
+            self._has_teacher[i, [t.channel for t in case_teachers]] = True
+        self.device = device
+        self.chunk = chunk_points
+        self.thresholds = np.full(len(self.indices), 0.5) if thresholds is None else np.asarray(thresholds)
+        self._channel = np.zeros(256, dtype=np.int64) - 1
+        self._channel[self.indices] = np.arange(len(self.indices))
+        # where mining passes decode: the band around every class boundary of L^ref, at one bit per
+        # voxel (its coordinates would take 12 bytes each, ~2 MB per case at 1.1 mm)
+        self._interfaces = ([np.packbits(interface_band(m, sampling.dilation_radius), axis=None) for m in self.maps]
+                            if sampling.mined else [])
+
+    def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        points, labels = self.sampler.sample(list(case_idx), epoch)
+        channel = self._channel[labels]
+        targets = np.zeros((*labels.shape, len(self.indices)), dtype=np.float32)
+        b, n = np.nonzero(channel >= 0)
+        targets[b, n, channel[b, n]] = 1.0
+        out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long),
+               "points": torch.from_numpy(points), "target": torch.from_numpy(targets)}
+        if self.distill:
+            out["teacher"] = torch.from_numpy(np.stack([
+                teacher_values(self.teachers[i], points[k], len(self.indices)) for k, i in enumerate(case_idx)]))
+            out["has_teacher"] = torch.from_numpy(self._has_teacher[np.asarray(case_idx)])
+        return out
+
+    def loss(self, model, batch):
+        logits = model(batch["case"], batch["points"]).float()
+        data = per_head_weighted_bce(logits, batch["target"], self.alpha)
+        lat = latent_l2(unwrap(model).latents(batch["case"]))
+        total = data + self.loss_params.latent_weight * lat
+        parts = {"data": data.item(), "latent": lat.item()}
+        if self.distill:
+            weight = batch["has_teacher"][:, None, :].float() * self.alpha.to(logits)
+            dist = distillation(logits, batch["teacher"], weight)
+            total = total + self.loss_params.distill_weight * dist
+            parts["distill"] = dist.item()
+        return total, parts
+
+    def before_epoch(self, model, epoch: int) -> None:
+        """A mining pass when one is due after epoch - 1 (``sampling.mined``): decode each case on
+        the band around its L^ref boundaries and give the sampler the voxels decoded wrong, grown
+        by one voxel — the other side of a misplaced boundary, which the decoder must not overshoot into.
+
+        Every process of a distributed fit runs it for every case on the same weights, so all
+        ranks keep drawing the same global batch without exchanging the voxels.
+        """
+        if not mining_due(self.sampler.params, epoch - 1):
+            return
+        for i, ref in enumerate(self.maps):
+            coords = sparse_coordinates(np.unpackbits(self._interfaces[i], count=ref.size).reshape(ref.shape))
+            prob = field_at_points(model, i, index_to_normalised(coords, ref.shape), self.device, self.chunk)
+            labels = decode_priority(prob, self.table, self.thresholds)
+            wrong = coords[labels != ref[coords[:, 0], coords[:, 1], coords[:, 2]]]
+            self.sampler.set_mined(i, sparse_coordinates(ndimage.binary_dilation(dense_from_sparse(wrong, ref.shape))))
+
+    def probabilities(self, model, i: int) -> np.ndarray:
+        box = Box((0, 0, 0), self.maps[i].shape)
+        return field_on_grid(model, i, roi_grid(box, self.maps[i].shape), box, self.device, self.chunk)
+
+    def evaluate(self, model) -> dict[str, float]:
+        scores = []
+        for i, ref in enumerate(self.maps):
+            labels = decode_priority(self.probabilities(model, i), self.table, self.thresholds)
+            scores += [dice(labels == c, ref == c) for c in self.indices if (ref == c).any()]
+        return {"dice": float(np.mean(scores))}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+# -- the decision rule --------------------------------------------------------------------------
+
+def decode_priority(prob: np.ndarray, table: ClassTable, thresholds: Sequence[float]) -> np.ndarray:
+    """Label map from head probabilities (..., C) in table order: the first class by priority with
+    P_c >= t_c wins, else background."""
+    if prob.shape[-1] != len(table):
+        raise ValueError(f"{prob.shape[-1]} heads for a table of {len(table)} classes")
+    labels = np.zeros(prob.shape[:-1], dtype=np.uint8)
+    channel = {c.key: k for k, c in enumerate(table)}
+    for cls in reversed(table.by_priority()):  # lowest priority first; winners overwrite
+        k = channel[cls.key]
+        labels[prob[..., k] >= thresholds[k]] = cls.index
+    return labels
+
+
+def fit_thresholds(probs: Sequence[np.ndarray], refs: Sequence[np.ndarray], table: ClassTable,
+                   candidates: Sequence[float]) -> np.ndarray:
+    """Per class, the t_c among ``candidates`` with the best Dice of P_c >= t_c against ref == c,
+    pooled over the cases (ties: the candidate closest to 0.5)."""
+    out = np.full(len(table), 0.5)
+    order = sorted(candidates, key=lambda t: abs(t - 0.5))
+    for k, cls in enumerate(table):
+        best, best_t = -1.0, 0.5
+        for t in order:
+            inter = sum(int(np.count_nonzero((p[..., k] >= t) & (r == cls.index))) for p, r in zip(probs, refs))
+            size = sum(int(np.count_nonzero(p[..., k] >= t)) + int(np.count_nonzero(r == cls.index))
+                       for p, r in zip(probs, refs))
+            score = 2.0 * inter / size if size else 0.0
+            if score > best + 1e-12:
+                best, best_t = score, t
+        out[k] = best_t
+    return out
+
+
+# -- the artifact -------------------------------------------------------------------------------
+
+@dataclass
+class CaseGeometry:
+    """Where a case's whole-heart ROI lies in its original image."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    heart_box: Box
+    heart_grid: Grid
+
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "affine": np.asarray(self.affine).tolist(),
+                "heart_box": self.heart_box.to_dict(), "heart_grid": self.heart_grid.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaseGeometry":
+        return cls(tuple(d["shape"]), np.asarray(d["affine"], dtype=np.float64), Box.from_dict(d["heart_box"]),
+                   Grid.from_dict(d["heart_grid"]))
+
+
+@dataclass
+class UnifiedModel:
+    """F_Θ with its latent table keyed by case id, the class convention and the decision rule."""
+
+    model: ImplicitField
+    model_params: ModelParams
+    table: ClassTable
+    case_ids: list[str]
+    thresholds: np.ndarray
+    geometry: dict[str, CaseGeometry]
+    device: str = "cpu"
+    chunk_points: int = 262_144
+    extra_latents: dict[str, torch.Tensor] = field(default_factory=dict)  # cases fitted after training
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        payload = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
+                   "model_params": dataclasses.asdict(self.model_params),
+                   "state_dict": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                   "case_ids": list(self.case_ids), "classes": self.table.to_records(),
+                   "priority": [c.key for c in self.table.by_priority()],
+                   "thresholds": {c.key: float(t) for c, t in zip(self.table, self.thresholds)},
+                   "geometry": {cid: g.to_dict() for cid, g in self.geometry.items()},
+                   "extra_latents": {k: v.cpu() for k, v in self.extra_latents.items()}}
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "UnifiedModel":
+        # the artifact is tensors and plain types only (see save), so the safe loader reads it
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or d.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(f"{path}: not a nearfix unified-model artifact")
+        table = ClassTable.from_records(d["classes"])
+        params = ModelParams(**d["model_params"])
+        model = ImplicitField(len(d["case_ids"]), params, n_heads=len(table))
+        model.load_state_dict(d["state_dict"])
+        model.to(device).eval()
+        return cls(model, params, table, [str(c) for c in d["case_ids"]],
+                   np.asarray([d["thresholds"][c.key] for c in table]),
+                   {cid: CaseGeometry.from_dict(g) for cid, g in d["geometry"].items()}, device,
+                   extra_latents=dict(d.get("extra_latents", {})))
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _latent(self, case_id: str) -> tuple[int, torch.Tensor | None]:
+        case_id = str(case_id)
+        if case_id in self.extra_latents:
+            return 0, self.extra_latents[case_id].to(self.device)
+        if case_id not in self.case_ids:
+            raise KeyError(f"case {case_id!r} is not in the model (known: {self.case_ids + list(self.extra_latents)})")
+        return self.case_ids.index(case_id), None
+
+    def probabilities(self, case_id: str, grid: str = "original") -> np.ndarray:
+        """Head probabilities (..., C): on the ROI grid, or on the original voxels inside the heart box
+        (``grid="original"``: the full original shape, 0 outside the box)."""
+        index, latent = self._latent(case_id)
+        geo = self.geometry[str(case_id)]
+        if grid == "roi":
+            return field_on_grid(self.model, index, geo.heart_grid, geo.heart_box, self.device, self.chunk_points,
+                                 latent=latent)
+        if grid != "original":
+            raise ValueError(f"grid must be 'original' or 'roi', got {grid!r}")
+        inside = field_on_grid(self.model, index, original_box_grid(geo.heart_box), geo.heart_box, self.device,
+                               self.chunk_points, latent=latent)
+        out = np.zeros((*geo.shape, inside.shape[-1]), dtype=np.float32)
+        out[geo.heart_box.slices] = inside
+        return out
+
+    def decode(self, case_id: str, grid: str = "original") -> np.ndarray:
+        """The case's label map (uint8, class indices of :attr:`table`) on the original or ROI grid."""
+        return decode_priority(self.probabilities(case_id, grid), self.table, self.thresholds)
+
+    # -- new cases ---------------------------------------------------------------------------
+    def fit_case(self, case_id: str, heart_labels: np.ndarray, geometry: CaseGeometry, sampling: BalancedSamplingParams,
+                 loss: UnifiedLossParams, train: TrainParams, out_dir: Path, seed: int = 0,
+                 progress: bool = False) -> torch.Tensor:
+        """Fit z for an unseen case's (noisy) labels on its whole-heart box (supervision grid), F_Θ frozen.
+
+        The same fit loop as every stage, on a copy of F_Θ with a one-case latent table whose
+        latent is the only trainable parameter (initialised at the mean of the training latents);
+        the latent is stored under ``case_id`` and decodes like a training case.
+        """
+        frozen = copy.deepcopy(self.model).cpu()
+        solo = ImplicitField(1, self.model_params, n_heads=len(self.table))
+        state = {k: v for k, v in frozen.state_dict().items() if not k.startswith("latents.")}
+        solo.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            solo.latents.embedding.weight.copy_(frozen.latents.embedding.weight.mean(dim=0, keepdim=True))
+        for name, p in solo.named_parameters():
+            p.requires_grad_(name.startswith("latents."))
+        # no mining: these labels are noisy, and chasing the voxels decoded "wrong" would fit the noise
+        task = UnifiedTask([heart_labels], self.table, dataclasses.replace(sampling, mined=0),
+                           dataclasses.replace(loss, distill_weight=0.0),
+                           seed, self.device, chunk_points=self.chunk_points, thresholds=self.thresholds)
+        fit(solo, task, train, out_dir, device=self.device, seed=seed, progress=progress,
+            extra={"case_id": str(case_id), "latent_only": True})
+        z = solo.latents.embedding.weight.detach()[:1].clone()
+        self.extra_latents[str(case_id)] = z.cpu()
+        self.geometry[str(case_id)] = geometry
+        return z

@@ -1,0 +1,4 @@
+"""Classical label repair: per-class clean-up, priority fusion with anatomical rules, baselines.
+
+Imports ``core`` and ``field``.
+"""

@@ -1,0 +1,110 @@
+"""Two cheap classical repairs of a noisy label map, to measure the implicit repair against.
+
+If a Gaussian blur or a morphological closing fixed the labels as well as three stages of
+implicit models, the models would not be worth their GPU hours; the report puts all of them
+side by side on the same cases.
+
+* :func:`gaussian_argmax` — every class's indicator (background included) is smoothed with a
+  Gaussian of ``sigma_mm`` (anisotropic in voxels, isotropic in millimetres) and each voxel takes
+  the class with the largest smoothed value: stair-cases round off, islands and holes smaller
+  than about the kernel vanish, thin structures thinner than it vanish too.
+* :func:`closing_largest` — per class, a binary closing with a ball of ``radius_mm`` (bridges small
+  gaps, fills small holes and dents), then the class table's expected number of largest
+  components; the classes are fused by the table's priority, as stage 2 does.
+
+Both keep the input's shape and never write; the caller saves with the source affine.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from nearfix_lib.core.classes import ClassTable
+from nearfix_lib.core.config import BaselineParams
+from nearfix_lib.core.geometry import Box, bounding_box
+from nearfix_lib.repair.cleanup import keep_largest_components
+from nearfix_lib.repair.fusion import fuse_priority
+
+
+def _check(labels: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"expected a 3-D label map, got shape {labels.shape}")
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if spacing.shape != (3,) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must be three positive sizes in mm, got {spacing}")
+    return labels, spacing
+
+
+def _work_box(labels: np.ndarray, margin_vox: np.ndarray) -> Box | None:
+    """The foreground's bounding box grown by ``margin_vox``: nothing outside it can change."""
+    box = bounding_box(labels > 0)
+    if box is None:
+        return None
+    lo = tuple(max(0, int(a - m)) for a, m in zip(box.lo, margin_vox))
+    hi = tuple(min(int(s), int(b + m)) for b, m, s in zip(box.hi, margin_vox, labels.shape))
+    return Box(lo, hi)  # type: ignore[arg-type]
+
+
+def gaussian_argmax(labels: np.ndarray, table: ClassTable, spacing: Sequence[float], sigma_mm: float) -> np.ndarray:
+    """Per-class Gaussian smoothing of the one-hot map, then argmax (background competes too).
+
+    Works class by class with a running maximum, so memory is three volumes, not one per class.
+    """
+    labels, spacing = _check(labels, spacing)
+    sigma = sigma_mm / spacing
+    box = _work_box(labels, np.ceil(4 * sigma) + 1)
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    if box is None:
+        return out
+    crop = labels[box.slices]
+    best = ndimage.gaussian_filter((crop == 0).astype(np.float32), sigma, mode="nearest")
+    winner = np.zeros(crop.shape, dtype=np.uint8)
+    for cls in table:
+        smoothed = ndimage.gaussian_filter((crop == cls.index).astype(np.float32), sigma, mode="nearest")
+        better = smoothed > best
+        winner[better] = cls.index
+        best[better] = smoothed[better]
+    out[box.slices] = winner
+    return out
+
+
+def ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """A structuring element: the voxels within ``radius_mm`` of the centre (anisotropic in voxels)."""
+    half = np.floor(radius_mm / spacing).astype(int)
+    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing)], indexing="ij")
+    return sum(g ** 2 for g in grids) <= radius_mm ** 2
+
+
+def closing_largest(labels: np.ndarray, table: ClassTable, spacing: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Per class: closing with a ball of ``radius_mm``, then the expected number of largest components;
+    fused by the table's priority."""
+    labels, spacing = _check(labels, spacing)
+    element = ball(radius_mm, spacing)
+    margin = np.asarray(element.shape) // 2 + 1
+    masks = {}
+    for cls in table:
+        mask = labels == cls.index
+        box = _work_box(mask.astype(np.uint8), margin)
+        if box is None:
+            continue
+        closed = np.zeros(labels.shape, dtype=bool)
+        closed[box.slices] = ndimage.binary_closing(mask[box.slices], structure=element, border_value=0)
+        masks[cls.key] = keep_largest_components(closed | mask, cls.expected_components)
+    return fuse_priority(masks, table, labels.shape)
+
+
+BASELINES = {"gaussian": "Gaussian smoothing of the one-hot map + argmax",
+             "closing": "closing + expected largest components, priority fusion"}
+
+
+def run_baseline(name: str, labels: np.ndarray, table: ClassTable, spacing: Sequence[float],
+                 params: BaselineParams) -> np.ndarray:
+    if name == "gaussian":
+        return gaussian_argmax(labels, table, spacing, params.gaussian_sigma_mm)
+    if name == "closing":
+        return closing_largest(labels, table, spacing, params.closing_radius_mm)
+    raise ValueError(f"unknown baseline {name!r}; known: {list(BASELINES)}")

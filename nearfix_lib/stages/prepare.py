@@ -1,0 +1,186 @@
+"""Crop and resample every case onto the fixed-size grids the implicit models are fitted on.
+
+For each case: the whole-heart ROI (bounding box of all classes + margin) resampled to
+``heart_resolution^3`` (labels nearest, CT linear) for stage 3, and per class the class ROI
+(bounding box of that class + margin) resampled to ``class_resolution^3`` (interpolated
+occupancy, see :func:`geometry.resample_mask`) for stage 1. The crop parameters — boxes and
+grid-to-original affines, plus the case's shape and affine — go to ``prepared/<case>/crop.json``
+and, for the whole data set, ``prepared/crops.json``: later stages read geometry from there and
+never guess it. A case whose crop.json records the same parameters is not redone (resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from nearfix_lib.core.classes import ClassTable
+from nearfix_lib.core.config import PrepareParams
+from nearfix_lib.core.geometry import Box, Grid, resample, resample_mask, roi_box, roi_grid, voxel_spacing
+from nearfix_lib.core.io import LoadedCase, write_json, write_nifti, write_npz
+from nearfix_lib.core.workspace import Run, case_dir, prepared_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+AIR_HU = -1024.0
+
+
+@dataclass
+class CaseCrops:
+    """Geometry of one prepared case (what ``crop.json`` holds)."""
+
+    case_id: str
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    heart_box: Box
+    heart_grid: Grid
+    class_boxes: dict[str, Box]
+    class_grids: dict[str, Grid]
+    missing: list[str]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return voxel_spacing(self.affine)
+
+    @property
+    def heart_spacing(self) -> np.ndarray:
+        """Voxel size (mm) of the whole-heart ROI grid."""
+        return voxel_spacing(self.heart_grid.world_affine(self.affine))
+
+    def to_dict(self, params: PrepareParams) -> dict:
+        return {
+            "case_id": self.case_id,
+            "params": dataclasses.asdict(params),
+            "shape": list(self.shape),
+            "affine": np.asarray(self.affine).tolist(),
+            "spacing_mm": self.spacing.tolist(),
+            "heart": {"box": self.heart_box.to_dict(), "grid": self.heart_grid.to_dict()},
+            "classes": {k: {"box": self.class_boxes[k].to_dict(), "grid": self.class_grids[k].to_dict()}
+                        for k in self.class_boxes},
+            "missing": list(self.missing),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaseCrops":
+        return cls(
+            case_id=d["case_id"], shape=tuple(d["shape"]), affine=np.asarray(d["affine"], dtype=np.float64),
+            heart_box=Box.from_dict(d["heart"]["box"]), heart_grid=Grid.from_dict(d["heart"]["grid"]),
+            class_boxes={k: Box.from_dict(v["box"]) for k, v in d["classes"].items()},
+            class_grids={k: Grid.from_dict(v["grid"]) for k, v in d["classes"].items()},
+            missing=list(d["missing"]),
+        )
+
+
+def _is_done(folder: Path, params: PrepareParams) -> bool:
+    meta = folder / "crop.json"
+    if not meta.is_file():
+        return False
+    try:
+        d = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return False
+    if d.get("params") != dataclasses.asdict(params):
+        return False
+    needed = ["heart.npz"] + [f"class_{k}.npz" for k in d.get("classes", {})]
+    return all((folder / n).is_file() for n in needed)
+
+
+def prepare_case(case: LoadedCase, table: ClassTable, params: PrepareParams, prepared_root: Path) -> CaseCrops:
+    """Crop/resample one validated case and write its arrays and crop.json (resumable)."""
+    folder = case_dir(prepared_root, case.case_id)
+    if _is_done(folder, params):
+        return CaseCrops.from_dict(json.loads((folder / "crop.json").read_text()))
+    labels = case.label.array
+    spacing = case.label.spacing
+    heart_box = roi_box(labels > 0, params.heart_margin, spacing, params.margin_unit)
+    if heart_box is None:  # read_label already refuses empty maps; keep the guard explicit
+        raise ValueError(f"case {case.case_id}: empty label map")
+    heart_grid = roi_grid(heart_box, params.heart_resolution)
+    heart = {"labels": resample(labels, heart_grid, order=0), "to_original": heart_grid.to_original}
+    if params.save_image and case.image is not None:
+        heart["image"] = resample(case.image.array, heart_grid, order=1, cval=AIR_HU)
+    write_npz(folder / "heart.npz", **heart)
+    # the same ROI labels as NIfTI on the ROI grid's own world affine: opens in napari or any
+    # viewer exactly on top of the original image
+    write_nifti(folder / "heart_labels.nii.gz", heart["labels"], heart_grid.world_affine(case.label.affine))
+
+    boxes, grids, missing = {}, {}, []
+    for cls in table:
+        mask = labels == cls.index
+        box = roi_box(mask, params.class_margin, spacing, params.margin_unit)
+        if box is None:
+            missing.append(cls.key)
+            continue
+        grid = roi_grid(box, params.class_resolution_for(cls.key))
+        boxes[cls.key], grids[cls.key] = box, grid
+        arrays = {"mask": resample_mask(mask, grid), "to_original": grid.to_original}
+        if params.class_images and case.image is not None:
+            arrays["image"] = resample(case.image.array, grid, order=1, cval=AIR_HU).astype(np.float16)
+        write_npz(folder / f"class_{cls.key}.npz", **arrays)
+    crops = CaseCrops(case.case_id, case.label.shape, case.label.affine, heart_box, heart_grid,
+                      boxes, grids, missing)
+    write_json(folder / "crop.json", crops.to_dict(params))  # written last: marks the case done
+    return crops
+
+
+def prepare_run(run: Run, stage: str = "prepare") -> list[CaseCrops]:
+    """Prepare every valid case of a run; bad cases are listed in the run's skipped.csv."""
+    from tqdm import tqdm
+
+    params = run.params.prepare
+    root = prepared_dir(run)
+    crops = []
+    for case in tqdm(run.iter_loaded(stage, with_truth=False), total=len(run.cases), desc="prepare",
+                     unit="case"):
+        crops.append(prepare_case(case, run.table, params, root))
+    write_crops_index(root, crops, params)
+    run.write_skipped()
+    return crops
+
+
+def load_case_arrays(prepared_root: Path, case_id: str) -> tuple[dict, dict]:
+    """The prepared arrays of a case: heart ROI (labels, image?) and per-class ROI masks."""
+    folder = case_dir(prepared_root, case_id)
+    with np.load(folder / "heart.npz") as z:
+        heart = {k: z[k] for k in z.files}
+    masks = {}
+    for path in sorted(folder.glob("class_*.npz")):
+        with np.load(path) as z:
+            masks[path.stem[len("class_"):]] = z["mask"]
+    return heart, masks
+
+
+def write_crops_index(prepared_root: Path, crops: list[CaseCrops], params: PrepareParams) -> Path:
+    """All cases' crop parameters in one JSON file (what stage 1 and stage 3 read)."""
+    return write_json(Path(prepared_root) / "crops.json",
+                      {"params": dataclasses.asdict(params),
+                       "cases": {c.case_id: c.to_dict(params) for c in crops}})
+
+
+def load_crops_index(prepared_root: Path) -> dict[str, CaseCrops]:
+    d = json.loads((Path(prepared_root) / "crops.json").read_text())
+    return {cid: CaseCrops.from_dict(v) for cid, v in d["cases"].items()}
+
+
+def roi_table(crops: list[CaseCrops], params: PrepareParams) -> "pd.DataFrame":
+    """One row per case and ROI: box size in voxels and mm, and the resampling factor."""
+    import pandas as pd
+
+    rows = []
+    for c in crops:
+        entries = [("heart", c.heart_box, params.heart_resolution)]
+        entries += [(k, b, params.class_resolution_for(k)) for k, b in c.class_boxes.items()]
+        for name, box, res in entries:
+            size_mm = np.asarray(box.shape) * c.spacing
+            rows.append({"case": c.case_id, "roi": name,
+                         "box_vox": "x".join(map(str, box.shape)),
+                         "box_mm": "x".join(f"{v:.0f}" for v in size_mm),
+                         "grid": f"{res}^3",
+                         "mm_per_grid_voxel": float(np.max(size_mm / res))})
+    return pd.DataFrame(rows)

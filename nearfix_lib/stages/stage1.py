@@ -1,0 +1,240 @@
+"""Stage 1: per-class shape-only NeAR repair of every case's mask of one class.
+
+For class c, every case that has it contributes its ROI mask (prepared on ``class_resolution^3``)
+and one latent z_{i,c}. An auto-decoder F_c(z_{i,c}, p) is fitted to all of them — all cases are
+both training and validation set, because the goal is the repaired masks, not generalisation;
+the decoder's limited capacity is what keeps the noise out. Then, per case, F_c is evaluated
+
+* on the ROI grid — probabilities saved as float16 for distillation in stage 3, and
+* directly on the original voxels inside the class ROI (through the affine chain), thresholded,
+  cleaned per class (expected number of largest components, minimum size) and written as a
+  NIfTI mask with the source affine and header: M^ref_{i,c}.
+
+Outputs, in ``<run>/stage1/<key>/``: ``ckpt/{best,last}.pt``, ``ckpt/log.csv``, ``prob/<case>.npz``,
+``masks/<case>.nii.gz``, ``metrics.csv``. Re-running resumes an interrupted fit; a finished fit is loaded, not retrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from nearfix_lib.core.classes import ClassTable, class_centre
+from nearfix_lib.core.config import Stage1Params
+from nearfix_lib.core.geometry import Box, roi_grid
+from nearfix_lib.core.io import LoadedCase, Volume, load_case, write_nifti, write_npz, write_text
+from nearfix_lib.core.metrics import binary_scores, component_counts, dice
+from nearfix_lib.core.workspace import Run, case_dir, prepared_dir, stage1_dir
+from nearfix_lib.field.infer import field_on_grid, original_box_grid
+from nearfix_lib.field.losses import build_loss, latent_l2
+from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.sampling import BandSampler
+from nearfix_lib.field.train import FitResult, fit, load_for_inference, unwrap
+from nearfix_lib.repair.cleanup import clean_mask
+from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
+from nearfix_lib.stages.runs import resolve_device
+
+
+class Stage1Task:
+    """Biased point sampling on the ROI masks; BCE (or per-class loss) + lambda ||z||^2."""
+
+    score_name = "dice"
+
+    def __init__(self, masks: list[np.ndarray], params: Stage1Params, seed: int, device: str,
+                 images: list[np.ndarray] | None = None):
+        self.masks = [np.asarray(m, dtype=bool) for m in masks]
+        self.n_cases = len(self.masks)
+        self.sampler = BandSampler(self.masks, params.sampling, seed)
+        self.data_loss = build_loss(params.loss)
+        self.latent_weight = params.loss.latent_weight
+        self.threshold = params.threshold
+        self.chunk = params.chunk_points
+        self.device = device
+        self.images = None if images is None else torch.stack([torch.as_tensor(im, dtype=torch.float32)[None] for im in images])
+
+    def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        points, targets = self.sampler.sample(list(case_idx), epoch)
+        out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long),
+               "points": torch.from_numpy(points), "target": torch.from_numpy(targets)}
+        if self.images is not None:
+            out["image"] = self.images[out["case"]]
+        return out
+
+    def loss(self, model, batch):
+        logits = model(batch["case"], batch["points"], batch.get("image"))[..., 0].float()
+        data = self.data_loss(logits, batch["target"])
+        lat = latent_l2(unwrap(model).latents(batch["case"]))
+        return data + self.latent_weight * lat, {"data": data.item(), "latent": lat.item()}
+
+    def image_of(self, i: int) -> torch.Tensor | None:
+        return None if self.images is None else self.images[i:i + 1].to(self.device)
+
+    def evaluate(self, model) -> dict[str, float]:
+        """Dice of the thresholded full ROI-grid reconstruction against the input mask."""
+        scores = []
+        for i, mask in enumerate(self.masks):
+            box = Box((0, 0, 0), mask.shape)
+            prob = field_on_grid(model, i, roi_grid(box, mask.shape), box, self.device, self.chunk,
+                                 image=self.image_of(i))[..., 0]
+            scores.append(dice(prob >= self.threshold, mask))
+        return {"dice": float(np.mean(scores))}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+@dataclass
+class Stage1Data:
+    """The cases of one class: ids, geometry, ROI masks (and CT crops for the appearance branch)."""
+
+    key: str
+    case_ids: list[str]
+    crops: list[CaseCrops]
+    masks: list[np.ndarray]
+    images: list[np.ndarray] | None
+    absent: list[str]
+
+
+def normalise_ct(image: np.ndarray) -> np.ndarray:
+    """HU clipped to [-1000, 1000] and scaled to [-1, 1]: the CT branch's input range."""
+    return np.clip(np.asarray(image, dtype=np.float32), -1000.0, 1000.0) / 1000.0
+
+
+def load_stage1_data(run: Run, key: str, with_images: bool = False) -> Stage1Data:
+    prepared = prepared_dir(run)
+    index = load_crops_index(prepared)
+    ids, crops, masks, images, absent = [], [], [], [], []
+    for cid, c in index.items():
+        if key not in c.class_boxes:
+            absent.append(cid)
+            continue
+        with np.load(case_dir(prepared, cid) / f"class_{key}.npz") as z:
+            masks.append(z["mask"].astype(bool))
+            if with_images:
+                if "image" not in z.files:
+                    raise ValueError(f"stage1: the appearance branch needs CT crops; prepare with "
+                                     f"prepare.class_images: true (case {cid} has none)")
+                images.append(normalise_ct(z["image"]))
+        ids.append(cid)
+        crops.append(c)
+    return Stage1Data(key, ids, crops, masks, images if with_images else None, absent)
+
+
+def build_model(n_cases: int, params: Stage1Params) -> ImplicitField:
+    return ImplicitField(n_cases, params.model, n_heads=1)
+
+
+def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
+              epochs: int | None = None) -> tuple[ImplicitField, Stage1Data, FitResult]:
+    """Fit F_c on every case that has class ``key`` (resumes from ``ckpt/last.pt``).
+
+    ``params`` are the stage's parameters; the class's own overrides are applied here.
+    """
+    params = params.for_class(key)
+    device = resolve_device(run.params.run.device)
+    data = load_stage1_data(run, key, with_images=params.model.appearance)
+    for cid in data.absent:
+        run.skipped.add(f"stage1-{key}", cid, f"class {key} absent from the labels")
+    run.write_skipped()
+    if not data.case_ids:
+        raise ValueError(f"stage1: no case has class {key}")
+    torch.manual_seed(run.params.run.seed)
+    model = build_model(len(data.case_ids), params)
+    task = Stage1Task(data.masks, params, run.params.run.seed, device, data.images)
+    extra = {"key": key, "case_ids": data.case_ids, "params": run.params.to_dict()}
+    result = fit(model, task, params.train, stage1_dir(run, key) / "ckpt", device=device,
+                 seed=run.params.run.seed, progress=progress, extra=extra, epochs=epochs)
+    return model, data, result
+
+
+def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, out: Path, key: str,
+                expected: int, params: Stage1Params, device: str,
+                image: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
+    """Probabilities on the ROI grid (saved), then M^ref on the original grid (NIfTI, returned)."""
+    box, grid = crops.class_boxes[key], crops.class_grids[key]
+    prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
+    write_npz(out / "prob" / f"{crops.case_id}.npz", prob=prob_roi.astype(np.float16),
+              to_original=grid.to_original, box_lo=np.asarray(box.lo), box_hi=np.asarray(box.hi))
+    prob = field_on_grid(model, i, original_box_grid(box), box, device, params.chunk_points, image=image)[..., 0]
+    cleaned, report = clean_mask(prob >= params.threshold, expected, crops.spacing, params.cleanup)
+    mask = np.zeros(crops.shape, dtype=bool)
+    mask[box.slices] = cleaned
+    write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
+    return mask, dataclasses.asdict(report)
+
+
+def repair_class(run: Run, key: str, params: Stage1Params, model: ImplicitField, data: Stage1Data,
+                 progress: bool = True) -> pd.DataFrame:
+    """Write M^ref for every case of the class from the selected checkpoint; metrics table."""
+    from tqdm import tqdm
+
+    params = params.for_class(key)
+    device = resolve_device(run.params.run.device)
+    out = stage1_dir(run, key)
+    load_for_inference(model, out / "ckpt", params.train.select, device)
+    cls = run.table[key]
+    cases = {c.case_id: c for c in run.cases}
+    rows = []
+    for i, (cid, crops) in enumerate(tqdm(list(zip(data.case_ids, data.crops)), desc=f"repair {key}",
+                                          disable=not progress, unit="case")):
+        case = load_case(cases[cid], run.table, with_image=False)  # read once: header, input, truth
+        image = None if data.images is None else torch.as_tensor(data.images[i])[None, None].to(device)
+        repaired, report = repair_case(model, i, crops, case.label, out, key, cls.expected_components, params,
+                                       device, image)
+        rows += score_case(case, run.table, key, repaired, report)
+    table = pd.DataFrame(rows)
+    write_text(out / "metrics.csv", table.to_csv(index=False))
+    return table
+
+
+def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, report: dict) -> list[dict]:
+    """Noisy input and repaired mask against the input and, where present, the truth."""
+    cls = table[key]
+    only = table.subset([key])
+    noisy = case.label.array == cls.index
+    refs = {"input": noisy}
+    if case.truth is not None:
+        refs["truth"] = case.truth.array == cls.index
+    rows = []
+    for ref_name, ref in refs.items():
+        for source, pred in (("noisy", noisy), ("repaired", repaired)):
+            if ref_name == "input" and source == "noisy":
+                continue
+            s = binary_scores(pred, ref, case.label.spacing)
+            rows.append({"case": case.case_id, "key": key, "source": source, "reference": ref_name, **s,
+                         "n_comp": component_counts(pred.astype(np.uint8) * cls.index, only)[key],
+                         "expected": cls.expected_components,
+                         "cleanup_removed_voxels": report["removed_voxels"] if source == "repaired" else 0,
+                         "cleanup_bridged_voxels": report["bridged_voxels"] if source == "repaired" else 0})
+    return rows
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean per (reference, source): Dice, HD95, ASSD, NSD, components at expected."""
+    t = table.assign(at_expected=(table["n_comp"] == table["expected"]).astype(float))
+    cols = ["dice", "hd95", "assd", "nsd", "n_comp", "at_expected"]
+    return t.groupby(["key", "reference", "source"], sort=False)[cols].mean().reset_index()
+
+
+def example_maps(run: Run, key: str, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple]:
+    """Class-only label maps (noisy, repaired, truth if any), the CT and the class centre."""
+    case = load_case(next(c for c in run.cases if c.case_id == case_id), run.table)
+    idx = run.table[key].index
+    repaired = np.asarray(nib.load(str(stage1_dir(run, key) / "masks" / f"{case_id}.nii.gz")).dataobj) > 0
+    maps = {"noisy": np.where(case.label.array == idx, idx, 0).astype(np.uint8),
+            "repaired": (repaired * idx).astype(np.uint8)}
+    if case.truth is not None:
+        maps["truth"] = np.where(case.truth.array == idx, idx, 0).astype(np.uint8)
+    image = case.image.array if case.image is not None else None
+    return maps, image, class_centre(maps["noisy"], run.table, key)
+
+

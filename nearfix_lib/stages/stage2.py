@@ -1,0 +1,231 @@
+"""Stage 2 on a run: fuse every case's stage-1 masks, apply the anatomical rules, audit, score.
+
+Two grids per case, the same fusion on both (:func:`fusion.fuse_case`):
+
+* the **original grid** — the stage-1 M^ref NIfTI masks, which stage 1 already evaluated on the
+  original voxels (``stage1/<key>/masks``) → ``stage2/labels/<case>.nii.gz`` with the source
+  affine and header: L^ref for the user;
+* the **whole-heart ROI grid** of stage 3 — each class's stage-1 field is evaluated there
+  directly (through the affine chain, not by resampling masks), thresholded and cleaned like
+  M^ref → ``stage2/roi/<case>.npz`` (``labels``, ``to_original``) and a NIfTI on the ROI grid's
+  world affine (opens on top of the CT in any viewer).
+
+Also written: ``stage2/audit.csv`` (case × rule × class: components removed, voxels changed,
+counts before/after), ``stage2/checks.csv`` (per case and class: components, at expected count,
+attachment) and, when the truth exists, ``stage2/metrics.csv`` (noisy, stage 1 and stage 2 against
+the truth). A case whose label NIfTI is already written is loaded, not recomputed (resume).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from nearfix_lib.core.classes import ClassTable
+from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz, write_text
+from nearfix_lib.core.metrics import attachment_report, binary_scores, case_report, component_counts
+from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
+from nearfix_lib.field.infer import field_in_box
+from nearfix_lib.field.train import load_checkpoint, load_for_inference
+from nearfix_lib.repair.cleanup import clean_mask
+from nearfix_lib.repair.fusion import FusionResult, fuse_case
+from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
+from nearfix_lib.stages.runs import resolve_device
+from nearfix_lib.stages.stage1 import build_model
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def original_masks(run: Run, case_id: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The stage-1 M^ref of every class the case has, on its original grid."""
+    masks = {}
+    for cls in run.table:
+        path = stage1_dir(run, cls.key) / "masks" / f"{case_id}.nii.gz"
+        if path.is_file():
+            mask = np.asarray(nib.load(str(path)).dataobj) > 0
+            if mask.shape != tuple(shape):
+                raise InputError(f"{path}: shape {mask.shape} differs from the case's {tuple(shape)}")
+            masks[cls.key] = mask
+    return masks
+
+
+@dataclass
+class ClassField:
+    """A fitted stage-1 model and the cases (by id) its latent table holds."""
+
+    model: torch.nn.Module
+    index_of: dict[str, int]
+
+
+def load_stage1_fields(run: Run, device: str) -> dict[str, ClassField]:
+    """Every class whose stage-1 fit finished, ready for inference."""
+    params = run.params.stage1
+    fields = {}
+    for cls in run.table:
+        ckpt_dir = stage1_dir(run, cls.key) / "ckpt"
+        if not (ckpt_dir / "last.pt").is_file():
+            continue
+        p = params.for_class(cls.key)
+        ids = load_checkpoint(ckpt_dir / "last.pt")["extra"]["case_ids"]
+        model = build_model(len(ids), p)
+        load_for_inference(model, ckpt_dir, p.train.select, device)
+        fields[cls.key] = ClassField(model, {str(c): i for i, c in enumerate(ids)})
+    return fields
+
+
+def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device: str) -> dict[str, np.ndarray]:
+    """Each class's stage-1 field on the whole-heart ROI grid: thresholded and cleaned like M^ref."""
+    spacing = crops.heart_spacing
+    masks = {}
+    for key, f in fields.items():
+        if crops.case_id not in f.index_of or key not in crops.class_boxes:
+            continue
+        p = run.params.stage1.for_class(key)
+        prob = field_in_box(f.model, f.index_of[crops.case_id], crops.heart_grid, crops.class_boxes[key],
+                            device, p.chunk_points)[..., 0]
+        masks[key], _ = clean_mask(prob >= p.threshold, run.table[key].expected_components, spacing, p.cleanup)
+    return masks
+
+
+# -- checks and scores -------------------------------------------------------------------------
+
+def anatomy_checks(labels: np.ndarray, spacing, table: ClassTable) -> dict[str, float]:
+    """Per class: component count and whether it is the expected one; per attachment rule: share attached."""
+    out: dict[str, float] = {}
+    for key, n in component_counts(labels, table).items():
+        out[f"{key} components"] = n
+        out[f"{key} at expected"] = float(n == table[key].expected_components)
+    for row in attachment_report(labels, spacing, table):
+        out[f"{row['key']} attached"] = row["frac_attached"]
+    return out
+
+
+def score_maps(case_id: str, sources: dict[str, np.ndarray], ref: np.ndarray, spacing, table: ClassTable,
+               **columns) -> list[dict]:
+    """Per source label map and class: ``metrics.case_report`` against ``ref``, tagged with the case,
+    the source and any extra ``columns`` (e.g. ``reference="truth"``)."""
+    rows = []
+    for name, labels in sources.items():
+        frame = case_report(labels, ref, spacing, table)
+        rows += [{"case": case_id, "source": name, **columns, **r} for r in frame.to_dict("records")]
+    return rows
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+def _write_roi(out: Path, crops: CaseCrops, result: FusionResult) -> None:
+    write_npz(out / "roi" / f"{crops.case_id}.npz", labels=result.labels, to_original=crops.heart_grid.to_original)
+    write_nifti(out / "roi" / f"{crops.case_id}.nii.gz", result.labels, crops.heart_grid.world_affine(crops.affine))
+
+
+def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str, ClassField],
+                  device: str) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict]]:
+    """Fuse one case on both grids and write it; returns (L^ref original, stage-1 masks, audit rows)."""
+    out = stage2_dir(run)
+    params = run.params.stage2
+    masks = original_masks(run, case.case_id, case.label.shape)
+    result = fuse_case(masks, run.table, case.label.spacing, params, shape=case.label.shape)
+    write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
+    roi_result = fuse_case(roi_masks(run, fields, crops, device), run.table,
+                           crops.heart_spacing, params,
+                           shape=crops.heart_grid.shape)
+    _write_roi(out, crops, roi_result)
+    audit = [{"case": case.case_id, "grid": grid, **row} for grid, res in (("original", result), ("roi", roi_result))
+             for row in res.audit_records()]
+    audit += [{"case": case.case_id, "grid": "original", "rule": "absent", "key": k, "components_before": 0,
+               "components_after": 0} for k in result.absent]
+    return result.labels, masks, audit
+
+
+def run_stage2(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Stage 2 for every case of the run; returns the audit, checks and (with truth) metrics tables."""
+    from tqdm import tqdm
+
+    device = resolve_device(run.params.run.device)
+    out = stage2_dir(run)
+    for name, keys in run.params.stage2.unknown_keys(run.table).items():
+        print(f"stage2.{name}: {keys} are not classes of this run ({run.table.keys}); skipped")
+    index = load_crops_index(prepared_dir(run))
+    fields = load_stage1_fields(run, device)
+    if not fields:
+        raise ValueError(f"stage2: no finished stage-1 fit in {run.path('stage1')}; run 02_stage1 first")
+    audits, checks, metrics = [], [], []
+    for case in tqdm(list(run.iter_loaded("stage2", with_image=False)), desc="stage 2", disable=not progress,
+                     unit="case"):
+        if case.case_id not in index:
+            run.skipped.add("stage2", case.case_id, "not prepared (see prepared/crops.json)")
+            continue
+        try:
+            fused, masks, audit = fuse_run_case(run, case, index[case.case_id], fields, device)
+        except InputError as err:
+            run.skipped.add("stage2", case.case_id, err)
+            print(f"skipped case {case.case_id}: {err}")
+            continue
+        audits += audit
+        spacing = case.label.spacing
+        for source, labels in (("noisy", case.label.array), ("stage2", fused)):
+            checks.append({"case": case.case_id, "source": source, **anatomy_checks(labels, spacing, run.table)})
+        if case.truth is not None:
+            truth = case.truth.array
+            metrics += score_maps(case.case_id, {"noisy": case.label.array}, truth, spacing, run.table)
+            metrics += score_stage1(case, run.table, masks)
+            metrics += score_maps(case.case_id, {"stage2": fused}, truth, spacing, run.table)
+    run.write_skipped()
+    tables = {"audit": pd.DataFrame(audits), "checks": pd.DataFrame(checks), "metrics": pd.DataFrame(metrics)}
+    for name, table in tables.items():
+        if len(table):
+            write_text(out / f"{name}.csv", table.to_csv(index=False))
+    return tables
+
+
+def score_stage1(case: LoadedCase, table: ClassTable, masks: dict[str, np.ndarray]) -> list[dict]:
+    """Each stage-1 mask on its own (before fusion took voxels from it) against the truth."""
+    rows = []
+    truth = case.truth.array
+    for cls in table:
+        mask = masks.get(cls.key, np.zeros(truth.shape, dtype=bool))
+        s = binary_scores(mask, truth == cls.index, case.label.spacing)
+        n = component_counts(mask.astype(np.uint8) * cls.index, table.subset([cls.key]))[cls.key]
+        rows.append({"case": case.case_id, "key": cls.key, "source": "stage1", **s, "n_comp": n,
+                     "expected": cls.expected_components})
+    return rows
+
+
+# -- summaries for the notebook ----------------------------------------------------------------------
+
+def compare_table(metrics: pd.DataFrame, table: ClassTable) -> pd.DataFrame:
+    """Per class, mean Dice / HD95 / at-expected-count of noisy, stage 1 and stage 2 side by side."""
+    m = metrics.assign(at_expected=(metrics["n_comp"] == metrics["expected"]).astype(float))
+    mean = m.groupby(["key", "source"])[["dice", "hd95", "at_expected"]].mean()
+    rows = []
+    for cls in table:
+        row = {"key": cls.key}
+        for metric in ("dice", "hd95", "at_expected"):
+            for source in ("noisy", "stage1", "stage2"):
+                if (cls.key, source) in mean.index:
+                    row[f"{metric} {source}"] = mean.loc[(cls.key, source), metric]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("key")
+
+
+def mean_scores(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean Dice/HD95 per source and class, one row each (what ``viz.plot_class_bars`` takes)."""
+    return metrics.groupby(["source", "key"], sort=False)[["dice", "hd95"]].mean().reset_index()
+
+
+def check_summary(checks: pd.DataFrame) -> pd.DataFrame:
+    """Data-set rates of every check (mean over cases), noisy input vs stage 2."""
+    cols = [c for c in checks.columns if c.endswith(("at expected", "attached"))]
+    return checks.groupby("source")[cols].mean().T
+
+
+def audit_summary(audit: pd.DataFrame) -> pd.DataFrame:
+    """Per grid, rule and class: cases touched, components removed and voxels changed in total."""
+    a = audit[audit["rule"] != "absent"]
+    touched = a.assign(touched=(a["voxels_changed"] > 0).astype(int))
+    return touched.groupby(["grid", "rule", "key"], sort=False)[["touched", "components_removed", "voxels_changed"]].sum()

@@ -1,0 +1,282 @@
+"""Stage 3 on a run: distil L^ref (and the stage-1 fields) into the unified model, decode, score.
+
+Inputs: ``stage2/labels/<case>.nii.gz`` (L^ref on the original grid, learnt inside the whole-heart
+box; ``stage3.supervision: roi`` reads ``stage2/roi/<case>.npz`` instead), ``stage1/<key>/prob/<case>.npz``
+(the stage-1 probabilities, the distillation teachers) and ``prepared/crops.json`` (geometry).
+Outputs in ``<run>/stage3/``: ``ckpt/`` (the fit, resumable), ``unified.pt`` (the artifact),
+``labels/<case>.nii.gz`` (decoded on the original grid, source affine and header) and
+``metrics.csv`` (decoded vs L^ref, and noisy / L^ref / decoded vs the truth when it exists).
+
+Multi-GPU: ``torchrun --nproc_per_node=K -m nearfix_lib.stages.stage3 --params params/default.yaml``
+runs :func:`fit_unified` under DistributedDataParallel, the same code path as the notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from nearfix_lib.core.classes import ClassTable
+from nearfix_lib.core.config import Params, Stage3Params, load_params
+from nearfix_lib.core.geometry import Box, resample, roi_box, roi_grid, voxel_spacing
+from nearfix_lib.core.io import InputError, load_case, read_label, write_nifti, write_text
+from nearfix_lib.core.metrics import binary_scores
+from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir, stage3_dir, stage_labels
+from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.train import (FitResult, distributed_rank_world, fit, init_distributed_from_env,
+                                     load_for_inference)
+from nearfix_lib.field.unified import (CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds,
+                                       teacher_affine)
+from nearfix_lib.phantom.dataset import make_case
+from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
+from nearfix_lib.stages.runs import resolve_device, start_run
+from nearfix_lib.stages.stage2 import score_maps
+
+
+@dataclass
+class Stage3Data:
+    case_ids: list[str]
+    maps: list[np.ndarray]  # L^ref on the supervision grid (see supervision_labels)
+    geometry: dict[str, CaseGeometry]
+    teachers: list[list[Teacher]]
+
+
+def geometry_of(crops: CaseCrops) -> CaseGeometry:
+    return CaseGeometry(crops.shape, crops.affine, crops.heart_box, crops.heart_grid)
+
+
+def load_teachers(run: Run, crops: CaseCrops) -> list[Teacher]:
+    """The stage-1 ROI probabilities of every class this case has (classes without one are skipped)."""
+    out = []
+    for k, cls in enumerate(run.table):
+        path = stage1_dir(run, cls.key) / "prob" / f"{crops.case_id}.npz"
+        if not path.is_file():
+            continue
+        with np.load(path) as z:
+            prob = torch.from_numpy(z["prob"].astype(np.float16))[None, None]
+            box = Box(tuple(int(v) for v in z["box_lo"]), tuple(int(v) for v in z["box_hi"]))
+        out.append(Teacher(k, prob, teacher_affine(crops.heart_box, box)))
+    return out
+
+
+def supervision_labels(run: Run, crops: CaseCrops) -> np.ndarray:
+    """A case's L^ref on the grid stage 3 learns it on (``stage3.supervision``).
+
+    "original": the stage-2 map on the original voxels, cropped to the whole-heart box. The box
+    is where the ROI-normalised coordinates run from -1 to 1 (voxel edges), so the crop's own
+    normalised coordinates are the model's. "roi": the stage-2 map on the heart ROI grid.
+    """
+    if run.params.stage3.supervision == "roi":
+        with np.load(stage2_dir(run) / "roi" / f"{crops.case_id}.npz") as z:
+            return z["labels"].astype(np.uint8)
+    path = stage_labels(run, "stage2", crops.case_id)
+    labels = read_label(path, run.table).array
+    if labels.shape != tuple(crops.shape):
+        raise InputError(path, f"shape {labels.shape} differs from the prepared case {tuple(crops.shape)}")
+    return np.ascontiguousarray(labels[crops.heart_box.slices], dtype=np.uint8)
+
+
+def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
+    index = load_crops_index(prepared_dir(run))
+    ids, maps, geometry, teachers = [], [], {}, []
+    for cid, crops in index.items():
+        try:
+            maps.append(supervision_labels(run, crops))
+        except (FileNotFoundError, InputError) as err:
+            run.skipped.add("stage3", cid, f"no usable stage-2 L^ref ({err}); run 03_fusion first")
+            continue
+        ids.append(cid)
+        geometry[cid] = geometry_of(crops)
+        teachers.append(load_teachers(run, crops) if with_teachers else [])
+    run.write_skipped()
+    if not ids:
+        raise ValueError(f"stage3: no case has a stage-2 L^ref in {stage2_dir(run)}")
+    return Stage3Data(ids, maps, geometry, teachers)
+
+
+def build_task(data: Stage3Data, table: ClassTable, params: Stage3Params, seed: int, device: str,
+               distill: bool = True) -> UnifiedTask:
+    loss = params.loss if distill else _no_distill(params).loss
+    return UnifiedTask(data.maps, table, params.sampling, loss, seed, device,
+                       teachers=data.teachers if distill else None, chunk_points=params.chunk_points)
+
+
+def _no_distill(params: Stage3Params) -> Stage3Params:
+    import dataclasses
+
+    return dataclasses.replace(params, loss=dataclasses.replace(params.loss, distill_weight=0.0))
+
+
+def fit_unified(run: Run, data: Stage3Data, params: Stage3Params | None = None, name: str = "ckpt",
+                distill: bool = True, progress: bool = True) -> tuple[ImplicitField, UnifiedTask, FitResult]:
+    """Fit F_Θ on every case's L^ref into ``stage3/<name>/`` (resumes; under torchrun: DDP)."""
+    params = params or run.params.stage3
+    device = init_distributed_from_env(resolve_device(run.params.run.device))
+    torch.manual_seed(run.params.run.seed)
+    model = ImplicitField(len(data.case_ids), params.model, n_heads=len(run.table))
+    task = build_task(data, run.table, params, run.params.run.seed, device, distill)
+    extra = {"case_ids": data.case_ids, "params": run.params.to_dict(), "distill": distill}
+    result = fit(model, task, params.train, stage3_dir(run) / name, device=device, seed=run.params.run.seed,
+                 progress=progress, extra=extra)
+    load_for_inference(model, stage3_dir(run) / name, params.train.select, device)
+    return model, task, result
+
+
+def make_artifact(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data,
+                  params: Stage3Params | None = None) -> UnifiedModel:
+    """Fit the thresholds t_c on the training cases and assemble (and save) ``unified.pt``."""
+    params = params or run.params.stage3
+    probs = [task.probabilities(model, i) for i in range(task.n_cases)]
+    thresholds = fit_thresholds(probs, data.maps, run.table, params.threshold_candidates)
+    unified = UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
+                           device=task.device, chunk_points=params.chunk_points)
+    unified.save(stage3_dir(run) / "unified.pt")
+    return unified
+
+
+def decode_and_score(run: Run, unified: UnifiedModel, source: str = "stage3", write: bool = True,
+                     progress: bool = True) -> pd.DataFrame:
+    """Decode every training case on its original grid and score it against L^ref and the truth.
+
+    ``write``: the decoded maps go to ``stage3/labels/`` (NIfTI, source affine) and the scores to
+    ``stage3/metrics.csv``. ``decode_s`` is the wall time of ``unified.decode`` per case.
+    """
+    from tqdm import tqdm
+
+    rows = []
+    cases = {c.case_id: c for c in run.cases}
+    for cid in tqdm(unified.case_ids, desc="decode", disable=not progress, unit="case"):
+        case = load_case(cases[cid], run.table, with_image=False)
+        t0 = time.perf_counter()
+        decoded = unified.decode(cid, grid="original")
+        seconds = time.perf_counter() - t0
+        if write:
+            write_nifti(stage_labels(run, "stage3", cid), decoded, case.label.affine, case.label.header)
+        lref = np.asarray(nib.load(str(stage_labels(run, "stage2", cid))).dataobj)
+        spacing = case.label.spacing
+        rows += score_maps(cid, {source: decoded}, lref, spacing, run.table, reference="lref", decode_s=seconds)
+        if case.truth is not None:
+            rows += score_maps(cid, {source: decoded}, case.truth.array, spacing, run.table, reference="truth",
+                               decode_s=seconds)
+            if write:
+                rows += score_maps(cid, {"noisy": case.label.array, "stage2": lref}, case.truth.array, spacing,
+                                   run.table, reference="truth")
+    table = pd.DataFrame(rows)
+    if write:
+        write_text(stage3_dir(run) / "metrics.csv", table.to_csv(index=False))
+    return table
+
+
+def distillation_effect(run: Run, data: Stage3Data, with_distill: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+    """Fit the same model without distillation (``stage3/no_distill``) and compare per class:
+    Dice against L^ref and against the truth, with and without the stage-1 teachers."""
+    params = _no_distill(run.params.stage3)
+    model, task, _ = fit_unified(run, data, params, name="no_distill", distill=False, progress=progress)
+    probs = [task.probabilities(model, i) for i in range(task.n_cases)]
+    thresholds = fit_thresholds(probs, data.maps, run.table, params.threshold_candidates)
+    plain = UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
+                         device=task.device, chunk_points=params.chunk_points)
+    without = decode_and_score(run, plain, source="no_distill", write=False, progress=progress)
+    both = pd.concat([with_distill[with_distill["source"] == "stage3"], without])
+    mean = both.groupby(["key", "reference", "source"])["dice"].mean()
+    rows = []
+    for cls in run.table:
+        row = {"key": cls.key}
+        for ref in ("lref", "truth"):
+            for src, name in (("no_distill", "without"), ("stage3", "with")):
+                if (cls.key, ref, src) in mean.index:
+                    row[f"dice vs {ref} {name}"] = mean.loc[(cls.key, ref, src)]
+        rows.append(row)
+    out = pd.DataFrame(rows).set_index("key")
+    write_text(stage3_dir(run) / "distillation.csv", out.to_csv())
+    return out
+
+
+def summary(metrics: pd.DataFrame, table: ClassTable, small: tuple[str, ...] = ("LAA", "Cor", "PV")) -> pd.DataFrame:
+    """Per class: decoded vs L^ref, and noisy / L^ref / decoded vs the truth (mean Dice, HD95)."""
+    mean = metrics.groupby(["key", "reference", "source"])[["dice", "hd95"]].mean()
+    rows = []
+    for cls in table:
+        row = {"key": cls.key, "small": cls.key in small}
+        for ref, src in (("lref", "stage3"), ("truth", "noisy"), ("truth", "stage2"), ("truth", "stage3")):
+            if (cls.key, ref, src) in mean.index:
+                for m in ("dice", "hd95"):
+                    row[f"{m} {src} vs {ref}"] = mean.loc[(cls.key, ref, src), m]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("key")
+
+
+# -- new cases ------------------------------------------------------------------------------------
+
+def heart_labels_of(labels: np.ndarray, affine: np.ndarray, params: Params) -> tuple[np.ndarray, CaseGeometry]:
+    """A new case's labels on the supervision grid of its whole-heart box (as ``prepare`` would
+    crop them, see :func:`supervision_labels`) and its geometry."""
+    p = params.prepare
+    box = roi_box(labels > 0, p.heart_margin, voxel_spacing(affine), p.margin_unit)
+    if box is None:
+        raise ValueError("new case: empty label map")
+    grid = roi_grid(box, p.heart_resolution)
+    geometry = CaseGeometry(tuple(labels.shape), np.asarray(affine), box, grid)
+    if params.stage3.supervision == "roi":
+        return resample(labels, grid, order=0).astype(np.uint8), geometry
+    return np.ascontiguousarray(labels[box.slices], dtype=np.uint8), geometry
+
+
+def fit_new_case(run: Run, unified: UnifiedModel, case_id: str, labels: np.ndarray, affine: np.ndarray,
+                 progress: bool = False) -> np.ndarray:
+    """Fit the latent of an unseen case's noisy labels (F_Θ frozen) and decode it on its original grid."""
+    heart, geometry = heart_labels_of(labels, affine, run.params)
+    p = run.params.stage3
+    unified.fit_case(case_id, heart, geometry, p.sampling, p.loss, p.new_case_train,
+                     stage3_dir(run) / "new_cases" / str(case_id), seed=run.params.run.seed, progress=progress)
+    return unified.decode(case_id, grid="original")
+
+
+def phantom_holdout(run: Run):
+    """A phantom case the unified model never saw (index ``n_cases`` of the run's phantom), or None
+    when the run works on real data."""
+    if run.params.data.data_root:
+        return None
+    return make_case(run.params.data.phantom.n_cases, run.params.data.phantom, run.table)
+
+
+def new_case_scores(run: Run, holdout, decoded: np.ndarray) -> pd.DataFrame:
+    """Per class: Dice and HD95 of the hold-out's noisy labels and of its decoded map against its truth."""
+    spacing = voxel_spacing(holdout.affine)
+    rows = []
+    for cls in run.table:
+        row = {"key": cls.key}
+        for name, labels in (("noisy", holdout.noisy), ("decoded", decoded)):
+            s = binary_scores(labels == cls.index, holdout.truth == cls.index, spacing)
+            row[f"dice {name}"], row[f"hd95 {name}"] = s["dice"], s["hd95"]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("key")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Command line for torchrun: fit (DDP when WORLD_SIZE > 1); rank 0 then writes the artifact."""
+    ap = argparse.ArgumentParser(prog=prog, description="stage 3: fit the unified model (torchrun-ready)")
+    ap.add_argument("--params", default="params/demo.yaml")
+    ap.add_argument("--run-dir", default="")
+    ap.add_argument("--device", default="")
+    args = ap.parse_args(argv)
+    run = start_run(load_params(args.params, run_dir=args.run_dir, device=args.device), progress=False)
+    data = load_stage3_data(run)
+    model, task, _ = fit_unified(run, data)
+    if distributed_rank_world()[0] == 0:
+        unified = make_artifact(run, model, task, data)
+        print(f"wrote {stage3_dir(run) / 'unified.pt'}; thresholds {dict(zip(run.table.keys, unified.thresholds))}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""napari: a case of a run in 3-D, CT and label maps placed by the NIfTI affine (world mm).
+
+napari (and Qt) are optional, heavy dependencies (``pip install -e .[viewer]``): they are imported
+inside the functions, so the rest of ``viz`` works without them. The run's outputs are read from
+disk through :mod:`nearfix_lib.core.workspace`.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+
+from nearfix_lib.core.classes import ClassTable
+from nearfix_lib.core.workspace import case_view, open_run
+from nearfix_lib.viz.figures import WINDOWS, Window
+
+
+def napari_label_colormap(table: ClassTable):
+    """The class table's colours as a napari labels colormap (background and unknown values clear)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours = {c.index: np.r_[np.asarray(c.colour) / 255.0, 1.0] for c in table}
+    return DirectLabelColormap(color_dict={None: np.zeros(4), 0: np.zeros(4), **colours})
+
+
+def napari_overlay(run_dir, case_id: str, layout: str = "grid", show: bool = True, opacity: float = 0.6,
+                   preset: str | Window = "cardiac"):
+    """Open a case of a run in napari: the CT and Labels layers for the original, stage-2 and stage-3
+    labels (and the truth, if any) in the class colours, all placed by the NIfTI affine (world mm).
+
+    ``layout="grid"`` puts each labels layer over its own copy of the CT, side by side;
+    ``layout="overlay"`` stacks them on one CT, to toggle with the eye icons. Returns the viewer.
+    """
+    import napari
+
+    if layout not in ("grid", "overlay"):
+        raise ValueError(f"layout must be 'grid' or 'overlay', got {layout!r}")
+    run = open_run(run_dir)
+    maps, image = case_view(run, str(case_id))
+    case = next(c for c in run.cases if c.case_id == str(case_id))
+    affine = np.asarray(nib.load(str(case.label)).affine)
+    win = WINDOWS[preset] if isinstance(preset, str) else preset
+    limits = (win.level - win.width / 2, win.level + win.width / 2)
+    colormap = napari_label_colormap(run.table)
+    viewer = napari.Viewer(title=f"nearfix · {run.dir.name} · case {case_id}", show=show)
+    for name, labels in maps.items():
+        if image is not None and (layout == "grid" or not viewer.layers):
+            viewer.add_image(image, name=f"CT ({name})" if layout == "grid" else "CT", affine=affine,
+                             colormap="gray", contrast_limits=limits)
+        viewer.add_labels(labels, name=name, affine=affine, colormap=colormap, opacity=opacity)
+    if layout == "grid":
+        grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid  # napari >= 0.9 / older
+        grid.stride = 2 if image is not None else 1
+        grid.enabled = True
+    viewer.reset_view()
+    return viewer

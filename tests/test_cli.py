@@ -1,0 +1,53 @@
+"""The ``nearfix`` command: each subcommand reaches its module's ``main`` with the rest of the line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT
+from nearfix_lib.core.io import discover_cases
+from nearfix_lib.stages import cli
+
+
+def test_no_command_prints_the_commands(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("phantom", "pipeline", "stage3", "view"))
+
+
+def test_an_unknown_command_is_one_line_and_rc_2(capsys):
+    assert cli.main(["stage9"]) == 2
+    assert "unknown command 'stage9'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["phantom", "pipeline", "stage3", "view"])
+def test_each_command_has_its_modules_options_under_its_own_name(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: nearfix {command}")
+
+
+def test_phantom_writes_a_data_root(tmp_path):
+    assert cli.main(["phantom", str(tmp_path / "data"), "--cases", "1", "--shape", "40", "36", "30"]) == 0
+    found = discover_cases(tmp_path / "data")
+    assert [c.case_id for c in found.cases] == ["1"] and not found.problems
+
+
+def test_view_without_a_display_says_so(monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert cli.main(["view", "outputs/none", "1"]) == 2
+    assert capsys.readouterr().err.startswith("no display")
+
+
+@pytest.mark.parametrize("module", ["nearfix_lib.stages.cli", "nearfix_lib.phantom", "nearfix_lib.stages.pipeline",
+                                    "nearfix_lib.stages.stage3", "nearfix_lib.viz.view"])
+def test_the_python_m_entry_points_run(module):
+    # torchrun and the README start these as modules; the console script is the same code
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=PROJECT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:")
