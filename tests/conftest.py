@@ -23,31 +23,12 @@ TEST_THREADS = int(os.environ.get("NEARFIX_TEST_THREADS", "1"))
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 os.environ.update({name: str(TEST_THREADS) for name in _THREAD_VARIABLES})
 
-
-def _pin_loaded_openblas(n: int) -> None:
-    """numpy (and its OpenBLAS) is already loaded by pytest's plugins before this file, having read
-    the variables before they were set: set its thread count directly (what threadpoolctl does)."""
-    import ctypes
-    import re
-
-    try:
-        with open("/proc/self/maps") as f:
-            libs = set(re.findall(r"(/\S*openblas\S*\.so[.\d]*)", f.read()))
-    except OSError:  # not Linux: numpy's BLAS keeps the count it started with
-        return
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)  # the library already loaded: dlopen returns it
-        except OSError:
-            continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            if hasattr(lib, symbol):
-                getattr(lib, symbol)(ctypes.c_int(n))
-                break
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 
-_pin_loaded_openblas(TEST_THREADS)
+# numpy (and its BLAS) is already loaded by pytest's plugins before this file, having read the
+# variables before they were set: threadpoolctl sets the loaded BLAS/OpenMP pools directly
+threadpool_limits(TEST_THREADS)
 
 from pathlib import Path  # noqa: E402
 
