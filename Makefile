@@ -24,7 +24,9 @@ $(BIN)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/nearfix pipeline --params $(DEMO_PARAMS) --run-dir $(DEMO_RUN) --jobs $(DEMO_JOBS)
 
+# lint first (ruff, configured in pyproject.toml: seconds), then the suite
 test: venv
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean-demo:

@@ -33,8 +33,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nearfix_lib.core.classes import CARDIAC
-from nearfix_lib.core.config import (BalancedSamplingParams, FusionParams, ModelParams, PhantomParams,
-                                     SamplingParams, UnifiedLossParams)
+from nearfix_lib.core.config import (
+    BalancedSamplingParams,
+    FusionParams,
+    ModelParams,
+    PhantomParams,
+    SamplingParams,
+    UnifiedLossParams,
+)
 from nearfix_lib.core.geometry import Box, resample_mask, roi_box, roi_grid, voxel_spacing
 from nearfix_lib.core.io import write_text
 from nearfix_lib.core.metrics import attachment_report, component_counts, dice
@@ -177,7 +183,7 @@ def dense_memory_estimate_mb(resolution: int, in_channels: int = 163) -> float:
 
 
 def bench_stage1(resolutions: list[int], n_cases: int, points_per_case: int, budget_s: float,
-                 device: str, max_dense_mb: float) -> "pd.DataFrame":
+                 device: str, max_dense_mb: float) -> pd.DataFrame:
     import pandas as pd
 
     rows = []
@@ -195,7 +201,7 @@ def bench_stage1(resolutions: list[int], n_cases: int, points_per_case: int, bud
     return pd.DataFrame(rows)
 
 
-def ratios(table: "pd.DataFrame") -> "pd.DataFrame":
+def ratios(table: pd.DataFrame) -> pd.DataFrame:
     """sparse / dense per resolution for the measured quantities."""
     import pandas as pd
 
@@ -210,7 +216,7 @@ def ratios(table: "pd.DataFrame") -> "pd.DataFrame":
     return pd.DataFrame(out)
 
 
-def bench_stage2(sizes: list[int], n_cases: int, repeats: int = 2) -> "pd.DataFrame":
+def bench_stage2(sizes: list[int], n_cases: int, repeats: int = 2) -> pd.DataFrame:
     """Seconds per case of stage-2 fusion + rules on phantom cases of ``size^3`` voxels.
 
     The inputs are the noisy phantom labels split into per-class masks, each grown by one voxel
@@ -304,14 +310,16 @@ def _measure_stage3(cfg: Stage3BenchConfig, queue) -> None:
         model.eval()
         t_decode = [_timed(lambda i=i: decode_priority(task.probabilities(model, i), CARDIAC, task.thresholds))
                     for i in range(cfg.n_cases)]
-        queue.put({**asdict(cfg), "threads": torch.get_num_threads(), "box_voxels": float(np.mean([m.size for m in maps])),
-                   "s_per_step": t_train / cfg.steps, "peak_mb": train_mb, "s_decode_per_case": float(np.mean(t_decode)),
+        queue.put({**asdict(cfg), "threads": torch.get_num_threads(),
+                   "box_voxels": float(np.mean([m.size for m in maps])),
+                   "s_per_step": t_train / cfg.steps, "peak_mb": train_mb,
+                   "s_decode_per_case": float(np.mean(t_decode)),
                    "status": "ok"})
     except (RuntimeError, MemoryError) as err:  # out of memory, typically
         queue.put({**asdict(cfg), "status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"})
 
 
-def bench_stage3(configs: list[Stage3BenchConfig], timeout_s: float = 3600) -> "pd.DataFrame":
+def bench_stage3(configs: list[Stage3BenchConfig], timeout_s: float = 3600) -> pd.DataFrame:
     """One isolated run per configuration; ``/ref`` columns divide by the first configuration."""
     import pandas as pd
 
@@ -332,7 +340,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _write_report(out: Path, name: str, table: "pd.DataFrame", text: str) -> None:
+def _write_report(out: Path, name: str, table: pd.DataFrame, text: str) -> None:
     write_text(out / f"{name}.csv", table.to_csv(index=False))
     write_text(out / f"{name}.md", text)
     print(text)

@@ -25,7 +25,6 @@ os.environ.update({name: str(TEST_THREADS) for name in _THREAD_VARIABLES})
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-
 # numpy (and its BLAS) is already loaded by pytest's plugins before this file, having read the
 # variables before they were set: threadpoolctl sets the loaded BLAS/OpenMP pools directly
 threadpool_limits(TEST_THREADS)

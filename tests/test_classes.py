@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import PROJECT
+
 from nearfix_lib.core.classes import CARDIAC, ClassTable, load_table
 
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from nearfix_lib.core.config import CleanupParams
-from nearfix_lib.repair.cleanup import (CleanupReport, clean_mask, drop_small_components,
-                                        keep_largest_components)
+from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, drop_small_components, keep_largest_components
 
 SHAPE = (12, 9, 7)
 NEIGHBOURS = {

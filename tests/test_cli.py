@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PROJECT
+
 from nearfix_lib.core.io import discover_cases
 from nearfix_lib.stages import cli
 

@@ -28,14 +28,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_unified import SAMPLING, SMALL_MODEL, T, heart_maps
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nearfix_lib.core.config import TrainParams, UnifiedLossParams
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.train import fit, load_checkpoint
 from nearfix_lib.field.unified import UnifiedTask
-
-from test_unified import SAMPLING, SMALL_MODEL, T, heart_maps
 
 TRAIN = TrainParams(epochs=4, cases_per_batch=4, lr=3e-3, lr_latent=3e-3, lr_step_epochs=2,
                     eval_interval=4, checkpoint_interval=4)
@@ -99,7 +98,8 @@ def run_both(tmp_path, sampling, threads: int = THREADS):
     with torch_threads(threads):
         single_grads, _ = _fit(tmp_path / "single", sampling)
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(WORLD)]
-    return ranks, single_grads, load_checkpoint(tmp_path / "ddp" / "last.pt"), load_checkpoint(tmp_path / "single" / "last.pt")
+    ddp, single = (load_checkpoint(tmp_path / name / "last.pt") for name in ("ddp", "single"))
+    return ranks, single_grads, ddp, single
 
 
 def sigmoid_outputs(weights: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -21,12 +21,13 @@ import nibabel as nib
 import numpy as np
 import papermill as pm
 import pytest
-
 from conftest import PROJECT
+
 from nearfix_lib.core.config import load_params
 from nearfix_lib.phantom.dataset import write_dataset
 
-NOTEBOOKS = {stem: PROJECT / "notebooks" / f"{stem}.ipynb" for stem in ("00_data_inspection", "01_prepare", "02_stage1")}
+NOTEBOOKS = {stem: PROJECT / "notebooks" / f"{stem}.ipynb"
+             for stem in ("00_data_inspection", "01_prepare", "02_stage1")}
 TEST_PARAMS = "params/test.yaml"
 GOOD = ["1", "2", "Fall 3 äöü"]  # the last: a case id with spaces and non-ASCII letters
 
@@ -222,7 +223,8 @@ def test_an_empty_segmentations_folder_stops_with_one_line(tmp_path, stem):
     (root / "images").mkdir()
     with pytest.raises(pm.PapermillExecutionError) as err:
         execute(stem, tmp_path / "run", root)
-    assert _error_line(err.value) == f"InputError: {root / 'segmentations'}: no cases found in {root} (no .nii/.nii.gz label files)"
+    assert _error_line(err.value) == (f"InputError: {root / 'segmentations'}: no cases found in {root} "
+                                      "(no .nii/.nii.gz label files)")
 
 
 @pytest.mark.notebook

@@ -9,8 +9,16 @@ import pytest
 from nearfix_lib.core.classes import CARDIAC
 from nearfix_lib.core.config import FusionParams
 from nearfix_lib.core.metrics import attachment_report, component_counts
-from nearfix_lib.repair.fusion import (fuse_case, fuse_priority, reassign, rule_bridge, rule_contact,
-                                       rule_distance, rule_holes, rule_largest)
+from nearfix_lib.repair.fusion import (
+    fuse_case,
+    fuse_priority,
+    reassign,
+    rule_bridge,
+    rule_contact,
+    rule_distance,
+    rule_holes,
+    rule_largest,
+)
 
 T = CARDIAC
 SHAPE = (26, 19, 13)
@@ -182,7 +190,8 @@ def test_rules_can_be_switched_off_and_params_are_validated():
     assert params.unknown_keys(T) == {"keep_largest": ["Aorta"]}
     assert {(r.rule, r.key) for r in fuse_case(masks, T, SPACING, params).audit} >= {("largest", "LA")}
     three = T.subset(["LA", "LAA", "Ao"])  # no Myo, LV, ...: the default rules still run
-    assert FusionParams().unknown_keys(three) == {"fill_holes": ["Myo"], "keep_largest": ["LV", "RA", "RV", "PA", "Myo"]}
+    assert FusionParams().unknown_keys(three) == {"fill_holes": ["Myo"],
+                                                  "keep_largest": ["LV", "RA", "RV", "PA", "Myo"]}
     assert fuse_case(masks, three, SPACING, FusionParams()).labels.max() == T["LA"].index
     with pytest.raises(ValueError, match="hole_min_share"):
         FusionParams(hole_min_share=1.5)

@@ -4,13 +4,26 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import PROJECT, lps_affine, require_ts_chest
+
 from nearfix_lib.core.classes import load_table
-from nearfix_lib.core.geometry import (Box, apply_affine, bounding_box, expand_box, normalised_to_original,
-                                       normalised_to_world, original_grid, original_to_normalised,
-                                       paste_back, resample, resample_mask, roi_box, roi_grid,
-                                       to_grid_sample_order, voxel_spacing)
+from nearfix_lib.core.geometry import (
+    Box,
+    apply_affine,
+    bounding_box,
+    expand_box,
+    normalised_to_original,
+    normalised_to_world,
+    original_grid,
+    original_to_normalised,
+    paste_back,
+    resample,
+    resample_mask,
+    roi_box,
+    roi_grid,
+    to_grid_sample_order,
+    voxel_spacing,
+)
 from nearfix_lib.core.io import read_image, read_label, write_nifti
 
 

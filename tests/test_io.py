@@ -13,9 +13,20 @@ import numpy as np
 import pytest
 
 from nearfix_lib.core.classes import CARDIAC
-from nearfix_lib.core.io import (InputError, SkipList, atomic_path, case_id_from_name, discover_cases,
-                                 load_case, read_image, read_label, remove_stale_temporaries, write_json,
-                                 write_nifti, write_text)
+from nearfix_lib.core.io import (
+    InputError,
+    SkipList,
+    atomic_path,
+    case_id_from_name,
+    discover_cases,
+    load_case,
+    read_image,
+    read_label,
+    remove_stale_temporaries,
+    write_json,
+    write_nifti,
+    write_text,
+)
 
 
 def save(path, array, affine, dtype=None):

@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
+from conftest import PROJECT
 from fit_child import EPOCHS, TRAIN, checkpoint_dir
-from nearfix_lib.field.train import fit, load_checkpoint
 from test_train_infer import make
 
-from conftest import PROJECT
+from nearfix_lib.field.train import fit, load_checkpoint
 
 CHILD = Path(__file__).resolve().parent / "fit_child.py"
 WALL_CLOCK = {"seconds"}  # history columns that measure time, not the fit
@@ -49,7 +48,7 @@ def test_a_resumed_fit_says_so_and_a_fresh_one_does_not(tmp_path, capsys):
     result = fit(model, task, params.train, tmp_path, progress=False, epochs=2)
     line = f"resumed from {tmp_path / 'last.pt'} at epoch 1"
     assert result.resumed_from == 1
-    assert [l for l in capsys.readouterr().out.splitlines() if "resumed" in l] == [line]
+    assert [out for out in capsys.readouterr().out.splitlines() if "resumed" in out] == [line]
     events = (tmp_path / EVENTS_LOG).read_text().splitlines()
     assert len(events) == 1
     stamp, text = events[0].split(" ", 1)
@@ -97,7 +96,8 @@ def comparable(ckpt: dict) -> dict:
     out["history"] = [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in ckpt["history"]]
     extra = dict(ckpt["extra"])
     if "params" in extra:
-        extra["params"] = {**extra["params"], "run": {k: v for k, v in extra["params"]["run"].items() if k != "run_dir"}}
+        run = {k: v for k, v in extra["params"]["run"].items() if k != "run_dir"}
+        extra["params"] = {**extra["params"], "run": run}
     out["extra"] = extra
     return out
 

@@ -5,9 +5,18 @@ import torch
 import torch.nn.functional as F
 
 from nearfix_lib.core.config import LOSS_KINDS, LossParams
-from nearfix_lib.field.losses import (bce, bce_dice, build_loss, dice_focal, distillation, focal_loss,
-                                      inverse_frequency_weights, latent_l2, per_head_weighted_bce,
-                                      soft_dice_loss)
+from nearfix_lib.field.losses import (
+    bce,
+    bce_dice,
+    build_loss,
+    dice_focal,
+    distillation,
+    focal_loss,
+    inverse_frequency_weights,
+    latent_l2,
+    per_head_weighted_bce,
+    soft_dice_loss,
+)
 
 
 def sample(shape=(3, 200, 4), seed=0, scale=3.0):

@@ -6,8 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nearfix_lib.core.config import ModelParams
-from nearfix_lib.field.models import (AppearanceEncoder, ImplicitField, LatentTable, PointMLP,
-                                      count_parameters, sample_point_features)
+from nearfix_lib.field.models import (
+    AppearanceEncoder,
+    ImplicitField,
+    LatentTable,
+    PointMLP,
+    count_parameters,
+    sample_point_features,
+)
 
 # Small grids keep the tests fast; the default-size checks only build the modules.
 SMALL = ModelParams(latent_dim=16, grid_channels=(8, 8, 4), grid_sizes=(2, 4, 8))

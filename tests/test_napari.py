@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import PROJECT
+
 from nearfix_lib.core.classes import CARDIAC
 
 napari = pytest.importorskip("napari", reason="napari is not installed (pip install -e .[viewer])")
@@ -46,7 +46,8 @@ def test_viewer_screenshot_shows_the_class_colours_under_xvfb(tiny_run, tmp_path
     if shutil.which("xvfb-run") is None:
         pytest.skip("no display server: xvfb-run is not installed (apt-get install xvfb)")
     shot = tmp_path / "shot.png"
-    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, "-m", "nearfix_lib.viz.view",
+    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, "-m",
+                           "nearfix_lib.viz.view",
                            str(tiny_run), "1", "--screenshot", str(shot)], cwd=PROJECT, capture_output=True,
                           text=True, timeout=240)
     if proc.returncode != 0 and "cannot open display" in (proc.stderr + proc.stdout).lower():

@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import PROJECT
+
 from nearfix_lib.core.config import load_params, params_from_yaml_text, project_root, resolve_path
 
 

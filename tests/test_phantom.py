@@ -176,7 +176,7 @@ def test_ct_intensities(demo_cases):
     for case in demo_cases:
         img, truth = case.image, case.truth
 
-        def inner(key: str, depth: int) -> np.ndarray:  # away from partial volume at the border
+        def inner(key: str, depth: int, img=img, truth=truth) -> np.ndarray:  # away from partial volume
             return img[ndimage.binary_erosion(truth == _idx(key), BALL, iterations=depth)]
 
         lv, rv, myo = inner("LV", 2), inner("RV", 2), inner("Myo", 1)

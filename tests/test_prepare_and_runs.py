@@ -6,8 +6,8 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import PROJECT, require_ts_chest
+
 from nearfix_lib.core.config import load_params
 from nearfix_lib.core.geometry import paste_back
 from nearfix_lib.stages.prepare import load_case_arrays, load_crops_index, prepare_run
@@ -72,7 +72,8 @@ def test_prepare_records_geometry_and_resumes(phantom_root, tmp_path):
     prepare_run(start_run(params))
     assert run.path("prepared", "1", "heart.npz").stat().st_mtime_ns == stamp
     # changed parameters redo the case
-    params2 = load_params(PROJECT / "params/demo.yaml", {**TINY, "prepare": {"heart_resolution": 22, "class_resolution": 12}},
+    finer = {**TINY, "prepare": {"heart_resolution": 22, "class_resolution": 12}}
+    params2 = load_params(PROJECT / "params/demo.yaml", finer,
                           data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
     prepare_run(start_run(params2))
     heart2, _ = load_case_arrays(run.path("prepared"), "1")

@@ -9,9 +9,20 @@ from scipy.spatial import cKDTree
 
 from nearfix_lib.core.config import BalancedSamplingParams, SamplingParams
 from nearfix_lib.core.geometry import Box, roi_grid
-from nearfix_lib.field.sampling import (BandSampler, ClassBalancedSampler, bias_at_epoch, boundary_band,
-                                        cell_index, dense_from_sparse, index_to_normalised, interface_band,
-                                        lookup, mining_due, normalised_to_index, sparse_coordinates)
+from nearfix_lib.field.sampling import (
+    BandSampler,
+    ClassBalancedSampler,
+    bias_at_epoch,
+    boundary_band,
+    cell_index,
+    dense_from_sparse,
+    index_to_normalised,
+    interface_band,
+    lookup,
+    mining_due,
+    normalised_to_index,
+    sparse_coordinates,
+)
 
 SHAPE = (20, 14, 9)
 

@@ -4,8 +4,8 @@ per-class overrides, metrics against input and truth, and a real repair on a cle
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import PROJECT
+
 from nearfix_lib.core.config import load_params
 from nearfix_lib.stages import prepare, stage1
 from nearfix_lib.stages.runs import start_run

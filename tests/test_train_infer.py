@@ -6,8 +6,13 @@ import torch
 
 from nearfix_lib.core.config import ModelParams, SamplingParams, Stage1Params, TrainParams
 from nearfix_lib.core.geometry import Box, roi_grid
-from nearfix_lib.field.infer import (field_in_box, field_on_grid, grid_within_box, iter_normalised_points,
-                                     original_box_grid)
+from nearfix_lib.field.infer import (
+    field_in_box,
+    field_on_grid,
+    grid_within_box,
+    iter_normalised_points,
+    original_box_grid,
+)
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.train import fit, load_checkpoint
 from nearfix_lib.stages.stage1 import Stage1Task

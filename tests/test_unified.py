@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import lps_affine
 
 from nearfix_lib.core.classes import CARDIAC
 from nearfix_lib.core.config import BalancedSamplingParams, ModelParams, TrainParams, UnifiedLossParams
@@ -12,11 +13,18 @@ from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.train import fit
-from nearfix_lib.field.unified import (CaseGeometry, Teacher, UnifiedModel, UnifiedTask, class_fractions,
-                                       decode_priority, fit_thresholds, head_weights, teacher_affine,
-                                       teacher_values)
-
-from conftest import lps_affine
+from nearfix_lib.field.unified import (
+    CaseGeometry,
+    Teacher,
+    UnifiedModel,
+    UnifiedTask,
+    class_fractions,
+    decode_priority,
+    fit_thresholds,
+    head_weights,
+    teacher_affine,
+    teacher_values,
+)
 
 T = CARDIAC
 SMALL_MODEL = ModelParams(latent_dim=16, grid_channels=(16, 8), grid_sizes=(4, 8))
@@ -196,7 +204,8 @@ def test_original_supervision_is_the_heart_box_crop_in_the_model_frame():
     idx = np.array([[0, 0, 0], [crop.shape[0] - 1, 3, crop.shape[2] - 1], [5, crop.shape[1] - 1, 2]])
     assert np.allclose(index_to_normalised(idx, crop.shape),
                        apply_affine(original_to_normalised(geo.heart_box), idx + np.asarray(geo.heart_box.lo)))
-    roi, _ = heart_labels_of(case.noisy, case.affine, load_params("params/demo.yaml", {**over, "stage3.supervision": "roi"}))
+    roi_params = load_params("params/demo.yaml", {**over, "stage3.supervision": "roi"})
+    roi, _ = heart_labels_of(case.noisy, case.affine, roi_params)
     assert roi.shape == (16, 16, 16)
     with pytest.raises(ValueError, match="stage3.supervision"):
         load_params("params/demo.yaml", {"stage3.supervision": "voxels"})

@@ -13,9 +13,9 @@ cardiac table below (``CARDIAC``), whose indices are those of the Public Cardiac
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import yaml
@@ -134,7 +134,7 @@ class ClassTable:
         return np.array([0, *self.indices], dtype=np.int64)
 
     # -- derivation and serialisation ----------------------------------------------------
-    def subset(self, keys: Sequence[str]) -> "ClassTable":
+    def subset(self, keys: Sequence[str]) -> ClassTable:
         """The listed classes only; attachment rules to dropped classes are dropped too."""
         keep = [self[k] for k in keys]
         kept = set(keys)
@@ -165,7 +165,7 @@ class ClassTable:
         return recs
 
     @classmethod
-    def from_records(cls, records: Iterable[dict]) -> "ClassTable":
+    def from_records(cls, records: Iterable[dict]) -> ClassTable:
         allowed = {"index", "key", "name", "colour", "priority", "expected_components",
                    "attach_to", "attach_max_mm"}
         out = []
@@ -187,7 +187,7 @@ class ClassTable:
         return cls(tuple(out))
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ClassTable":
+    def from_yaml(cls, path: str | Path) -> ClassTable:
         with open(path) as fh:
             data = yaml.safe_load(fh)
         records = data["classes"] if isinstance(data, dict) else data

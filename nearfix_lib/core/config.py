@@ -225,7 +225,8 @@ class UnifiedLossParams:
 
     def __post_init__(self) -> None:
         if self.class_weights not in ("inverse_frequency", "uniform"):
-            raise ValueError(f"stage3.loss.class_weights must be inverse_frequency or uniform, got {self.class_weights!r}")
+            raise ValueError("stage3.loss.class_weights must be inverse_frequency or uniform, "
+                             f"got {self.class_weights!r}")
         if self.latent_weight < 0 or self.distill_weight < 0 or self.class_weight_power < 0:
             raise ValueError("stage3.loss weights must be >= 0")
 
@@ -387,7 +388,7 @@ class NoiseParams:
                 raise ValueError(f"noise.{f.name} must be >= 0, got {value}")
 
     @classmethod
-    def disabled(cls) -> "NoiseParams":
+    def disabled(cls) -> NoiseParams:
         """Every error switched off: the "automatic" labels equal the truth."""
         return cls(**{f.name: 0.0 for f in fields(cls) if f.name.endswith("_prob")})
 
@@ -500,7 +501,7 @@ class Stage1Params:
         for key in self.overrides:
             self.for_class(key)
 
-    def for_class(self, key: str) -> "Stage1Params":
+    def for_class(self, key: str) -> Stage1Params:
         """The parameters class ``key`` runs with: these, with its overrides merged in."""
         over = self.overrides.get(key)
         if not over:
@@ -570,7 +571,8 @@ class Params:
 
 __all__ = ["Params", "RunParams", "DataParams", "PrepareParams", "Stage1Params", "Stage3Params", "ModelParams",
            "SamplingParams", "BalancedSamplingParams", "TrainParams", "LossParams", "LOSS_KINDS", "UnifiedLossParams",
-           "CleanupParams", "FusionParams", "RULES", "BaselineParams", "PhantomParams", "NoiseParams", "SUPERVISION_GRIDS",
+           "CleanupParams", "FusionParams", "RULES", "BaselineParams", "PhantomParams", "NoiseParams",
+           "SUPERVISION_GRIDS",
            "load_params", "params_from_yaml_text", "mapping_parameter", "project_root", "resolve_path"]
 
 

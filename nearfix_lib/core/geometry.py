@@ -24,8 +24,8 @@ nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -59,22 +59,22 @@ class Box:
     hi: Triple
 
     def __post_init__(self) -> None:
-        if any(h <= l for l, h in zip(self.lo, self.hi)):
+        if any(h <= lo for lo, h in zip(self.lo, self.hi)):
             raise ValueError(f"empty box lo={self.lo} hi={self.hi}")
 
     @property
     def shape(self) -> Triple:
-        return tuple(int(h - l) for l, h in zip(self.lo, self.hi))  # type: ignore[return-value]
+        return tuple(int(h - lo) for lo, h in zip(self.lo, self.hi))  # type: ignore[return-value]
 
     @property
     def slices(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(l, h) for l, h in zip(self.lo, self.hi))  # type: ignore[return-value]
+        return tuple(slice(lo, h) for lo, h in zip(self.lo, self.hi))  # type: ignore[return-value]
 
     def to_dict(self) -> dict:
         return {"lo": list(self.lo), "hi": list(self.hi)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Box":
+    def from_dict(cls, d: dict) -> Box:
         return cls(tuple(int(v) for v in d["lo"]), tuple(int(v) for v in d["hi"]))  # type: ignore[arg-type]
 
 
@@ -158,7 +158,7 @@ class Grid:
         return {"shape": list(self.shape), "to_original": np.asarray(self.to_original).tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Grid":
+    def from_dict(cls, d: dict) -> Grid:
         return cls(tuple(int(v) for v in d["shape"]), np.asarray(d["to_original"], dtype=np.float64))  # type: ignore[arg-type]
 
 

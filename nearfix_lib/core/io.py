@@ -24,10 +24,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -408,7 +408,7 @@ class SkipList:
         return len(self.entries)
 
     @classmethod
-    def read(cls, path: str | Path) -> "SkipList":
+    def read(cls, path: str | Path) -> SkipList:
         """The rows of a ``skipped.csv`` (empty when there is none yet)."""
         path = Path(path)
         if not path.is_file():

@@ -37,7 +37,8 @@ scattered islands; only pathological maps where every class is spread over the w
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, TypedDict
+from collections.abc import Iterable, Sequence
+from typing import TypedDict
 
 import cc3d
 import edt

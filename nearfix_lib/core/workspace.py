@@ -19,9 +19,9 @@ resumes one (notebooks).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np

@@ -13,7 +13,7 @@ original image space without a resize-then-resize-back.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

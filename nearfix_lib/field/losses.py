@@ -14,8 +14,8 @@ several scales, so neither could be selected and both were removed.)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

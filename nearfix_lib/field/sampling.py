@@ -28,7 +28,7 @@ resumes with exactly the points it would have drawn.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -350,7 +350,8 @@ class ClassBalancedSampler(_CheckpointableRNG):
         super().load_state_dict(state)
         if "mined" in state:  # checkpoints from before mining have none
             if len(state["mined"]) != len(self._cases):
-                raise ValueError(f"sampler state has mined voxels for {len(state['mined'])} cases, not {len(self._cases)}")
+                raise ValueError(f"sampler state has mined voxels for {len(state['mined'])} cases, "
+                                 f"not {len(self._cases)}")
             for case, coords in enumerate(state["mined"]):
                 self.set_mined(case, coords)
 

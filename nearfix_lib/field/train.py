@@ -115,7 +115,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "nearfix-fit" or "model" not in ckpt:
-        raise ValueError(f"{path}: not a nearfix fit checkpoint (keys: {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a nearfix fit checkpoint (keys: {found})")
     return ckpt
 
 

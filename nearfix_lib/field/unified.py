@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,15 +28,28 @@ from scipy import ndimage
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.config import BalancedSamplingParams, ModelParams, TrainParams, UnifiedLossParams
-from nearfix_lib.core.geometry import (Box, Grid, apply_affine, normalised_to_original,
-                                       original_to_normalised, roi_grid, to_grid_sample_order)
+from nearfix_lib.core.geometry import (
+    Box,
+    Grid,
+    apply_affine,
+    normalised_to_original,
+    original_to_normalised,
+    roi_grid,
+    to_grid_sample_order,
+)
 from nearfix_lib.core.io import atomic_path
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.field.infer import field_at_points, field_on_grid, original_box_grid
 from nearfix_lib.field.losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
 from nearfix_lib.field.models import ImplicitField
-from nearfix_lib.field.sampling import (ClassBalancedSampler, dense_from_sparse, index_to_normalised,
-                                        interface_band, mining_due, sparse_coordinates)
+from nearfix_lib.field.sampling import (
+    ClassBalancedSampler,
+    dense_from_sparse,
+    index_to_normalised,
+    interface_band,
+    mining_due,
+    sparse_coordinates,
+)
 from nearfix_lib.field.train import fit, unwrap
 
 ARTIFACT_FORMAT = "nearfix-unified"
@@ -248,7 +261,7 @@ class CaseGeometry:
                 "heart_box": self.heart_box.to_dict(), "heart_grid": self.heart_grid.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CaseGeometry":
+    def from_dict(cls, d: dict) -> CaseGeometry:
         return cls(tuple(d["shape"]), np.asarray(d["affine"], dtype=np.float64), Box.from_dict(d["heart_box"]),
                    Grid.from_dict(d["heart_grid"]))
 
@@ -282,7 +295,7 @@ class UnifiedModel:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "UnifiedModel":
+    def load(cls, path: str | Path, device: str = "cpu") -> UnifiedModel:
         # the artifact is tensors and plain types only (see save), so the safe loader reads it
         d = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(d, dict) or d.get("format") != ARTIFACT_FORMAT:

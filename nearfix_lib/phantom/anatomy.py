@@ -17,8 +17,8 @@ Class indices always come from the :class:`~nearfix_lib.core.classes.ClassTable`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import cc3d
 import numpy as np
@@ -27,7 +27,6 @@ from scipy.interpolate import CubicSpline
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.config import PhantomParams
-
 
 REQUIRED_KEYS = ("Myo", "LA", "LV", "RA", "RV", "Ao", "PA", "LAA", "Cor", "PV")
 _COR_SINK = 0.6  # coronary centre line depth below the epicardium, in radii
@@ -275,7 +274,7 @@ class _Anatomy:
     spine: tuple[np.ndarray, float]  # canonical (x, y) of the vertebral column axis, radius
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, cor_radius_min: float) -> "_Anatomy":
+    def sample(cls, rng: np.random.Generator, cor_radius_min: float) -> _Anatomy:
         """Draw one heart: adult dimensions (mm) with per-structure size and position jitter."""
 
         def size() -> float:

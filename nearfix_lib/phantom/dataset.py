@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--shape", type=int, nargs=3, metavar=("I", "J", "K"),
                     help=f"voxels per case (default {' '.join(map(str, PhantomParams.shape))})")
     ap.add_argument("--fov-mm", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                    help=f"field of view in mm; spacing = fov / shape (default {' '.join(map(str, PhantomParams.fov_mm))})")
+                    help="field of view in mm; spacing = fov / shape "
+                         f"(default {' '.join(map(str, PhantomParams.fov_mm))})")
     ap.add_argument("--seed", type=int, help=f"seed of the anatomy and noise (default {PhantomParams.seed})")
     args = ap.parse_args(argv)
     given = {"n_cases": args.cases, "shape": args.shape, "fov_mm": args.fov_mm, "seed": args.seed}

@@ -8,7 +8,6 @@ from scipy import ndimage
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.phantom.anatomy import _Anatomy, _Grid
 
-
 # -- the CT image ---------------------------------------------------------------------------
 
 # Hounsfield units of each structure in an arterial-phase cardiac CT: opacified left heart,

@@ -20,7 +20,6 @@ from nearfix_lib.core.classes import CARDIAC, ClassTable
 from nearfix_lib.core.config import NoiseParams
 from nearfix_lib.phantom.anatomy import _bbox, check_table
 
-
 # -- the label-noise model ------------------------------------------------------------------
 
 # Neighbouring classes an automatic segmenter confuses at their shared boundary (from, to).

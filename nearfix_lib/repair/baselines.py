@@ -17,7 +17,7 @@ Both keep the input's shape and never write; the caller saves with the source af
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -18,8 +18,8 @@ the full array at a fraction of the cost.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cc3d
 import edt

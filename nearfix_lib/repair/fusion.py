@@ -29,8 +29,8 @@ measure distances and fill-voids finds cavities, so a 256^3 case takes about a s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
 
 import cc3d
 import edt

@@ -16,7 +16,7 @@ script, not a console script).
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from nearfix_lib import __version__
 from nearfix_lib.phantom import dataset

@@ -7,8 +7,8 @@ labels' scores against the truth — the baseline every later stage has to beat.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import pandas as pd

@@ -67,7 +67,7 @@ class CaseCrops:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CaseCrops":
+    def from_dict(cls, d: dict) -> CaseCrops:
         return cls(
             case_id=d["case_id"], shape=tuple(d["shape"]), affine=np.asarray(d["affine"], dtype=np.float64),
             heart_box=Box.from_dict(d["heart"]["box"]), heart_grid=Grid.from_dict(d["heart"]["grid"]),
@@ -168,7 +168,7 @@ def load_crops_index(prepared_root: Path) -> dict[str, CaseCrops]:
     return {cid: CaseCrops.from_dict(v) for cid, v in d["cases"].items()}
 
 
-def roi_table(crops: list[CaseCrops], params: PrepareParams) -> "pd.DataFrame":
+def roi_table(crops: list[CaseCrops], params: PrepareParams) -> pd.DataFrame:
     """One row per case and ROI: box size in voxels and mm, and the resampling factor."""
     import pandas as pd
 

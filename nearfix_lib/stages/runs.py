@@ -17,8 +17,9 @@ from nearfix_lib import __version__
 from nearfix_lib.core.classes import load_table
 from nearfix_lib.core.config import Params, project_root, resolve_path
 from nearfix_lib.core.io import InputError, discover_cases, remove_stale_temporaries, write_text
-from nearfix_lib.core.workspace import Run, SKIPPED_CSV, run_directory
+from nearfix_lib.core.workspace import SKIPPED_CSV, Run, run_directory
 from nearfix_lib.phantom.dataset import write_dataset
+
 
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is checked."""

@@ -11,7 +11,8 @@ the decoder's limited capacity is what keeps the noise out. Then, per case, F_c 
   NIfTI mask with the source affine and header: M^ref_{i,c}.
 
 Outputs, in ``<run>/stage1/<key>/``: ``ckpt/{best,last}.pt``, ``ckpt/log.csv``, ``prob/<case>.npz``,
-``masks/<case>.nii.gz``, ``metrics.csv``. Re-running resumes an interrupted fit; a finished fit is loaded, not retrained.
+``masks/<case>.nii.gz``, ``metrics.csv``. Re-running resumes an interrupted fit; a finished fit is
+loaded, not retrained.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class Stage1Task:
         self.threshold = params.threshold
         self.chunk = params.chunk_points
         self.device = device
-        self.images = None if images is None else torch.stack([torch.as_tensor(im, dtype=torch.float32)[None] for im in images])
+        self.images = None if images is None else torch.stack(
+            [torch.as_tensor(im, dtype=torch.float32)[None] for im in images])
 
     def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         points, targets = self.sampler.sample(list(case_idx), epoch)

@@ -38,7 +38,6 @@ from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
 from nearfix_lib.stages.runs import resolve_device
 from nearfix_lib.stages.stage1 import build_model
 
-
 # -- inputs ------------------------------------------------------------------------------------
 
 def original_masks(run: Run, case_id: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -228,4 +227,5 @@ def audit_summary(audit: pd.DataFrame) -> pd.DataFrame:
     """Per grid, rule and class: cases touched, components removed and voxels changed in total."""
     a = audit[audit["rule"] != "absent"]
     touched = a.assign(touched=(a["voxels_changed"] > 0).astype(int))
-    return touched.groupby(["grid", "rule", "key"], sort=False)[["touched", "components_removed", "voxels_changed"]].sum()
+    counted = ["touched", "components_removed", "voxels_changed"]
+    return touched.groupby(["grid", "rule", "key"], sort=False)[counted].sum()

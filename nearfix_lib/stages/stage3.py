@@ -30,10 +30,14 @@ from nearfix_lib.core.io import InputError, load_case, read_label, write_nifti, 
 from nearfix_lib.core.metrics import binary_scores
 from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir, stage3_dir, stage_labels
 from nearfix_lib.field.models import ImplicitField
-from nearfix_lib.field.train import (FitResult, distributed_rank_world, fit, init_distributed_from_env,
-                                     load_for_inference)
-from nearfix_lib.field.unified import (CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds,
-                                       teacher_affine)
+from nearfix_lib.field.train import (
+    FitResult,
+    distributed_rank_world,
+    fit,
+    init_distributed_from_env,
+    load_for_inference,
+)
+from nearfix_lib.field.unified import CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds, teacher_affine
 from nearfix_lib.phantom.dataset import make_case
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
 from nearfix_lib.stages.runs import resolve_device, start_run

@@ -4,7 +4,6 @@ import json
 
 import papermill as pm
 import pytest
-
 from conftest import PROJECT
 
 NOTEBOOKS = sorted((PROJECT / "notebooks").glob("*.ipynb"))
