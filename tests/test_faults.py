@@ -158,16 +158,13 @@ def test_each_bad_case_is_named_in_one_line_listed_and_skipped(faulty_run, case_
     assert rows, f"{kind}: no row in skipped.csv"
     for row in rows:
         assert row["problem"].startswith(f"{path}: ") and problem in row["problem"] and "\n" not in row["problem"]
-    if rel.startswith("segmentations") and kind.startswith("label without"):
-        stages = {"discover"}
-    elif kind == "image without label":
-        stages = {"discover"}
-    else:  # read by notebook 00 (survey) and again by 01 (prepare)
-        stages = {"inspect", "prepare"}
+    unpaired = kind in ("image without label", "label without image")
+    # unpaired files are found by discovery; the rest are read by notebook 00 (survey) and 01 (prepare)
+    stages = {"discover"} if unpaired else {"inspect", "prepare"}
     assert {r["stage"] for r in rows} == stages
     logs = faulty_run["logs"]
-    line = f"{rows[0]['problem']}"
-    if stages == {"discover"}:
+    line = rows[0]["problem"]
+    if unpaired:
         assert f"problem: {line}\n" in logs["00_data_inspection"]
     else:
         assert f"skipped case {case_id}: {line}\n" in logs["00_data_inspection"]

@@ -102,6 +102,14 @@ def _index_folder(folder: Path, problems: list[InputError]) -> dict[str, Path]:
     return found
 
 
+def require_data_root(root: str | Path) -> Path:
+    """``root`` as a Path, or :class:`InputError` when it is not an existing folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "data root does not exist")
+    return root
+
+
 def discover_cases(root: str | Path, require_images: bool = False) -> Discovery:
     """Pair label, image and truth files of a data root by case id.
 
@@ -110,9 +118,7 @@ def discover_cases(root: str | Path, require_images: bool = False) -> Discovery:
     labels-only root is valid: the repair is shape-only). The cases that pair go on. A missing
     root, or one whose ``segmentations/`` holds no NIfTI file, raises :class:`InputError`.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(root, "data root does not exist")
+    root = require_data_root(root)
     if not (root / LABEL_DIR).is_dir():
         raise InputError(root, f"data root has no '{LABEL_DIR}/' folder")
     problems: list[InputError] = []
@@ -299,14 +305,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def _writer_alive(host: str, pid: int, mtime: float) -> bool:
     if host != _host():  # no way to ask another node: trust it for a day
         return time.time() - mtime < STALE_FOREIGN_TMP_S
-    if pid == os.getpid():
-        return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:  # a process of another user holds that pid
-        return True
+        pass
     return True
 
 

@@ -98,6 +98,11 @@ def run_directory(params: Params) -> Path:
     return root / "outputs" / params.run.name
 
 
+def data_root_of(params: Params, run_dir: Path) -> Path:
+    """The data root a run reads: the params' ``data.data_root``, else the phantom the run generated."""
+    return resolve_path(params.data.data_root, project_root()) if params.data.data_root else Path(run_dir) / "phantom"
+
+
 def open_run(run_dir: str | Path) -> Run:
     """An existing run, read-only: its recorded params, class table and cases (for viewers)."""
     run_dir = Path(run_dir)
@@ -107,7 +112,7 @@ def open_run(run_dir: str | Path) -> Run:
     params = params_from_yaml_text(meta.read_text())
     root = project_root()
     table = load_table(params.data.classes, params.data.class_keys or None, root)
-    data_root = resolve_path(params.data.data_root, root) if params.data.data_root else run_dir / "phantom"
+    data_root = data_root_of(params, run_dir)
     cases = discover_cases(data_root).cases
     return Run(params, run_dir.resolve(), table, data_root, cases[: params.data.max_cases or None])
 
@@ -151,7 +156,7 @@ def _read_labels(path: Path) -> np.ndarray | None:
 
 def case_view(run: Run, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """What the figures and the browser show of one case: original, stage 2, stage 3 (and truth), CT."""
-    case = load_case(next(c for c in run.cases if c.case_id == case_id), run.table)
+    case = run.load(case_id)
     maps = {"original": case.label.array}
     for name, stage in (("stage 2", "stage2"), ("stage 3", "stage3")):
         labels = _read_labels(stage_labels(run, stage, case_id))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from nearfix_lib import __version__
 from nearfix_lib.core.classes import load_table
-from nearfix_lib.core.config import Params, project_root, resolve_path
-from nearfix_lib.core.io import InputError, discover_cases, remove_stale_temporaries, write_text
-from nearfix_lib.core.workspace import SKIPPED_CSV, Run, run_directory
+from nearfix_lib.core.config import Params, project_root
+from nearfix_lib.core.io import InputError, discover_cases, remove_stale_temporaries, require_data_root, write_text
+from nearfix_lib.core.workspace import SKIPPED_CSV, Run, data_root_of, run_directory
 from nearfix_lib.phantom.dataset import write_dataset
 
 
@@ -59,12 +59,9 @@ def start_run(params: Params, progress: bool = True) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     root = project_root()
     table = load_table(params.data.classes, params.data.class_keys or None, root)
-    if params.data.data_root:
-        data_root = resolve_path(params.data.data_root, root)
-        if not data_root.is_dir():
-            raise InputError(data_root, "data root does not exist")
-    else:
-        data_root = run_dir / "phantom"
+    data_root = data_root_of(params, run_dir)
+    if params.data.data_root:  # before anything is written: a mistyped root leaves no run behind
+        require_data_root(data_root)
     stale = remove_stale_temporaries(run_dir)
     if stale:
         print(f"removed {len(stale)} temporary file(s) of interrupted writes: "

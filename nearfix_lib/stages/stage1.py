@@ -229,7 +229,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def example_maps(run: Run, key: str, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple]:
     """Class-only label maps (noisy, repaired, truth if any), the CT and the class centre."""
-    case = load_case(next(c for c in run.cases if c.case_id == case_id), run.table)
+    case = run.load(case_id)
     idx = run.table[key].index
     repaired = np.asarray(nib.load(str(stage1_dir(run, key) / "masks" / f"{case_id}.nii.gz")).dataobj) > 0
     maps = {"noisy": np.where(case.label.array == idx, idx, 0).astype(np.uint8),
