@@ -154,12 +154,12 @@ class BalancedSamplingParams:
     jitter: bool = True  # points uniform within their voxel cell, else at the cell centre
     # > 0: jitter only up to this epoch, then cell centres. The decoded map is read at voxel
     # centres; a jittered point near a face asks a smooth field for a voxel's step, and once the
-    # shape is learnt those points only blur the boundary the decoder is judged on (README)
+    # shape is learnt those points only blur the boundary the decoder is judged on (docs/method.md)
     jitter_epochs: int = 0
     # Hard-example mining, > 0: this many of each case's band negatives are drawn instead from
     # the voxels the model decoded wrong (against L^ref, grown by one voxel) at its last mining
     # pass. Late in a fit the errors sit in a thin shell on a few boundaries, which band and
-    # class-balanced points visit once in hundreds of steps (README). The uniform negatives stay:
+    # class-balanced points visit once in hundreds of steps (docs/method.md). The uniform negatives stay:
     # taking them instead let detached blobs grow far from the heart. Passes run after epoch
     # mine_from_epoch and every mine_interval epochs after it (UnifiedTask.before_epoch).
     mined: int = 0
@@ -311,7 +311,7 @@ class FusionParams:
 
 @dataclass
 class BaselineParams:
-    """Kernel sizes in mm; the defaults scored best on the demo phantom (sweep in the README)."""
+    """Kernel sizes in mm; the defaults scored best on the demo phantom (sweep in docs/method.md)."""
 
     gaussian_sigma_mm: float = 2.5
     closing_radius_mm: float = 3.0
