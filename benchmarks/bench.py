@@ -35,10 +35,10 @@ import numpy as np
 from nearfix_lib.core.classes import CARDIAC
 from nearfix_lib.core.config import (
     BalancedSamplingParams,
-    FusionParams,
     ModelParams,
     PhantomParams,
     SamplingParams,
+    Stage2Params,
     UnifiedLossParams,
 )
 from nearfix_lib.core.geometry import Box, resample_mask, roi_box, roi_grid, voxel_spacing
@@ -236,8 +236,8 @@ def bench_stage2(sizes: list[int], n_cases: int, repeats: int = 2) -> pd.DataFra
             spacing = voxel_spacing(case.affine)
             masks = {c.key: ndimage.binary_dilation(case.noisy == c.index) for c in CARDIAC}
             t_ref = min(_timed(partial(fuse_priority, masks, CARDIAC, case.noisy.shape)) for _ in range(repeats))
-            timings = [_timed(partial(fuse_case, masks, CARDIAC, spacing, FusionParams())) for _ in range(repeats)]
-            result = fuse_case(masks, CARDIAC, spacing, FusionParams())
+            timings = [_timed(partial(fuse_case, masks, CARDIAC, spacing, Stage2Params())) for _ in range(repeats)]
+            result = fuse_case(masks, CARDIAC, spacing, Stage2Params())
             by_rule = pd.DataFrame(result.audit_records()).groupby("rule")["voxels_changed"].sum().to_dict()
             counts = component_counts(result.labels, CARDIAC)
             attached = [r["frac_attached"] for r in attachment_report(result.labels, spacing, CARDIAC)]

@@ -27,7 +27,7 @@ from nearfix_lib.core.config import load_params
 from nearfix_lib.phantom.dataset import write_dataset
 
 NOTEBOOKS = {stem: PROJECT / "notebooks" / f"{stem}.ipynb"
-             for stem in ("00_data_inspection", "01_prepare", "02_stage1")}
+             for stem in ("00_inspection", "01_prepare", "02_stage1")}
 TEST_PARAMS = "params/test.yaml"
 GOOD = ["1", "2", "Fall 3 äöü"]  # the last: a case id with spaces and non-ASCII letters
 
@@ -165,9 +165,9 @@ def test_each_bad_case_is_named_in_one_line_listed_and_skipped(faulty_run, case_
     logs = faulty_run["logs"]
     line = rows[0]["problem"]
     if unpaired:
-        assert f"problem: {line}\n" in logs["00_data_inspection"]
+        assert f"problem: {line}\n" in logs["00_inspection"]
     else:
-        assert f"skipped case {case_id}: {line}\n" in logs["00_data_inspection"]
+        assert f"skipped case {case_id}: {line}\n" in logs["00_inspection"]
         assert f"skipped case {case_id}: {line}\n" in logs["01_prepare"]
     run = faulty_run["run"]
     assert not (run / "prepared" / case_id).exists()
@@ -213,7 +213,7 @@ def _error_line(err: pm.PapermillExecutionError) -> str:
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("stem", ["00_data_inspection", "01_prepare"])
+@pytest.mark.parametrize("stem", ["00_inspection", "01_prepare"])
 def test_an_empty_segmentations_folder_stops_with_one_line(tmp_path, stem):
     root = tmp_path / "data"
     (root / "segmentations").mkdir(parents=True)
@@ -225,7 +225,7 @@ def test_an_empty_segmentations_folder_stops_with_one_line(tmp_path, stem):
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("stem", ["00_data_inspection", "01_prepare"])
+@pytest.mark.parametrize("stem", ["00_inspection", "01_prepare"])
 def test_a_missing_data_root_stops_with_one_line(tmp_path, stem):
     root = tmp_path / "not there"
     with pytest.raises(pm.PapermillExecutionError) as err:

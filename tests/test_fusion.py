@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nearfix_lib.core.classes import CARDIAC
-from nearfix_lib.core.config import FusionParams
+from nearfix_lib.core.config import Stage2Params
 from nearfix_lib.core.metrics import attachment_report, component_counts
 from nearfix_lib.repair.fusion import (
     fuse_case,
@@ -163,7 +163,7 @@ def test_fuse_case_end_to_end_makes_every_check_hold_and_audits():
              "LAA": box((9, 3, 3), (11, 5, 5)) | box((2, 12, 2), (4, 14, 4)),  # one attached, one not
              "PV": box((4, 8, 2), (6, 11, 4)),  # touches LA
              "Cor": box((12, 10, 3), (20, 11, 5)) | box((2, 16, 10), (4, 18, 12))}  # near Myo / far
-    result = fuse_case(masks, T, SPACING, FusionParams(bridge_gap_mm=0.0))
+    result = fuse_case(masks, T, SPACING, Stage2Params(bridge_gap_mm=0.0))
     labels = result.labels
     assert labels.shape == SHAPE
     assert all(r["frac_attached"] == 1.0 for r in attachment_report(labels, SPACING, T) if r["n_components"])
@@ -181,19 +181,19 @@ def test_fuse_case_end_to_end_makes_every_check_hold_and_audits():
 
 def test_rules_can_be_switched_off_and_params_are_validated():
     masks = {"LA": box((2, 2, 2), (6, 6, 6)), "LAA": box((12, 12, 8), (14, 14, 10))}
-    kept = fuse_case(masks, T, SPACING, FusionParams(rules=[]))
+    kept = fuse_case(masks, T, SPACING, Stage2Params(rules=[]))
     assert (kept.labels == T["LAA"].index).sum() == 8 and kept.audit == []
     with pytest.raises(ValueError, match="unknown rules"):
-        FusionParams(rules=["contact", "smooth"])
+        Stage2Params(rules=["contact", "smooth"])
     # keys the table lacks are reported and skipped: the cardiac defaults work on any table
-    params = FusionParams(keep_largest=["Aorta", "LA"])
+    params = Stage2Params(keep_largest=["Aorta", "LA"])
     assert params.unknown_keys(T) == {"keep_largest": ["Aorta"]}
     assert {(r.rule, r.key) for r in fuse_case(masks, T, SPACING, params).audit} >= {("largest", "LA")}
     three = T.subset(["LA", "LAA", "Ao"])  # no Myo, LV, ...: the default rules still run
-    assert FusionParams().unknown_keys(three) == {"fill_holes": ["Myo"],
+    assert Stage2Params().unknown_keys(three) == {"fill_holes": ["Myo"],
                                                   "keep_largest": ["LV", "RA", "RV", "PA", "Myo"]}
-    assert fuse_case(masks, three, SPACING, FusionParams()).labels.max() == T["LA"].index
+    assert fuse_case(masks, three, SPACING, Stage2Params()).labels.max() == T["LA"].index
     with pytest.raises(ValueError, match="hole_min_share"):
-        FusionParams(hole_min_share=1.5)
+        Stage2Params(hole_min_share=1.5)
     with pytest.raises(ValueError, match="spacing"):
-        fuse_case(masks, T, (1.0, 0.0, 1.0), FusionParams())
+        fuse_case(masks, T, (1.0, 0.0, 1.0), Stage2Params())

@@ -9,7 +9,7 @@ their papermill parameters (``data_root``, ``run_dir``, ``device``, ``overrides`
 run folder records as ``params.yaml``.
 
 Every parameter dataclass of the package lives here, also those of one module's own section
-(``ModelParams`` for ``field.models``, ``FusionParams`` for ``repair.fusion`` ...; each section
+(``ModelParams`` for ``field.models``, ``Stage2Params`` for ``repair.fusion`` ...; each section
 below says whose), so that this module sits at the bottom and imports nothing of the package:
 reading a params file never imports torch, the phantom or a stage.
 """
@@ -270,7 +270,7 @@ RULES = ("contact", "bridge", "distance", "holes", "largest")
 
 
 @dataclass
-class FusionParams:
+class Stage2Params:
     """Stage-2 rules (``stage2:`` in params); a rule with an empty list or zero size is off."""
 
     rules: list[str] = field(default_factory=lambda: list(RULES))  # which rules run (always in RULES order)
@@ -557,7 +557,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     stage1: Stage1Params = field(default_factory=Stage1Params)
-    stage2: FusionParams = field(default_factory=FusionParams)
+    stage2: Stage2Params = field(default_factory=Stage2Params)
     stage3: Stage3Params = field(default_factory=Stage3Params)
     baselines: BaselineParams = field(default_factory=BaselineParams)
     source: str = ""  # the YAML file these came from (informational)
@@ -571,7 +571,7 @@ class Params:
 
 __all__ = ["Params", "RunParams", "DataParams", "PrepareParams", "Stage1Params", "Stage3Params", "ModelParams",
            "SamplingParams", "BalancedSamplingParams", "TrainParams", "LossParams", "LOSS_KINDS", "UnifiedLossParams",
-           "CleanupParams", "FusionParams", "RULES", "BaselineParams", "PhantomParams", "NoiseParams",
+           "CleanupParams", "Stage2Params", "RULES", "BaselineParams", "PhantomParams", "NoiseParams",
            "SUPERVISION_GRIDS",
            "load_params", "params_from_yaml_text", "mapping_parameter", "project_root", "resolve_path"]
 

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from nearfix_lib.core.classes import ClassTable, LabelClass
-from nearfix_lib.core.config import FusionParams
+from nearfix_lib.core.config import Stage2Params
 from nearfix_lib.core.geometry import Box, bounding_box
 from nearfix_lib.repair.cleanup import bridge_voxels
 
@@ -271,7 +271,7 @@ class FusionResult:
 
 
 def fuse_case(masks: Mapping[str, np.ndarray], table: ClassTable, spacing: Sequence[float],
-              params: FusionParams, shape: Sequence[int] | None = None) -> FusionResult:
+              params: Stage2Params, shape: Sequence[int] | None = None) -> FusionResult:
     """Priority fusion then the anatomical rules, on one grid (``spacing`` in mm along i, j, k).
 
     ``masks`` maps class keys to bool arrays of one shape (classes without a mask are absent);

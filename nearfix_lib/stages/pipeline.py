@@ -22,7 +22,7 @@ from nearfix_lib.core.classes import load_table
 from nearfix_lib.core.config import load_params, project_root
 from nearfix_lib.core.workspace import run_directory
 
-STAGES = ("00_data_inspection", "01_prepare", "02_stage1", "03_fusion", "04_unified", "05_compare")
+STAGES = ("00_inspection", "01_prepare", "02_stage1", "03_stage2", "04_stage3", "05_report")
 
 
 def execute(notebook: str, out: Path, parameters: dict) -> float:

@@ -94,7 +94,7 @@ def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
         try:
             maps.append(supervision_labels(run, crops))
         except (FileNotFoundError, InputError) as err:
-            run.skipped.add("stage3", cid, f"no usable stage-2 L^ref ({err}); run 03_fusion first")
+            run.skipped.add("stage3", cid, f"no usable stage-2 L^ref ({err}); run 03_stage2 first")
             continue
         ids.append(cid)
         geometry[cid] = geometry_of(crops)
