@@ -189,8 +189,8 @@ def test_every_good_case_has_its_outputs_on_its_own_grid(faulty_run):
     assert all(line.split(",")[4] == "True" for line in cases.splitlines()[1:])  # every good case has its CT
     # the figures show the first case that loads, not the bad case sorted first
     assert (run / "inspection" / "slices_1.png").is_file() and not (run / "inspection" / "slices_0.png").exists()
-    metrics = (run / "stage1" / "Cor" / "metrics.csv").read_text(encoding="utf-8")
-    assert all(cid in metrics for cid in GOOD)
+    scores = (run / "stage1" / "Cor" / "scores.csv").read_text(encoding="utf-8")
+    assert all(cid in scores for cid in GOOD)
 
 
 @pytest.mark.notebook

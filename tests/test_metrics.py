@@ -13,7 +13,6 @@ import math
 from collections import deque
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
@@ -527,7 +526,7 @@ def test_surface_roughness_empty_is_nan():
 # tables
 # --------------------------------------------------------------------------------------------
 
-def test_case_report_and_summarise():
+def test_case_report():
     rng = np.random.default_rng(500)
     ref = multilabel(SHAPE, rng)
     pred = ref.copy()
@@ -543,18 +542,3 @@ def test_case_report_and_summarise():
     pv = frame.set_index("key").loc["PV"]
     assert math.isnan(pv["hd95"]) and pv["n_comp"] == 0 and pv["dice"] == 0.0
 
-    same = M.case_report(ref, ref, SPACING, CARDIAC)
-    summary = M.summarise([frame, same]).set_index("key")
-    assert list(summary.index) == CARDIAC.keys
-    assert (summary["n_cases"] == 2).all()
-    assert summary.loc["PV", "hd95"] == 0.0  # nan skipped: mean of the one defined case
-    assert summary.loc["PV", "hd95_n_nan"] == 1 and summary.loc["LA", "hd95_n_nan"] == 0
-    assert summary.loc["PV", "dice"] == pytest.approx(0.5)
-    both = pd.concat([frame, same])
-    for key in CARDIAC.keys:
-        sub = both[both["key"] == key]
-        assert summary.loc[key, "nsd"] == pytest.approx(sub["nsd"].mean())
-        assert summary.loc[key, "at_expected"] == pytest.approx(
-            (sub["n_comp"] == sub["expected"]).mean())
-    with pytest.raises(ValueError):
-        M.summarise([])

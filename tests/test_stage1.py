@@ -43,11 +43,11 @@ def test_fit_and_repair_write_masks_on_the_original_grid(tiny_run):
         with np.load(out / "prob" / f"{case.case_id}.npz") as z:
             assert z["prob"].dtype == np.float16 and z["prob"].shape == (24, 24, 24)
     assert {"ckpt", "prob", "masks"} <= {p.name for p in out.iterdir()}
-    assert (out / "ckpt" / "best.pt").is_file() and (out / "metrics.csv").is_file()
-    assert set(table["reference"]) == {"input", "truth"}
-    assert set(table[table.reference == "truth"]["source"]) == {"noisy", "repaired"}
-    summary = stage1.summary(table)
-    assert np.all(summary["dice"].between(0, 1))
+    assert (out / "ckpt" / "best.pt").is_file() and (out / "scores.csv").is_file()
+    assert set(table["reference"]) == {"noisy", "truth"}
+    assert set(table[table.reference == "truth"]["source"]) == {"noisy", "stage1"}
+    assert set(table[table.reference == "noisy"]["source"]) == {"stage1"}
+    assert table["dice"].between(0, 1).all() and table["class"].nunique() == 1
 
 
 def test_finished_fit_is_loaded_not_retrained(tiny_run):
@@ -124,7 +124,7 @@ def test_appearance_branch_runs_end_to_end(tmp_path):
     assert model.in_channels == 3 + 16 + 8 + 160
     assert data.images is not None and -1.0 <= data.images[0].min() and data.images[0].max() <= 1.0
     table = stage1.repair_class(run, "LV", run.params.stage1, model, data, progress=False)
-    assert len(table) == 2 * 3  # 2 cases x (repaired vs input, noisy and repaired vs truth)
+    assert len(table) == 2 * 3  # 2 cases x (stage1 vs noisy, noisy and stage1 vs truth)
 
 
 def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):

@@ -20,7 +20,7 @@ def maps():
     a[15:19, 5:9, 4:8] = T["LAA"].index
     b = a.copy()
     b[4:6] = 0
-    return {"original": a, "stage 2": b}
+    return {"noisy": a, "stage2": b}
 
 
 def test_contours_draw_one_row_per_map_in_the_class_colours():
@@ -30,13 +30,13 @@ def test_contours_draw_one_row_per_map_in_the_class_colours():
     colours = {tuple(np.round(c, 3)) for ax in axes for coll in ax.collections
                for c in np.atleast_2d(coll.get_edgecolor())[:, :3]}
     assert tuple(np.round(np.asarray(T["LV"].colour) / 255.0, 3)) in colours
-    assert axes[2].get_title().startswith("original: k = 5")
+    assert axes[2].get_title().startswith("noisy: k = 5")
     plt.close(fig)
 
 
 def test_surfaces_share_limits_and_survive_an_empty_mask():
     m = maps()
-    fig = viz.show_surfaces({"a": m["original"] == 3, "b": m["stage 2"] == 3, "empty": np.zeros((21, 17, 13), bool)},
+    fig = viz.show_surfaces({"a": m["noisy"] == 3, "b": m["stage2"] == 3, "empty": np.zeros((21, 17, 13), bool)},
                             (0.8, 1.1, 2.5), T["LV"].colour)
     axes = fig.get_axes()
     assert len(axes) == 3 and axes[0].get_xlim() == axes[2].get_xlim()
@@ -45,7 +45,7 @@ def test_surfaces_share_limits_and_survive_an_empty_mask():
 
 
 def test_metric_panels_one_bar_per_source_and_class():
-    frame = pd.DataFrame([{"case": c, "key": k, "source": s, "dice": 0.5, "hd95": 2.0, "comp_error": 1}
+    frame = pd.DataFrame([{"case": c, "class": k, "source": s, "dice": 0.5, "hd95": 2.0, "comp_error": 1}
                           for c in ("1", "2") for k in ("LV", "LAA") for s in ("noisy", "stage2")])
     fig = viz.plot_metric_panels(frame, T)
     axes = fig.get_axes()
@@ -59,7 +59,7 @@ def test_browser_builds_and_follows_the_class():
     controls = {getattr(c, "description", ""): c for row in box.children
                 for c in (row.children if hasattr(row, "children") and not hasattr(row, "value") else [row])}
     controls["class"].value = "LAA"
-    assert controls["slice"].value == viz.class_centre(m["original"], T, "LAA")[2]
+    assert controls["slice"].value == viz.class_centre(m["noisy"], T, "LAA")[2]
     controls["axis"].value = 0
     assert controls["slice"].max == 20
     plt.close("all")

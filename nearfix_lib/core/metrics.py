@@ -25,7 +25,7 @@ Conventions
 * Empty masks: both empty -> dice 1, hd95 0, assd 0, nsd 1 (nothing to find, nothing
   found). Exactly one empty -> dice 0, nsd 0, hd95 and assd ``nan`` (a distance to nothing is
   undefined; a finite placeholder would bias the means). Tables therefore aggregate with
-  nan-skipping means and report the number of nans next to them (:func:`summarise`).
+  nan-skipping means (:func:`nearfix_lib.core.scores.pivot`); Dice counts the miss.
 * Components are 26-connected, as in :attr:`LabelClass.expected_components`.
 
 Every heavy step runs on crops (bounding boxes, plus one voxel where a neighbourhood is
@@ -37,7 +37,7 @@ scattered islands; only pathological maps where every class is spread over the w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TypedDict
 
 import cc3d
@@ -67,7 +67,6 @@ __all__ = [
     "taubin_smooth",
     "surface_roughness",
     "case_report",
-    "summarise",
 ]
 
 
@@ -524,29 +523,3 @@ def case_report(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tab
     frame["n_comp_ref"] = [comp_r[k] for k in frame["key"]]
     frame["expected"] = [table[k].expected_components for k in frame["key"]]
     return frame
-
-
-def summarise(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
-    """Per class across cases: nan-skipping means, nan counts and the at-expected fraction.
-
-    Output columns: ``key, n_cases``, the mean of every numeric column (nan skipped), for
-    every column that holds a nan in some case ``<column>_n_nan`` (e.g. how many cases had
-    hd95 undefined because one side was empty), and ``at_expected`` (fraction of cases with
-    ``n_comp == expected``) when both columns are present. Classes keep their first order.
-    """
-    frames = list(frames)
-    if not frames:
-        raise ValueError("summarise: no case frames given")
-    data = pd.concat(frames, ignore_index=True)
-    numeric = [c for c in data.columns if c != "key" and pd.api.types.is_numeric_dtype(data[c])]
-    grouped = data.groupby("key", sort=False)
-    out = grouped[numeric].mean()
-    out.insert(0, "n_cases", grouped.size())
-    for col in numeric:
-        nans = data[col].isna()
-        if nans.any():
-            out[f"{col}_n_nan"] = nans.groupby(data["key"], sort=False).sum().astype(int)
-    if "n_comp" in data.columns and "expected" in data.columns:
-        hit = (data["n_comp"] == data["expected"]).astype(float)
-        out["at_expected"] = hit.groupby(data["key"], sort=False).mean()
-    return out.reset_index()

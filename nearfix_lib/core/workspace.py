@@ -8,10 +8,13 @@ without importing the stages::
       params.yaml  version.txt  skipped.csv
       phantom/                          (generated data root when params give none)
       prepared/crops.json  prepared/<case>/{crop.json,heart.npz,class_<key>.npz}
-      stage1/<key>/{ckpt,prob,masks}/  stage1/<key>/metrics.csv
-      stage2/{labels,roi}/  stage2/{audit,checks,metrics}.csv
-      stage3/{ckpt,labels,new_cases}/  stage3/unified.pt  stage3/metrics.csv
-      report/  notebooks/
+      inspection/{cases,components,…,scores}.csv
+      stage1/<key>/{ckpt,prob,masks}/  stage1/<key>/scores.csv
+      stage2/{labels,roi}/  stage2/{audit,checks,scores}.csv
+      stage3/{ckpt,labels,new_cases,no_distill}/  stage3/unified.pt  stage3/{scores,distillation}.csv
+      report/{scores,checks}.csv  report/summary.md  notebooks/
+
+Every ``scores.csv`` has the one long format of :mod:`nearfix_lib.core.scores`.
 
 :func:`open_run` opens an existing run read-only (viewers); ``stages.runs.start_run`` creates or
 resumes one (notebooks).
@@ -155,13 +158,13 @@ def _read_labels(path: Path) -> np.ndarray | None:
 
 
 def case_view(run: Run, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """What the figures and the browser show of one case: original, stage 2, stage 3 (and truth), CT."""
+    """What the figures and the browser show of one case: noisy, stage2, stage3 (and truth), CT."""
     case = run.load(case_id)
-    maps = {"original": case.label.array}
-    for name, stage in (("stage 2", "stage2"), ("stage 3", "stage3")):
+    maps = {"noisy": case.label.array}
+    for stage in ("stage2", "stage3"):
         labels = _read_labels(stage_labels(run, stage, case_id))
         if labels is not None:
-            maps[name] = labels
+            maps[stage] = labels
     if case.truth is not None:
         maps["truth"] = case.truth.array
     return maps, case.image.array if case.image is not None else None

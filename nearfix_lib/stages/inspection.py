@@ -15,7 +15,8 @@ import pandas as pd
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.io import LoadedCase
-from nearfix_lib.core.metrics import at_expected_fraction, case_report, component_counts, summarise
+from nearfix_lib.core.metrics import at_expected_fraction, component_counts
+from nearfix_lib.core.scores import score_labels, scores_frame
 
 
 @dataclass
@@ -24,15 +25,14 @@ class Survey:
     fractions: pd.DataFrame  # case x class voxel fraction (%)
     components: pd.DataFrame  # case x class component count
     at_expected: pd.DataFrame  # per class: expected count and fraction of cases at it
-    noisy_vs_truth: pd.DataFrame | None  # per class mean scores (cases with truth only)
-    noisy_vs_truth_cases: pd.DataFrame | None  # per case and class
+    scores: pd.DataFrame  # the noisy labels against the truth (cases with one), see core.scores
 
 
-def survey(cases: Iterable[LoadedCase], table: ClassTable, nsd_tol_mm: float = 1.0) -> Survey:
+def survey(cases: Iterable[LoadedCase], table: ClassTable) -> Survey:
     """Stream over the cases (one in memory at a time) and tabulate what they hold."""
     import nibabel as nib
 
-    rows, fractions, components, reports = [], {}, {}, []
+    rows, fractions, components, scores = [], {}, {}, []
     for case in cases:
         labels = case.label.array
         rows.append({
@@ -47,9 +47,7 @@ def survey(cases: Iterable[LoadedCase], table: ClassTable, nsd_tol_mm: float = 1
         fractions[case.case_id] = {c.key: 100.0 * counts[c.index] / labels.size for c in table}
         components[case.case_id] = component_counts(labels, table)
         if case.truth is not None:
-            rep = case_report(labels, case.truth.array, case.label.spacing, table, nsd_tol_mm=nsd_tol_mm)
-            rep.insert(0, "case", case.case_id)
-            reports.append(rep)
+            scores += score_labels(case.case_id, "noisy", "truth", labels, case.truth.array, case.label.spacing, table)
     comp = pd.DataFrame.from_dict(components, orient="index")
     comp.index.name = "case"
     frac = pd.DataFrame.from_dict(fractions, orient="index")
@@ -60,9 +58,4 @@ def survey(cases: Iterable[LoadedCase], table: ClassTable, nsd_tol_mm: float = 1
         "at_expected_%": [100.0 * at_exp[c.key] for c in table],
         "mean_count": [comp[c.key].mean() if c.key in comp else np.nan for c in table],
     }, index=pd.Index(table.keys, name="key"))
-    if reports:
-        by_case = pd.concat(reports, ignore_index=True)
-        mean = summarise([r.drop(columns="case") for r in reports])
-    else:
-        by_case = mean = None
-    return Survey(pd.DataFrame(rows).set_index("case"), frac, comp, expected, mean, by_case)
+    return Survey(pd.DataFrame(rows).set_index("case"), frac, comp, expected, scores_frame(scores))

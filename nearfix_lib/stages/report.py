@@ -4,8 +4,8 @@ Sources, in the order the tables show them: the noisy input, the two classical b
 (:mod:`baselines`, computed here), stage 1 (each class's M^ref on its own), stage 2 (L^ref) and
 stage 3 (the unified model's decoded map). Sources a run has not produced yet are left out.
 
-``report/`` receives ``metrics.csv`` (case × class × source: Dice, HD95, ASSD, NSD, component
-count and error), ``checks.csv`` (anatomical checks per case and source), the figures and
+``report/`` receives ``scores.csv`` (case × class × source against the truth, :mod:`core.scores`),
+``checks.csv`` (anatomical checks per case and source), the figures and
 ``summary.md`` (per-class table, check rates, timings).
 """
 
@@ -17,9 +17,18 @@ import numpy as np
 import pandas as pd
 
 from nearfix_lib.core.io import LoadedCase, write_text
+from nearfix_lib.core.scores import (
+    anatomy_checks,
+    check_rates,
+    pivot,
+    read_scores,
+    score_labels,
+    score_masks,
+    write_scores,
+)
 from nearfix_lib.core.workspace import Run, _read_labels, report_dir, stage1_dir, stage3_dir, stage_labels
 from nearfix_lib.repair.baselines import BASELINES, run_baseline
-from nearfix_lib.stages.stage2 import anatomy_checks, original_masks, score_maps, score_stage1
+from nearfix_lib.stages.stage2 import original_masks
 
 SOURCES = ("noisy", *BASELINES, "stage1", "stage2", "stage3")
 
@@ -43,17 +52,15 @@ def score_case(run: Run, case: LoadedCase, maps: dict[str, np.ndarray]) -> tuple
     for source in SOURCES:
         if source == "stage1":
             masks = original_masks(run, case.case_id, truth.shape)
-            rows += score_stage1(case, run.table, masks) if masks else []
+            rows += score_masks(case.case_id, source, "truth", masks, truth, spacing, run.table) if masks else []
         elif source in maps:
-            rows += score_maps(case.case_id, {source: maps[source]}, truth, spacing, run.table)
+            rows += score_labels(case.case_id, source, "truth", maps[source], truth, spacing, run.table)
             checks.append({"case": case.case_id, "source": source, **anatomy_checks(maps[source], spacing, run.table)})
-    for row in rows:
-        row["comp_error"] = abs(row["n_comp"] - row["expected"])
     return rows, checks
 
 
 def run_compare(run: Run, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score every case that has a truth; write ``report/metrics.csv`` and ``report/checks.csv``."""
+    """Score every case that has a truth; write ``report/scores.csv`` and ``report/checks.csv``."""
     from tqdm import tqdm
 
     rows, checks = [], []
@@ -65,24 +72,10 @@ def run_compare(run: Run, progress: bool = True) -> tuple[pd.DataFrame, pd.DataF
         rows += r
         checks += c
     run.write_skipped()
-    metrics, check_table = pd.DataFrame(rows), pd.DataFrame(checks)
-    if len(metrics):
-        write_text(report_dir(run) / "metrics.csv", metrics.to_csv(index=False))
+    scores, check_table = write_scores(report_dir(run), rows), pd.DataFrame(checks)
+    if len(check_table):
         write_text(report_dir(run) / "checks.csv", check_table.to_csv(index=False))
-    return metrics, check_table
-
-
-def per_class_table(metrics: pd.DataFrame, value: str = "dice") -> pd.DataFrame:
-    """Classes as rows, sources as columns, mean ``value`` over cases."""
-    mean = metrics.groupby(["key", "source"], sort=False)[value].mean().unstack("source")
-    return mean[[s for s in SOURCES if s in mean.columns]]
-
-
-def check_rates(checks: pd.DataFrame) -> pd.DataFrame:
-    """Share of cases passing each check (at expected count, attached), per source."""
-    cols = [c for c in checks.columns if c.endswith(("at expected", "attached"))]
-    rates = checks.groupby("source", sort=False)[cols].mean().T
-    return rates[[s for s in SOURCES if s in rates.columns]]
+    return scores, check_table
 
 
 def timings(run: Run) -> pd.DataFrame:
@@ -95,20 +88,20 @@ def timings(run: Run) -> pd.DataFrame:
     log = stage3_dir(run) / "ckpt" / "log.csv"
     if log.is_file():
         rows.append({"step": "stage 3 fit", "seconds": pd.read_csv(log)["seconds"].sum()})
-    m = stage3_dir(run) / "metrics.csv"
-    if m.is_file():
-        rows.append({"step": "stage 3 decode, per case", "seconds": pd.read_csv(m)["decode_s"].mean()})
+    decoded = read_scores(stage3_dir(run))
+    if len(decoded):
+        rows.append({"step": "stage 3 decode, per case", "seconds": decoded["decode_s"].mean()})
     return pd.DataFrame(rows, columns=["step", "seconds"])
 
 
-def write_summary(run: Run, metrics: pd.DataFrame, checks: pd.DataFrame, figures: list[str]) -> Path:
+def write_summary(run: Run, scores: pd.DataFrame, checks: pd.DataFrame, figures: list[str]) -> Path:
     """``report/summary.md``: per-class Dice and HD95 by source, check rates, timings, figures."""
     parts = [f"# nearfix report: {run.params.run.name}", "",
-             f"{metrics['case'].nunique()} cases with ground truth; mean over cases.", "",
-             "## Dice against the truth", "", per_class_table(metrics, "dice").round(3).to_markdown(), "",
-             "## HD95 (mm) against the truth", "", per_class_table(metrics, "hd95").round(2).to_markdown(), "",
+             f"{scores['case'].nunique()} cases with ground truth; mean over cases.", "",
+             "## Dice against the truth", "", pivot(scores, "dice").round(3).to_markdown(), "",
+             "## HD95 (mm) against the truth", "", pivot(scores, "hd95").round(2).to_markdown(), "",
              "## Component-count error (|count - expected|)", "",
-             per_class_table(metrics, "comp_error").round(2).to_markdown(), "",
+             pivot(scores, "comp_error").round(2).to_markdown(), "",
              "## Anatomical checks (share of cases)", "", check_rates(checks).round(2).to_markdown(), "",
              "## Timings", "", timings(run).round(1).to_markdown(index=False), "",
              "## Figures", ""] + [f"![{f}]({f})" for f in figures]

@@ -11,7 +11,7 @@ the decoder's limited capacity is what keeps the noise out. Then, per case, F_c 
   NIfTI mask with the source affine and header: M^ref_{i,c}.
 
 Outputs, in ``<run>/stage1/<key>/``: ``ckpt/{best,last}.pt``, ``ckpt/log.csv``, ``prob/<case>.npz``,
-``masks/<case>.nii.gz``, ``metrics.csv``. Re-running resumes an interrupted fit; a finished fit is
+``masks/<case>.nii.gz``, ``scores.csv`` (:mod:`core.scores`). Re-running resumes an interrupted fit; a finished fit is
 loaded, not retrained.
 """
 
@@ -29,8 +29,9 @@ import torch
 from nearfix_lib.core.classes import ClassTable, class_centre
 from nearfix_lib.core.config import Stage1Params
 from nearfix_lib.core.geometry import Box, roi_grid
-from nearfix_lib.core.io import LoadedCase, Volume, load_case, write_nifti, write_npz, write_text
-from nearfix_lib.core.metrics import binary_scores, component_counts, dice
+from nearfix_lib.core.io import LoadedCase, Volume, load_case, write_nifti, write_npz
+from nearfix_lib.core.metrics import dice
+from nearfix_lib.core.scores import score_labels, score_masks, write_scores
 from nearfix_lib.core.workspace import Run, case_dir, prepared_dir, stage1_dir
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
@@ -176,7 +177,7 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, o
 
 def repair_class(run: Run, key: str, params: Stage1Params, model: ImplicitField, data: Stage1Data,
                  progress: bool = True) -> pd.DataFrame:
-    """Write M^ref for every case of the class from the selected checkpoint; metrics table."""
+    """Write M^ref for every case of the class from the selected checkpoint; its scores table."""
     from tqdm import tqdm
 
     params = params.for_class(key)
@@ -193,47 +194,27 @@ def repair_class(run: Run, key: str, params: Stage1Params, model: ImplicitField,
         repaired, report = repair_case(model, i, crops, case.label, out, key, cls.expected_components, params,
                                        device, image)
         rows += score_case(case, run.table, key, repaired, report)
-    table = pd.DataFrame(rows)
-    write_text(out / "metrics.csv", table.to_csv(index=False))
-    return table
+    return write_scores(out, rows)
 
 
-def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, report: dict) -> list[dict]:
-    """Noisy input and repaired mask against the input and, where present, the truth."""
-    cls = table[key]
-    only = table.subset([key])
-    noisy = case.label.array == cls.index
-    refs = {"input": noisy}
+def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, cleanup: dict) -> list[dict]:
+    """M^ref against the noisy input it was fitted to and, where present, it and the input against the truth."""
+    only, noisy, spacing = table.subset([key]), case.label.array, case.label.spacing
+    counts = {"cleanup_removed_voxels": cleanup["removed_voxels"], "cleanup_bridged_voxels": cleanup["bridged_voxels"]}
+    rows = score_masks(case.case_id, "stage1", "noisy", {key: repaired}, noisy, spacing, only, **counts)
     if case.truth is not None:
-        refs["truth"] = case.truth.array == cls.index
-    rows = []
-    for ref_name, ref in refs.items():
-        for source, pred in (("noisy", noisy), ("repaired", repaired)):
-            if ref_name == "input" and source == "noisy":
-                continue
-            s = binary_scores(pred, ref, case.label.spacing)
-            rows.append({"case": case.case_id, "key": key, "source": source, "reference": ref_name, **s,
-                         "n_comp": component_counts(pred.astype(np.uint8) * cls.index, only)[key],
-                         "expected": cls.expected_components,
-                         "cleanup_removed_voxels": report["removed_voxels"] if source == "repaired" else 0,
-                         "cleanup_bridged_voxels": report["bridged_voxels"] if source == "repaired" else 0})
+        rows += score_labels(case.case_id, "noisy", "truth", noisy, case.truth.array, spacing, only)
+        rows += score_masks(case.case_id, "stage1", "truth", {key: repaired}, case.truth.array, spacing, only, **counts)
     return rows
 
 
-def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean per (reference, source): Dice, HD95, ASSD, NSD, components at expected."""
-    t = table.assign(at_expected=(table["n_comp"] == table["expected"]).astype(float))
-    cols = ["dice", "hd95", "assd", "nsd", "n_comp", "at_expected"]
-    return t.groupby(["key", "reference", "source"], sort=False)[cols].mean().reset_index()
-
-
 def example_maps(run: Run, key: str, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple]:
-    """Class-only label maps (noisy, repaired, truth if any), the CT and the class centre."""
+    """Class-only label maps (noisy, stage1, truth if any), the CT and the class centre."""
     case = run.load(case_id)
     idx = run.table[key].index
     repaired = np.asarray(nib.load(str(stage1_dir(run, key) / "masks" / f"{case_id}.nii.gz")).dataobj) > 0
     maps = {"noisy": np.where(case.label.array == idx, idx, 0).astype(np.uint8),
-            "repaired": (repaired * idx).astype(np.uint8)}
+            "stage1": (repaired * idx).astype(np.uint8)}
     if case.truth is not None:
         maps["truth"] = np.where(case.truth.array == idx, idx, 0).astype(np.uint8)
     image = case.image.array if case.image is not None else None

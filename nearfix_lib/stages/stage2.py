@@ -12,8 +12,8 @@ Two grids per case, the same fusion on both (:func:`fusion.fuse_case`):
 
 Also written: ``stage2/audit.csv`` (case × rule × class: components removed, voxels changed,
 counts before/after), ``stage2/checks.csv`` (per case and class: components, at expected count,
-attachment) and, when the truth exists, ``stage2/metrics.csv`` (noisy, stage 1 and stage 2 against
-the truth). A case whose label NIfTI is already written is loaded, not recomputed (resume).
+attachment) and, when the truth exists, ``stage2/scores.csv`` (noisy, stage 1 and stage 2 against
+the truth, :mod:`core.scores`). A case whose label NIfTI is already written is loaded, not recomputed (resume).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz, write_text
-from nearfix_lib.core.metrics import attachment_report, binary_scores, case_report, component_counts
+from nearfix_lib.core.scores import anatomy_checks, score_labels, score_masks, write_scores
 from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
 from nearfix_lib.field.infer import field_in_box
 from nearfix_lib.field.train import load_checkpoint, load_for_inference
@@ -91,30 +91,6 @@ def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device:
     return masks
 
 
-# -- checks and scores -------------------------------------------------------------------------
-
-def anatomy_checks(labels: np.ndarray, spacing, table: ClassTable) -> dict[str, float]:
-    """Per class: component count and whether it is the expected one; per attachment rule: share attached."""
-    out: dict[str, float] = {}
-    for key, n in component_counts(labels, table).items():
-        out[f"{key} components"] = n
-        out[f"{key} at expected"] = float(n == table[key].expected_components)
-    for row in attachment_report(labels, spacing, table):
-        out[f"{row['key']} attached"] = row["frac_attached"]
-    return out
-
-
-def score_maps(case_id: str, sources: dict[str, np.ndarray], ref: np.ndarray, spacing, table: ClassTable,
-               **columns) -> list[dict]:
-    """Per source label map and class: ``metrics.case_report`` against ``ref``, tagged with the case,
-    the source and any extra ``columns`` (e.g. ``reference="truth"``)."""
-    rows = []
-    for name, labels in sources.items():
-        frame = case_report(labels, ref, spacing, table)
-        rows += [{"case": case_id, "source": name, **columns, **r} for r in frame.to_dict("records")]
-    return rows
-
-
 # -- the stage -----------------------------------------------------------------------------------
 
 def _write_roi(out: Path, crops: CaseCrops, result: FusionResult) -> None:
@@ -142,7 +118,7 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
 
 
 def run_stage2(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Stage 2 for every case of the run; returns the audit, checks and (with truth) metrics tables."""
+    """Stage 2 for every case of the run; returns the audit, checks and (with truth) scores tables."""
     from tqdm import tqdm
 
     device = resolve_device(run.params.run.device)
@@ -153,7 +129,7 @@ def run_stage2(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
     fields = load_stage1_fields(run, device)
     if not fields:
         raise ValueError(f"stage2: no finished stage-1 fit in {run.path('stage1')}; run 02_stage1 first")
-    audits, checks, metrics = [], [], []
+    audits, checks, scores = [], [], []
     for case in tqdm(list(run.iter_loaded("stage2", with_image=False)), desc="stage 2", disable=not progress,
                      unit="case"):
         if case.case_id not in index:
@@ -170,58 +146,25 @@ def run_stage2(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
         for source, labels in (("noisy", case.label.array), ("stage2", fused)):
             checks.append({"case": case.case_id, "source": source, **anatomy_checks(labels, spacing, run.table)})
         if case.truth is not None:
-            truth = case.truth.array
-            metrics += score_maps(case.case_id, {"noisy": case.label.array}, truth, spacing, run.table)
-            metrics += score_stage1(case, run.table, masks)
-            metrics += score_maps(case.case_id, {"stage2": fused}, truth, spacing, run.table)
+            scores += score_against_truth(case, masks, fused, run.table)
     run.write_skipped()
-    tables = {"audit": pd.DataFrame(audits), "checks": pd.DataFrame(checks), "metrics": pd.DataFrame(metrics)}
+    tables = {"audit": pd.DataFrame(audits), "checks": pd.DataFrame(checks)}
     for name, table in tables.items():
         if len(table):
             write_text(out / f"{name}.csv", table.to_csv(index=False))
-    return tables
+    return {**tables, "scores": write_scores(out, scores)}
 
 
-def score_stage1(case: LoadedCase, table: ClassTable, masks: dict[str, np.ndarray]) -> list[dict]:
-    """Each stage-1 mask on its own (before fusion took voxels from it) against the truth."""
-    rows = []
-    truth = case.truth.array
-    for cls in table:
-        mask = masks.get(cls.key, np.zeros(truth.shape, dtype=bool))
-        s = binary_scores(mask, truth == cls.index, case.label.spacing)
-        n = component_counts(mask.astype(np.uint8) * cls.index, table.subset([cls.key]))[cls.key]
-        rows.append({"case": case.case_id, "key": cls.key, "source": "stage1", **s, "n_comp": n,
-                     "expected": cls.expected_components})
-    return rows
+def score_against_truth(case: LoadedCase, masks: dict[str, np.ndarray], fused: np.ndarray,
+                        table: ClassTable) -> list[dict]:
+    """The noisy input, each stage-1 mask on its own (before fusion took voxels from it) and L^ref."""
+    truth, spacing = case.truth.array, case.label.spacing
+    return (score_labels(case.case_id, "noisy", "truth", case.label.array, truth, spacing, table)
+            + score_masks(case.case_id, "stage1", "truth", masks, truth, spacing, table)
+            + score_labels(case.case_id, "stage2", "truth", fused, truth, spacing, table))
 
 
 # -- summaries for the notebook ----------------------------------------------------------------------
-
-def compare_table(metrics: pd.DataFrame, table: ClassTable) -> pd.DataFrame:
-    """Per class, mean Dice / HD95 / at-expected-count of noisy, stage 1 and stage 2 side by side."""
-    m = metrics.assign(at_expected=(metrics["n_comp"] == metrics["expected"]).astype(float))
-    mean = m.groupby(["key", "source"])[["dice", "hd95", "at_expected"]].mean()
-    rows = []
-    for cls in table:
-        row = {"key": cls.key}
-        for metric in ("dice", "hd95", "at_expected"):
-            for source in ("noisy", "stage1", "stage2"):
-                if (cls.key, source) in mean.index:
-                    row[f"{metric} {source}"] = mean.loc[(cls.key, source), metric]
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("key")
-
-
-def mean_scores(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Mean Dice/HD95 per source and class, one row each (what ``viz.plot_class_bars`` takes)."""
-    return metrics.groupby(["source", "key"], sort=False)[["dice", "hd95"]].mean().reset_index()
-
-
-def check_summary(checks: pd.DataFrame) -> pd.DataFrame:
-    """Data-set rates of every check (mean over cases), noisy input vs stage 2."""
-    cols = [c for c in checks.columns if c.endswith(("at expected", "attached"))]
-    return checks.groupby("source")[cols].mean().T
-
 
 def audit_summary(audit: pd.DataFrame) -> pd.DataFrame:
     """Per grid, rule and class: cases touched, components removed and voxels changed in total."""

@@ -5,7 +5,7 @@ box; ``stage3.supervision: roi`` reads ``stage2/roi/<case>.npz`` instead), ``sta
 (the stage-1 probabilities, the distillation teachers) and ``prepared/crops.json`` (geometry).
 Outputs in ``<run>/stage3/``: ``ckpt/`` (the fit, resumable), ``unified.pt`` (the artifact),
 ``labels/<case>.nii.gz`` (decoded on the original grid, source affine and header) and
-``metrics.csv`` (decoded vs L^ref, and noisy / L^ref / decoded vs the truth when it exists).
+``scores.csv`` (decoded vs L^ref, and noisy / L^ref / decoded vs the truth when it exists).
 
 Multi-GPU: ``torchrun --nproc_per_node=K -m nearfix_lib.stages.stage3 --params params/default.yaml``
 runs :func:`fit_unified` under DistributedDataParallel, the same code path as the notebook.
@@ -13,8 +13,6 @@ runs :func:`fit_unified` under DistributedDataParallel, the same code path as th
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import dataclass
 
@@ -24,15 +22,14 @@ import pandas as pd
 import torch
 
 from nearfix_lib.core.classes import ClassTable
-from nearfix_lib.core.config import Params, Stage3Params, load_params
+from nearfix_lib.core.config import Params, Stage3Params
 from nearfix_lib.core.geometry import Box, resample, roi_box, roi_grid, voxel_spacing
 from nearfix_lib.core.io import InputError, load_case, read_label, write_nifti, write_text
-from nearfix_lib.core.metrics import binary_scores
+from nearfix_lib.core.scores import pivot, score_labels, write_scores
 from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir, stage3_dir, stage_labels
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.train import (
     FitResult,
-    distributed_rank_world,
     fit,
     init_distributed_from_env,
     load_for_inference,
@@ -40,8 +37,7 @@ from nearfix_lib.field.train import (
 from nearfix_lib.field.unified import CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds, teacher_affine
 from nearfix_lib.phantom.dataset import make_case
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
-from nearfix_lib.stages.runs import resolve_device, start_run
-from nearfix_lib.stages.stage2 import score_maps
+from nearfix_lib.stages.runs import resolve_device
 
 
 @dataclass
@@ -145,12 +141,13 @@ def make_artifact(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage
     return unified
 
 
-def decode_and_score(run: Run, unified: UnifiedModel, source: str = "stage3", write: bool = True,
+def decode_and_score(run: Run, unified: UnifiedModel, source: str = "stage3", write_labels: bool = True,
                      progress: bool = True) -> pd.DataFrame:
     """Decode every training case on its original grid and score it against L^ref and the truth.
 
-    ``write``: the decoded maps go to ``stage3/labels/`` (NIfTI, source affine) and the scores to
-    ``stage3/metrics.csv``. ``decode_s`` is the wall time of ``unified.decode`` per case.
+    The scores go to ``stage3/scores.csv`` (``stage3/<source>/scores.csv`` for another ``source``,
+    e.g. the fit without distillation); ``write_labels``: the decoded maps go to ``stage3/labels/``
+    (NIfTI, source affine). ``decode_s`` is the wall time of ``unified.decode`` per case.
     """
     from tqdm import tqdm
 
@@ -161,60 +158,37 @@ def decode_and_score(run: Run, unified: UnifiedModel, source: str = "stage3", wr
         t0 = time.perf_counter()
         decoded = unified.decode(cid, grid="original")
         seconds = time.perf_counter() - t0
-        if write:
+        if write_labels:
             write_nifti(stage_labels(run, "stage3", cid), decoded, case.label.affine, case.label.header)
         lref = np.asarray(nib.load(str(stage_labels(run, "stage2", cid))).dataobj)
         spacing = case.label.spacing
-        rows += score_maps(cid, {source: decoded}, lref, spacing, run.table, reference="lref", decode_s=seconds)
+        rows += score_labels(cid, source, "lref", decoded, lref, spacing, run.table, decode_s=seconds)
         if case.truth is not None:
-            rows += score_maps(cid, {source: decoded}, case.truth.array, spacing, run.table, reference="truth",
-                               decode_s=seconds)
-            if write:
-                rows += score_maps(cid, {"noisy": case.label.array, "stage2": lref}, case.truth.array, spacing,
-                                   run.table, reference="truth")
-    table = pd.DataFrame(rows)
-    if write:
-        write_text(stage3_dir(run) / "metrics.csv", table.to_csv(index=False))
-    return table
+            truth = case.truth.array
+            rows += score_labels(cid, source, "truth", decoded, truth, spacing, run.table, decode_s=seconds)
+            if source == "stage3":
+                rows += score_labels(cid, "noisy", "truth", case.label.array, truth, spacing, run.table)
+                rows += score_labels(cid, "stage2", "truth", lref, truth, spacing, run.table)
+    folder = stage3_dir(run) if source == "stage3" else stage3_dir(run) / source
+    return write_scores(folder, rows)
 
 
 def distillation_effect(run: Run, data: Stage3Data, with_distill: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
     """Fit the same model without distillation (``stage3/no_distill``) and compare per class:
-    Dice against L^ref and against the truth, with and without the stage-1 teachers."""
+    Dice against L^ref and against the truth, with (``stage3``) and without (``no_distill``) the
+    stage-1 teachers; written to ``stage3/distillation.csv``."""
     params = _no_distill(run.params.stage3)
     model, task, _ = fit_unified(run, data, params, name="no_distill", distill=False, progress=progress)
     probs = [task.probabilities(model, i) for i in range(task.n_cases)]
     thresholds = fit_thresholds(probs, data.maps, run.table, params.threshold_candidates)
     plain = UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
                          device=task.device, chunk_points=params.chunk_points)
-    without = decode_and_score(run, plain, source="no_distill", write=False, progress=progress)
-    both = pd.concat([with_distill[with_distill["source"] == "stage3"], without])
-    mean = both.groupby(["key", "reference", "source"])["dice"].mean()
-    rows = []
-    for cls in run.table:
-        row = {"key": cls.key}
-        for ref in ("lref", "truth"):
-            for src, name in (("no_distill", "without"), ("stage3", "with")):
-                if (cls.key, ref, src) in mean.index:
-                    row[f"dice vs {ref} {name}"] = mean.loc[(cls.key, ref, src)]
-        rows.append(row)
-    out = pd.DataFrame(rows).set_index("key")
+    without = decode_and_score(run, plain, source="no_distill", write_labels=False, progress=progress)
+    both = pd.concat([without, with_distill[with_distill["source"] == "stage3"]])
+    both = both.sort_values("reference", kind="stable")  # columns grouped by reference
+    out = pivot(both, "dice", ["reference", "source"])
     write_text(stage3_dir(run) / "distillation.csv", out.to_csv())
     return out
-
-
-def summary(metrics: pd.DataFrame, table: ClassTable, small: tuple[str, ...] = ("LAA", "Cor", "PV")) -> pd.DataFrame:
-    """Per class: decoded vs L^ref, and noisy / L^ref / decoded vs the truth (mean Dice, HD95)."""
-    mean = metrics.groupby(["key", "reference", "source"])[["dice", "hd95"]].mean()
-    rows = []
-    for cls in table:
-        row = {"key": cls.key, "small": cls.key in small}
-        for ref, src in (("lref", "stage3"), ("truth", "noisy"), ("truth", "stage2"), ("truth", "stage3")):
-            if (cls.key, ref, src) in mean.index:
-                for m in ("dice", "hd95"):
-                    row[f"{m} {src} vs {ref}"] = mean.loc[(cls.key, ref, src), m]
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("key")
 
 
 # -- new cases ------------------------------------------------------------------------------------
@@ -251,36 +225,10 @@ def phantom_holdout(run: Run):
     return make_case(run.params.data.phantom.n_cases, run.params.data.phantom, run.table)
 
 
-def new_case_scores(run: Run, holdout, decoded: np.ndarray) -> pd.DataFrame:
-    """Per class: Dice and HD95 of the hold-out's noisy labels and of its decoded map against its truth."""
+def new_case_scores(run: Run, case_id: str, holdout, decoded: np.ndarray) -> pd.DataFrame:
+    """The hold-out's noisy labels and its decoded map against its truth (``stage3/new_cases/<case>/scores.csv``);
+    returns mean Dice and HD95 per class."""
     spacing = voxel_spacing(holdout.affine)
-    rows = []
-    for cls in run.table:
-        row = {"key": cls.key}
-        for name, labels in (("noisy", holdout.noisy), ("decoded", decoded)):
-            s = binary_scores(labels == cls.index, holdout.truth == cls.index, spacing)
-            row[f"dice {name}"], row[f"hd95 {name}"] = s["dice"], s["hd95"]
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("key")
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Command line for torchrun: fit (DDP when WORLD_SIZE > 1); rank 0 then writes the artifact."""
-    ap = argparse.ArgumentParser(prog=prog, description="stage 3: fit the unified model (torchrun-ready)")
-    ap.add_argument("--params", default="params/demo.yaml")
-    ap.add_argument("--run-dir", default="")
-    ap.add_argument("--device", default="")
-    args = ap.parse_args(argv)
-    run = start_run(load_params(args.params, run_dir=args.run_dir, device=args.device), progress=False)
-    data = load_stage3_data(run)
-    model, task, _ = fit_unified(run, data)
-    if distributed_rank_world()[0] == 0:
-        unified = make_artifact(run, model, task, data)
-        print(f"wrote {stage3_dir(run) / 'unified.pt'}; thresholds {dict(zip(run.table.keys, unified.thresholds))}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    rows = (score_labels(case_id, "noisy", "truth", holdout.noisy, holdout.truth, spacing, run.table)
+            + score_labels(case_id, "stage3", "truth", decoded, holdout.truth, spacing, run.table))
+    return pivot(write_scores(stage3_dir(run) / "new_cases" / case_id, rows), ["dice", "hd95"])

@@ -18,6 +18,7 @@ from matplotlib.patches import Patch
 
 from nearfix_lib.core.classes import ClassTable, class_centre
 from nearfix_lib.core.io import atomic_path
+from nearfix_lib.core.scores import pivot
 
 
 @dataclass(frozen=True)
@@ -133,23 +134,6 @@ def plot_component_counts(counts: pd.DataFrame, table: ClassTable, size: float =
         ax.set_title(f"{key} (exp. {cls.expected_components})", fontsize=9)
         ax.set_xlabel("components")
     axes[0, 0].set_ylabel("cases")
-    fig.tight_layout()
-    return fig
-
-
-def plot_class_bars(frame: pd.DataFrame, value: str, table: ClassTable, by: str = "source",
-                    size: float = 3.5) -> plt.Figure:
-    """Grouped bars of ``value`` per class (rows = classes via column ``key``), one bar per ``by``."""
-    keys = [k for k in table.keys if k in set(frame["key"])]
-    groups = list(dict.fromkeys(frame[by]))
-    width = 0.8 / max(len(groups), 1)
-    fig, ax = plt.subplots(figsize=(max(6, len(keys) * 0.8), size))
-    for g, name in enumerate(groups):
-        sub = frame[frame[by] == name].set_index("key").reindex(keys)
-        ax.bar(np.arange(len(keys)) + g * width, sub[value].to_numpy(dtype=float), width, label=str(name))
-    ax.set_xticks(np.arange(len(keys)) + width * (len(groups) - 1) / 2, keys)
-    ax.set_ylabel(value)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -275,21 +259,21 @@ def show_surfaces(masks: Mapping[str, np.ndarray], spacing: Sequence[float], col
     return fig
 
 
-def plot_metric_panels(frame: pd.DataFrame, table: ClassTable, values: Sequence[str] = ("dice", "hd95", "comp_error"),
+def plot_metric_panels(scores: pd.DataFrame, table: ClassTable, values: Sequence[str] = ("dice", "hd95", "comp_error"),
                        by: str = "source", size: float = 3.2) -> plt.Figure:
-    """Grouped bars per class, one panel per metric, one bar per ``by`` (means over cases)."""
-    mean = frame.groupby([by, "key"], sort=False)[list(values)].mean().reset_index()
-    keys = [k for k in table.keys if k in set(mean["key"])]
-    groups = list(dict.fromkeys(mean[by]))
+    """Grouped bars per class, one panel per metric, one bar per ``by`` (means over cases of a scores
+    table, :func:`nearfix_lib.core.scores.pivot`)."""
+    keys = [k for k in table.keys if k in set(scores["class"])]
+    groups = list(dict.fromkeys(scores[by]))
     width = 0.8 / max(len(groups), 1)
     fig, axes = plt.subplots(len(values), 1, figsize=(max(7, len(keys) * 0.9), len(values) * size), squeeze=False)
     for ax, value in zip(axes[:, 0], values):
+        means = pivot(scores, value, by).reindex(index=keys, columns=groups)
         for g, name in enumerate(groups):
-            sub = mean[mean[by] == name].set_index("key").reindex(keys)
-            ax.bar(np.arange(len(keys)) + g * width, sub[value].to_numpy(dtype=float), width, label=str(name))
+            ax.bar(np.arange(len(keys)) + g * width, means[name].to_numpy(dtype=float), width, label=str(name))
         ax.set_xticks(np.arange(len(keys)) + width * (len(groups) - 1) / 2, keys)
         ax.set_ylabel(value)
-    axes[0, 0].legend(fontsize=7, ncol=len(groups))
+    axes[0, 0].legend(fontsize=7, ncol=max(len(groups), 1))
     fig.tight_layout()
     return fig
 
@@ -298,7 +282,7 @@ def browser(load: Callable[[str], tuple[dict[str, np.ndarray], np.ndarray | None
             table: ClassTable, preset: str | Window = "cardiac"):
     """An ipywidgets browser for JupyterLab: case, class, axis, slice and which map to overlay.
 
-    ``load(case_id)`` returns the case's label maps (name -> map, e.g. original / stage 2 / stage 3)
+    ``load(case_id)`` returns the case's label maps (name -> map, e.g. noisy / stage2 / stage3)
     and its CT. Returns the widget (display it); the figure is redrawn on every change.
     """
     import ipywidgets as w

@@ -25,7 +25,7 @@ def napari_label_colormap(table: ClassTable):
 
 def napari_overlay(run_dir, case_id: str, layout: str = "grid", show: bool = True, opacity: float = 0.6,
                    preset: str | Window = "cardiac"):
-    """Open a case of a run in napari: the CT and Labels layers for the original, stage-2 and stage-3
+    """Open a case of a run in napari: the CT and Labels layers for the noisy, stage2 and stage3
     labels (and the truth, if any) in the class colours, all placed by the NIfTI affine (world mm).
 
     ``layout="grid"`` puts each labels layer over its own copy of the CT, side by side;

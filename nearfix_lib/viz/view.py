@@ -1,6 +1,6 @@
 """Open a case of a run in napari: ``nearfix view RUN_DIR CASE`` (``python -m nearfix_lib.viz.view``).
 
-The CT and the original, stage-2 and stage-3 labels (and the truth, for the phantom) in the class
+The CT and the noisy, stage2 and stage3 labels (and the truth, for the phantom) in the class
 colours, side by side (``--layout grid``, default) or stacked to toggle (``--layout overlay``).
 ``--screenshot out.png`` saves the canvas and exits instead of opening a window (headless nodes:
 run it under ``xvfb-run -a``).

@@ -36,7 +36,7 @@ def test_notebook_executes(path, run_dir):
                         parameters={"params_file": TINY_PARAMS, "run_dir": str(run_dir)})
     assert (run_dir / "params.yaml").is_file()
     if path.stem.startswith("00"):
-        assert (run_dir / "inspection" / "noisy_vs_truth.csv").is_file()
+        assert (run_dir / "inspection" / "scores.csv").is_file()
         assert (run_dir / "inspection" / "components.png").stat().st_size > 1000
     if path.stem.startswith("01"):
         crops = json.loads((run_dir / "prepared" / "crops.json").read_text())
@@ -70,12 +70,20 @@ def test_notebook_executes(path, run_dir):
         assert np.allclose(written.affine, source.affine) and np.array_equal(np.asarray(written.dataobj), decoded)
         assert (run_dir / "stage3" / "distillation.csv").is_file()
         assert (run_dir / "stage3" / "new_cases" / "holdout" / "last.pt").is_file()
+        import pandas as pd
+
+        for folder, pairs in (("stage3", {("stage3", "lref"), ("stage3", "truth"), ("noisy", "truth"),
+                                          ("stage2", "truth")}),
+                              ("stage3/no_distill", {("no_distill", "lref"), ("no_distill", "truth")}),
+                              ("stage3/new_cases/holdout", {("noisy", "truth"), ("stage3", "truth")})):
+            scores = pd.read_csv(run_dir / folder / "scores.csv")
+            assert set(zip(scores["source"], scores["reference"])) == pairs, folder
     if path.stem.startswith("05"):
         import pandas as pd
 
-        metrics = pd.read_csv(run_dir / "report" / "metrics.csv")
-        assert set(metrics["source"]) == {"noisy", "gaussian", "closing", "stage1", "stage2", "stage3"}
-        assert sorted(metrics["case"].astype(str).unique()) == ["1", "2"] and metrics["dice"].between(0, 1).all()
+        scores = pd.read_csv(run_dir / "report" / "scores.csv")
+        assert set(scores["source"]) == {"noisy", "gaussian", "closing", "stage1", "stage2", "stage3"}
+        assert sorted(scores["case"].astype(str).unique()) == ["1", "2"] and scores["dice"].between(0, 1).all()
         summary = (run_dir / "report" / "summary.md").read_text()
         assert "## Dice against the truth" in summary and "bars.png" in summary
         for figure in ("bars.png", "contours_1_LAA.png", "surface_1_LAA.png"):
