@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -60,7 +61,8 @@ class ClassTable:
         keys = [c.key for c in self.classes]
         indices = [c.index for c in self.classes]
         priorities = [c.priority for c in self.classes]
-        for what, values in (("key", keys), ("index", indices), ("priority", priorities)):
+        columns: list[tuple[str, list[Any]]] = [("key", keys), ("index", indices), ("priority", priorities)]
+        for what, values in columns:  # keys are str, indices and priorities int
             dup = sorted({v for v in values if values.count(v) > 1})
             if dup:
                 raise ValueError(f"class table: duplicate {what} {dup}")
@@ -246,5 +248,5 @@ def class_centre(labels: np.ndarray, table: ClassTable, key: str | None = None) 
     """Voxel at the centre of mass of a class (or of all foreground): where to cut slices."""
     mask = labels == table[key].index if key else labels > 0
     if not mask.any():
-        return tuple(s // 2 for s in labels.shape)  # type: ignore[return-value]
+        return tuple(s // 2 for s in labels.shape)
     return tuple(int(round(c)) for c in np.argwhere(mask).mean(axis=0))  # type: ignore[return-value]

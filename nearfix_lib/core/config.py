@@ -390,7 +390,8 @@ class NoiseParams:
     @classmethod
     def disabled(cls) -> NoiseParams:
         """Every error switched off: the "automatic" labels equal the truth."""
-        return cls(**{f.name: 0.0 for f in fields(cls) if f.name.endswith("_prob")})
+        off: dict[str, Any] = {f.name: 0.0 for f in fields(cls) if f.name.endswith("_prob")}
+        return cls(**off)
 
 
 @dataclass
@@ -404,12 +405,13 @@ class PhantomParams:
     noise: NoiseParams = field(default_factory=NoiseParams)
 
     def __post_init__(self) -> None:
-        self.shape = tuple(int(v) for v in self.shape)
-        self.fov_mm = tuple(float(v) for v in self.fov_mm)
-        if len(self.shape) != 3 or min(self.shape) < 8:
-            raise ValueError(f"phantom.shape must be three sizes >= 8, got {self.shape}")
-        if len(self.fov_mm) != 3 or min(self.fov_mm) <= 0:
-            raise ValueError(f"phantom.fov_mm must be three positive lengths, got {self.fov_mm}")
+        shape = tuple(int(v) for v in self.shape)
+        fov_mm = tuple(float(v) for v in self.fov_mm)
+        if len(shape) != 3 or min(shape) < 8:  # the len() checks narrow both to three-tuples
+            raise ValueError(f"phantom.shape must be three sizes >= 8, got {shape}")
+        if len(fov_mm) != 3 or min(fov_mm) <= 0:
+            raise ValueError(f"phantom.fov_mm must be three positive lengths, got {fov_mm}")
+        self.shape, self.fov_mm = shape, fov_mm
         if self.n_cases < 0:
             raise ValueError("phantom.n_cases must be >= 0")
 

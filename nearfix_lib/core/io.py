@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -158,7 +159,7 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
     @property
     def spacing(self) -> np.ndarray:
@@ -170,7 +171,9 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
     if not Path(path).is_file():
         raise InputError(path, "file not found")
     try:
-        img = nib.load(str(path))
+        # nib.load is typed as returning the base class; a .nii/.nii.gz loads as a Nifti1Image
+        # (Nifti2Image is a subclass of it)
+        img = cast(nib.Nifti1Image, nib.load(str(path)))
         img.header.get_data_shape()
     except Exception as err:  # nibabel raises many types for corrupt headers
         raise InputError(path, f"unreadable NIfTI ({type(err).__name__}: {err})") from None
@@ -231,11 +234,14 @@ def read_image(path: str | Path) -> Volume:
 
 def check_same_grid(ref: Volume, other: Volume) -> None:
     """Raise if ``other`` is not on ``ref``'s voxel grid (shape and affine)."""
+    # volumes from read_label/read_image always have a path; one built in memory has none
+    where = other.path or "<in memory>"
+    ref_name = ref.path.name if ref.path else "<in memory>"
     if ref.shape != other.shape:
-        raise InputError(other.path, f"shape {other.shape} differs from {ref.path.name} {ref.shape}")
+        raise InputError(where, f"shape {other.shape} differs from {ref_name} {ref.shape}")
     if not np.allclose(ref.affine, other.affine, atol=AFFINE_ATOL_MM):
         diff = float(np.abs(ref.affine - other.affine).max())
-        raise InputError(other.path, f"affine differs from {ref.path.name} (max difference {diff:.4g})")
+        raise InputError(where, f"affine differs from {ref_name} (max difference {diff:.4g})")
 
 
 @dataclass
@@ -383,7 +389,8 @@ def _json_default(obj):
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, **arrays)
+        # mypy lets **arrays fill savez_compressed's allow_pickle: bool; the keys here are array names
+        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
     return Path(path)
 
 
@@ -418,7 +425,8 @@ class SkipList:
         if not path.is_file():
             return cls()
         with open(path, newline="", encoding="utf-8") as fh:
-            return cls([tuple(r) for r in csv.reader(fh)][1:])
+            rows = [tuple(r) for r in csv.reader(fh)][1:]
+        return cls(cast(list[tuple[str, str, str]], rows))  # three columns, as write() writes them
 
     def write(self, path: str | Path) -> Path:
         """Merge with rows already in ``path`` from other stages, then rewrite atomically."""

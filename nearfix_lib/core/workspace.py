@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -154,7 +155,10 @@ def stage_labels(run: Run, stage: str, case_id: str) -> Path:
 # -- what viewers read ------------------------------------------------------------------------------
 
 def _read_labels(path: Path) -> np.ndarray | None:
-    return np.asarray(nib.load(str(path)).dataobj).astype(np.uint8) if path.is_file() else None
+    if not path.is_file():
+        return None
+    img = cast(nib.Nifti1Image, nib.load(str(path)))  # nib.load is typed as returning the base class
+    return np.asarray(img.dataobj).astype(np.uint8)
 
 
 def case_view(run: Run, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
