@@ -107,8 +107,12 @@ def data_root_of(params: Params, run_dir: Path) -> Path:
     return resolve_path(params.data.data_root, project_root()) if params.data.data_root else Path(run_dir) / "phantom"
 
 
-def open_run(run_dir: str | Path) -> Run:
-    """An existing run, read-only: its recorded params, class table and cases (for viewers)."""
+def open_run(run_dir: str | Path, discover: bool = True) -> Run:
+    """An existing run, read-only: its recorded params, class table and cases (for viewers).
+
+    ``discover=False`` leaves the case list empty and does not need the data: what reads only the
+    run's own results (experiment pages) works on a copied run folder too.
+    """
     run_dir = Path(run_dir)
     meta = run_dir / "params.yaml"
     if not meta.is_file():
@@ -117,11 +121,15 @@ def open_run(run_dir: str | Path) -> Run:
     root = project_root()
     table = load_table(params.data.classes, params.data.class_keys or None, root)
     data_root = data_root_of(params, run_dir)
-    cases = discover_cases(data_root).cases
-    return Run(params, run_dir.resolve(), table, data_root, cases[: params.data.max_cases or None])
+    cases = discover_cases(data_root).cases[: params.data.max_cases or None] if discover else []
+    return Run(params, run_dir.resolve(), table, data_root, cases)
 
 
 # -- the stages' folders ---------------------------------------------------------------------------
+
+def inspection_dir(run: Run) -> Path:
+    return run.path("inspection")
+
 
 def prepared_dir(run: Run) -> Path:
     return run.path("prepared")

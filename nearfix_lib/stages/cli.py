@@ -6,6 +6,7 @@
     nearfix pipeline --params P [--run-dir D --jobs N]   # = python -m nearfix_lib.stages.pipeline
     nearfix stage3 --params P [--run-dir D]              # = python -m nearfix_lib.stages.stage3
     nearfix view RUN CASE [--layout overlay ...]         # = python -m nearfix_lib.viz.view
+    nearfix page RUN [--out docs/experiments/NAME.md]    # an experiment page from a run's CSVs
 
 Every subcommand hands the rest of the command line to that module's ``main``, so the options and
 their help are the module's own. Under torchrun use the module form,
@@ -20,7 +21,7 @@ from collections.abc import Callable
 
 from nearfix_lib import __version__
 from nearfix_lib.phantom import dataset
-from nearfix_lib.stages import pipeline, stage3
+from nearfix_lib.stages import pages, pipeline, stage3
 from nearfix_lib.viz import view
 
 COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "pipeline": (pipeline.main, "run every notebook of a run in order through papermill"),
     "stage3": (stage3.main, "fit the unified model (the module form runs under torchrun)"),
     "view": (view.main, "open a case of a run in napari"),
+    "page": (pages.main, "write a run's experiment page (Markdown) from its CSVs"),
 }
 
 

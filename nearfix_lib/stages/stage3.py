@@ -13,6 +13,8 @@ runs :func:`fit_unified` under DistributedDataParallel, the same code path as th
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ import pandas as pd
 import torch
 
 from nearfix_lib.core.classes import ClassTable
-from nearfix_lib.core.config import Params, Stage3Params
+from nearfix_lib.core.config import Params, Stage3Params, load_params
 from nearfix_lib.core.geometry import Box, resample, roi_box, roi_grid, voxel_spacing
 from nearfix_lib.core.io import InputError, load_case, read_label, write_nifti, write_text
 from nearfix_lib.core.scores import pivot, score_labels, write_scores
@@ -30,6 +32,7 @@ from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.train import (
     FitResult,
+    distributed_rank_world,
     fit,
     init_distributed_from_env,
     load_for_inference,
@@ -37,7 +40,7 @@ from nearfix_lib.field.train import (
 from nearfix_lib.field.unified import CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds, teacher_affine
 from nearfix_lib.phantom.dataset import make_case
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
-from nearfix_lib.stages.runs import resolve_device
+from nearfix_lib.stages.runs import resolve_device, start_run
 
 
 @dataclass
@@ -232,3 +235,25 @@ def new_case_scores(run: Run, case_id: str, holdout, decoded: np.ndarray) -> pd.
     rows = (score_labels(case_id, "noisy", "truth", holdout.noisy, holdout.truth, spacing, run.table)
             + score_labels(case_id, "stage3", "truth", decoded, holdout.truth, spacing, run.table))
     return pivot(write_scores(stage3_dir(run) / "new_cases" / case_id, rows), ["dice", "hd95"])
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Command line for torchrun: fit (DDP when WORLD_SIZE > 1); rank 0 then writes the artifact."""
+    ap = argparse.ArgumentParser(prog=prog, description="stage 3: fit the unified model (torchrun-ready)")
+    ap.add_argument("--params", default="params/demo.yaml")
+    ap.add_argument("--run-dir", default="")
+    ap.add_argument("--device", default="")
+    args = ap.parse_args(argv)
+    run = start_run(load_params(args.params, run_dir=args.run_dir, device=args.device), progress=False)
+    data = load_stage3_data(run)
+    model, task, _ = fit_unified(run, data)
+    if distributed_rank_world()[0] == 0:
+        unified = make_artifact(run, model, task, data)
+        print(f"wrote {stage3_dir(run) / 'unified.pt'}; thresholds {dict(zip(run.table.keys, unified.thresholds))}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

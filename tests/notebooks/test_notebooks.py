@@ -88,3 +88,25 @@ def test_notebook_executes(path, run_dir):
         assert "## Dice against the truth" in summary and "bars.png" in summary
         for figure in ("bars.png", "contours_1_LAA.png", "surface_1_LAA.png"):
             assert (run_dir / "report" / figure).stat().st_size > 5000
+
+
+@pytest.mark.notebook
+def test_experiment_page_is_generated_from_the_runs_csvs(run_dir):
+    """After the notebooks: `nearfix page` writes every stage's section, each number a mean of its CSV."""
+    import pandas as pd
+
+    from nearfix_lib.core.scores import pivot
+    from nearfix_lib.stages.cli import main
+
+    out = run_dir / "page.md"  # kept beside the run, to read when the test fails
+    assert main(["page", str(run_dir), "--out", str(out)]) == 0
+    page = out.read_text()
+    for title in ("The noisy labels", "Stage 1", "Stage 2", "Stage 3: the unified model", "Stage 3: distillation",
+                  "Stage 3: a case it never saw", "Every source against the truth", "Anatomical checks", "Timings"):
+        assert f"## {title}" in page, title
+    assert "| params file | `params/test.yaml`" in page and "| code version | `0." in page
+    report = pivot(pd.read_csv(run_dir / "report" / "scores.csv"), "dice")
+    section = page.split("## Every source against the truth")[1].split("## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| Cor "))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert [float(c) for c in cells] == [round(v, 3) for v in report.loc["Cor"]]
