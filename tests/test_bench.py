@@ -46,3 +46,14 @@ def test_stage3_benchmark_times_a_finer_grid_against_the_default_model():
     assert table["s_per_step /ref"].iloc[0] == 1.0
     assert table["s_per_step /ref"].iloc[1] == table["s_per_step"].iloc[1] / table["s_per_step"].iloc[0]
     assert (table["box_voxels"] < 44 * 40 * 36).all()  # decoded on the heart box, not the whole image
+
+
+def test_a_benchmark_page_is_rendered_from_its_csv_and_stamped(tmp_path):
+    from benchmarks.bench import main
+
+    assert main(["stage2", "--shapes", "40", "--cases", "1", "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "stage2.csv")
+    page = (tmp_path / "stage2.md").read_text()
+    assert page.startswith("# Benchmark: stage2") and "python -m benchmarks.bench stage2 --shapes 40" in page
+    assert "| code version | `0." in page
+    assert f"{table['s_fusion_rules'].iloc[0]:.3g}" in page
