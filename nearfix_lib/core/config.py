@@ -311,7 +311,7 @@ class Stage2Params:
 
 @dataclass
 class BaselineParams:
-    """Kernel sizes in mm; the defaults scored best on the demo phantom (sweep in docs/method.md)."""
+    """Kernel sizes in mm; the defaults scored best on the demo phantom (docs/method.md, "Classical baselines")."""
 
     gaussian_sigma_mm: float = 2.5
     closing_radius_mm: float = 3.0
