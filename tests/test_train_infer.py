@@ -122,3 +122,21 @@ def test_field_in_box_evaluates_a_class_model_on_a_whole_heart_grid_only_inside_
     assert np.allclose(out[inside], full[inside], atol=1e-6)
     assert grid_within_box(grid, Box((40, 40, 40), (45, 45, 45))) is None
     assert np.all(field_in_box(model, 1, grid, Box((40, 40, 40), (45, 45, 45))) == 0.0)
+
+
+def test_validation_runs_on_a_fixed_seeded_subset(tmp_path):
+    """The cost of validation does not grow with the number of cases: a fixed subset, the same every time."""
+    from nearfix_lib.field.train import validation_cases
+
+    assert validation_cases(5, 0, seed=0) == validation_cases(5, 8, seed=0) == [0, 1, 2, 3, 4]
+    subset = validation_cases(1000, 16, seed=7)
+    assert len(subset) == 16 == len(set(subset)) and subset == sorted(subset) and max(subset) < 1000
+    assert subset == validation_cases(1000, 16, seed=7) != validation_cases(1000, 16, seed=8)
+
+    model, task, params = make()
+    seen = []
+    evaluate = task.evaluate
+    task.evaluate = lambda m, cases: seen.append(list(cases)) or evaluate(m, cases)
+    train = TrainParams(**{**params.train.__dict__, "eval_cases": 2})
+    fit(model, task, train, tmp_path, progress=False)
+    assert len(seen) == 3 and all(s == validation_cases(4, 2, seed=0) for s in seen)  # epochs 2, 4, 6

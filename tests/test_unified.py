@@ -101,9 +101,24 @@ def test_fit_thresholds_picks_the_cut_that_matches_the_reference():
     prob = np.zeros((*ref.shape, len(T)), dtype=np.float32)
     lv = T.keys.index("LV")
     prob[..., lv] = np.where(ref == T["LV"].index, 0.35, 0.1) + rng.uniform(0, 0.05, ref.shape)
-    t = fit_thresholds([prob], [ref], T, [0.2, 0.3, 0.5, 0.7])
+    t = fit_thresholds([(prob, ref)], T, [0.2, 0.3, 0.5, 0.7])
     assert t[lv] == 0.3  # 0.2 and 0.3 both separate 0.35 from <= 0.15: the tie goes to the one nearer 0.5
     assert dice(prob[..., lv] >= t[lv], ref == T["LV"].index) == 1.0
+
+
+def test_thresholds_from_cases_streamed_one_by_one_equal_the_pooled_choice():
+    """Counts summed case by case choose what one pooled volume would: nothing but counts is kept."""
+    rng = np.random.default_rng(3)
+    ref = rng.choice(np.asarray(T.indices + [0], dtype=np.uint8), size=(12, 10, 8))
+    prob = np.clip(rng.normal(0.4, 0.2, (*ref.shape, len(T))) + 0.3 * (ref[..., None] == np.asarray(T.indices)),
+                   0, 1).astype(np.float32)
+    candidates = [0.3, 0.4, 0.5, 0.6, 0.7]
+    halves = [(prob[:5], ref[:5]), (prob[5:], ref[5:])]
+    pooled = fit_thresholds([(prob, ref)], T, candidates)
+    assert np.array_equal(fit_thresholds(iter(halves), T, candidates), pooled)
+    for k, cls in enumerate(T):  # the choice is the best pooled Dice among the candidates
+        best = max(dice(prob[..., k] >= t, ref == cls.index) for t in candidates)
+        assert dice(prob[..., k] >= pooled[k], ref == cls.index) == pytest.approx(best)
 
 
 def geometry(shape=(30, 26, 20)):

@@ -199,6 +199,9 @@ class TrainParams:
     lr_gamma: float = 0.5
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     eval_interval: int = 25  # validate every this many epochs (and at the last epoch)
+    # validate on this many cases, a fixed seeded subset (0 = every case), so that validation costs
+    # the same at N = 8 and N = 1,000; the stage still repairs and scores every case once at the end
+    eval_cases: int = 16
     checkpoint_interval: int = 25  # write last.pt every this many epochs (and at the last epoch)
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     select: str = "best"  # which checkpoint results come from: "best" (validation score) or "last"
@@ -208,6 +211,8 @@ class TrainParams:
             raise ValueError(f"train.select must be 'best' or 'last', got {self.select!r}")
         if self.epochs < 1 or self.cases_per_batch < 1:
             raise ValueError("train.epochs and train.cases_per_batch must be >= 1")
+        if self.eval_cases < 0:
+            raise ValueError(f"train.eval_cases must be >= 0 (0 = every case), got {self.eval_cases}")
 
 
 # -- parameters of field.unified -------------------------------------------------------------------

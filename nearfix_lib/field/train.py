@@ -23,6 +23,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -54,8 +55,8 @@ class FitTask(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its named parts (for the log)."""
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Validation metrics; must contain ``score_name``."""
+    def evaluate(self, model: torch.nn.Module, cases: Sequence[int]) -> dict[str, float]:
+        """Validation metrics over these cases (indices); must contain ``score_name``."""
 
     def state_dict(self) -> dict: ...
 
@@ -70,6 +71,15 @@ class FitResult:
     last_epoch: int
     resumed_from: int  # epoch the fit continued from (0 = fresh)
     seconds: float
+
+
+def validation_cases(n_cases: int, eval_cases: int, seed: int) -> list[int]:
+    """The cases validated during a fit: all of them when ``eval_cases`` is 0 or at least ``n_cases``,
+    else a fixed subset drawn from ``seed`` (its own stream, so the batch order does not change)."""
+    if eval_cases == 0 or eval_cases >= n_cases:
+        return list(range(n_cases))
+    rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    return sorted(int(i) for i in rng.choice(n_cases, size=eval_cases, replace=False))
 
 
 CKPT_VERSION = 1
@@ -152,6 +162,7 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     opt = _optimizer(model, params)
     sched = _scheduler(opt, params)
     order_rng = np.random.Generator(np.random.PCG64(seed))
+    validation = validation_cases(task.n_cases, params.eval_cases, seed)
     # every random state a checkpoint holds starts from the seed, so two fits of the same seed
     # hold the same states (numpy's and Python's global ones are otherwise seeded by the OS)
     torch.manual_seed(seed)
@@ -230,7 +241,7 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
         improved = False
         if lead and (epoch % params.eval_interval == 0 or epoch == total):
             model.eval()
-            metrics = task.evaluate(model)
+            metrics = task.evaluate(model, validation)
             row.update(metrics)
             score = float(metrics[task.score_name])
             if score > best_score:

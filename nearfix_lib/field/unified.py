@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,9 +197,10 @@ class UnifiedTask:
         box = Box((0, 0, 0), self.maps[i].shape)
         return field_on_grid(model, i, roi_grid(box, self.maps[i].shape), box, self.device, self.chunk)
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
         scores = []
-        for i, ref in enumerate(self.maps):
+        for i in cases:
+            ref = self.maps[i]
             labels = decode_priority(self.probabilities(model, i), self.table, self.thresholds)
             scores += [dice(labels == c, ref == c) for c in self.indices if (ref == c).any()]
         return {"dice": float(np.mean(scores))}
@@ -226,23 +227,42 @@ def decode_priority(prob: np.ndarray, table: ClassTable, thresholds: Sequence[fl
     return labels
 
 
-def fit_thresholds(probs: Sequence[np.ndarray], refs: Sequence[np.ndarray], table: ClassTable,
+class ThresholdCounts:
+    """Per class and candidate threshold t: |P_c >= t|, |(P_c >= t) & ref == c| and |ref == c|, summed
+    over cases one at a time, so choosing t_c holds counts, not every case's probability map."""
+
+    def __init__(self, table: ClassTable, candidates: Sequence[float]):
+        self.table = table
+        self.candidates = np.asarray(sorted(candidates, key=lambda t: abs(t - 0.5)), dtype=np.float64)
+        self.predicted = np.zeros((len(table), len(self.candidates)), dtype=np.int64)
+        self.overlap = np.zeros_like(self.predicted)
+        self.reference = np.zeros(len(table), dtype=np.int64)
+
+    def add(self, prob: np.ndarray, ref: np.ndarray) -> None:
+        """One case: head probabilities (..., C) in table order and its reference label map."""
+        for k, cls in enumerate(self.table):
+            inside = ref == cls.index
+            self.reference[k] += int(np.count_nonzero(inside))
+            for j, t in enumerate(self.candidates):
+                above = prob[..., k] >= t
+                self.predicted[k, j] += int(np.count_nonzero(above))
+                self.overlap[k, j] += int(np.count_nonzero(above & inside))
+
+    def best(self) -> np.ndarray:
+        """Per class the candidate with the best pooled Dice (ties: the one closest to 0.5)."""
+        size = self.predicted + self.reference[:, None]
+        dice_ = np.where(size > 0, 2.0 * self.overlap / np.maximum(size, 1), 0.0)
+        return self.candidates[np.argmax(dice_ > dice_.max(axis=1, keepdims=True) - 1e-12, axis=1)]
+
+
+def fit_thresholds(pairs: Iterable[tuple[np.ndarray, np.ndarray]], table: ClassTable,
                    candidates: Sequence[float]) -> np.ndarray:
     """Per class, the t_c among ``candidates`` with the best Dice of P_c >= t_c against ref == c,
-    pooled over the cases (ties: the candidate closest to 0.5)."""
-    out = np.full(len(table), 0.5)
-    order = sorted(candidates, key=lambda t: abs(t - 0.5))
-    for k, cls in enumerate(table):
-        best, best_t = -1.0, 0.5
-        for t in order:
-            inter = sum(int(np.count_nonzero((p[..., k] >= t) & (r == cls.index))) for p, r in zip(probs, refs))
-            size = sum(int(np.count_nonzero(p[..., k] >= t)) + int(np.count_nonzero(r == cls.index))
-                       for p, r in zip(probs, refs))
-            score = 2.0 * inter / size if size else 0.0
-            if score > best + 1e-12:
-                best, best_t = score, t
-        out[k] = best_t
-    return out
+    pooled over the cases, from (probabilities, reference) pairs produced one case at a time."""
+    counts = ThresholdCounts(table, candidates)
+    for prob, ref in pairs:
+        counts.add(prob, ref)
+    return counts.best()
 
 
 # -- the artifact -------------------------------------------------------------------------------

@@ -64,8 +64,8 @@ def run_compare(run: Run, progress: bool = True) -> tuple[pd.DataFrame, pd.DataF
     from tqdm import tqdm
 
     rows, checks = [], []
-    for case in tqdm(list(run.iter_loaded("report", with_image=False)), desc="compare", disable=not progress,
-                     unit="case"):
+    for case in tqdm(run.iter_loaded("report", with_image=False), total=len(run.cases), desc="compare",
+                     disable=not progress, unit="case"):  # streamed: one case in memory at a time
         if case.truth is None:
             continue
         r, c = score_case(run, case, label_maps(run, case))

@@ -18,6 +18,7 @@ loaded, not retrained.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +79,11 @@ class Stage1Task:
     def image_of(self, i: int) -> torch.Tensor | None:
         return None if self.images is None else self.images[i:i + 1].to(self.device)
 
-    def evaluate(self, model) -> dict[str, float]:
+    def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
         """Dice of the thresholded full ROI-grid reconstruction against the input mask."""
         scores = []
-        for i, mask in enumerate(self.masks):
+        for i in cases:
+            mask = self.masks[i]
             box = Box((0, 0, 0), mask.shape)
             prob = field_on_grid(model, i, roi_grid(box, mask.shape), box, self.device, self.chunk,
                                  image=self.image_of(i))[..., 0]

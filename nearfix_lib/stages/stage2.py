@@ -130,8 +130,8 @@ def run_stage2(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
     if not fields:
         raise ValueError(f"stage2: no finished stage-1 fit in {run.path('stage1')}; run 02_stage1 first")
     audits, checks, scores = [], [], []
-    for case in tqdm(list(run.iter_loaded("stage2", with_image=False)), desc="stage 2", disable=not progress,
-                     unit="case"):
+    for case in tqdm(run.iter_loaded("stage2", with_image=False), total=len(run.cases), desc="stage 2",
+                     disable=not progress, unit="case"):  # streamed: one case in memory at a time
         if case.case_id not in index:
             run.skipped.add("stage2", case.case_id, "not prepared (see prepared/crops.json)")
             continue

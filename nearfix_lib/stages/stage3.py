@@ -135,13 +135,17 @@ def fit_unified(run: Run, data: Stage3Data, params: Stage3Params | None = None, 
 def make_artifact(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data,
                   params: Stage3Params | None = None) -> UnifiedModel:
     """Fit the thresholds t_c on the training cases and assemble (and save) ``unified.pt``."""
-    params = params or run.params.stage3
-    probs = [task.probabilities(model, i) for i in range(task.n_cases)]
-    thresholds = fit_thresholds(probs, data.maps, run.table, params.threshold_candidates)
-    unified = UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
-                           device=task.device, chunk_points=params.chunk_points)
+    unified = assemble(run, model, task, data, params or run.params.stage3)
     unified.save(stage3_dir(run) / "unified.pt")
     return unified
+
+
+def assemble(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data, params: Stage3Params) -> UnifiedModel:
+    """F_Θ with thresholds fitted on the training cases, decoded one case at a time (counts, not maps, are kept)."""
+    pairs = ((task.probabilities(model, i), data.maps[i]) for i in range(task.n_cases))
+    thresholds = fit_thresholds(pairs, run.table, params.threshold_candidates)
+    return UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
+                        device=task.device, chunk_points=params.chunk_points)
 
 
 def decode_and_score(run: Run, unified: UnifiedModel, source: str = "stage3", write_labels: bool = True,
@@ -182,10 +186,7 @@ def distillation_effect(run: Run, data: Stage3Data, with_distill: pd.DataFrame, 
     stage-1 teachers; written to ``stage3/distillation.csv``."""
     params = _no_distill(run.params.stage3)
     model, task, _ = fit_unified(run, data, params, name="no_distill", distill=False, progress=progress)
-    probs = [task.probabilities(model, i) for i in range(task.n_cases)]
-    thresholds = fit_thresholds(probs, data.maps, run.table, params.threshold_candidates)
-    plain = UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
-                         device=task.device, chunk_points=params.chunk_points)
+    plain = assemble(run, model, task, data, params)
     without = decode_and_score(run, plain, source="no_distill", write_labels=False, progress=progress)
     both = pd.concat([without, with_distill[with_distill["source"] == "stage3"]])
     both = both.sort_values("reference", kind="stable")  # columns grouped by reference
