@@ -2,12 +2,13 @@
 
     python tests/fit_child.py {stage1,stage3} RUN_DIR
 
-Makes (or reuses) a tiny phantom run in RUN_DIR from ``params/demo.yaml`` with :data:`OVERRIDES`,
-prepares it and runs the stage's own fit: ``stage1.fit_class`` for Cor, or ``stage3.fit_unified``
-with hard-example mining and distillation. Stage 3 needs stage-2 labels and stage-1 teachers; the
-setup stands in for those stages cheaply — the prepared noisy whole-heart ROI labels as L^ref
-(``stage3.supervision: roi``, a 16^3 grid: validation stays cheap), the prepared LV occupancy as
-the LV teacher — since what is tested is the fit, not what it learns.
+Makes (or reuses) a tiny phantom run in RUN_DIR from the tests' ``params/test.yaml`` with
+:data:`OVERRIDES`, prepares it and runs the stage's own fit: ``stage1.fit_class`` for Cor, or
+``stage3.fit_unified`` with hard-example mining and distillation. Stage 3 needs stage-2 labels and
+stage-1 teachers; the setup stands in for those stages cheaply — the prepared noisy whole-heart
+ROI labels as L^ref (``stage3.supervision: roi``, test.yaml's small ROI grid: validation stays
+cheap), the prepared LV occupancy as the LV teacher — since what is tested is the fit, not what
+it learns.
 
 Every step sleeps :data:`SLEEP_S` before drawing its batch so the parent can kill the process
 between checkpoints; sleeping changes no number. One thread, so that two processes compute
@@ -27,7 +28,8 @@ import torch
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from nearfix_lib.core.config import load_params  # noqa: E402
+from params_for_tests import load_test_params  # noqa: E402  (tests/, this script's folder)
+
 from nearfix_lib.core.io import write_npz  # noqa: E402
 from nearfix_lib.core.workspace import case_dir, stage1_dir, stage2_dir  # noqa: E402
 from nearfix_lib.field.unified import UnifiedTask  # noqa: E402
@@ -38,19 +40,18 @@ from nearfix_lib.stages.stage1 import Stage1Task  # noqa: E402
 
 EPOCHS = 6
 SLEEP_S = 0.1
-TRAIN = {"epochs": EPOCHS, "cases_per_batch": 1, "lr": 1e-2, "lr_latent": 1e-2, "lr_step_epochs": 3,
-         "eval_interval": 1, "checkpoint_interval": 2, "grad_clip": 1.0}
-MODEL = {"latent_dim": 16, "grid_channels": [8, 4], "grid_sizes": [4, 8]}
-OVERRIDES = {"data.phantom": {"n_cases": 2, "shape": [48, 44, 36]},
-             "prepare": {"heart_resolution": 16, "class_resolution": 16},
-             "stage1.model": MODEL,
-             "stage1.sampling": {"points_per_case": 256},
-             "stage1.train": TRAIN,
-             "stage3.model": MODEL,
-             "stage3.supervision": "roi",
-             "stage3.sampling": {"positives_per_class": 16, "negatives": 64, "mined": 16,
-                                 "mine_from_epoch": 1, "mine_interval": 1},
-             "stage3.train": TRAIN}
+# The same loop for both stages, with every part of a fit's state in play across the kill
+TRAIN = {"epochs": EPOCHS,  # the test checks the rerun ends here (test.yaml's stage-3 fit is shorter)
+         "checkpoint_interval": 2,  # the kill follows the first last.pt (epoch 2), well before EPOCHS
+         "cases_per_batch": 1,  # a step per case, two per epoch: the kill lands part-way through one
+         "eval_interval": 1,  # a score and a best.pt decision every epoch, on both sides of the kill
+         "lr_step_epochs": 3,  # the scheduler steps after the kill: its state must be restored
+         "grad_clip": 1.0}  # the optional clipping step runs too (off in test.yaml)
+OVERRIDES = {"stage1.train": TRAIN,
+             "stage3.train": TRAIN,
+             "stage3.supervision": "roi",  # L^ref stands in as the prepared ROI labels (see above)
+             # hard-example mining from the first epoch on: the mined voxels are task state to restore
+             "stage3.sampling": {"mined": 16, "mine_from_epoch": 1, "mine_interval": 1}}
 STAGE1_CLASS = "Cor"
 TEACHER_CLASS = "LV"
 
@@ -90,7 +91,7 @@ def _stand_in_for_stages_1_and_2(run) -> None:
 def main(stage: str, run_dir: str) -> int:
     torch.set_num_threads(1)
     os.environ.pop("WORLD_SIZE", None)  # one process, never DDP
-    run = start_run(load_params("params/demo.yaml", OVERRIDES, run_dir=run_dir), progress=False)
+    run = start_run(load_test_params(OVERRIDES, run_dir=run_dir), progress=False)
     prepare_run(run)
     if stage == "stage1":
         _slow(Stage1Task)

@@ -22,13 +22,12 @@ import numpy as np
 import papermill as pm
 import pytest
 from conftest import PROJECT
+from params_for_tests import TEST_PARAMS, load_test_params
 
-from nearfix_lib.core.config import load_params
 from nearfix_lib.phantom.dataset import write_dataset
 
 NOTEBOOKS = {stem: PROJECT / "notebooks" / f"{stem}.ipynb"
              for stem in ("00_inspection", "01_prepare", "02_stage1")}
-TEST_PARAMS = "params/test.yaml"
 GOOD = ["1", "2", "Fall 3 äöü"]  # the last: a case id with spaces and non-ASCII letters
 
 
@@ -83,7 +82,7 @@ def _copy_case(src, root, src_id, dst_id, parts=("images", "segmentations", "gro
 
 def make_faulty_root(work):
     """Good cases 1, 2 and 'Fall 3 äöü'; one broken copy of case 1 per kind in KINDS."""
-    params = load_params(PROJECT / TEST_PARAMS).data.phantom
+    params = load_test_params().data.phantom
     source = work / "phantom"
     write_dataset(source, dataclasses.replace(params, n_cases=3))
     root = work / "data"

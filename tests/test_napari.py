@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import PROJECT
+from params_for_tests import load_test_params
 
 from nearfix_lib.core.classes import CARDIAC
 
@@ -27,12 +28,11 @@ def test_labels_colormap_uses_the_class_table_colours():
 @pytest.fixture
 def tiny_run(tmp_path):
     """A run folder with the phantom, and case 1's 'stage 2' labels (the noisy ones, for the layers)."""
-    from nearfix_lib.core.config import load_params
     from nearfix_lib.core.workspace import open_run
     from nearfix_lib.stages.runs import start_run
 
-    params = load_params("params/demo.yaml", {"data.phantom": {"n_cases": 1, "shape": [48, 44, 36]}},
-                         run_dir=str(tmp_path / "run"))
+    # one case is all the viewer shows (and all the fixture checks open_run finds)
+    params = load_test_params({"data.phantom.n_cases": 1}, run_dir=str(tmp_path / "run"))
     run = start_run(params, progress=False)
     (run.dir / "stage2" / "labels").mkdir(parents=True)
     shutil.copy(run.cases[0].label, run.dir / "stage2" / "labels" / "1.nii.gz")

@@ -6,22 +6,22 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import PROJECT, require_ts_chest
+from conftest import require_ts_chest
+from params_for_tests import load_test_params
 
-from nearfix_lib.core.config import load_params
 from nearfix_lib.core.geometry import paste_back
 from nearfix_lib.stages.prepare import load_case_arrays, load_crops_index, prepare_run
 from nearfix_lib.stages.runs import resolve_device, start_run
 
-TINY = {"data.phantom": {"n_cases": 3, "shape": [40, 38, 30]},
-        "prepare": {"heart_resolution": 20, "class_resolution": 12}}
+# params/test.yaml with a third case: the fixture damages two, and one good case must remain
+THREE_CASES = {"data.phantom.n_cases": 3}
 
 
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
     """A phantom data root made by a first run, then damaged: case 2 corrupt, case 3 unpaired."""
     work = tmp_path_factory.mktemp("phantom_run")
-    run = start_run(load_params(PROJECT / "params/demo.yaml", TINY, run_dir=str(work / "gen")))
+    run = start_run(load_test_params(THREE_CASES, run_dir=str(work / "gen")))
     root = work / "data"
     shutil.copytree(run.data_root, root)
     (root / "segmentations" / "2.label.nii.gz").write_bytes(b"not a nifti file")
@@ -35,9 +35,7 @@ def snapshot(root):
 
 def test_bad_cases_are_skipped_listed_and_inputs_untouched(phantom_root, tmp_path):
     before = snapshot(phantom_root)
-    params = load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(phantom_root),
-                         run_dir=str(tmp_path / "run"))
-    run = start_run(params)
+    run = start_run(load_test_params(data_root=str(phantom_root), run_dir=str(tmp_path / "run")))
     crops = prepare_run(run)
     assert [c.case_id for c in crops] == ["1"]
     skipped = (tmp_path / "run" / "skipped.csv").read_text().splitlines()
@@ -48,8 +46,8 @@ def test_bad_cases_are_skipped_listed_and_inputs_untouched(phantom_root, tmp_pat
 
 
 def test_prepare_records_geometry_and_resumes(phantom_root, tmp_path):
-    params = load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(phantom_root),
-                         run_dir=str(tmp_path / "run"))
+    params = load_test_params(data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
+    heart_res, class_res = params.prepare.heart_resolution, params.prepare.class_resolution
     run = start_run(params)
     prepare_run(run)
     index = load_crops_index(run.path("prepared"))
@@ -57,9 +55,9 @@ def test_prepare_records_geometry_and_resumes(phantom_root, tmp_path):
     label = nib.load(str(phantom_root / "segmentations" / "1.label.nii.gz"))
     assert np.allclose(c.affine, label.affine) and c.shape == label.shape
     heart, masks = load_case_arrays(run.path("prepared"), "1")
-    assert heart["labels"].shape == (20, 20, 20) and heart["image"].shape == (20, 20, 20)
+    assert heart["labels"].shape == (heart_res,) * 3 and heart["image"].shape == (heart_res,) * 3
     assert set(masks) == set(run.table.keys) - set(c.missing)
-    assert all(m.shape == (12, 12, 12) and m.any() for m in masks.values())
+    assert all(m.shape == (class_res,) * 3 and m.any() for m in masks.values())
     # the heart ROI NIfTI sits on the original image in world space
     roi_img = nib.load(str(run.path("prepared", "1", "heart_labels.nii.gz")))
     assert np.allclose(roi_img.affine, c.heart_grid.world_affine(c.affine))
@@ -72,12 +70,11 @@ def test_prepare_records_geometry_and_resumes(phantom_root, tmp_path):
     prepare_run(start_run(params))
     assert run.path("prepared", "1", "heart.npz").stat().st_mtime_ns == stamp
     # changed parameters redo the case
-    finer = {**TINY, "prepare": {"heart_resolution": 22, "class_resolution": 12}}
-    params2 = load_params(PROJECT / "params/demo.yaml", finer,
-                          data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
+    params2 = load_test_params({"prepare.heart_resolution": heart_res + 2},  # the change that must redo it
+                               data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
     prepare_run(start_run(params2))
     heart2, _ = load_case_arrays(run.path("prepared"), "1")
-    assert heart2["labels"].shape == (22, 22, 22)
+    assert heart2["labels"].shape == (heart_res + 2,) * 3
 
 
 def test_real_ct_prepares_with_its_own_class_table(tmp_path):
@@ -87,10 +84,9 @@ def test_real_ct_prepares_with_its_own_class_table(tmp_path):
     (root / "images").mkdir()
     (root / "segmentations" / "s0011.label.nii.gz").symlink_to(src / "labels.nii.gz")
     (root / "images" / "s0011.img.nii.gz").symlink_to(src / "ct.nii.gz")
-    params = load_params(PROJECT / "params/demo.yaml",
-                         {"data.classes": "params/classes_ts_chest.yaml", "prepare.heart_resolution": 32,
-                          "prepare.class_resolution": 16},
-                         data_root=str(root), run_dir=str(tmp_path / "run"))
+    # what is tested: a real CT with its own class table
+    params = load_test_params({"data.classes": "params/classes_ts_chest.yaml"},
+                              data_root=str(root), run_dir=str(tmp_path / "run"))
     run = start_run(params)
     assert run.table.keys == ["Heart", "Ao", "PA"]
     (crops,) = prepare_run(run)
@@ -115,16 +111,18 @@ def test_device_resolution():
 
 
 def test_a_class_can_have_its_own_resolution(phantom_root, tmp_path):
-    prepare = {"heart_resolution": 20, "class_resolution": 12, "class_resolution_overrides": {"Cor": 18}}
-    params = load_params(PROJECT / "params/demo.yaml", {**TINY, "prepare": prepare}, data_root=str(phantom_root),
-                         run_dir=str(tmp_path / "run"))
+    # what is tested: Cor at its own resolution, unlike test.yaml's class_resolution for the others
+    params = load_test_params({"prepare.class_resolution_overrides": {"Cor": 18}}, data_root=str(phantom_root),
+                              run_dir=str(tmp_path / "run"))
+    class_res = params.prepare.class_resolution
+    assert class_res != 18
     prepare_run(start_run(params))
     _, masks = load_case_arrays(tmp_path / "run" / "prepared", "1")
-    assert masks["Cor"].shape == (18, 18, 18) and masks["LV"].shape == (12, 12, 12)
+    assert masks["Cor"].shape == (18, 18, 18) and masks["LV"].shape == (class_res,) * 3
     c = load_crops_index(tmp_path / "run" / "prepared")["1"]
     assert c.class_grids["Cor"].shape == (18, 18, 18)
     with pytest.raises(ValueError, match="class_resolution_overrides.Cor"):
-        load_params(PROJECT / "params/demo.yaml", {"prepare.class_resolution_overrides": {"Cor": 1}})
+        load_test_params({"prepare.class_resolution_overrides": {"Cor": 1}})
 
 
 def test_a_missing_data_root_is_one_line_and_a_resumed_run_says_so(phantom_root, tmp_path, capsys):
@@ -132,10 +130,9 @@ def test_a_missing_data_root_is_one_line_and_a_resumed_run_says_so(phantom_root,
 
     missing = tmp_path / "no such folder"
     with pytest.raises(InputError) as err:
-        start_run(load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(missing),
-                              run_dir=str(tmp_path / "run")))
+        start_run(load_test_params(data_root=str(missing), run_dir=str(tmp_path / "run")))
     assert str(err.value) == f"{missing}: data root does not exist"
-    params = load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
+    params = load_test_params(data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
     start_run(params)
     assert "resuming" not in capsys.readouterr().out
     stale = tmp_path / "run" / "prepared" / "1" / ".heart.npz.nftmp-ghost-999999999-0123abcd.npz"

@@ -5,21 +5,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import PROJECT
+from params_for_tests import load_test_params
 
 from nearfix_lib.core.config import load_params
 from nearfix_lib.stages import prepare, stage1
 from nearfix_lib.stages.runs import start_run
 
-TINY = {"data.phantom": {"n_cases": 2, "shape": [44, 40, 34]},
-        "prepare": {"heart_resolution": 16, "class_resolution": 24},
-        "stage1.model": {"latent_dim": 32, "grid_channels": [16, 8], "grid_sizes": [4, 8]},
-        "stage1.sampling": {"points_per_case": 512, "bias_schedule": [[4, 0.5], [8, 0.1]]},
-        "stage1.train": {"epochs": 8, "eval_interval": 4, "checkpoint_interval": 4, "lr_step_epochs": 0}}
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    params = load_params(PROJECT / "params/demo.yaml", TINY, run_dir=str(tmp_path_factory.mktemp("s1")))
+    params = load_test_params(run_dir=str(tmp_path_factory.mktemp("s1")))
     run = start_run(params, progress=False)
     prepare.prepare_run(run)
     return run
@@ -35,13 +30,14 @@ def fit_and_repair(run, cls):
 def test_fit_and_repair_write_masks_on_the_original_grid(tiny_run):
     table = fit_and_repair(tiny_run, "9")  # papermill passes "-p cls 9" like this
     out = stage1.stage1_dir(tiny_run, "Cor")
+    class_res = tiny_run.params.prepare.class_resolution
     for case in tiny_run.cases:
         src = nib.load(str(case.label))
         mask = nib.load(str(out / "masks" / f"{case.case_id}.nii.gz"))
         assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
         with np.load(out / "prob" / f"{case.case_id}.npz") as z:
-            assert z["prob"].dtype == np.float16 and z["prob"].shape == (24, 24, 24)
+            assert z["prob"].dtype == np.float16 and z["prob"].shape == (class_res,) * 3
     assert {"ckpt", "prob", "masks"} <= {p.name for p in out.iterdir()}
     assert (out / "ckpt" / "best.pt").is_file() and (out / "scores.csv").is_file()
     assert set(table["reference"]) == {"noisy", "truth"}
@@ -55,7 +51,8 @@ def test_finished_fit_is_loaded_not_retrained(tiny_run):
     ckpt = stage1.stage1_dir(tiny_run, "LA") / "ckpt" / "last.pt"
     stamp = ckpt.stat().st_mtime_ns
     _, _, result = stage1.fit_class(tiny_run, "LA", tiny_run.params.stage1, progress=False)
-    assert result.resumed_from == 8 and ckpt.stat().st_mtime_ns == stamp
+    epochs = tiny_run.params.stage1.train.epochs
+    assert result.resumed_from == epochs and ckpt.stat().st_mtime_ns == stamp
 
 
 def test_per_class_overrides():
@@ -115,16 +112,18 @@ def test_repair_beats_a_noisy_mask_with_islands_and_stairs():
 
 def test_appearance_branch_runs_end_to_end(tmp_path):
     """in_ch 323: CT crops per class ROI (prepare.class_images) feed the appearance encoder."""
-    over = {**TINY, "prepare": {"heart_resolution": 16, "class_resolution": 16, "class_images": True},
-            "stage1.model": {**TINY["stage1.model"], "appearance": True},
-            "stage1.train": {**TINY["stage1.train"], "epochs": 2, "eval_interval": 2}}
-    run = start_run(load_params(PROJECT / "params/demo.yaml", over, run_dir=str(tmp_path)), progress=False)
+    over = {"prepare.class_images": True,  # the CT crops the encoder reads
+            "stage1.model.appearance": True,  # what is tested
+            # it has to run, not learn: 2 epochs instead of test.yaml's, evaluated at the last
+            "stage1.train": {"epochs": 2, "eval_interval": 2}}
+    run = start_run(load_test_params(over, run_dir=str(tmp_path)), progress=False)
     prepare.prepare_run(run)
     model, data, _ = stage1.fit_class(run, "LV", run.params.stage1, progress=False)
-    assert model.in_channels == 3 + 16 + 8 + 160
+    m = run.params.stage1.model  # coordinates + one feature vector per grid scale + the CT features
+    assert model.in_channels == 3 + sum(m.grid_channels) + m.appearance_channels
     assert data.images is not None and -1.0 <= data.images[0].min() and data.images[0].max() <= 1.0
     table = stage1.repair_class(run, "LV", run.params.stage1, model, data, progress=False)
-    assert len(table) == 2 * 3  # 2 cases x (stage1 vs noisy, noisy and stage1 vs truth)
+    assert run.cases and len(table) == len(run.cases) * 3  # per case: stage1 vs noisy, noisy and stage1 vs truth
 
 
 def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):
@@ -138,8 +137,7 @@ def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):
     lab = read_label(root / "segmentations" / "2.label.nii.gz", tiny_run.table)
     write_nifti(root / "segmentations" / "2.label.nii.gz",
                 np.where(lab.array == tiny_run.table["LAA"].index, 0, lab.array), lab.affine, lab.header)
-    run = start_run(load_params(PROJECT / "params/demo.yaml", TINY, data_root=str(root),
-                                run_dir=str(tmp_path / "run")), progress=False)
+    run = start_run(load_test_params(data_root=str(root), run_dir=str(tmp_path / "run")), progress=False)
     crops = {c.case_id: c for c in prepare.prepare_run(run)}
     assert crops["2"].missing == ["LAA"] and not crops["1"].missing
     data = stage1.load_stage1_data(run, "LAA")

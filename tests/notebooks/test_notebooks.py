@@ -5,9 +5,9 @@ import json
 import papermill as pm
 import pytest
 from conftest import PROJECT
+from params_for_tests import TEST_PARAMS  # the tests' tiny run, shared with the whole suite
 
 NOTEBOOKS = sorted((PROJECT / "notebooks").glob("*.ipynb"))
-TINY_PARAMS = "params/test.yaml"  # the tests' tiny run, shared with the fault-injection suite
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -33,7 +33,7 @@ def test_notebook_executes(path, run_dir):
     out = run_dir / "notebooks" / path.name
     out.parent.mkdir(exist_ok=True)
     pm.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(PROJECT), progress_bar=False,
-                        parameters={"params_file": TINY_PARAMS, "run_dir": str(run_dir)})
+                        parameters={"params_file": TEST_PARAMS, "run_dir": str(run_dir)})
     assert (run_dir / "params.yaml").is_file()
     if path.stem.startswith("00"):
         assert (run_dir / "inspection" / "scores.csv").is_file()
