@@ -56,6 +56,7 @@ def test_prepare_records_geometry_and_resumes(phantom_root, tmp_path):
     assert np.allclose(c.affine, label.affine) and c.shape == label.shape
     heart, masks = load_case_arrays(run.path("prepared"), "1")
     assert heart["labels"].shape == (heart_res,) * 3 and heart["image"].shape == (heart_res,) * 3
+    assert heart["image"].dtype == np.int16  # whole HU: half the bytes of float32
     assert set(masks) == set(run.table.keys) - set(c.missing)
     assert all(m.shape == (class_res,) * 3 and m.any() for m in masks.values())
     # the heart ROI NIfTI sits on the original image in world space

@@ -104,7 +104,8 @@ def prepare_case(case: LoadedCase, table: ClassTable, params: PrepareParams, pre
     heart_grid = roi_grid(heart_box, params.heart_resolution)
     heart = {"labels": resample(labels, heart_grid, order=0), "to_original": heart_grid.to_original}
     if params.save_image and case.image is not None:
-        heart["image"] = resample(case.image.array, heart_grid, order=1, cval=AIR_HU)
+        # whole HU as int16: what a figure shows, at half the bytes of float32 and cheap to compress
+        heart["image"] = np.rint(resample(case.image.array, heart_grid, order=1, cval=AIR_HU)).astype(np.int16)
     write_npz(folder / "heart.npz", **heart)
     # the same ROI labels as NIfTI on the ROI grid's own world affine: opens in napari or any
     # viewer exactly on top of the original image
