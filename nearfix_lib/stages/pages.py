@@ -62,9 +62,10 @@ def _metric_tables(scores: pd.DataFrame, values: Sequence[str], columns: str | S
 
 def _stamp(run: Run) -> list[str]:
     params, name = run.params, run.dir.name
-    source, root = Path(params.source) if params.source else None, project_root()
-    if source is not None and source.is_relative_to(root):
-        source = source.relative_to(root)
+    source = Path(params.source) if params.source else None
+    if source is not None:  # as the checkout it was run from names it (params/<file>), never a machine's path
+        root = project_root(source.parent)
+        source = source.relative_to(root) if source.is_relative_to(root) else Path(source.name)
     version = run.path("version.txt").read_text().strip() if run.path("version.txt").is_file() else "unknown"
     data = params.data.data_root or (f"phantom: {params.data.phantom.n_cases} cases of "
                                      f"{'×'.join(map(str, params.data.phantom.shape))} voxels")
