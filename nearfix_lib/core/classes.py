@@ -203,32 +203,9 @@ class ClassTable:
             yaml.safe_dump({"classes": self.to_records()}, fh, sort_keys=False)
 
 
-# The Public Cardiac CT Dataset convention (STACOM 2025). Priorities follow the fusion order
-# Coronary > LAA > PV > LA > LV > Myo > Aorta > RA > RV > PA; expected component counts are
-# those of a clean case (the ascending and descending aorta are separate inside a cardiac FOV,
-# left and right coronary trees are separate, PV enter the LA as separate trunks).
-CARDIAC = ClassTable.from_records([
-    {"index": 1, "key": "Myo", "name": "Myocardium", "colour": [230, 159, 0],
-     "priority": 6, "expected_components": 1},
-    {"index": 2, "key": "LA", "name": "Left atrium", "colour": [220, 60, 60],
-     "priority": 4, "expected_components": 1},
-    {"index": 3, "key": "LV", "name": "Left ventricle", "colour": [255, 120, 180],
-     "priority": 5, "expected_components": 1},
-    {"index": 4, "key": "RA", "name": "Right atrium", "colour": [70, 110, 230],
-     "priority": 8, "expected_components": 1},
-    {"index": 5, "key": "RV", "name": "Right ventricle", "colour": [100, 200, 255],
-     "priority": 9, "expected_components": 1},
-    {"index": 6, "key": "Ao", "name": "Aorta", "colour": [200, 40, 200],
-     "priority": 7, "expected_components": 2},
-    {"index": 7, "key": "PA", "name": "Pulmonary artery", "colour": [40, 80, 160],
-     "priority": 10, "expected_components": 1},
-    {"index": 8, "key": "LAA", "name": "Left atrial appendage", "colour": [250, 230, 40],
-     "priority": 2, "expected_components": 1, "attach_to": ["LA"]},
-    {"index": 9, "key": "Cor", "name": "Coronary arteries", "colour": [40, 220, 60],
-     "priority": 1, "expected_components": 2, "attach_to": ["Myo", "Ao"], "attach_max_mm": 3.0},
-    {"index": 10, "key": "PV", "name": "Pulmonary veins", "colour": [150, 90, 40],
-     "priority": 3, "expected_components": 2, "attach_to": ["LA"]},
-])
+# The Public Cardiac CT Dataset convention (STACOM 2025): priorities, expected component counts
+# and attachment rules are explained beside the table in cardiac.yaml.
+CARDIAC = ClassTable.from_yaml(Path(__file__).with_name("cardiac.yaml"))
 
 
 def load_table(spec: str | Path | None, keep: Sequence[str] | None = None,
