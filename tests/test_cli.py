@@ -22,7 +22,7 @@ def test_an_unknown_command_is_one_line_and_rc_2(capsys):
     assert "unknown command 'stage9'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["phantom", "pipeline", "stage3", "view"])
+@pytest.mark.parametrize("command", ["phantom", "pipeline", "run", "merge", "stage3", "view"])
 def test_each_command_has_its_modules_options_under_its_own_name(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])

@@ -24,7 +24,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,11 +428,15 @@ class SkipList:
             rows = [tuple(r) for r in csv.reader(fh)][1:]
         return cls(cast(list[tuple[str, str, str]], rows))  # three columns, as write() writes them
 
-    def write(self, path: str | Path) -> Path:
-        """Merge with rows already in ``path`` from other stages, then rewrite atomically."""
+    def write(self, path: str | Path, replace: Iterable[str] = ()) -> Path:
+        """Merge with rows already in ``path`` from other stages, then rewrite atomically.
+
+        A stage this list has rows for replaces that stage's rows in the file; so does every stage
+        named in ``replace`` (a stage whose cases all went through this time leaves no old row).
+        """
         path = Path(path)
         rows = SkipList.read(path).entries
-        stages = {e[0] for e in self.entries}
+        stages = {e[0] for e in self.entries} | set(replace)
         rows = [r for r in rows if r[0] not in stages] + list(self.entries)
         with atomic_path(path) as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as fh:

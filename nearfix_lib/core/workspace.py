@@ -7,14 +7,16 @@ without importing the stages::
     outputs/<run>/
       params.yaml  version.txt  skipped.csv
       phantom/                          (generated data root when params give none)
-      prepared/crops.json  prepared/<case>/{crop.json,heart.npz,class_<key>.npz}
+      prepared/crops.json  prepared/<case>/{crop.json,heart.npz,class_<key>.npz}  prepared/parts/
       inspection/{cases,components,…,scores}.csv
       stage1/<key>/{ckpt,prob,masks}/  stage1/<key>/scores.csv
-      stage2/{labels,roi}/  stage2/{audit,checks,scores}.csv
+      stage2/{labels,roi,parts}/  stage2/{audit,checks,scores}.csv
       stage3/{ckpt,labels,new_cases,no_distill}/  stage3/unified.pt  stage3/{scores,distillation}.csv
-      report/{scores,checks}.csv  report/summary.md  notebooks/
+      report/parts/  report/{scores,checks}.csv  report/summary.md  notebooks/
 
-Every ``scores.csv`` has the one long format of :mod:`nearfix_lib.core.scores`.
+Every ``scores.csv`` has the one long format of :mod:`nearfix_lib.core.scores`. A per-case stage
+(``stages.shards``) keeps each case's table rows in ``<stage folder>/parts/<case>.json`` until
+they are merged into its tables.
 
 :func:`open_run` opens an existing run read-only (viewers); ``stages.runs.start_run`` creates or
 resumes one (notebooks).
@@ -22,7 +24,7 @@ resumes one (notebooks).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -91,8 +93,10 @@ class Run:
             raise InputError(self.data_root, f"no usable case to show (all are listed in {self.path(SKIPPED_CSV)})")
         return usable[0]
 
-    def write_skipped(self) -> Path:
-        return self.skipped.write(self.path(SKIPPED_CSV))
+    def write_skipped(self, replace: Iterable[str] = ()) -> Path:
+        """``skipped.csv``: this session's rows, and the other stages' rows already there (see
+        :meth:`SkipList.write`; ``replace`` names stages whose old rows go even without a new one)."""
+        return self.skipped.write(self.path(SKIPPED_CSV), replace)
 
 
 def run_directory(params: Params) -> Path:
@@ -153,6 +157,25 @@ def stage3_dir(run: Run) -> Path:
 
 def report_dir(run: Run) -> Path:
     return run.path("report")
+
+
+def stage_dir(run: Run, stage: str) -> Path:
+    """A stage's folder by the name ``skipped.csv`` gives the stage: ``prepare`` -> ``prepared/``,
+    ``stage1-<key>`` -> ``stage1/<key>/``, any other (``stage2``, ``stage3``, ``report``) -> ``<name>/``."""
+    if stage == "prepare":
+        return prepared_dir(run)
+    if stage.startswith("stage1-"):
+        return stage1_dir(run, stage[len("stage1-"):])
+    return run.path(stage)
+
+
+def parts_dir(run: Run, stage: str) -> Path:
+    """Where a per-case stage keeps one part file per case until they are merged (``stages.shards``)."""
+    return stage_dir(run, stage) / "parts"
+
+
+def part_path(run: Run, stage: str, case_id: str) -> Path:
+    return parts_dir(run, stage) / f"{case_id}.json"
 
 
 def stage_labels(run: Run, stage: str, case_id: str) -> Path:

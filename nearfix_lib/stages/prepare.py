@@ -7,6 +7,9 @@ occupancy, see :func:`geometry.resample_mask`) for stage 1. The crop parameters 
 grid-to-original affines, plus the case's shape and affine — go to ``prepared/<case>/crop.json``
 and, for the whole data set, ``prepared/crops.json``: later stages read geometry from there and
 never guess it. A case whose crop.json records the same parameters is not redone (resume).
+
+The cases run through :mod:`stages.shards` (``workers=K`` processes, ``shard=i/n`` of a SLURM
+array); each case's crop parameters are its part, merged into ``crops.json`` in case order.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from nearfix_lib.core.config import PrepareParams
 from nearfix_lib.core.geometry import Box, Grid, resample, resample_mask, roi_box, roi_grid, voxel_spacing
 from nearfix_lib.core.io import LoadedCase, write_json, write_nifti, write_npz
 from nearfix_lib.core.workspace import Run, case_dir, prepared_dir
+from nearfix_lib.stages import shards
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -130,19 +134,33 @@ def prepare_case(case: LoadedCase, table: ClassTable, params: PrepareParams, pre
     return crops
 
 
-def prepare_run(run: Run, stage: str = "prepare") -> list[CaseCrops]:
-    """Prepare every valid case of a run; bad cases are listed in the run's skipped.csv."""
-    from tqdm import tqdm
+def prepare_case_part(run: Run, case_id: str, state: None) -> shards.Rows:
+    """One case of :data:`CASES`: read, prepare (resumable), its crop parameters as the part."""
+    case = run.load(case_id, with_truth=False)
+    crops = prepare_case(case, run.table, run.params.prepare, prepared_dir(run))
+    return {"crops": [crops.to_dict(run.params.prepare)]}
 
+
+def prepare_stamp(run: Run, case_id: str) -> dict:
+    return dataclasses.asdict(run.params.prepare)
+
+
+def write_prepared(run: Run, rows: shards.Rows) -> list[CaseCrops]:
+    """``prepared/crops.json`` from every case's crop parameters; returns them."""
     params = run.params.prepare
-    root = prepared_dir(run)
-    crops = []
-    for case in tqdm(run.iter_loaded(stage, with_truth=False), total=len(run.cases), desc="prepare",
-                     unit="case"):
-        crops.append(prepare_case(case, run.table, params, root))
-    write_crops_index(root, crops, params)
-    run.write_skipped()
-    return crops
+    write_json(prepared_dir(run) / "crops.json", {"params": dataclasses.asdict(params),
+                                                  "cases": {d["case_id"]: d for d in rows["crops"]}})
+    return [CaseCrops.from_dict(d) for d in rows["crops"]]
+
+
+CASES = shards.CaseStage("prepare", ("crops",), prepare_case_part, write_prepared, stamp=prepare_stamp)
+
+
+def prepare_run(run: Run, progress: bool = True, *, workers: int = 1,
+                shard: shards.Shard | str | None = None) -> list[CaseCrops]:
+    """Prepare every valid case of a run (or a shard's share; ``workers`` processes); bad cases are
+    listed in the run's skipped.csv. Returns every case's crops once all are done, else ``[]``."""
+    return shards.run_stage(run, CASES, workers, shard, progress) or []
 
 
 def load_case_arrays(prepared_root: Path, case_id: str) -> tuple[dict, dict]:

@@ -6,11 +6,14 @@ stage 3 (the unified model's decoded map). Sources a run has not produced yet ar
 
 ``report/`` receives ``scores.csv`` (case × class × source against the truth, :mod:`core.scores`),
 ``checks.csv`` (anatomical checks per case and source), the figures and
-``summary.md`` (per-class table, check rates, timings).
+``summary.md`` (per-class table, check rates, timings). The scoring runs through :mod:`stages.shards`
+(``workers=K`` processes, ``shard=i/n`` of a SLURM array): a case whose part is written under the
+same parameters and source files is not scored again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +27,11 @@ from nearfix_lib.core.scores import (
     read_scores,
     score_labels,
     score_masks,
-    write_scores,
+    scores_frame,
 )
 from nearfix_lib.core.workspace import Run, _read_labels, report_dir, stage1_dir, stage3_dir, stage_labels
 from nearfix_lib.repair.baselines import BASELINES, run_baseline
+from nearfix_lib.stages import shards
 from nearfix_lib.stages.stage2 import original_masks
 
 SOURCES = ("noisy", *BASELINES, "stage1", "stage2", "stage3")
@@ -59,23 +63,37 @@ def score_case(run: Run, case: LoadedCase, maps: dict[str, np.ndarray]) -> tuple
     return rows, checks
 
 
-def run_compare(run: Run, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score every case that has a truth; write ``report/scores.csv`` and ``report/checks.csv``."""
-    from tqdm import tqdm
+def report_case(run: Run, case_id: str, state: None) -> shards.Rows:
+    """One case of :data:`CASES`: every source against the truth (no rows for a case without one)."""
+    case = run.load(case_id, with_image=False)
+    if case.truth is None:
+        return {"scores": [], "checks": []}
+    scores, checks = score_case(run, case, label_maps(run, case))
+    return {"scores": scores, "checks": checks}
 
-    rows, checks = [], []
-    for case in tqdm(run.iter_loaded("report", with_image=False), total=len(run.cases), desc="compare",
-                     disable=not progress, unit="case"):  # streamed: one case in memory at a time
-        if case.truth is None:
-            continue
-        r, c = score_case(run, case, label_maps(run, case))
-        rows += r
-        checks += c
-    run.write_skipped()
-    scores, check_table = write_scores(report_dir(run), rows), pd.DataFrame(checks)
-    if len(check_table):
-        write_text(report_dir(run) / "checks.csv", check_table.to_csv(index=False))
-    return scores, check_table
+
+def report_stamp(run: Run, case_id: str) -> dict:
+    """What a case's scores depend on: the baselines' parameters and the files of the stages' maps."""
+    files = [stage1_dir(run, cls.key) / "masks" / f"{case_id}.nii.gz" for cls in run.table]
+    files += [stage_labels(run, name, case_id) for name in ("stage2", "stage3")]
+    return {"baselines": dataclasses.asdict(run.params.baselines), "classes": run.table.keys,
+            "files": {str(f.relative_to(run.dir)): shards.file_stamp(f) for f in files}}
+
+
+def write_report(run: Run, rows: shards.Rows) -> tuple[pd.DataFrame, pd.DataFrame]:
+    tables = shards.write_tables(report_dir(run), rows)
+    return tables["scores"], tables["checks"]
+
+
+CASES = shards.CaseStage("report", ("scores", "checks"), report_case, write_report, stamp=report_stamp)
+
+
+def run_compare(run: Run, progress: bool = True, *, workers: int = 1,
+                shard: shards.Shard | str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score every case that has a truth (or a shard's share; ``workers`` processes); write
+    ``report/scores.csv`` and ``report/checks.csv`` once every case is done (else empty tables)."""
+    tables = shards.run_stage(run, CASES, workers, shard, progress)
+    return tables if tables is not None else (scores_frame([]), pd.DataFrame())
 
 
 def timings(run: Run) -> pd.DataFrame:

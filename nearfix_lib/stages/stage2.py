@@ -13,11 +13,14 @@ Two grids per case, the same fusion on both (:func:`fusion.fuse_case`):
 Also written: ``stage2/audit.csv`` (case × rule × class: components removed, voxels changed,
 counts before/after), ``stage2/checks.csv`` (per case and class: components, at expected count,
 attachment) and, when the truth exists, ``stage2/scores.csv`` (noisy, stage 1 and stage 2 against
-the truth, :mod:`core.scores`). A case whose label NIfTI is already written is loaded, not recomputed (resume).
+the truth, :mod:`core.scores`). The cases run through :mod:`stages.shards` (``workers=K`` processes,
+each loading the stage-1 fields once; ``shard=i/n`` of a SLURM array): a case whose part is written
+under the same parameters and stage-1 fits is not recomputed (resume).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +30,14 @@ import pandas as pd
 import torch
 
 from nearfix_lib.core.classes import ClassTable
-from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz, write_text
-from nearfix_lib.core.scores import anatomy_checks, score_labels, score_masks, write_scores
+from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz
+from nearfix_lib.core.scores import anatomy_checks, score_labels, score_masks, scores_frame
 from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
 from nearfix_lib.field.infer import field_in_box
 from nearfix_lib.field.train import load_checkpoint, load_for_inference
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.repair.fusion import FusionResult, fuse_case
+from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
 from nearfix_lib.stages.runs import resolve_device
 from nearfix_lib.stages.stage1 import build_model
@@ -48,7 +52,7 @@ def original_masks(run: Run, case_id: str, shape: tuple[int, ...]) -> dict[str, 
         if path.is_file():
             mask = np.asarray(nib.load(str(path)).dataobj) > 0
             if mask.shape != tuple(shape):
-                raise InputError(f"{path}: shape {mask.shape} differs from the case's {tuple(shape)}")
+                raise InputError(path, f"shape {mask.shape} differs from the case's {tuple(shape)}")
             masks[cls.key] = mask
     return masks
 
@@ -117,42 +121,61 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     return result.labels, masks, audit
 
 
-def run_stage2(run: Run, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Stage 2 for every case of the run; returns the audit, checks and (with truth) scores tables."""
-    from tqdm import tqdm
+@dataclass
+class Stage2State:
+    """What every case of a process needs: the device, the crops index and the stage-1 fields."""
 
+    device: str
+    index: dict[str, CaseCrops]
+    fields: dict[str, ClassField]
+
+
+def stage2_setup(run: Run) -> Stage2State:
     device = resolve_device(run.params.run.device)
-    out = stage2_dir(run)
+    return Stage2State(device, load_crops_index(prepared_dir(run)), load_stage1_fields(run, device))
+
+
+def stage2_case(run: Run, case_id: str, state: Stage2State) -> shards.Rows:
+    """One case of :data:`CASES`: fuse and write it; its audit, checks and (with truth) scores rows."""
+    case = run.load(case_id, with_image=False)
+    if case_id not in state.index:
+        raise shards.CaseSkipped("not prepared (see prepared/crops.json)")
+    fused, masks, audit = fuse_run_case(run, case, state.index[case_id], state.fields, state.device)
+    spacing = case.label.spacing
+    checks = [{"case": case_id, "source": source, **anatomy_checks(labels, spacing, run.table)}
+              for source, labels in (("noisy", case.label.array), ("stage2", fused))]
+    scores = score_against_truth(case, masks, fused, run.table) if case.truth is not None else []
+    return {"audit": audit, "checks": checks, "scores": scores}
+
+
+def stage2_stamp(run: Run, case_id: str) -> dict:
+    """What a case's result depends on: the parameters of prepare, stage 1 and 2, and the stage-1 fits."""
+    p = run.params
+    fits = {cls.key: [shards.file_stamp(stage1_dir(run, cls.key) / "ckpt" / name) for name in ("last.pt", "best.pt")]
+            for cls in run.table}
+    return {"params": {name: dataclasses.asdict(getattr(p, name)) for name in ("prepare", "stage1", "stage2")},
+            "classes": run.table.keys, "fits": fits}
+
+
+def write_stage2(run: Run, rows: shards.Rows) -> dict[str, pd.DataFrame]:
+    return shards.write_tables(stage2_dir(run), rows)
+
+
+CASES = shards.CaseStage("stage2", ("audit", "checks", "scores"), stage2_case, write_stage2,
+                         setup=stage2_setup, stamp=stage2_stamp)
+
+
+def run_stage2(run: Run, progress: bool = True, *, workers: int = 1,
+               shard: shards.Shard | str | None = None) -> dict[str, pd.DataFrame]:
+    """Stage 2 for every case of the run (or a shard's share; ``workers`` processes); returns the
+    audit, checks and (with truth) scores tables once every case is done (else empty tables)."""
     for name, keys in run.params.stage2.unknown_keys(run.table).items():
         print(f"stage2.{name}: {keys} are not classes of this run ({run.table.keys}); skipped")
-    index = load_crops_index(prepared_dir(run))
-    fields = load_stage1_fields(run, device)
-    if not fields:
+    if not any((stage1_dir(run, cls.key) / "ckpt" / "last.pt").is_file() for cls in run.table):
         raise ValueError(f"stage2: no finished stage-1 fit in {run.path('stage1')}; run 02_stage1 first")
-    audits, checks, scores = [], [], []
-    for case in tqdm(run.iter_loaded("stage2", with_image=False), total=len(run.cases), desc="stage 2",
-                     disable=not progress, unit="case"):  # streamed: one case in memory at a time
-        if case.case_id not in index:
-            run.skipped.add("stage2", case.case_id, "not prepared (see prepared/crops.json)")
-            continue
-        try:
-            fused, masks, audit = fuse_run_case(run, case, index[case.case_id], fields, device)
-        except InputError as err:
-            run.skipped.add("stage2", case.case_id, err)
-            print(f"skipped case {case.case_id}: {err}")
-            continue
-        audits += audit
-        spacing = case.label.spacing
-        for source, labels in (("noisy", case.label.array), ("stage2", fused)):
-            checks.append({"case": case.case_id, "source": source, **anatomy_checks(labels, spacing, run.table)})
-        if case.truth is not None:
-            scores += score_against_truth(case, masks, fused, run.table)
-    run.write_skipped()
-    tables = {"audit": pd.DataFrame(audits), "checks": pd.DataFrame(checks)}
-    for name, table in tables.items():
-        if len(table):
-            write_text(out / f"{name}.csv", table.to_csv(index=False))
-    return {**tables, "scores": write_scores(out, scores)}
+    tables = shards.run_stage(run, CASES, workers, shard, progress)
+    return tables if tables is not None else {"audit": pd.DataFrame(), "checks": pd.DataFrame(),
+                                              "scores": scores_frame([])}
 
 
 def score_against_truth(case: LoadedCase, masks: dict[str, np.ndarray], fused: np.ndarray,

@@ -1,0 +1,169 @@
+"""Per-case stages split over processes and SLURM array tasks (``stages.shards``): the same tables
+however the cases are split, a merge that names what is missing, and resume at case granularity.
+
+One tiny run (params/test.yaml, three phantom cases, stage 1 fitted for one class) is copied
+for each way of running prepare, stage 2 and the report; their tables are compared byte for byte.
+"""
+
+import os
+import shutil
+
+import pytest
+from params_for_tests import load_test_params
+
+from nearfix_lib.core.io import InputError
+from nearfix_lib.stages import cli, prepare, report, shards, stage1, stage2
+from nearfix_lib.stages.runs import start_run
+from nearfix_lib.stages.shards import CaseStage, Shard
+
+THREE_CASES = {"data.phantom.n_cases": 3}  # three cases: two shards of unequal size
+TABLES = ["prepared/crops.json", "stage2/scores.csv", "stage2/checks.csv", "stage2/audit.csv",
+          "report/scores.csv", "report/checks.csv", "skipped.csv"]
+
+
+def open_copy(source, dest):
+    """A run folder copied from ``source``, opened as a task of a SLURM array opens it."""
+    if not dest.exists():
+        shutil.copytree(source, dest)
+    return start_run(load_test_params(THREE_CASES, run_dir=str(dest)), progress=False)
+
+
+def table_bytes(run_dir):
+    return {name: (run_dir / name).read_bytes() for name in TABLES if (run_dir / name).is_file()}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """Prepared, and stage 1 fitted and repaired for one class (what stage 2 needs)."""
+    folder = tmp_path_factory.mktemp("shards") / "fitted"
+    run = start_run(load_test_params(THREE_CASES, run_dir=str(folder)), progress=False)
+    prepare.prepare_run(run, progress=False)
+    model, data, _ = stage1.fit_class(run, "Cor", run.params.stage1, progress=False)
+    stage1.repair_class(run, "Cor", run.params.stage1, model, data, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unsharded(fitted):
+    """Stage 2 and the report in one process, as the notebooks run them: the reference tables."""
+    run = open_copy(fitted, fitted.parent / "unsharded")
+    stage2.run_stage2(run, progress=False)
+    report.run_compare(run, progress=False)
+    tables = table_bytes(run.dir)
+    assert set(tables) == set(TABLES)
+    return tables
+
+
+def test_shards_parse_and_split_the_cases():
+    assert Shard.parse("1/3") == Shard(1, 3) and str(Shard(1, 3)) == "1/3"
+    ids = [str(i) for i in range(1, 8)]
+    assert Shard(1, 3).select(ids) == ["2", "5"]
+    parts = [Shard(i, 3).select(ids) for i in range(3)]
+    assert sorted(sum(parts, []), key=int) == ids and sum(map(len, parts)) == len(ids)
+    assert Shard(0, 1).select(ids) == ids
+    for bad in ("3/3", "-1/2", "x", "1/0", "1/2/3", ""):
+        with pytest.raises(ValueError, match="i/n"):
+            Shard.parse(bad)
+
+
+def test_shards_run_apart_then_merged_write_the_unsharded_tables(fitted, unsharded, tmp_path, capsys):
+    folder = tmp_path / "sharded"
+    shutil.copytree(fitted, folder)
+    for name in ("prepared/crops.json", "prepared/parts"):  # prepare again, as two tasks
+        shutil.rmtree(folder / name) if (folder / name).is_dir() else (folder / name).unlink()
+    steps = ((prepare.prepare_run, "prepared/crops.json"), (stage2.run_stage2, "stage2/scores.csv"),
+             (report.run_compare, "report/scores.csv"))
+    for function, table in steps:
+        first = function(open_copy(fitted, folder), progress=False, shard="0/2")  # each task opens the run
+        assert not (folder / table).exists()  # its share is done, the other one is missing
+        assert "1 of 3 cases missing (ids 2)" in capsys.readouterr().out
+        tables = first.values() if isinstance(first, dict) else first if isinstance(first, tuple) else [first]
+        assert all(len(t) == 0 for t in tables)  # nothing to return before every case is done
+        function(open_copy(fitted, folder), progress=False, shard=Shard(1, 2))  # the last task merges
+        assert (folder / table).is_file()
+    assert table_bytes(folder) == unsharded
+    # `nearfix merge` writes them again from the parts
+    for name in ("stage2/scores.csv", "stage2/checks.csv", "stage2/audit.csv"):
+        (folder / name).unlink()
+    assert cli.main(["merge", "stage2", "--run-dir", str(folder)]) == 0
+    assert table_bytes(folder) == unsharded
+    # a stage-2 map written again makes that case's report part stale: only it is scored again
+    parts = {cid: folder / "report" / "parts" / f"{cid}.json" for cid in ("1", "2", "3")}
+    before = {cid: p.stat().st_mtime_ns for cid, p in parts.items()}
+    os.utime(folder / "stage2" / "labels" / "2.nii.gz", ns=(before["2"] + 10**9,) * 2)
+    report.run_compare(open_copy(fitted, folder), progress=False)
+    assert "report: 2 of 3 cases already done" in capsys.readouterr().out
+    after = {cid: p.stat().st_mtime_ns for cid, p in parts.items()}
+    assert after["1"] == before["1"] and after["3"] == before["3"] and after["2"] != before["2"]
+    assert table_bytes(folder) == unsharded
+
+
+def test_worker_processes_write_the_same_tables(fitted, unsharded, tmp_path):
+    folder = tmp_path / "workers"
+    run = open_copy(fitted, folder)
+    stage2.run_stage2(run, progress=False, workers=2)  # each worker loads the stage-1 fields once
+    # the command line, as a job runs it: the run's own params.yaml, two workers
+    assert cli.main(["run", "report", "--params", str(folder / "params.yaml"), "--run-dir", str(folder),
+                     "--workers", "2", "--no-progress"]) == 0
+    assert table_bytes(folder) == unsharded
+
+
+def test_merge_names_the_missing_cases_and_writes_nothing(fitted, tmp_path, capsys):
+    folder = tmp_path / "partial"
+    report.run_compare(open_copy(fitted, folder), progress=False, shard="0/3")
+    capsys.readouterr()
+    assert cli.main(["merge", "report", "--run-dir", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "report: 2 of 3 cases missing (ids 2, 3): run the missing shards or `nearfix merge report" in out
+    assert sorted(p.name for p in (folder / "report").iterdir()) == ["parts"]
+    assert sorted(p.name for p in (folder / "report" / "parts").iterdir()) == ["1.json"]
+
+
+# -- resume, failures and stamps, on a stage that counts its calls --------------------------------
+
+CALLS: list[str] = []
+BEHAVIOUR = {"kill at": None, "bad": None, "stamp": 1}
+
+
+def toy_work(run, case_id, state):
+    CALLS.append(case_id)
+    if case_id == BEHAVIOUR["kill at"]:
+        raise KeyboardInterrupt  # the job is killed while it computes this case
+    if case_id == BEHAVIOUR["bad"]:
+        raise InputError(f"{case_id}.nii.gz", "unreadable")
+    return {"values": [{"case": case_id, "value": 10 * int(case_id) + state}]}
+
+
+def toy_write(run, rows):
+    return shards.write_tables(run.path("toy"), rows)
+
+
+TOY = CaseStage("toy", ("values",), toy_work, toy_write, setup=lambda run: 7,
+                stamp=lambda run, case_id: BEHAVIOUR["stamp"])
+
+
+def test_a_killed_run_resumes_without_recomputing_done_cases(fitted, tmp_path, capsys):
+    run = open_copy(fitted, tmp_path / "toy")
+    table = run.path("toy", "values.csv")
+    BEHAVIOUR["kill at"] = "2"
+    with pytest.raises(KeyboardInterrupt):
+        shards.run_stage(run, TOY, progress=False)
+    assert CALLS == ["1", "2"] and not table.exists()
+    BEHAVIOUR["kill at"] = None
+    CALLS.clear()
+    shards.run_stage(run, TOY, progress=False)
+    assert CALLS == ["2", "3"]  # case 1 was done before the kill
+    assert "toy: 1 of 3 cases already done" in capsys.readouterr().out
+    assert table.read_text() == "case,value\n1,17\n2,27\n3,37\n"
+    # a bad case: one line, listed in skipped.csv, the other cases go on; the next run tries it again
+    BEHAVIOUR.update(bad="2", stamp=2)  # another stamp: every case is stale
+    CALLS.clear()
+    shards.run_stage(run, TOY, progress=False)
+    assert CALLS == ["1", "2", "3"] and "skipped case 2: 2.nii.gz: unreadable" in capsys.readouterr().out
+    assert table.read_text() == "case,value\n1,17\n3,37\n"
+    assert "toy,2,2.nii.gz: unreadable" in run.path("skipped.csv").read_text()
+    BEHAVIOUR["bad"] = None
+    CALLS.clear()
+    shards.run_stage(run, TOY, progress=False)
+    assert CALLS == ["2"] and table.read_text() == "case,value\n1,17\n2,27\n3,37\n"
+    assert "toy," not in run.path("skipped.csv").read_text()  # fixed: its row is gone
