@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -50,6 +51,7 @@ from nearfix_lib.field.infer import field_on_grid
 from nearfix_lib.field.losses import bce, latent_l2
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.sampling import BandSampler
+from nearfix_lib.field.store import StoreSpec, write_store
 from nearfix_lib.field.unified import UnifiedTask, decode_priority
 from nearfix_lib.phantom.dataset import make_case
 from nearfix_lib.repair.fusion import fuse_case, fuse_priority
@@ -279,6 +281,7 @@ def stage3_configs(n_cases: int, shape: tuple[int, int, int], positives: int, ne
 def _measure_stage3(cfg: Stage3BenchConfig, queue) -> None:
     """Child process: a few training steps of all cases (the first is warm-up, not timed), then a
     decode of every case on its whole-heart box (all heads + the priority walk)."""
+    store_dir = tempfile.TemporaryDirectory(prefix="nearfix-bench-store-")  # the cases as stage 3 reads them
     try:
         import torch
 
@@ -288,8 +291,11 @@ def _measure_stage3(cfg: Stage3BenchConfig, queue) -> None:
         for i in range(cfg.n_cases):
             case = make_case(i, params)
             maps.append(case.truth[roi_box(case.truth > 0, 6.0, voxel_spacing(case.affine)).slices])
-        task = UnifiedTask(maps, CARDIAC, BalancedSamplingParams(cfg.positives_per_class, cfg.negatives),
-                           UnifiedLossParams(distill_weight=0.0), cfg.seed, cfg.device)
+        sampling = BalancedSamplingParams(cfg.positives_per_class, cfg.negatives)
+        store = write_store(store_dir.name, maps, StoreSpec(tuple(CARDIAC.indices), sampling.dilation_radius, False))
+        box_voxels = float(np.mean([m.size for m in maps]))
+        del maps
+        task = UnifiedTask(store, CARDIAC, sampling, UnifiedLossParams(distill_weight=0.0), cfg.seed, cfg.device)
         model = ImplicitField(cfg.n_cases, ModelParams(grid_channels=cfg.grid_channels, grid_sizes=cfg.grid_sizes),
                               n_heads=len(CARDIAC)).to(cfg.device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -313,12 +319,14 @@ def _measure_stage3(cfg: Stage3BenchConfig, queue) -> None:
         t_decode = [_timed(lambda i=i: decode_priority(task.probabilities(model, i), CARDIAC, task.thresholds))
                     for i in range(cfg.n_cases)]
         queue.put({**asdict(cfg), "threads": torch.get_num_threads(),
-                   "box_voxels": float(np.mean([m.size for m in maps])),
+                   "box_voxels": box_voxels,
                    "s_per_step": t_train / cfg.steps, "peak_mb": train_mb,
                    "s_decode_per_case": float(np.mean(t_decode)),
                    "status": "ok"})
     except (RuntimeError, MemoryError) as err:  # out of memory, typically
         queue.put({**asdict(cfg), "status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"})
+    finally:
+        store_dir.cleanup()
 
 
 def bench_stage3(configs: list[Stage3BenchConfig], timeout_s: float = 3600) -> pd.DataFrame:

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_unified import SAMPLING, SMALL_MODEL, T, heart_maps
+from test_unified import SAMPLING, SMALL_MODEL, T, case_store, heart_maps
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nearfix_lib.core.config import TrainParams, UnifiedLossParams
@@ -64,7 +64,9 @@ def _fit(out_dir, sampling) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     final weights of this process's model."""
     torch.manual_seed(0)
     model = ImplicitField(4, SMALL_MODEL, n_heads=len(T))
-    task = UnifiedTask(heart_maps(4), T, sampling, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+    # the ranks of a DDP fit share out_dir, so they write (the same bytes of) the same store, as under torchrun
+    task = UnifiedTask(case_store(Path(out_dir) / "cases", heart_maps(4), sampling), T, sampling,
+                       UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
     names = {id(p): name for name, p in model.named_parameters()}
     first: dict[str, torch.Tensor] = {}
 

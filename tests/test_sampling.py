@@ -2,6 +2,8 @@
 
 import dataclasses
 import pickle
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from nearfix_lib.field.sampling import (
     normalised_to_index,
     sparse_coordinates,
 )
+from nearfix_lib.field.store import StoreSpec, write_store
 
 SHAPE = (20, 14, 9)
 
@@ -173,6 +176,12 @@ def test_determinism_and_state_round_trip():
     assert all(np.array_equal(x, y) for x, y in zip(expected, got))
 
 
+def balanced(tmp_path, maps, classes, params, seed):
+    """A ClassBalancedSampler over ``maps``, written to a fresh store under ``tmp_path`` (how it reads cases)."""
+    spec = StoreSpec(tuple(classes), params.dilation_radius, interfaces=False)
+    return ClassBalancedSampler(write_store(Path(tempfile.mkdtemp(dir=tmp_path)), maps, spec), params, seed)
+
+
 def label_maps():
     """Case 0: classes 2, 3, 8 and an unlisted 1; case 1 (another shape): 2 and 9."""
     a = np.zeros(SHAPE, dtype=np.uint8)
@@ -186,11 +195,11 @@ def label_maps():
     return [a, b]
 
 
-def test_class_balanced_counts_labels_and_missing_classes():
+def test_class_balanced_counts_labels_and_missing_classes(tmp_path):
     maps = label_maps()
     classes = [2, 3, 8, 9]
     p = BalancedSamplingParams(positives_per_class=50, negatives=101, dilation_radius=2)
-    sampler = ClassBalancedSampler(maps, classes, p, seed=0)
+    sampler = balanced(tmp_path, maps, classes, p, seed=0)
     assert sampler.points_per_case == 301
     pts, labels = sampler.sample([0, 1], epoch=1)
     assert pts.shape == (2, 301, 3) and pts.dtype == np.float32 and labels.dtype == np.int64
@@ -208,18 +217,18 @@ def test_class_balanced_counts_labels_and_missing_classes():
         band = boundary_band(np.isin(maps[b], classes), 2)
         cells = cell_index(pts[b, n_pos:n_pos + n_band], maps[b].shape)
         assert band[cells[:, 0], cells[:, 1], cells[:, 2]].all()
-    empty = ClassBalancedSampler([np.zeros(SHAPE, np.uint8)], classes, p, seed=0)
+    empty = balanced(tmp_path, [np.zeros(SHAPE, np.uint8)], classes, p, seed=0)
     pts, labels = empty.sample([0], epoch=1)
     assert pts.shape == (1, 301, 3) and not labels.any()
 
 
-def test_class_balanced_draws_each_class_voxel_equally():
+def test_class_balanced_draws_each_class_voxel_equally(tmp_path):
     lab = np.zeros(SHAPE, dtype=np.uint8)
     lab[3:15, 2:11, 1:7] = 4
     small = np.array([[0, 0, 0], [0, 0, 8], [5, 13, 2], [5, 13, 6], [19, 1, 3], [19, 13, 8], [7, 6, 4]])
     lab[small[:, 0], small[:, 1], small[:, 2]] = 6
     p = BalancedSamplingParams(positives_per_class=7000, negatives=0, jitter=False)
-    sampler = ClassBalancedSampler([lab], [6, 4], p, seed=2)
+    sampler = balanced(tmp_path, [lab], [6, 4], p, seed=2)
     pts, labels = sampler.sample([0], epoch=1)
     cells = cell_index(pts[0, :7000], SHAPE)
     assert np.all(labels[0, :7000] == 6) and np.all(labels[0, 7000:] == 4)
@@ -230,9 +239,9 @@ def test_class_balanced_draws_each_class_voxel_equally():
     assert np.count_nonzero(big) > 0.95 * np.count_nonzero(lab == 4)  # 7000 draws over 648 voxels
 
 
-def test_class_balanced_jitter_stops_after_jitter_epochs():
+def test_class_balanced_jitter_stops_after_jitter_epochs(tmp_path):
     maps = label_maps()
-    sampler = ClassBalancedSampler(maps, [2, 3, 8], BalancedSamplingParams(20, 30, jitter_epochs=3), seed=1)
+    sampler = balanced(tmp_path, maps, [2, 3, 8], BalancedSamplingParams(20, 30, jitter_epochs=3), seed=1)
     n_cell = 20 * 3 + (30 - 30 // 2)  # case 0 has all three classes: positives + band negatives
 
     def off_centre(epoch):
@@ -246,14 +255,14 @@ def test_class_balanced_jitter_stops_after_jitter_epochs():
         BalancedSamplingParams(jitter_epochs=-1)
 
 
-def test_class_balanced_state_round_trip():
+def test_class_balanced_state_round_trip(tmp_path):
     maps = label_maps()
     p = BalancedSamplingParams(positives_per_class=20, negatives=30)
-    a = ClassBalancedSampler(maps, [2, 3, 9], p, seed=4)
+    a = balanced(tmp_path, maps, [2, 3, 9], p, seed=4)
     a.sample([0, 1], 1)
     state = pickle.dumps(a.state_dict())
     expected = a.sample([1, 1, 0], 2)
-    b = ClassBalancedSampler(maps, [2, 3, 9], p, seed=99)
+    b = balanced(tmp_path, maps, [2, 3, 9], p, seed=99)
     b.load_state_dict(pickle.loads(state))
     assert all(np.array_equal(x, y) for x, y in zip(expected, b.sample([1, 1, 0], 2)))
 
@@ -296,11 +305,11 @@ def test_mining_schedule_and_limits():
         BalancedSamplingParams(negatives=40, mined=4, mine_interval=0)
 
 
-def test_mined_voxels_replace_band_negatives_only_once_there_are_some():
+def test_mined_voxels_replace_band_negatives_only_once_there_are_some(tmp_path):
     maps = label_maps()
     p = BalancedSamplingParams(positives_per_class=20, negatives=30, jitter=False, mined=10)
-    plain = ClassBalancedSampler(maps, [2, 3, 8], dataclasses.replace(p, mined=0), seed=5)
-    mining = ClassBalancedSampler(maps, [2, 3, 8], p, seed=5)
+    plain = balanced(tmp_path, maps, [2, 3, 8], dataclasses.replace(p, mined=0), seed=5)
+    mining = balanced(tmp_path, maps, [2, 3, 8], p, seed=5)
     # no mined voxels yet: the very same points as without mining
     assert all(np.array_equal(x, y) for x, y in zip(plain.sample([0, 1], 1), mining.sample([0, 1], 1)))
     cells = np.array([[0, 13, 8], [11, 5, 3]])  # background and a voxel of class 8
@@ -322,19 +331,19 @@ def test_mined_voxels_replace_band_negatives_only_once_there_are_some():
         mining.set_mined(1, np.array([[17, 0, 0]]))
 
 
-def test_mined_voxels_survive_a_checkpoint():
+def test_mined_voxels_survive_a_checkpoint(tmp_path):
     maps = label_maps()
     p = BalancedSamplingParams(positives_per_class=20, negatives=30, mined=10)
-    a = ClassBalancedSampler(maps, [2, 3, 8], p, seed=5)
+    a = balanced(tmp_path, maps, [2, 3, 8], p, seed=5)
     a.set_mined(1, np.array([[3, 2, 4], [16, 10, 12]]))
     state = pickle.dumps(a.state_dict())
     expected = a.sample([1, 0], 7)
-    b = ClassBalancedSampler(maps, [2, 3, 8], p, seed=0)
+    b = balanced(tmp_path, maps, [2, 3, 8], p, seed=0)
     b.load_state_dict(pickle.loads(state))
     assert b.mined_count(1) == 2 and b.mined_count(0) == 0
     assert all(np.array_equal(x, y) for x, y in zip(expected, b.sample([1, 0], 7)))
     old = pickle.loads(state)
     del old["mined"]  # a checkpoint written before mining existed
-    c = ClassBalancedSampler(maps, [2, 3, 8], p, seed=0)
+    c = balanced(tmp_path, maps, [2, 3, 8], p, seed=0)
     c.load_state_dict(old)
     assert c.mined_count(1) == 0

@@ -13,6 +13,7 @@ from nearfix_lib.core.config import BalancedSamplingParams, ModelParams, TrainPa
 from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.store import StoreSpec, write_store
 from nearfix_lib.field.train import fit
 from nearfix_lib.field.unified import (
     CaseGeometry,
@@ -46,14 +47,21 @@ def heart_maps(n=3, shape=(18, 15, 12)):
     return maps
 
 
-def test_targets_are_one_hot_per_head_and_alpha_follows_inverse_frequency():
+def case_store(root, maps, sampling=SAMPLING, teachers=None):
+    """The cases' store under ``root`` (what UnifiedTask reads): the table's classes, the sampling's
+    band radius, interface bits when it mines."""
+    return write_store(root, maps, StoreSpec(tuple(T.indices), sampling.dilation_radius, sampling.mined > 0), teachers)
+
+
+def test_targets_are_one_hot_per_head_and_alpha_follows_inverse_frequency(tmp_path):
     maps = heart_maps()
-    task = UnifiedTask(maps, T, SAMPLING, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+    task = UnifiedTask(case_store(tmp_path, maps), T, SAMPLING, UnifiedLossParams(distill_weight=0.0), seed=0,
+                       device="cpu")
     b = task.batch(np.array([0, 2]), epoch=1)
     assert b["points"].shape == (2, SAMPLING.positives_per_class * len(T) + SAMPLING.negatives, 3)
     assert b["target"].shape == (*b["points"].shape[:2], len(T))
     assert set(b["target"].sum(-1).unique().tolist()) <= {0.0, 1.0}  # at most one class per point
-    f = class_fractions(maps, T.indices)
+    f = class_fractions([np.bincount(m.ravel(), minlength=256) for m in maps], T.indices)
     myo, cor = T.keys.index("Myo"), T.keys.index("Cor")
     assert f[myo] > f[cor] and task.alpha[cor] > task.alpha[myo]
     assert task.alpha.sum().item() == pytest.approx(len(T))  # mean weight 1
@@ -67,7 +75,7 @@ def test_teacher_lookup_maps_heart_points_into_the_class_roi():
     grid = roi_grid(cls_box, (12, 12, 10))  # native resolution: one ROI voxel per original voxel
     prob = np.zeros(grid.shape, dtype=np.float32)
     prob[3:7, 2:9, 4:6] = 1.0
-    teacher = Teacher(3, torch.from_numpy(prob)[None, None], teacher_affine(heart, cls_box))
+    teacher = Teacher(3, prob, teacher_affine(heart, cls_box))
     hgrid = roi_grid(heart, heart.shape)  # heart points at the original voxel centres
     pts = hgrid.normalised_points(heart)
     vals = teacher_values([teacher], pts, n_heads=10).reshape(*heart.shape, 10)
@@ -168,7 +176,7 @@ def test_new_case_latent_fit_on_a_held_out_phantom_case(tmp_path):
     torch.manual_seed(0)
     model = ImplicitField(3, SMALL_MODEL, n_heads=len(T))
     loss = UnifiedLossParams(distill_weight=0.0, class_weight_power=0.5)
-    task = UnifiedTask(train_maps, T, SAMPLING, loss, seed=0, device="cpu")
+    task = UnifiedTask(case_store(tmp_path / "cases", train_maps), T, SAMPLING, loss, seed=0, device="cpu")
     fit(model, task, TrainParams(epochs=200, cases_per_batch=3, lr=3e-3, lr_latent=3e-3, lr_step_epochs=0,
                                  eval_interval=200, checkpoint_interval=200), tmp_path / "fit", progress=False)
     u = UnifiedModel(model, SMALL_MODEL, T, ["1", "2", "3"], np.full(len(T), 0.5), {})
@@ -236,14 +244,15 @@ def test_head_weights_follow_the_tempered_inverse_frequency_and_cover_absent_cla
     assert torch.equal(head_weights(f, UnifiedLossParams(class_weights="uniform")), torch.ones(4))
 
 
-def test_mining_pass_collects_the_voxels_decoded_wrong_grown_by_one():
+def test_mining_pass_collects_the_voxels_decoded_wrong_grown_by_one(tmp_path):
     from scipy import ndimage
 
     from nearfix_lib.field.sampling import dense_from_sparse, interface_band
 
     maps = heart_maps(2)
     sampling = dataclasses.replace(SAMPLING, mined=16, mine_from_epoch=2, mine_interval=3)
-    task = UnifiedTask(maps, T, sampling, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+    task = UnifiedTask(case_store(tmp_path, maps, sampling), T, sampling, UnifiedLossParams(distill_weight=0.0),
+                       seed=0, device="cpu")
     torch.manual_seed(0)
     model = ImplicitField(2, SMALL_MODEL, n_heads=len(T))
     task.before_epoch(model, 2)
@@ -264,7 +273,8 @@ def test_a_fit_with_mining_resumes_exactly(tmp_path):
     def run(out, seed, epochs=None):
         torch.manual_seed(seed)
         model = ImplicitField(2, SMALL_MODEL, n_heads=len(T))
-        task = UnifiedTask(heart_maps(2), T, sampling, UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+        task = UnifiedTask(case_store(tmp_path / "cases", heart_maps(2), sampling), T, sampling,
+                           UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
         return model, task, fit(model, task, train, out, progress=False, epochs=epochs)
 
     straight, straight_task, _ = run(tmp_path / "a", 0)

@@ -12,6 +12,7 @@ without importing the stages::
       stage1/<key>/{ckpt,prob,masks}/  stage1/<key>/scores.csv
       stage2/{labels,roi,parts}/  stage2/{audit,checks,scores}.csv
       stage3/{ckpt,labels,new_cases,no_distill}/  stage3/unified.pt  stage3/{scores,distillation}.csv
+      stage3/cases/<case>/              (the fit's per-case store: labels, sampling tables, teachers)
       report/parts/  report/{scores,checks}.csv  report/summary.md  notebooks/
 
 Every ``scores.csv`` has the one long format of :mod:`nearfix_lib.core.scores`. A per-case stage
@@ -153,6 +154,11 @@ def stage2_dir(run: Run) -> Path:
 
 def stage3_dir(run: Run) -> Path:
     return run.path("stage3")
+
+
+def stage3_cases_dir(run: Run) -> Path:
+    """The per-case store stage 3 fits from (``field.store``): one folder per case id."""
+    return run.path("stage3", "cases")
 
 
 def report_dir(run: Run) -> Path:

@@ -19,9 +19,10 @@ Conventions (see :mod:`nearfix_lib.core.geometry`):
 * A point's target is the value of the voxel whose cell contains it (nearest neighbour), never
   an interpolation: the labels are binary and the noise we repair is at voxel scale.
 
-Data are kept compact so that a 1000-case data set fits in memory: band voxels as int32 (i, j, k)
-rows, binary masks as bit sets (one bit per voxel), label maps as uint8 with per-row class counts
-instead of per-class voxel lists. Every sampler draws from one
+Data are kept compact: band voxels as int32 (i, j, k) rows, binary masks as bit sets (one bit per
+voxel), label maps as uint8 with per-row class counts instead of per-class voxel lists. The unified
+sampler holds none of its cases' arrays: it reads them from a :class:`LabelStore` (the per-case
+store on disk, :mod:`nearfix_lib.field.store`) one case of a batch at a time. Every sampler draws from one
 ``np.random.Generator(np.random.PCG64(seed))`` whose state is checkpointed, so an interrupted fit
 resumes with exactly the points it would have drawn.
 """
@@ -29,6 +30,7 @@ resumes with exactly the points it would have drawn.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -201,51 +203,47 @@ class _BitVolume:
         return ((self._bits[flat >> 3] >> (7 - (flat & 7))) & 1).astype(bool)
 
 
-class _LabelVolume:
-    """A label map (uint8) and, per class, cumulative voxel counts over its (i, j) rows.
+def _draw_class(rows: np.ndarray, cumulative: np.ndarray, c: int, n: int, rng: np.random.Generator,
+                shape: Sequence[int]) -> np.ndarray:
+    """(n, 3) int64 (i, j, k) of voxels drawn uniformly, with replacement, from class ``c``.
 
-    Uniform sampling over one class's voxels then needs no per-class coordinate list (12 bytes
-    per voxel, several per case): draw a rank r among the class's voxels, find its row by binary
-    search in the cumulative counts and its k by scanning that one row.
+    ``rows`` is the label map as (I*J, K) rows and ``cumulative`` the class's cumulative voxel
+    counts over them: draw a rank r among the class's voxels, find its row by binary search in
+    the counts and its k by scanning that one row. No per-class coordinate list (12 bytes per
+    voxel, several per case) is needed, and only the rows drawn are read.
     """
+    rank = rng.integers(0, int(cumulative[-1]), n)
+    row = np.searchsorted(cumulative, rank, side="right")
+    before = np.where(row > 0, cumulative[np.maximum(row - 1, 0)], 0)
+    hits = rows[row] == c
+    k = np.argmax(np.cumsum(hits, axis=1) > (rank - before)[:, None], axis=1)
+    i, j = np.divmod(row, shape[1])
+    return np.stack([i, j, k], axis=1)
 
-    def __init__(self, labels: np.ndarray, classes: Sequence[int]):
-        lab = np.asarray(labels)
-        if lab.ndim != 3:
-            raise ValueError(f"label maps must be 3-D, got shape {lab.shape}")
-        if not np.issubdtype(lab.dtype, np.integer):
-            raise ValueError(f"label maps must be integer, got {lab.dtype}")
-        if lab.size and (lab.min() < 0 or lab.max() > 255):
-            raise ValueError("label values must lie in 0..255")
-        if not 0 < lab.size < 2**31:
-            raise ValueError(f"label grids need 1 to 2**31 - 1 voxels (int32 counts), got {lab.size}")
-        self.labels = np.array(lab, dtype=np.uint8, order="C")  # a copy: the counts must stay valid
-        self.shape: tuple[int, int, int] = lab.shape  # type: ignore[assignment]
-        rows = self.labels.reshape(-1, self.shape[2])
-        self._cum: dict[int, np.ndarray] = {}
-        for c in classes:
-            cum = np.cumsum(np.count_nonzero(rows == c, axis=1), dtype=np.int64)
-            if cum[-1] > 0:
-                self._cum[int(c)] = cum.astype(np.int32)
 
-    def present(self, c: int) -> bool:
-        return c in self._cum
+class LabelStore(Protocol):
+    """Where :class:`ClassBalancedSampler` reads its cases (``field.store.CaseStore``): small facts in
+    memory, arrays opened per call (memory-mapped) and dropped by the caller after use."""
 
-    def draw(self, c: int, n: int, rng: np.random.Generator) -> np.ndarray:
-        """(n, 3) int64 (i, j, k) of voxels drawn uniformly, with replacement, from class ``c``."""
-        cum = self._cum[c]
-        rank = rng.integers(0, int(cum[-1]), n)
-        row = np.searchsorted(cum, rank, side="right")
-        before = np.where(row > 0, cum[np.maximum(row - 1, 0)], 0)
-        hits = self.labels.reshape(-1, self.shape[2])[row] == c
-        k = np.argmax(np.cumsum(hits, axis=1) > (rank - before)[:, None], axis=1)
-        i, j = np.divmod(row, self.shape[1])
-        return np.stack([i, j, k], axis=1)
+    @property
+    def classes(self) -> tuple[int, ...]: ...
 
-    def at(self, points: np.ndarray) -> np.ndarray:
-        """Labels at the cells containing the normalised (N, 3) ``points``."""
-        cells = cell_index(points, self.shape)
-        return self.labels[cells[:, 0], cells[:, 1], cells[:, 2]]
+    @property
+    def dilation_radius(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def shape(self, case: int) -> tuple[int, int, int]: ...
+
+    def present(self, case: int, c: int) -> bool: ...
+
+    def band_size(self, case: int) -> int: ...
+
+    def labels(self, case: int) -> np.ndarray: ...
+
+    def cumulative(self, case: int) -> np.ndarray: ...
+
+    def band(self, case: int) -> np.ndarray: ...
 
 
 # -- samplers ------------------------------------------------------------------------------------------
@@ -312,33 +310,34 @@ class BandSampler(_CheckpointableRNG):
 class ClassBalancedSampler(_CheckpointableRNG):
     """Class-balanced points and integer labels for the unified multi-class fit.
 
-    ``classes`` are the label values the model learns; label values not listed read as 0
-    (background). Labels are label-map values, not channel numbers: the caller maps them onto
-    its output channels through :attr:`classes`.
+    The cases live in a :class:`LabelStore`: per case the sampler keeps nothing but its mined
+    voxels; a batch maps the label crop, the cumulative class counts and the band of each of its
+    cases while it draws from them, and lets them go. ``store.classes`` are the label values the
+    model learns; label values not listed read as 0 (background). Labels are label-map values, not
+    channel numbers: the caller maps them onto its output channels through :attr:`classes`.
     """
 
-    def __init__(self, label_maps: Sequence[np.ndarray], classes: Sequence[int],
-                 params: BalancedSamplingParams, seed: int):
+    def __init__(self, store: LabelStore, params: BalancedSamplingParams, seed: int):
         super().__init__(seed)
-        if len(label_maps) == 0:
-            raise ValueError("ClassBalancedSampler needs at least one label map")
-        self.classes = [int(c) for c in classes]
+        if len(store) == 0:
+            raise ValueError("ClassBalancedSampler needs at least one case")
+        self.classes = [int(c) for c in store.classes]
         if not self.classes or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes must be a non-empty list of distinct labels, got {classes}")
+            raise ValueError(f"classes must be a non-empty list of distinct labels, got {self.classes}")
         if min(self.classes) < 1 or max(self.classes) > 255:
             raise ValueError(f"class labels must lie in 1..255, got {self.classes}")
+        if store.dilation_radius != params.dilation_radius:
+            raise ValueError(f"the store's band has radius {store.dilation_radius}, the sampling "
+                             f"{params.dilation_radius}: rebuild the store")
         self.params = params
+        self.store = store
         self._lut = np.zeros(256, dtype=np.int64)
         self._lut[self.classes] = self.classes
-        self._cases = [_LabelVolume(lab, self.classes) for lab in label_maps]
-        self._bands = [sparse_coordinates(boundary_band(np.isin(case.labels, self.classes),
-                                                        params.dilation_radius))
-                       for case in self._cases]
-        self._mined = [np.zeros((0, 3), dtype=np.int32) for _ in self._cases]
+        self._mined = [np.zeros((0, 3), dtype=np.int32) for _ in range(len(store))]
 
     def set_mined(self, case: int, coords: np.ndarray) -> None:
         """The voxels (M, 3) of case ``case`` that ``params.mined`` points per step come from (M = 0: none)."""
-        self._mined[case] = _within(np.asarray(coords).reshape(-1, 3), self._cases[case].shape).astype(np.int32)
+        self._mined[case] = _within(np.asarray(coords).reshape(-1, 3), self.store.shape(case)).astype(np.int32)
 
     def mined_count(self, case: int) -> int:
         return len(self._mined[case])
@@ -349,14 +348,14 @@ class ClassBalancedSampler(_CheckpointableRNG):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if "mined" in state:  # checkpoints from before mining have none
-            if len(state["mined"]) != len(self._cases):
+            if len(state["mined"]) != len(self):
                 raise ValueError(f"sampler state has mined voxels for {len(state['mined'])} cases, "
-                                 f"not {len(self._cases)}")
+                                 f"not {len(self)}")
             for case, coords in enumerate(state["mined"]):
                 self.set_mined(case, coords)
 
     def __len__(self) -> int:
-        return len(self._cases)
+        return len(self.store)
 
     @property
     def points_per_case(self) -> int:
@@ -380,19 +379,27 @@ class ClassBalancedSampler(_CheckpointableRNG):
         points = np.empty((len(case_indices), n, 3), dtype=np.float32)
         labels = np.empty((len(case_indices), n), dtype=np.int64)
         for b, case in enumerate(case_indices):
-            volume, band = self._cases[case], self._bands[case]
-            parts = [_cell_points(volume.draw(c, p.positives_per_class, self._rng), volume.shape,
-                                  self._rng, jitter)
-                     for c in self.classes if volume.present(c)]
+            shape = self.store.shape(case)
+            volume = self.store.labels(case)  # mapped for this case only
+            cumulative = self.store.cumulative(case)
+            rows = volume.reshape(-1, shape[2])
+            parts = [_cell_points(_draw_class(rows, cumulative[k], c, p.positives_per_class, self._rng, shape),
+                                  shape, self._rng, jitter)
+                     for k, c in enumerate(self.classes) if self.store.present(case, c)]
             n_neg = n - p.positives_per_class * len(parts)
-            n_band = (n_neg - n_neg // 2) if len(band) else 0
+            band_size = self.store.band_size(case)
+            n_band = (n_neg - n_neg // 2) if band_size else 0
             mined = self._mined[case]
             n_mined = min(p.mined, n_band) if len(mined) else 0
-            for cells, count in ((band, n_band - n_mined), (mined, n_mined)):
-                if count:
-                    picked = cells[self._rng.integers(0, len(cells), count)]
-                    parts.append(_cell_points(picked, volume.shape, self._rng, jitter))
+            if n_band - n_mined:
+                picked = self.store.band(case)[self._rng.integers(0, band_size, n_band - n_mined)]
+                parts.append(_cell_points(picked, shape, self._rng, jitter))
+            if n_mined:
+                picked = mined[self._rng.integers(0, len(mined), n_mined)]
+                parts.append(_cell_points(picked, shape, self._rng, jitter))
             parts.append(self._rng.uniform(-1.0, 1.0, (n_neg - n_band, 3)))
             points[b] = np.concatenate(parts, axis=0)
-            labels[b] = self._lut[volume.at(points[b])]
+            cells = cell_index(points[b], shape)
+            labels[b] = self._lut[volume[cells[:, 0], cells[:, 1], cells[:, 2]]]
+            del volume, cumulative, rows  # unmapped before the next case
         return points, labels

@@ -4,7 +4,8 @@ This module is the user's deliverable and everything needed to use it without th
 
 * :class:`UnifiedTask` — what stage 3 fits (class-balanced points on the whole-heart ROI,
   per-head inverse-frequency BCE against L^ref, optional distillation from the stage-1
-  probabilities, latent prior), for the shared fit loop;
+  probabilities, latent prior), for the shared fit loop, reading the cases from their store on
+  disk (:mod:`nearfix_lib.field.store`);
 * :func:`decode_priority` — the decision rule: walk the classes by priority, the first with
   P_c >= t_c wins, else background; :func:`fit_thresholds` chooses t_c on the training cases;
 * :class:`UnifiedModel` — the artifact ``unified.pt`` (weights, latents keyed by case id, class
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from nearfix_lib.core.classes import ClassTable
@@ -35,7 +35,6 @@ from nearfix_lib.core.geometry import (
     normalised_to_original,
     original_to_normalised,
     roi_grid,
-    to_grid_sample_order,
 )
 from nearfix_lib.core.io import atomic_path
 from nearfix_lib.core.metrics import dice
@@ -46,57 +45,69 @@ from nearfix_lib.field.sampling import (
     ClassBalancedSampler,
     dense_from_sparse,
     index_to_normalised,
-    interface_band,
     mining_due,
     sparse_coordinates,
 )
+from nearfix_lib.field.store import CaseStore, StoreSpec, Teacher, write_store
 from nearfix_lib.field.train import fit, unwrap
 
 ARTIFACT_FORMAT = "nearfix-unified"
 ARTIFACT_VERSION = 1
 
 
-@dataclass
-class Teacher:
-    """Stage-1 probabilities of one class of one case on its class ROI grid, and where that grid lies.
-
-    ``from_heart`` maps whole-heart ROI-normalised coordinates to this class ROI's normalised
-    coordinates (through the original voxel grid), so a training point is looked up at the
-    same world position in the class model's own frame.
-    """
-
-    channel: int  # head index of the class
-    prob: torch.Tensor  # (1, 1, R, R, R) float16 as stage 1 saved it: half the memory of float32
-    from_heart: np.ndarray  # 4x4
-
-
 def teacher_affine(heart_box: Box, class_box: Box) -> np.ndarray:
     return original_to_normalised(class_box) @ normalised_to_original(heart_box)
+
+
+_CORNERS = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=np.int64)
+
+
+def trilinear_zero_padded(grid: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Values (N,) float32 of a 3-D ``grid`` at ROI-normalised (i, j, k) ``points`` (N, 3).
+
+    What ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`` returns, read
+    from the 8 corner voxels of each point only: a memory-mapped grid is never read whole. The
+    arithmetic follows grid_sample's CPU kernel in float32 (unnormalise, floor, weights as
+    ``(upper - x)`` and ``(x - lower)`` multiplied k, j, i, corners summed with i slowest), so the
+    values agree to the last bits.
+    """
+    q = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    size = np.asarray(grid.shape, dtype=np.int64)
+    x = ((q + np.float32(1)) * size.astype(np.float32) - np.float32(1)) / np.float32(2)
+    lower = np.floor(x)
+    weights = (lower + np.float32(1) - x, x - lower)  # of the lower and the upper corner, per axis
+    lo = lower.astype(np.int64)
+    out = np.zeros(len(q), dtype=np.float32)
+    for corner in _CORNERS:
+        idx = lo + corner
+        at = np.nonzero(np.all((idx >= 0) & (idx < size), axis=1))[0]
+        if not len(at):
+            continue
+        w = (weights[corner[2]][at, 2] * weights[corner[1]][at, 1]) * weights[corner[0]][at, 0]
+        out[at] += np.asarray(grid[idx[at, 0], idx[at, 1], idx[at, 2]], dtype=np.float32) * w
+    return out
 
 
 def teacher_values(teachers: Sequence[Teacher], points: np.ndarray, n_heads: int) -> np.ndarray:
     """Soft targets (N, n_heads) at whole-heart-normalised ``points`` (N, 3); 0 outside a class ROI.
 
     Trilinear, with the same voxel-centre convention as the feature grids (``align_corners=False``);
-    a class ROI holds the class plus a margin, so 0 outside it is the teacher's own answer.
+    a class ROI holds the class plus a margin, so 0 outside it is the teacher's own answer. Only the
+    8 corners of each point are read from a teacher's grid (:func:`trilinear_zero_padded`).
     """
     out = np.zeros((len(points), n_heads), dtype=np.float32)
     for t in teachers:
-        q = torch.from_numpy(to_grid_sample_order(apply_affine(t.from_heart, points)).astype(np.float32))
-        v = F.grid_sample(t.prob.float(), q.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros",
-                          align_corners=False)
-        out[:, t.channel] = v.reshape(-1).numpy()
+        out[:, t.channel] = trilinear_zero_padded(t.prob, apply_affine(t.from_heart, points).astype(np.float32))
     return out
 
 
-def class_fractions(label_maps: Sequence[np.ndarray], indices: Sequence[int]) -> np.ndarray:
-    """Voxel fraction f_c of each class over all maps (0 for a class absent everywhere)."""
-    counts = np.zeros(256, dtype=np.float64)
-    total = 0
-    for lab in label_maps:
-        counts += np.bincount(np.asarray(lab, dtype=np.uint8).ravel(), minlength=256)
-        total += lab.size
-    return counts[list(indices)] / max(total, 1)
+def class_fractions(histograms: Iterable[np.ndarray], indices: Sequence[int]) -> np.ndarray:
+    """Voxel fraction f_c of each class over all cases (0 for a class absent everywhere), from each
+    case's voxel counts per label value 0..255 (``CaseStore.histogram``): no label map is read."""
+    counts = np.zeros(256, dtype=np.int64)
+    for h in histograms:
+        counts += np.asarray(h, dtype=np.int64)
+    return counts[list(indices)] / max(int(counts.sum()), 1)
 
 
 def head_weights(fractions: np.ndarray, params: UnifiedLossParams) -> torch.Tensor:
@@ -115,39 +126,41 @@ def head_weights(fractions: np.ndarray, params: UnifiedLossParams) -> torch.Tens
 class UnifiedTask:
     """Stage 3 for the fit loop: class-balanced points, per-head weighted BCE, distillation, prior.
 
-    ``label_maps`` are the cases' L^ref on a lattice that tiles their whole-heart box (the original
-    voxels inside it, or the ROI grid), so a map's own normalised coordinates are the model's;
-    ``teachers[i]`` the stage-1 probabilities of case i (empty list: no distillation for that case).
+    The cases are a :class:`CaseStore` (``field.store``): each one's L^ref on a lattice that tiles
+    its whole-heart box (the original voxels inside it, or the ROI grid), so a map's own normalised
+    coordinates are the model's, and the stage-1 probabilities of its classes (none: no
+    distillation for that case). The task keeps O(1) per case in memory; a batch, a validation or
+    a mining pass maps the arrays of the cases it works on and releases them.
     Validation: mean over cases and classes of the Dice of the decoded map against L^ref.
     """
 
     score_name = "dice"
 
-    def __init__(self, label_maps: Sequence[np.ndarray], table: ClassTable, sampling: BalancedSamplingParams,
-                 loss: UnifiedLossParams, seed: int, device: str, teachers: Sequence[Sequence[Teacher]] | None = None,
-                 chunk_points: int = 262_144, thresholds: Sequence[float] | None = None):
-        self.maps = [np.asarray(m, dtype=np.uint8) for m in label_maps]
-        self.n_cases = len(self.maps)
+    def __init__(self, store: CaseStore, table: ClassTable, sampling: BalancedSamplingParams,
+                 loss: UnifiedLossParams, seed: int, device: str, chunk_points: int = 262_144,
+                 thresholds: Sequence[float] | None = None):
+        if list(store.classes) != list(table.indices):
+            raise ValueError(f"the store holds classes {list(store.classes)}, the table {table.indices}")
+        if sampling.mined and not store.spec.interfaces:
+            raise ValueError("mining needs the store's interface bits: build it with interfaces=True")
+        self.store = store
+        self.n_cases = len(store)
         self.table = table
         self.indices = table.indices
-        self.sampler = ClassBalancedSampler(self.maps, self.indices, sampling, seed)
+        self.sampler = ClassBalancedSampler(store, sampling, seed)
         self.loss_params = loss
-        self.alpha = head_weights(class_fractions(self.maps, self.indices), loss)
-        self.teachers = list(teachers) if teachers is not None else [[] for _ in self.maps]
-        self.distill = loss.distill_weight > 0 and any(self.teachers)
+        self.alpha = head_weights(class_fractions((store.histogram(i) for i in range(self.n_cases)), self.indices),
+                                  loss)
         # per case, which heads have a teacher (fixed, so not rebuilt every step)
         self._has_teacher = np.zeros((self.n_cases, len(self.indices)), dtype=bool)
-        for i, case_teachers in enumerate(self.teachers):
-            self._has_teacher[i, [t.channel for t in case_teachers]] = True
+        for i in range(self.n_cases):
+            self._has_teacher[i, store.teacher_channels(i)] = True
+        self.distill = loss.distill_weight > 0 and bool(self._has_teacher.any())
         self.device = device
         self.chunk = chunk_points
         self.thresholds = np.full(len(self.indices), 0.5) if thresholds is None else np.asarray(thresholds)
         self._channel = np.zeros(256, dtype=np.int64) - 1
         self._channel[self.indices] = np.arange(len(self.indices))
-        # where mining passes decode: the band around every class boundary of L^ref, at one bit per
-        # voxel (its coordinates would take 12 bytes each, ~2 MB per case at 1.1 mm)
-        self._interfaces = ([np.packbits(interface_band(m, sampling.dilation_radius), axis=None) for m in self.maps]
-                            if sampling.mined else [])
 
     def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         points, labels = self.sampler.sample(list(case_idx), epoch)
@@ -158,8 +171,8 @@ class UnifiedTask:
         out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long),
                "points": torch.from_numpy(points), "target": torch.from_numpy(targets)}
         if self.distill:
-            out["teacher"] = torch.from_numpy(np.stack([
-                teacher_values(self.teachers[i], points[k], len(self.indices)) for k, i in enumerate(case_idx)]))
+            out["teacher"] = torch.from_numpy(np.stack([  # each case's teachers mapped while it is looked up
+                teacher_values(self.store.teachers(i), points[k], len(self.indices)) for k, i in enumerate(case_idx)]))
             out["has_teacher"] = torch.from_numpy(self._has_teacher[np.asarray(case_idx)])
         return out
 
@@ -186,23 +199,28 @@ class UnifiedTask:
         """
         if not mining_due(self.sampler.params, epoch - 1):
             return
-        for i, ref in enumerate(self.maps):
-            coords = sparse_coordinates(np.unpackbits(self._interfaces[i], count=ref.size).reshape(ref.shape))
-            prob = field_at_points(model, i, index_to_normalised(coords, ref.shape), self.device, self.chunk)
+        for i in range(self.n_cases):
+            coords = sparse_coordinates(self.store.interfaces(i))
+            shape = self.store.shape(i)
+            prob = field_at_points(model, i, index_to_normalised(coords, shape), self.device, self.chunk)
             labels = decode_priority(prob, self.table, self.thresholds)
+            ref = self.store.labels(i)  # mapped for this case only
             wrong = coords[labels != ref[coords[:, 0], coords[:, 1], coords[:, 2]]]
-            self.sampler.set_mined(i, sparse_coordinates(ndimage.binary_dilation(dense_from_sparse(wrong, ref.shape))))
+            del ref
+            self.sampler.set_mined(i, sparse_coordinates(ndimage.binary_dilation(dense_from_sparse(wrong, shape))))
 
     def probabilities(self, model, i: int) -> np.ndarray:
-        box = Box((0, 0, 0), self.maps[i].shape)
-        return field_on_grid(model, i, roi_grid(box, self.maps[i].shape), box, self.device, self.chunk)
+        shape = self.store.shape(i)
+        box = Box((0, 0, 0), shape)
+        return field_on_grid(model, i, roi_grid(box, shape), box, self.device, self.chunk)
 
     def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
         scores = []
         for i in cases:
-            ref = self.maps[i]
             labels = decode_priority(self.probabilities(model, i), self.table, self.thresholds)
-            scores += [dice(labels == c, ref == c) for c in self.indices if (ref == c).any()]
+            ref = self.store.labels(i)  # mapped for this case only
+            scores += [dice(labels == c, ref == c) for c in self.indices if self.store.present(i, c)]
+            del ref
         return {"dice": float(np.mean(scores))}
 
     def state_dict(self) -> dict:
@@ -378,7 +396,11 @@ class UnifiedModel:
         for name, p in solo.named_parameters():
             p.requires_grad_(name.startswith("latents."))
         # no mining: these labels are noisy, and chasing the voxels decoded "wrong" would fit the noise
-        task = UnifiedTask([heart_labels], self.table, dataclasses.replace(sampling, mined=0),
+        sampling = dataclasses.replace(sampling, mined=0)
+        store = write_store(Path(out_dir) / "cases", [heart_labels],
+                            StoreSpec(tuple(self.table.indices), sampling.dilation_radius, interfaces=False),
+                            case_ids=[str(case_id)])
+        task = UnifiedTask(store, self.table, sampling,
                            dataclasses.replace(loss, distill_weight=0.0),
                            seed, self.device, chunk_points=self.chunk_points, thresholds=self.thresholds)
         fit(solo, task, train, out_dir, device=self.device, seed=seed, progress=progress,

@@ -3,7 +3,8 @@
 Inputs: ``stage2/labels/<case>.nii.gz`` (L^ref on the original grid, learnt inside the whole-heart
 box; ``stage3.supervision: roi`` reads ``stage2/roi/<case>.npz`` instead), ``stage1/<key>/prob/<case>.npz``
 (the stage-1 probabilities, the distillation teachers) and ``prepared/crops.json`` (geometry).
-Outputs in ``<run>/stage3/``: ``ckpt/`` (the fit, resumable), ``unified.pt`` (the artifact),
+Outputs in ``<run>/stage3/``: ``cases/<case>/`` (the per-case store the fit reads, written once per
+case, see :mod:`nearfix_lib.field.store`), ``ckpt/`` (the fit, resumable), ``unified.pt`` (the artifact),
 ``labels/<case>.nii.gz`` (decoded on the original grid, source affine and header) and
 ``scores.csv`` (decoded vs L^ref, and noisy / L^ref / decoded vs the truth when it exists).
 
@@ -14,9 +15,11 @@ runs :func:`fit_unified` under DistributedDataParallel, the same code path as th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -28,8 +31,17 @@ from nearfix_lib.core.config import Params, Stage3Params, load_params
 from nearfix_lib.core.geometry import Box, resample, roi_box, roi_grid, voxel_spacing
 from nearfix_lib.core.io import InputError, load_case, read_label, write_nifti, write_text
 from nearfix_lib.core.scores import pivot, score_labels, write_scores
-from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir, stage3_dir, stage_labels
+from nearfix_lib.core.workspace import (
+    Run,
+    prepared_dir,
+    stage1_dir,
+    stage2_dir,
+    stage3_cases_dir,
+    stage3_dir,
+    stage_labels,
+)
 from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.store import CaseStore, StoreSpec, is_complete, write_case
 from nearfix_lib.field.train import (
     FitResult,
     distributed_rank_world,
@@ -45,28 +57,40 @@ from nearfix_lib.stages.runs import resolve_device, start_run
 
 @dataclass
 class Stage3Data:
+    """The cases stage 3 fits: ids (latent order), geometry, and their store on disk (``stage3/cases/``):
+    L^ref on the supervision grid (see :func:`supervision_labels`), sampling tables and teachers."""
+
     case_ids: list[str]
-    maps: list[np.ndarray]  # L^ref on the supervision grid (see supervision_labels)
     geometry: dict[str, CaseGeometry]
-    teachers: list[list[Teacher]]
+    store: CaseStore
 
 
 def geometry_of(crops: CaseCrops) -> CaseGeometry:
     return CaseGeometry(crops.shape, crops.affine, crops.heart_box, crops.heart_grid)
 
 
+def _teacher_path(run: Run, key: str, case_id: str) -> Path:
+    return stage1_dir(run, key) / "prob" / f"{case_id}.npz"
+
+
 def load_teachers(run: Run, crops: CaseCrops) -> list[Teacher]:
     """The stage-1 ROI probabilities of every class this case has (classes without one are skipped)."""
     out = []
     for k, cls in enumerate(run.table):
-        path = stage1_dir(run, cls.key) / "prob" / f"{crops.case_id}.npz"
+        path = _teacher_path(run, cls.key, crops.case_id)
         if not path.is_file():
             continue
         with np.load(path) as z:
-            prob = torch.from_numpy(z["prob"].astype(np.float16))[None, None]
+            prob = z["prob"].astype(np.float16)
             box = Box(tuple(int(v) for v in z["box_lo"]), tuple(int(v) for v in z["box_hi"]))
         out.append(Teacher(k, prob, teacher_affine(crops.heart_box, box)))
     return out
+
+
+def _supervision_path(run: Run, crops: CaseCrops) -> Path:
+    if run.params.stage3.supervision == "roi":
+        return stage2_dir(run) / "roi" / f"{crops.case_id}.npz"
+    return stage_labels(run, "stage2", crops.case_id)
 
 
 def supervision_labels(run: Run, crops: CaseCrops) -> np.ndarray:
@@ -76,39 +100,76 @@ def supervision_labels(run: Run, crops: CaseCrops) -> np.ndarray:
     is where the ROI-normalised coordinates run from -1 to 1 (voxel edges), so the crop's own
     normalised coordinates are the model's. "roi": the stage-2 map on the heart ROI grid.
     """
+    path = _supervision_path(run, crops)
     if run.params.stage3.supervision == "roi":
-        with np.load(stage2_dir(run) / "roi" / f"{crops.case_id}.npz") as z:
+        with np.load(path) as z:
             return z["labels"].astype(np.uint8)
-    path = stage_labels(run, "stage2", crops.case_id)
     labels = read_label(path, run.table).array
     if labels.shape != tuple(crops.shape):
         raise InputError(path, f"shape {labels.shape} differs from the prepared case {tuple(crops.shape)}")
     return np.ascontiguousarray(labels[crops.heart_box.slices], dtype=np.uint8)
 
 
+def store_spec(table: ClassTable, params: Stage3Params) -> StoreSpec:
+    """What the store's arrays depend on besides the inputs (interface bits only when mining is on)."""
+    return StoreSpec(tuple(table.indices), params.sampling.dilation_radius, interfaces=params.sampling.mined > 0)
+
+
+def case_source(run: Run, crops: CaseCrops, with_teachers: bool = True) -> dict:
+    """What identifies a case's stage-3 inputs without reading them: the L^ref file and every teacher
+    file (name, size, modification time) and the heart box. Raises FileNotFoundError without L^ref."""
+
+    def signature(path: Path) -> list:
+        st = path.stat()
+        return [str(path.relative_to(run.dir)), st.st_size, st.st_mtime_ns]
+
+    teachers = [_teacher_path(run, cls.key, crops.case_id) for cls in run.table] if with_teachers else []
+    return {"supervision": run.params.stage3.supervision, "shape": list(crops.shape),
+            "heart_box": crops.heart_box.to_dict(), "labels": signature(_supervision_path(run, crops)),
+            "teachers": [signature(p) for p in teachers if p.is_file()]}
+
+
 def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
+    """Every case with a stage-2 L^ref, written to the store ``stage3/cases/<case>/`` once (a case whose
+    store matches its inputs is not rewritten) and opened from there: nothing per case stays in memory
+    but its geometry and the store's small metadata.
+
+    Under torchrun every process runs this before the fit; process r starts at the r-th K-th of the
+    cases and wraps around, so the K processes build the store in parallel and find the rest done
+    (two that meet on a case write the same bytes, each file through a temporary and a rename).
+    """
     index = load_crops_index(prepared_dir(run))
-    ids, maps, geometry, teachers = [], [], {}, []
-    for cid, crops in index.items():
+    spec = store_spec(run.table, run.params.stage3)
+    root = stage3_cases_dir(run)
+    rank, world = int(os.environ.get("RANK", "0")), max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    items = list(index.items())
+    start = len(items) * rank // world
+    problems: dict[str, Exception] = {}
+    for cid, crops in items[start:] + items[:start]:
         try:
-            maps.append(supervision_labels(run, crops))
+            source = case_source(run, crops, with_teachers)
+            if not is_complete(root / cid, spec, source):
+                write_case(root / cid, supervision_labels(run, crops), spec,
+                           load_teachers(run, crops) if with_teachers else [], source)
         except (FileNotFoundError, InputError) as err:
-            run.skipped.add("stage3", cid, f"no usable stage-2 L^ref ({err}); run 03_stage2 first")
+            problems[cid] = err
+    ids, geometry = [], {}
+    for cid, crops in items:  # in the index's order: latent i is the i-th usable case
+        if cid in problems:
+            run.skipped.add("stage3", cid, f"no usable stage-2 L^ref ({problems[cid]}); run 03_stage2 first")
             continue
         ids.append(cid)
         geometry[cid] = geometry_of(crops)
-        teachers.append(load_teachers(run, crops) if with_teachers else [])
     run.write_skipped()
     if not ids:
         raise ValueError(f"stage3: no case has a stage-2 L^ref in {stage2_dir(run)}")
-    return Stage3Data(ids, maps, geometry, teachers)
+    return Stage3Data(ids, geometry, CaseStore(root, ids, spec))
 
 
 def build_task(data: Stage3Data, table: ClassTable, params: Stage3Params, seed: int, device: str,
                distill: bool = True) -> UnifiedTask:
     loss = params.loss if distill else _no_distill(params).loss
-    return UnifiedTask(data.maps, table, params.sampling, loss, seed, device,
-                       teachers=data.teachers if distill else None, chunk_points=params.chunk_points)
+    return UnifiedTask(data.store, table, params.sampling, loss, seed, device, chunk_points=params.chunk_points)
 
 
 def _no_distill(params: Stage3Params) -> Stage3Params:
@@ -142,7 +203,7 @@ def make_artifact(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage
 
 def assemble(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data, params: Stage3Params) -> UnifiedModel:
     """F_Θ with thresholds fitted on the training cases, decoded one case at a time (counts, not maps, are kept)."""
-    pairs = ((task.probabilities(model, i), data.maps[i]) for i in range(task.n_cases))
+    pairs = ((task.probabilities(model, i), data.store.labels(i)) for i in range(task.n_cases))  # one case mapped
     thresholds = fit_thresholds(pairs, run.table, params.threshold_candidates)
     return UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
                         device=task.device, chunk_points=params.chunk_points)

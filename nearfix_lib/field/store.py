@@ -1,0 +1,251 @@
+"""The per-case store of the unified fit: every array stage 3 needs of a case, on disk, opened on demand.
+
+Stage 3 fits one model on every case, so whatever it keeps per case in memory is multiplied by the
+case count (and, under torchrun, by the number of processes): a real case's label crop, its
+sampling tables and its teachers take ~100 MB. The store writes them once per case, as ``.npy``
+files that are memory-mapped (``np.load(mmap_mode="r")``) only while a batch, an evaluation or a
+mining pass works on that case and released after (unmapped pages leave the process's memory).
+What stays in memory per case is its small ``meta.json``: shape, voxel counts, band size and
+where the teachers lie. Layout of one case folder::
+
+    <root>/<case>/
+      labels.npy        uint8 (I, J, K)   the supervision label crop (L^ref)
+      cumulative.npy    int32 (C, I*J)    per class (store order), cumulative voxel counts over the (i, j) rows
+      band.npy          int32 (N, 3)      (i, j, k) of the band around the union foreground
+      interfaces.npy    uint8 packed bits the band around every class boundary (only for mining)
+      teacher_<k>.npy   float16 (R, R, R) stage-1 probabilities of head k on its class ROI grid
+      meta.json         written last: the case is complete once it exists and matches
+
+``meta.json`` records the store's ``spec`` (classes, band radius, whether interface bits are kept)
+and the writer's ``source`` (whatever identifies the inputs, e.g. file sizes and times); a case
+whose meta matches both is complete and is not rewritten. Every file is written through a
+temporary and renamed, so a killed writer leaves no half file and two processes writing the same
+case write the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nearfix_lib.core.io import atomic_path, write_json
+from nearfix_lib.field.sampling import boundary_band, interface_band, sparse_coordinates
+
+STORE_VERSION = 1
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a case's arrays depend on besides its inputs: the sampler's classes and band radius,
+    and whether mining's interface bits are kept (with their radius, the same one)."""
+
+    classes: tuple[int, ...]
+    dilation_radius: int
+    interfaces: bool
+
+    def to_dict(self) -> dict:
+        return {"version": STORE_VERSION, "classes": list(self.classes), "dilation_radius": self.dilation_radius,
+                "interfaces": self.interfaces}
+
+
+@dataclass
+class Teacher:
+    """Stage-1 probabilities of one class of one case on its class ROI grid, and where that grid lies.
+
+    ``from_heart`` maps whole-heart ROI-normalised coordinates to this class ROI's normalised
+    coordinates (through the original voxel grid), so a training point is looked up at the
+    same world position in the class model's own frame.
+    """
+
+    channel: int  # head index of the class
+    prob: np.ndarray  # (R_i, R_j, R_k) float16 as stage 1 saved it; memory-mapped when read from a store
+    from_heart: np.ndarray  # 4x4
+
+
+@dataclass(frozen=True)
+class CaseMeta:
+    """What is kept in memory of a stored case (a few hundred bytes)."""
+
+    shape: tuple[int, int, int]
+    counts: dict[int, int]  # voxels per label value present
+    band_size: int
+    teachers: tuple[tuple[int, str, tuple[float, ...]], ...]  # (channel, file, from_heart row-major)
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / META).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(folder: str | Path, spec: StoreSpec, source: dict) -> bool:
+    """Whether ``folder`` holds a case written for this ``spec`` from this ``source``."""
+    meta = _read_meta(Path(folder))
+    return meta is not None and meta.get("spec") == spec.to_dict() and meta.get("source") == source
+
+
+def _label_crop(labels: np.ndarray) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.ndim != 3:
+        raise ValueError(f"label maps must be 3-D, got shape {lab.shape}")
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"label maps must be integer, got {lab.dtype}")
+    if lab.size and (lab.min() < 0 or lab.max() > 255):
+        raise ValueError("label values must lie in 0..255")
+    if not 0 < lab.size < 2**31:
+        raise ValueError(f"label grids need 1 to 2**31 - 1 voxels (int32 counts), got {lab.size}")
+    return np.ascontiguousarray(lab, dtype=np.uint8)
+
+
+def write_case(folder: str | Path, labels: np.ndarray, spec: StoreSpec, teachers: Sequence[Teacher] = (),
+               source: dict | None = None) -> None:
+    """Write one case (see the module's layout), ``meta.json`` last: until it is replaced, an older meta
+    names another source (or none is there), so a case cut short by a kill is rewritten next time."""
+    folder = Path(folder)
+    lab = _label_crop(labels)
+    _save(folder / "labels.npy", lab)
+    rows = lab.reshape(-1, lab.shape[2])
+    cumulative = np.zeros((len(spec.classes), rows.shape[0]), dtype=np.int32)
+    for k, c in enumerate(spec.classes):
+        cumulative[k] = np.cumsum(np.count_nonzero(rows == c, axis=1), dtype=np.int64)
+    _save(folder / "cumulative.npy", cumulative)
+    band = sparse_coordinates(boundary_band(np.isin(lab, spec.classes), spec.dilation_radius))
+    _save(folder / "band.npy", band)
+    if spec.interfaces:
+        _save(folder / "interfaces.npy", np.packbits(interface_band(lab, spec.dilation_radius), axis=None))
+    records = []
+    for t in teachers:
+        name = f"teacher_{int(t.channel)}.npy"
+        _save(folder / name, np.asarray(t.prob, dtype=np.float16).reshape(np.shape(t.prob)[-3:]))
+        records.append({"channel": int(t.channel), "file": name,
+                        "from_heart": np.asarray(t.from_heart, dtype=np.float64).tolist()})
+    values, counts = np.unique(lab, return_counts=True)
+    write_json(folder / META, {"spec": spec.to_dict(), "source": source or {}, "shape": list(lab.shape),
+                               "counts": {str(int(v)): int(n) for v, n in zip(values, counts)},
+                               "band_size": int(len(band)), "teachers": records})
+
+
+def content_source(labels: np.ndarray, teachers: Sequence[Teacher] = ()) -> dict:
+    """A ``source`` for arrays given in memory: a digest of their bytes (a rerun on the same arrays reuses the case)."""
+    h = hashlib.sha1(_label_crop(labels).tobytes())
+    h.update(repr(np.shape(labels)).encode())
+    for t in teachers:
+        h.update(repr((int(t.channel), np.asarray(t.from_heart, dtype=np.float64).tolist())).encode())
+        h.update(np.ascontiguousarray(t.prob, dtype=np.float16).tobytes())
+    return {"sha1": h.hexdigest()}
+
+
+class CaseStore:
+    """The stored cases of one fit, in order (index i = latent i); arrays are opened per call.
+
+    Each accessor maps its file anew and returns the mapping: hold it while working on the case
+    and drop it after, so that only the cases at hand are mapped.
+    """
+
+    def __init__(self, root: str | Path, case_ids: Sequence[str], spec: StoreSpec):
+        self.root = Path(root)
+        self.case_ids = [str(c) for c in case_ids]
+        self.spec = spec
+        self._meta: list[CaseMeta] = []
+        for cid in self.case_ids:
+            meta = _read_meta(self.root / cid)
+            if meta is None or meta.get("spec") != spec.to_dict():
+                raise ValueError(f"{self.root / cid}: no complete store of this case for {spec}")
+            self._meta.append(CaseMeta(
+                tuple(int(s) for s in meta["shape"]),  # type: ignore[arg-type]
+                {int(v): int(n) for v, n in meta["counts"].items()}, int(meta["band_size"]),
+                tuple((int(t["channel"]), str(t["file"]), tuple(float(x) for row in t["from_heart"] for x in row))
+                      for t in meta["teachers"])))
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        return self.spec.classes
+
+    @property
+    def dilation_radius(self) -> int:
+        return self.spec.dilation_radius
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def folder(self, case: int) -> Path:
+        return self.root / self.case_ids[case]
+
+    # -- what stays in memory ---------------------------------------------------------------
+    def shape(self, case: int) -> tuple[int, int, int]:
+        return self._meta[case].shape
+
+    def histogram(self, case: int) -> np.ndarray:
+        """Voxels per label value 0..255 (int64)."""
+        out = np.zeros(256, dtype=np.int64)
+        for v, n in self._meta[case].counts.items():
+            out[v] = n
+        return out
+
+    def present(self, case: int, c: int) -> bool:
+        return self._meta[case].counts.get(int(c), 0) > 0
+
+    def band_size(self, case: int) -> int:
+        return self._meta[case].band_size
+
+    def teacher_channels(self, case: int) -> list[int]:
+        return [channel for channel, _, _ in self._meta[case].teachers]
+
+    def nbytes(self) -> int:
+        """Bytes of every stored case's files (what a fit would otherwise hold in memory)."""
+        return sum(p.stat().st_size for i in range(len(self)) for p in self.folder(i).iterdir() if p.is_file())
+
+    # -- what is mapped on demand -----------------------------------------------------------
+    def _open(self, case: int, name: str) -> np.ndarray:
+        return np.load(self.folder(case) / name, mmap_mode="r", allow_pickle=False)
+
+    def labels(self, case: int) -> np.ndarray:
+        """The label crop, uint8 (I, J, K)."""
+        return self._open(case, "labels.npy")
+
+    def cumulative(self, case: int) -> np.ndarray:
+        """int32 (C, I*J): row k counts the voxels of ``classes[k]`` in the (i, j) rows up to each one."""
+        return self._open(case, "cumulative.npy")
+
+    def band(self, case: int) -> np.ndarray:
+        """int32 (N, 3) voxels of the band around the union foreground."""
+        return self._open(case, "band.npy")
+
+    def interfaces(self, case: int) -> np.ndarray:
+        """The class-boundary band, bool (I, J, K) (decoded from the packed bits)."""
+        if not self.spec.interfaces:
+            raise ValueError(f"{self.root}: stored without interface bits (mining off)")
+        return np.unpackbits(self._open(case, "interfaces.npy"), count=int(np.prod(self.shape(case)))
+                             ).reshape(self.shape(case)).view(bool)
+
+    def teachers(self, case: int) -> list[Teacher]:
+        return [Teacher(channel, self._open(case, name), np.asarray(affine, dtype=np.float64).reshape(4, 4))
+                for channel, name, affine in self._meta[case].teachers]
+
+
+def write_store(root: str | Path, label_maps: Sequence[np.ndarray], spec: StoreSpec,
+                teachers: Sequence[Sequence[Teacher]] | None = None,
+                case_ids: Sequence[str] | None = None) -> CaseStore:
+    """A store of label maps (and teachers) given in memory, one case at a time (new cases, tests,
+    benchmarks); a case already stored from the same arrays is kept as it is."""
+    ids = [str(c) for c in case_ids] if case_ids is not None else [str(i) for i in range(len(label_maps))]
+    if len(ids) != len(label_maps):
+        raise ValueError(f"{len(ids)} case ids for {len(label_maps)} label maps")
+    for i, (cid, lab) in enumerate(zip(ids, label_maps)):
+        own = list(teachers[i]) if teachers is not None else []
+        source = content_source(lab, own)
+        if not is_complete(Path(root) / cid, spec, source):
+            write_case(Path(root) / cid, lab, spec, own, source)
+    return CaseStore(root, ids, spec)
