@@ -15,12 +15,12 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from nearfix_lib.core.classes import load_table
 from nearfix_lib.core.config import load_params, project_root
 from nearfix_lib.core.workspace import run_directory
+from nearfix_lib.stages.shards import thread_variables
 
 STAGES = ("00_inspection", "01_prepare", "02_stage1", "03_stage2", "04_stage3", "05_report")
 
@@ -34,22 +34,6 @@ def execute(notebook: str, out: Path, parameters: dict) -> float:
     return time.perf_counter() - t0
 
 
-@contextmanager
-def threads_per_kernel(n: int):
-    """Kernels started inside the block use ``n`` CPU threads (OMP/MKL and hence torch)."""
-    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update({k: str(n) for k in names})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_jobs(stage: str, jobs: list[tuple[str, dict]], common: dict, out_dir: Path, parallel: int) -> None:
     """Execute one notebook once per job (name, extra parameters), ``parallel`` at a time."""
     def one(job: tuple[str, dict]) -> None:
@@ -61,7 +45,7 @@ def run_jobs(stage: str, jobs: list[tuple[str, dict]], common: dict, out_dir: Pa
         for job in jobs:
             one(job)
         return
-    with threads_per_kernel(max(1, (os.cpu_count() or 1) // parallel)), ThreadPoolExecutor(parallel) as pool:
+    with thread_variables(max(1, (os.cpu_count() or 1) // parallel)), ThreadPoolExecutor(parallel) as pool:
         for future in [pool.submit(one, job) for job in jobs]:
             future.result()  # re-raises the first failure
 

@@ -168,8 +168,9 @@ def threads_per_worker(workers: int) -> int:
 
 
 @contextmanager
-def _thread_variables(threads: int) -> Iterator[None]:
-    """Processes started inside the block read these before they import torch or numpy."""
+def thread_variables(threads: int) -> Iterator[None]:
+    """Processes (workers, notebook kernels) started inside the block use ``threads`` CPU threads:
+    they read these variables before they import torch or numpy."""
     saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
     os.environ.update({k: str(threads) for k in THREAD_VARIABLES})
     try:
@@ -238,7 +239,7 @@ def run_cases(run: Run, stage: CaseStage, workers: int = 1, shard: Shard | str |
             record(cid, compute_case(run, stage, state, cid, stamps[cid]))
         return failed
     threads = threads_per_worker(workers)
-    with _thread_variables(threads), ProcessPoolExecutor(
+    with thread_variables(threads), ProcessPoolExecutor(
             min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
             initargs=(str(run.dir), stage, threads)) as pool:
         futures = {pool.submit(_worker_case, cid, stamps[cid]): cid for cid in todo}
