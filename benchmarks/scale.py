@@ -1,0 +1,377 @@
+"""Scale benchmarks (not tests): peak memory, wall time and disk of every stage as the data grows.
+
+    python -m benchmarks.scale scale --sizes 8 32 --out outputs/scale       # N cases of 192x192x160
+    python -m benchmarks.scale realsize --out outputs/realsize              # one case of 512x512x275
+
+Why: a real data set has hundreds to a thousand cases of 512x512x~300 voxels (0.35x0.35x0.5 mm).
+Two things decide whether a stage runs on it. What the stage holds for *every case at once* grows
+with the number of cases N: stage 1 keeps each case's class-ROI mask and sampling band, stage 2
+and the report read every case's label maps before their loops, stage 3 keeps every case's L^ref
+on the original voxels of its heart box, the stage-1 teachers and, to fit its thresholds, every
+case's probability maps. What it holds for *one case at a time* grows with the voxels per case.
+``scale`` measures the first: the same stages on N and on M cases of a fixed size with more than
+10 MB of data per case, and prints per stage the growth in MB per case and the peak extrapolated
+to 1,000 cases. ``realsize`` measures the second: one case of the real size through every stage.
+
+Each stage runs in its own process (``python -m benchmarks.scale _stage STAGE --run-dir RUN
+--params FILE``), started fresh, so its peak RSS is its own (``ru_maxrss`` of that process: a
+stage run after another in one process would report the larger of the two peaks, and Python
+rarely hands freed memory back), and a stage that exhausts memory or time becomes a row with its
+status instead of ending the benchmark. The phantom data is generated before, in this process,
+and is part of no stage. The stages are the notebooks' library calls without the figures, on
+``params/default.yaml`` (the production model and grids) with short fits (``SHORT_FITS``): the
+benchmark measures what a stage holds and writes, not how well it repairs. Both commands write
+``<name>.csv`` and ``<name>.md`` (tables rendered from the CSV, stamped with the command and the
+code version) into ``--out``; each stage's output is in ``--out/logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from nearfix_lib.core.config import Params
+
+PROJECT = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "stage1", "stage2", "stage3", "report")
+SCALE_COLUMNS = ["stage", "n_cases", "peak_rss_mb", "wall_s", "disk_mb", "base_rss_mb", "status"]
+REALSIZE_COLUMNS = ["stage", "peak_rss_mb", "wall_s", "disk_mb", "base_rss_mb", "status"]
+RESULT_TAG = "nearfix-scale-result "
+TARGET_CASES = 1000
+# Short fits: every code path of a fit runs (training steps, one evaluation, checkpoints) in a few
+# epochs. Stage 1 gets 10: after 2 steps (1 epoch = 1 step up to 8 cases) its LV field is still
+# empty, stage 2 then fuses empty masks and stage 3 finds no L^ref to learn; after 10 the LV Dice
+# is ~0.85 and the coronaries are pieces of a tree, so stages 2 and 3 work on maps like a real run's.
+SHORT_FITS = {
+    "stage1.classes": ["LV", "Cor"],  # two of ten classes, to bound the time: a large one and the thinnest
+    "stage1.train.epochs": 10, "stage1.train.eval_interval": 10, "stage1.train.checkpoint_interval": 10,
+    "stage3.train.epochs": 2, "stage3.train.eval_interval": 2, "stage3.train.checkpoint_interval": 2,
+    "stage3.compare_distillation": False,
+}
+
+
+# -- the child: one stage in its own process --------------------------------------------------------
+
+def _prepare(run) -> None:
+    from nearfix_lib.stages.prepare import prepare_run
+
+    prepare_run(run)
+
+
+def _stage1(run) -> None:
+    from nearfix_lib.stages.stage1 import fit_class, repair_class
+
+    for key in run.params.stage1.classes or run.table.keys:
+        model, data, _ = fit_class(run, key, run.params.stage1, progress=False)
+        repair_class(run, key, run.params.stage1, model, data, progress=False)
+
+
+def _stage2(run) -> None:
+    from nearfix_lib.stages.stage2 import run_stage2
+
+    run_stage2(run, progress=False)
+
+
+def _stage3(run) -> None:
+    from nearfix_lib.stages.stage3 import decode_and_score, fit_unified, load_stage3_data, make_artifact
+
+    data = load_stage3_data(run)
+    model, task, _ = fit_unified(run, data, progress=False)
+    decode_and_score(run, make_artifact(run, model, task, data), progress=False)
+
+
+def _report(run) -> None:
+    from nearfix_lib.stages.report import run_compare
+
+    run_compare(run, progress=False)
+
+
+STAGE_CALLS = {"prepare": _prepare, "stage1": _stage1, "stage2": _stage2, "stage3": _stage3, "report": _report}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far: ``VmHWM`` of ``/proc/self/status`` where it
+    exists, else ``ru_maxrss`` (KiB on Linux). Linux carries ``ru_maxrss`` across exec, so a child
+    started by a parent holding 300 MB reports at least 300 MB however little it uses itself;
+    ``VmHWM`` belongs to the process's own address space."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(stage: str, run_dir: str, params_file: str) -> int:
+    """Run one stage on the run folder; print one ``RESULT_TAG`` JSON line: peak RSS, wall time,
+    the RSS its imports alone took (``base_rss_mb``) and ``ok`` or why it failed."""
+    importlib.import_module(f"nearfix_lib.stages.{stage}")  # the imports are the baseline, not the stage
+    from nearfix_lib.core.config import load_params
+    from nearfix_lib.stages.runs import start_run
+
+    base, t0, status = peak_rss_mb(), time.perf_counter(), "ok"
+    try:
+        STAGE_CALLS[stage](start_run(load_params(params_file, run_dir=run_dir), progress=False))
+    except Exception as err:  # the row records it; the traceback stays in the stage's log
+        traceback.print_exc()
+        status = f"failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+    result = {"peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - t0, "base_rss_mb": base, "status": status}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0 if status == "ok" else 1
+
+
+# -- the parent: data, one process per stage, tables --------------------------------------------------
+
+def make_data(root: Path, n_cases: int, shape: list[int], spacing: list[float]) -> None:
+    """A phantom data root of ``n_cases`` cases (kept if it exists with the same parameters)."""
+    from nearfix_lib.core.config import PhantomParams
+    from nearfix_lib.phantom.dataset import write_dataset
+
+    fov = tuple(float(n * s) for n, s in zip(shape, spacing))
+    t0 = time.perf_counter()
+    write_dataset(root, PhantomParams(n_cases=n_cases, shape=tuple(shape), fov_mm=fov), progress=True)
+    print(f"phantom: {n_cases} case(s) of {shape} voxels at {spacing} mm in {root} "
+          f"({time.perf_counter() - t0:.0f} s; not part of any stage)", flush=True)
+
+
+def write_params(path: Path, params_file: str, overrides: dict) -> Params:
+    """Resolve ``params_file`` with ``overrides`` and write the result to ``path`` (what the stages load)."""
+    from nearfix_lib.core.config import load_params
+    from nearfix_lib.core.io import write_text
+
+    params = load_params(params_file, overrides)
+    write_text(path, params.to_yaml())
+    return params
+
+
+def run_overrides(data_root: Path, n_cases: int, run_dir: Path, device: str, extra: dict) -> dict:
+    """``SHORT_FITS``, the data root limited to ``n_cases``, the run folder and device, then ``extra``."""
+    return {**SHORT_FITS, "run.name": run_dir.name, "run.run_dir": str(run_dir), "run.device": device,
+            "data.data_root": str(data_root), "data.max_cases": n_cases, **extra}
+
+
+def _spawn(cmd: list[str], log: Path, timeout_s: float) -> tuple[int, float, bool]:
+    """Run ``cmd`` in the project with its output in ``log``: (exit code, its peak RSS in MB as
+    the kernel reports it at exit, whether it was killed for time). That RSS comes from wait4, so
+    a process killed for memory still has one; it is ``ru_maxrss``, which counts this process's
+    RSS at the start too (see :func:`peak_rss_mb`): an upper bound, used when the child reports none."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT), os.environ.get("PYTHONPATH")) if p)}
+    expired = threading.Event()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT, env=env)
+        timer = threading.Timer(timeout_s, lambda: (expired.set(), proc.kill()))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return proc.returncode, usage.ru_maxrss / 1024, expired.is_set()
+
+
+def _child_result(log: Path) -> dict | None:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith(RESULT_TAG)]
+    return json.loads(lines[-1][len(RESULT_TAG):]) if lines else None
+
+
+def disk_mb(folder: Path) -> float:
+    """Size of the files under ``folder`` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
+
+
+def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeout_s: float) -> dict:
+    """One stage in a fresh process: its row (``REALSIZE_COLUMNS``); ``disk_mb`` is what the
+    stage added to the run folder."""
+    before, t0 = disk_mb(run_dir), time.perf_counter()
+    cmd = [sys.executable, "-m", "benchmarks.scale", "_stage", stage, "--run-dir", str(run_dir),
+           "--params", str(params_file)]
+    code, rss_mb, expired = _spawn(cmd, log, timeout_s)
+    row = {"stage": stage, "peak_rss_mb": rss_mb, "wall_s": time.perf_counter() - t0, "base_rss_mb": float("nan"),
+           "status": f"failed: exit code {code} (killed for memory?), see {log}"}
+    if expired:
+        row["status"] = f"failed: timed out after {timeout_s:.0f} s"
+    row.update(_child_result(log) or {})
+    return {**row, "disk_mb": disk_mb(run_dir) - before}
+
+
+def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float) -> list[dict]:
+    """Every stage in order on a fresh run folder (a stage that resumes would measure nothing);
+    a failed stage is recorded and the next ones still run (and fail on what is missing)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for stage in STAGES:
+        print(f"{run_dir.name}: {stage} ...", flush=True)
+        row = measure_stage(stage, run_dir, params_file, logs / f"{run_dir.name}_{stage}.log", timeout_s)
+        print(f"  {row['status']}: peak RSS {row['peak_rss_mb']:.0f} MB, {row['wall_s']:.0f} s, "
+              f"{row['disk_mb']:.1f} MB written", flush=True)
+        rows.append(row)
+    return rows
+
+
+def slopes(table: pd.DataFrame, target: int = TARGET_CASES) -> pd.DataFrame:
+    """Per stage, growth per case between the smallest and the largest N that ran (``status`` ok
+    where the column exists) and the linear extrapolation to ``target`` cases:
+    ``peak(N_max) + mb_per_case * (target - N_max)``, likewise for the wall time."""
+    import pandas as pd
+
+    ok = table[table["status"] == "ok"] if "status" in table else table
+    rows = []
+    for stage, group in ok.groupby("stage", sort=False):
+        small, large = group.loc[group["n_cases"].idxmin()], group.loc[group["n_cases"].idxmax()]
+        span = large["n_cases"] - small["n_cases"]
+        row = {"stage": stage, "n_small": int(small["n_cases"]), "n_large": int(large["n_cases"])}
+        for value, per_case, at_target in (("peak_rss_mb", "mb_per_case", f"peak_rss_mb_at_{target}"),
+                                           ("wall_s", "s_per_case", f"wall_s_at_{target}")):
+            row[per_case] = (large[value] - small[value]) / span if span else float("nan")
+            row[at_target] = large[value] + row[per_case] * (target - large["n_cases"])
+        rows.append(row)
+    columns = ["stage", "n_small", "n_large", "mb_per_case", f"peak_rss_mb_at_{target}", "s_per_case",
+               f"wall_s_at_{target}"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _conditions(params: Params, shape: list[int], spacing: list[float]) -> str:
+    """What the numbers were measured on, for the pages."""
+    classes = ", ".join(params.stage1.classes) or "every class"
+    mb = math.prod(shape) * 4 / 2**20  # int16 CT + two uint8 label maps
+    source = os.path.relpath(params.source, PROJECT)
+    return (f"Phantom cases of {' x '.join(map(str, shape))} voxels at {' x '.join(map(str, spacing))} mm "
+            f"({mb:.1f} MB per case in memory: int16 CT, noisy and true labels). `{source}` with short fits: "
+            f"stage 1 on {classes} only (to bound the time; L^ref then holds only these), "
+            f"{params.stage1.train.epochs} epochs; stage 3 "
+            f"{params.stage3.train.epochs} epochs, no fit without distillation, no new-case fit. Device "
+            f"`{params.run.device}`, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. "
+            "peak_rss_mb: maximum RSS of the stage's own process (its imports included; base_rss_mb: after the "
+            "imports); disk_mb: what the stage added to the run folder.\n")
+
+
+def _pivot(table: pd.DataFrame, value: str) -> str:
+    wide = table.pivot(index="stage", columns="n_cases", values=value).reindex(list(STAGES))
+    return wide.rename(columns=lambda n: f"N = {n}").to_markdown(floatfmt=".1f")
+
+
+def scale_page(table: pd.DataFrame, growth: pd.DataFrame, conditions: str) -> str:
+    failed = table[table["status"] != "ok"]
+    parts = [conditions, "## Peak RSS (MB)", _pivot(table, "peak_rss_mb"), "## Wall time (s)", _pivot(table, "wall_s"),
+             "## Written to the run folder (MB)", _pivot(table, "disk_mb"),
+             f"## Growth per case, extrapolated to {TARGET_CASES:,} cases",
+             growth.to_markdown(index=False, floatfmt=".1f"),
+             "## Failed stages", failed.to_markdown(index=False) if len(failed) else "none"]
+    return "\n\n".join(parts) + "\n"
+
+
+def print_growth(growth: pd.DataFrame) -> None:
+    for g in growth.itertuples(index=False):
+        print(f"{g.stage}: {g.mb_per_case:+.1f} MB per case (N {g.n_small} -> {g.n_large}); "
+              f"at {TARGET_CASES:,} cases ~{getattr(g, f'peak_rss_mb_at_{TARGET_CASES}') / 1024:.1f} GB, "
+              f"{getattr(g, f'wall_s_at_{TARGET_CASES}') / 3600:.1f} h")
+
+
+def _write(out: Path, name: str, table: pd.DataFrame, text: str, argv: list[str]) -> None:
+    # imported after the runs: benchmarks.bench imports torch, which would make this process
+    # (and the upper bound of a child that reports no RSS itself, see _spawn) 300 MB larger
+    from benchmarks.bench import write_report
+
+    write_report(out, name, table, text, argv, module="benchmarks.scale")
+
+
+def scale(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
+    """Every stage on each N of ``args.sizes`` (the first N cases of one phantom data root)."""
+    import pandas as pd
+
+    out = Path(args.out).resolve()
+    make_data(out / "data", max(args.sizes), args.shape, args.spacing)
+    rows, params = [], None
+    for n in sorted(set(args.sizes)):
+        run_dir = out / "runs" / f"n{n}"
+        overrides = run_overrides(out / "data", n, run_dir, args.device, args.overrides)
+        params = write_params(out / "params" / f"n{n}.yaml", args.params, overrides)
+        rows += [{"n_cases": n, **row} for row in run_stages(run_dir, out / "params" / f"n{n}.yaml",
+                                                            out / "logs", args.timeout_s)]
+    table = pd.DataFrame(rows).reindex(columns=SCALE_COLUMNS)
+    growth = slopes(table)
+    _write(out, "scale", table, scale_page(table, growth, _conditions(params, args.shape, args.spacing)), argv)
+    print_growth(growth)
+    return table
+
+
+def realsize(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
+    """Every stage on one case of ``args.shape`` voxels."""
+    import pandas as pd
+
+    out = Path(args.out).resolve()
+    make_data(out / "data", 1, args.shape, args.spacing)
+    run_dir = out / "run"
+    params = write_params(out / "params.yaml", args.params,
+                          run_overrides(out / "data", 1, run_dir, args.device, args.overrides))
+    table = pd.DataFrame(run_stages(run_dir, out / "params.yaml", out / "logs", args.timeout_s))
+    table = table.reindex(columns=REALSIZE_COLUMNS)
+    text = _conditions(params, args.shape, args.spacing) + "\n" + table.to_markdown(index=False, floatfmt=".1f") + "\n"
+    _write(out, "realsize", table, text, argv)
+    return table
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def _child_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scale _stage", description="one stage, measured")
+    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--params", required=True)
+    args = ap.parse_args(argv)
+    return run_child(args.stage, args.run_dir, args.params)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from nearfix_lib.core.config import mapping_parameter
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    defaults = {"scale": ([192, 192, 160], [0.75] * 3, "outputs/scale"),
+                "realsize": ([512, 512, 275], [0.35, 0.35, 0.5], "outputs/realsize")}
+    for name, (shape, spacing, out) in defaults.items():
+        p = sub.add_parser(name, help=f"every stage on {'N cases' if name == 'scale' else 'one case'} "
+                                      f"of {' x '.join(map(str, shape))} voxels")
+        if name == "scale":
+            p.add_argument("--sizes", type=int, nargs="+", default=[8, 32], help="numbers of cases")
+        p.add_argument("--shape", type=int, nargs=3, default=shape, help="voxels per case")
+        p.add_argument("--spacing", type=float, nargs=3, default=spacing, help="voxel size in mm")
+        p.add_argument("--out", default=out)
+        p.add_argument("--params", default="params/default.yaml")
+        p.add_argument("--overrides", type=lambda v: mapping_parameter(v, "--overrides"), default={},
+                       help="dotted keys as YAML/JSON, applied after the short fits, e.g. '{stage1.classes: [LV]}'")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--timeout-s", type=float, default=4 * 3600, help="per stage")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_stage"]:
+        return _child_main(argv[1:])
+    args = _parser().parse_args(argv)
+    table = (scale if args.command == "scale" else realsize)(args, argv)
+    return 0 if (table["status"] == "ok").all() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The scale benchmark's machinery at a tiny size (its numbers are for docs, not asserted here):
+one process per stage and N, the CSV and page, the growth per case and its extrapolation."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from benchmarks.scale import STAGES, main, measure_stage, slopes, write_params
+
+# the tests' tiny run; stage 1 on one class, with enough steps that its masks are not empty
+# (stage 3 learns from what stage 1 and 2 produced, and refuses a run without any L^ref)
+TINY = ["--shape", "40", "36", "30", "--spacing", "3.5", "3.5", "4.0", "--params", "params/test.yaml", "--overrides",
+        "{stage1.classes: [LV], stage1.train.epochs: 20, stage1.train.eval_interval: 20, "
+        "stage1.train.checkpoint_interval: 20}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_scale(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scale")
+    code = main(["scale", "--sizes", "1", "2", "--out", str(out), *TINY])
+    return out, code, pd.read_csv(out / "scale.csv")
+
+
+def test_every_stage_and_n_is_one_row_measured_in_its_own_process(tiny_scale):
+    out, code, table = tiny_scale
+    assert list(table.columns[:4]) == ["stage", "n_cases", "peak_rss_mb", "wall_s"]
+    assert code == 0 and (table["status"] == "ok").all(), table["status"].tolist()
+    assert sorted(zip(table["stage"], table["n_cases"])) == sorted((s, n) for s in STAGES for n in (1, 2))
+    assert (table["peak_rss_mb"] > 0).all() and (table["wall_s"] > 0).all()
+    assert (table["peak_rss_mb"] >= table["base_rss_mb"]).all()
+    # each child's own memory, not the parent's: prepare imports no torch, so it peaks below the
+    # RSS that stage 1's imports alone take, although this test process holds torch and more
+    prepare, stage1 = (table[table["stage"] == s].set_index("n_cases") for s in ("prepare", "stage1"))
+    assert (prepare["peak_rss_mb"] < stage1["base_rss_mb"]).all()
+    assert (table[table["stage"] == "stage1"]["disk_mb"] > 0).all()
+    assert (out / "logs" / "n2_stage3.log").is_file() and (out / "runs" / "n2" / "stage3" / "unified.pt").is_file()
+
+
+def test_the_page_is_rendered_from_the_csv_and_stamped(tiny_scale):
+    out, _, table = tiny_scale
+    page = (out / "scale.md").read_text()
+    assert page.startswith("# Benchmark: scale") and "python -m benchmarks.scale scale --sizes 1 2" in page
+    assert "| code version | `0." in page and "stage 1 on LV only" in page
+    assert f"{table['peak_rss_mb'].iloc[0]:.1f}" in page and "## Growth per case, extrapolated to 1,000" in page
+
+
+def test_growth_per_case_and_extrapolation_to_1000_cases():
+    rows = pd.DataFrame([("stage1", 8, 500.0, 10.0, "ok"), ("stage1", 32, 980.0, 34.0, "ok"),
+                         ("stage3", 32, 2000.0, 5.0, "ok"), ("stage3", 8, 800.0, 1.0, "ok"),
+                         ("report", 8, 300.0, 2.0, "ok"), ("report", 32, 310.0, 9.0, "failed: timed out")],
+                        columns=["stage", "n_cases", "peak_rss_mb", "wall_s", "status"])
+    growth = slopes(rows).set_index("stage")
+    assert list(growth.index) == ["stage1", "stage3", "report"]
+    assert growth.loc["stage1", "mb_per_case"] == 20.0 and growth.loc["stage3", "mb_per_case"] == 50.0
+    assert growth.loc["stage1", "peak_rss_mb_at_1000"] == 980.0 + 20.0 * 968
+    assert growth.loc["stage3", "peak_rss_mb_at_1000"] == 2000.0 + 50.0 * 968
+    assert growth.loc["stage1", "s_per_case"] == 1.0 and growth.loc["stage1", "wall_s_at_1000"] == 34.0 + 968
+    assert (growth.loc["report", ["n_small", "n_large"]] == 8).all()  # the failed N is left out
+    assert math.isnan(growth.loc["report", "mb_per_case"]) and math.isnan(growth.loc["report", "peak_rss_mb_at_1000"])
+
+
+def test_a_failing_stage_is_a_row_with_its_status(tmp_path):
+    params = tmp_path / "params.yaml"
+    write_params(params, "params/test.yaml", {"data.data_root": str(tmp_path / "absent"), "run.device": "cpu"})
+    row = measure_stage("prepare", tmp_path / "run", params, tmp_path / "prepare.log", timeout_s=120)
+    assert row["status"].startswith("failed: InputError") and "does not exist" in row["status"]
+    assert row["peak_rss_mb"] > 0 and row["disk_mb"] == 0.0
