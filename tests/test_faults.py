@@ -127,9 +127,11 @@ def execute(stem, run_dir, data_root, **extra):
 
 
 def printed(notebook) -> str:
+    """What a notebook printed (stdout only: progress bars write to stderr, and the kernel may flush a
+    line's text and its newline apart, so a bar's output can land between them when both are read)."""
     nb = json.loads(notebook.read_text())
     return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", [])
-                   if o.get("output_type") == "stream")
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
 
 
 @pytest.fixture(scope="module")
