@@ -56,6 +56,7 @@ from nearfix_lib.field.unified import UnifiedTask, decode_priority
 from nearfix_lib.phantom.dataset import make_case
 from nearfix_lib.repair.fusion import fuse_case, fuse_priority
 from nearfix_lib.stages.runs import code_version, resolve_device
+from nearfix_lib.stages.stage1 import write_mask_store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,6 +103,7 @@ def _dense_batch(masks: list[np.ndarray], case_idx: np.ndarray):
 
 def _measure(cfg: Stage1BenchConfig, queue) -> None:
     """Child process: train for the budget, report speed, memory and Dice vs the truth."""
+    store_dir = tempfile.TemporaryDirectory(prefix="nearfix-bench-store-")  # the masks as stage 1 reads them
     try:
         import torch
 
@@ -109,7 +111,8 @@ def _measure(cfg: Stage1BenchConfig, queue) -> None:
         noisy, clean = _phantom_masks(cfg)
         model = ImplicitField(cfg.n_cases, ModelParams()).to(cfg.device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        sampler = BandSampler(noisy, SamplingParams(points_per_case=max(cfg.points_per_case, 1)), cfg.seed)
+        sampling = SamplingParams(points_per_case=max(cfg.points_per_case, 1))
+        sampler = BandSampler(write_mask_store(store_dir.name, noisy, sampling), sampling, cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         if cfg.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -153,6 +156,8 @@ def _measure(cfg: Stage1BenchConfig, queue) -> None:
                    "noisy_dice_vs_truth": float(np.mean(noisy_dice)), "status": "ok"})
     except (RuntimeError, MemoryError) as err:  # out of memory, typically
         queue.put({**asdict(cfg), "status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"})
+    finally:
+        store_dir.cleanup()
 
 
 def _peak_mb(device: str) -> float:

@@ -26,6 +26,7 @@ from nearfix_lib.field.sampling import (
     sparse_coordinates,
 )
 from nearfix_lib.field.store import StoreSpec, write_store
+from nearfix_lib.stages.stage1 import write_mask_store
 
 SHAPE = (20, 14, 9)
 
@@ -55,6 +56,11 @@ def brute_band(mask, radius):
     return ((d_fg <= radius + 1e-9) & (d_bg <= radius + 1e-9)).reshape(mask.shape)
 
 
+def band_sampler(tmp_path, masks, params, seed):
+    """A BandSampler over ``masks``, written to a fresh stage-1 store under ``tmp_path`` (how it reads cases)."""
+    return BandSampler(write_mask_store(Path(tempfile.mkdtemp(dir=tmp_path)), masks, params), params, seed)
+
+
 def params(**kw):
     base = dict(points_per_case=1000, bias_schedule=[], sampling_bias_ratio=0.5)
     base.update(kw)
@@ -70,10 +76,10 @@ def test_band_matches_the_distance_definition(radius):
     assert not boundary_band(np.zeros(SHAPE, bool), radius).any()
 
 
-def test_band_points_fall_in_band_voxels_and_a_transpose_would_not():
+def test_band_points_fall_in_band_voxels_and_a_transpose_would_not(tmp_path):
     m = corner_slab()
     band = boundary_band(m, 2)
-    sampler = BandSampler([m], params(points_per_case=3000, sampling_bias_ratio=1.0), seed=1)
+    sampler = band_sampler(tmp_path, [m], params(points_per_case=3000, sampling_bias_ratio=1.0), 1)
     pts, targets = sampler.sample([0], epoch=1)
     cells = np.floor(normalised_to_index(pts[0], SHAPE) + 0.5).astype(int)
     assert np.array_equal(cells, cell_index(pts[0], SHAPE))
@@ -87,10 +93,10 @@ def test_band_points_fall_in_band_voxels_and_a_transpose_would_not():
     assert frac.min() < -0.45 and frac.max() > 0.45
 
 
-def test_band_counts_are_exactly_round_ratio_times_n():
+def test_band_counts_are_exactly_round_ratio_times_n(tmp_path):
     masks = [blob(), corner_slab(), np.zeros(SHAPE, bool), blob((11, 23, 16))]
     p = params(points_per_case=1001, jitter=False, bias_schedule=[[2, 0.3], [3, 0.77]])
-    sampler = BandSampler(masks, p, seed=0)
+    sampler = band_sampler(tmp_path, masks, p, 0)
     for epoch, ratio in ((1, 0.3), (3, 0.77), (9, 0.77)):
         pts, _ = sampler.sample([0, 1, 2, 3], epoch)
         for b, m in enumerate(masks):
@@ -129,20 +135,27 @@ def test_conversions_follow_the_roi_grid_convention():
                           [[0, 0, 0], [19, 13, 8]])
 
 
-def test_targets_are_the_mask_at_the_returned_points():
+def test_targets_are_the_mask_at_the_returned_points(tmp_path):
     masks = [blob(), blob((11, 23, 16))]
-    sampler = BandSampler(masks, params(points_per_case=4096), seed=3)
+    sampler = band_sampler(tmp_path, masks, params(points_per_case=4096), 3)
     pts, targets = sampler.sample([1, 0, 1], epoch=1)
     assert pts.dtype == np.float32 and targets.dtype == np.float32
     assert pts.shape == (3, 4096, 3) and targets.shape == (3, 4096)
     for b, case in enumerate([1, 0, 1]):
         assert np.array_equal(targets[b], lookup(masks[case], pts[b]).astype(np.float32))
     assert 0.2 < targets.mean() < 0.8  # the band straddles the surface
+    assert all(np.array_equal(sampler.mask(i), m) for i, m in enumerate(masks))  # what evaluation reads
 
 
-def test_uniform_points_cover_the_box():
+def test_band_sampler_refuses_a_store_of_another_band_radius(tmp_path):
+    store = write_mask_store(tmp_path, [blob()], params(sampling_dilation_radius=2))
+    with pytest.raises(ValueError, match="radius 2"):
+        BandSampler(store, params(sampling_dilation_radius=3), seed=0)
+
+
+def test_uniform_points_cover_the_box(tmp_path):
     m = blob()
-    sampler = BandSampler([m], params(points_per_case=4096, sampling_bias_ratio=0.0), seed=5)
+    sampler = band_sampler(tmp_path, [m], params(points_per_case=4096, sampling_bias_ratio=0.0), 5)
     pts, targets = sampler.sample([0] * 8, epoch=1)
     flat = pts.reshape(-1, 3)
     assert flat.min() >= -1 and flat.max() <= 1
@@ -151,18 +164,18 @@ def test_uniform_points_cover_the_box():
     assert abs(targets.mean() - m.mean()) < 0.015  # uniform points hit voxels by volume
 
 
-def test_empty_mask_draws_uniform_points():
-    sampler = BandSampler([np.zeros(SHAPE, bool)], params(sampling_bias_ratio=1.0), seed=0)
+def test_empty_mask_draws_uniform_points(tmp_path):
+    sampler = band_sampler(tmp_path, [np.zeros(SHAPE, bool)], params(sampling_bias_ratio=1.0), 0)
     pts, targets = sampler.sample([0], epoch=1)
     assert not targets.any()
     assert np.abs(pts.mean(axis=1)).max() < 0.1
 
 
-def test_determinism_and_state_round_trip():
+def test_determinism_and_state_round_trip(tmp_path):
     masks = [blob(), corner_slab()]
 
     def make(seed):
-        return BandSampler(masks, params(), seed=seed)
+        return band_sampler(tmp_path, masks, params(), seed)
 
     a, b = make(7), make(7)
     assert all(np.array_equal(x, y) for x, y in zip(a.sample([0, 1], 1), b.sample([0, 1], 1)))

@@ -100,8 +100,10 @@ def test_repair_beats_a_noisy_mask_with_islands_and_stairs():
                           sampling=SamplingParams(points_per_case=1024, bias_schedule=[]),
                           train=TrainParams(epochs=150, cases_per_batch=2, eval_interval=150, lr_step_epochs=0))
     model = stage1.build_model(2, params)
-    task = stage1.Stage1Task(noisy, params, seed=0, device="cpu")
-    fit(model, task, params.train, __import__("tempfile").mkdtemp(), progress=False)
+    tmp = __import__("tempfile").mkdtemp()
+    task = stage1.Stage1Task(stage1.write_mask_store(tmp + "/cases", noisy, params.sampling), params, seed=0,
+                             device="cpu")
+    fit(model, task, params.train, tmp + "/ckpt", progress=False)
     box = Box((0, 0, 0), shape)
     for i, (t, n) in enumerate(zip(truths, noisy)):
         pred = field_on_grid(model, i, roi_grid(box, shape), box)[..., 0] >= 0.5
@@ -140,5 +142,6 @@ def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):
     run = start_run(load_test_params(data_root=str(root), run_dir=str(tmp_path / "run")), progress=False)
     crops = {c.case_id: c for c in prepare.prepare_run(run)}
     assert crops["2"].missing == ["LAA"] and not crops["1"].missing
-    data = stage1.load_stage1_data(run, "LAA")
+    data = stage1.load_stage1_data(run, "LAA", run.params.stage1.for_class("LAA"))
     assert data.case_ids == ["1"] and data.absent == ["2"]
+    assert data.store.case_ids == ["1"]

@@ -15,7 +15,7 @@ from nearfix_lib.field.infer import (
 )
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.train import fit, load_checkpoint
-from nearfix_lib.stages.stage1 import Stage1Task
+from nearfix_lib.stages.stage1 import Stage1Task, write_mask_store
 
 TINY_MODEL = ModelParams(latent_dim=16, grid_channels=(8, 4), grid_sizes=(4, 8))
 
@@ -36,19 +36,24 @@ def stage1_params(epochs=6):
                                           checkpoint_interval=1, lr_step_epochs=3))
 
 
-def make(seed=0):
+def stage1_task(store_dir, params, n=4):
+    """A Stage1Task on ``masks(n)``, stored in ``store_dir``."""
+    return Stage1Task(write_mask_store(store_dir, masks(n), params.sampling), params, seed=0, device="cpu")
+
+
+def make(store_dir, seed=0):
     torch.manual_seed(seed)
     params = stage1_params()
-    return ImplicitField(4, params.model), Stage1Task(masks(), params, seed=0, device="cpu"), params
+    return ImplicitField(4, params.model), stage1_task(store_dir, params), params
 
 
 def test_resume_continues_exactly(tmp_path):
-    model_a, task_a, params = make()
+    model_a, task_a, params = make(tmp_path / "cases")
     straight = fit(model_a, task_a, params.train, tmp_path / "a", progress=False)
-    model_b, task_b, _ = make()
+    model_b, task_b, _ = make(tmp_path / "cases")
     half = fit(model_b, task_b, params.train, tmp_path / "b", progress=False, epochs=3)
     assert half.last_epoch == 3
-    model_c, task_c, _ = make(seed=99)  # a fresh process: other init, other RNG
+    model_c, task_c, _ = make(tmp_path / "cases", seed=99)  # a fresh process: other init, other RNG
     resumed = fit(model_c, task_c, params.train, tmp_path / "b", progress=False)
     assert resumed.resumed_from == 3 and resumed.last_epoch == 6
     assert straight.history[-1]["step"] == resumed.history[-1]["step"] == 12
@@ -58,7 +63,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_checkpoint_holds_everything_and_log_is_written(tmp_path):
-    model, task, params = make()
+    model, task, params = make(tmp_path / "cases")
     res = fit(model, task, params.train, tmp_path, progress=False, extra={"key": "LV", "case_ids": list("abcd")})
     ckpt = load_checkpoint(tmp_path / "last.pt")
     for k in ("model", "optimizer", "scheduler", "rng", "task", "order_rng", "epoch", "step", "history"):
@@ -75,11 +80,11 @@ def test_checkpoint_holds_everything_and_log_is_written(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
-    model, task, params = make()
+    model, task, params = make(tmp_path / "cases")
     fit(model, task, params.train, tmp_path, progress=False, epochs=1)
     other = ImplicitField(5, params.model)  # different number of cases
     with pytest.raises(RuntimeError, match="does not fit this model"):
-        fit(other, Stage1Task(masks(5), params, 0, "cpu"), params.train, tmp_path, progress=False)
+        fit(other, stage1_task(tmp_path / "cases5", params, 5), params.train, tmp_path, progress=False)
 
 
 def test_chunked_evaluation_equals_one_shot_on_any_grid():
@@ -133,7 +138,7 @@ def test_validation_runs_on_a_fixed_seeded_subset(tmp_path):
     assert len(subset) == 16 == len(set(subset)) and subset == sorted(subset) and max(subset) < 1000
     assert subset == validation_cases(1000, 16, seed=7) != validation_cases(1000, 16, seed=8)
 
-    model, task, params = make()
+    model, task, params = make(tmp_path / "cases")
     seen = []
     evaluate = task.evaluate
     task.evaluate = lambda m, cases: seen.append(list(cases)) or evaluate(m, cases)

@@ -10,6 +10,7 @@ without importing the stages::
       prepared/crops.json  prepared/<case>/{crop.json,heart.npz,class_<key>.npz}  prepared/parts/
       inspection/{cases,components,…,scores}.csv
       stage1/<key>/{ckpt,prob,masks}/  stage1/<key>/scores.csv
+      stage1/<key>/cases/<case>/        (the class fit's per-case store: the ROI mask, its band)
       stage2/{labels,roi,parts}/  stage2/{audit,checks,scores}.csv
       stage3/{ckpt,labels,new_cases,no_distill}/  stage3/unified.pt  stage3/{scores,distillation}.csv
       stage3/cases/<case>/              (the fit's per-case store: labels, sampling tables, teachers)
@@ -148,6 +149,11 @@ def stage1_dir(run: Run, key: str) -> Path:
     return run.path("stage1", key)
 
 
+def stage1_cases_dir(run: Run, key: str) -> Path:
+    """The per-case store the fit of class ``key`` reads (``field.store``): one folder per case id."""
+    return stage1_dir(run, key) / "cases"
+
+
 def stage2_dir(run: Run) -> Path:
     return run.path("stage2")
 
@@ -182,6 +188,13 @@ def parts_dir(run: Run, stage: str) -> Path:
 
 def part_path(run: Run, stage: str, case_id: str) -> Path:
     return parts_dir(run, stage) / f"{case_id}.json"
+
+
+def file_signature(run: Run, path: Path) -> list:
+    """What identifies an input file of a run without reading it: its path in the run, size and
+    modification time (a store's ``source``: a case whose inputs kept their signature is not rewritten)."""
+    st = Path(path).stat()
+    return [str(Path(path).relative_to(run.dir)), st.st_size, st.st_mtime_ns]
 
 
 def stage_labels(run: Run, stage: str, case_id: str) -> Path:

@@ -19,10 +19,10 @@ Conventions (see :mod:`nearfix_lib.core.geometry`):
 * A point's target is the value of the voxel whose cell contains it (nearest neighbour), never
   an interpolation: the labels are binary and the noise we repair is at voxel scale.
 
-Data are kept compact: band voxels as int32 (i, j, k) rows, binary masks as bit sets (one bit per
-voxel), label maps as uint8 with per-row class counts instead of per-class voxel lists. The unified
-sampler holds none of its cases' arrays: it reads them from a :class:`LabelStore` (the per-case
-store on disk, :mod:`nearfix_lib.field.store`) one case of a batch at a time. Every sampler draws from one
+Data are kept compact: band voxels as int32 (i, j, k) rows, label maps as uint8 with per-row class
+counts instead of per-class voxel lists. Neither sampler holds its cases' arrays: both read them
+from a :class:`LabelStore` (the per-case store on disk, :mod:`nearfix_lib.field.store`) one case of
+a batch at a time, so their memory does not grow with the number of cases. Every sampler draws from one
 ``np.random.Generator(np.random.PCG64(seed))`` whose state is checkpointed, so an interrupted fit
 resumes with exactly the points it would have drawn.
 """
@@ -187,22 +187,6 @@ def _cell_points(cells: np.ndarray, shape: Sequence[int], rng: np.random.Generat
 
 # -- compact per-case storage ------------------------------------------------------------------------
 
-class _BitVolume:
-    """A binary volume at one bit per voxel: dense random access for targets, 1/8 of a bool array."""
-
-    def __init__(self, mask: np.ndarray):
-        mask = np.asarray(mask, dtype=bool)
-        if mask.ndim != 3:
-            raise ValueError(f"masks must be 3-D, got shape {mask.shape}")
-        self.shape: tuple[int, int, int] = mask.shape  # type: ignore[assignment]
-        self._bits = np.packbits(mask, axis=None)
-
-    def at(self, points: np.ndarray) -> np.ndarray:
-        """Values (bool) at the cells containing the normalised (N, 3) ``points``."""
-        flat = np.ravel_multi_index(cell_index(points, self.shape).T, self.shape)
-        return ((self._bits[flat >> 3] >> (7 - (flat & 7))) & 1).astype(bool)
-
-
 def _draw_class(rows: np.ndarray, cumulative: np.ndarray, c: int, n: int, rng: np.random.Generator,
                 shape: Sequence[int]) -> np.ndarray:
     """(n, 3) int64 (i, j, k) of voxels drawn uniformly, with replacement, from class ``c``.
@@ -222,7 +206,7 @@ def _draw_class(rows: np.ndarray, cumulative: np.ndarray, c: int, n: int, rng: n
 
 
 class LabelStore(Protocol):
-    """Where :class:`ClassBalancedSampler` reads its cases (``field.store.CaseStore``): small facts in
+    """Where the samplers read their cases (``field.store.CaseStore``): small facts in
     memory, arrays opened per call (memory-mapped) and dropped by the caller after use."""
 
     @property
@@ -268,21 +252,31 @@ class _CheckpointableRNG:
 class BandSampler(_CheckpointableRNG):
     """Surface-biased points and binary targets for per-class fits over many cases.
 
-    Each case's mask lives on its own ROI grid (any shape; cases may differ). Per case, the
-    sampler keeps the boundary band as int32 (i, j, k) rows and the mask as a bit set.
+    Each case lives on its own ROI grid (any shape; cases may differ) in a :class:`LabelStore`
+    whose foreground is the union of ``store.classes`` (stage 1 stores its masks as labels 0/1,
+    classes ``(1,)``); the store's band surrounds that union. Per case the sampler keeps nothing: a
+    batch maps the band and the label crop of each of its cases while it draws from them, and
+    lets them go.
     """
 
-    def __init__(self, masks: Sequence[np.ndarray], params: SamplingParams, seed: int):
+    def __init__(self, store: LabelStore, params: SamplingParams, seed: int):
         super().__init__(seed)
-        if len(masks) == 0:
-            raise ValueError("BandSampler needs at least one mask")
+        if len(store) == 0:
+            raise ValueError("BandSampler needs at least one case")
+        if store.dilation_radius != params.sampling_dilation_radius:
+            raise ValueError(f"the store's band has radius {store.dilation_radius}, the sampling "
+                             f"{params.sampling_dilation_radius}: rebuild the store")
         self.params = params
-        self._masks = [_BitVolume(m) for m in masks]
-        self._bands = [sparse_coordinates(boundary_band(m, params.sampling_dilation_radius))
-                       for m in masks]
+        self.store = store
+        self._foreground = np.zeros(256, dtype=bool)
+        self._foreground[list(store.classes)] = True
 
     def __len__(self) -> int:
-        return len(self._masks)
+        return len(self.store)
+
+    def mask(self, case: int) -> np.ndarray:
+        """The case's binary mask, bool (I, J, K): its label crop read from the store (in memory)."""
+        return self._foreground[self.store.labels(case)]
 
     def sample(self, case_indices: Sequence[int], epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Points (B, N, 3) float32, normalised (i, j, k), and targets (B, N) float32 in {0, 1}.
@@ -298,12 +292,16 @@ class BandSampler(_CheckpointableRNG):
         points = np.empty((len(case_indices), n, 3), dtype=np.float32)
         targets = np.empty((len(case_indices), n), dtype=np.float32)
         for b, case in enumerate(case_indices):
-            band, volume = self._bands[case], self._masks[case]
-            k = n_band if len(band) else 0
-            cells = band[self._rng.integers(0, len(band), k)] if k else band[:0]
-            points[b, :k] = _cell_points(cells, volume.shape, self._rng, self.params.jitter)
+            shape, band_size = self.store.shape(case), self.store.band_size(case)
+            k = n_band if band_size else 0
+            cells = (self.store.band(case)[self._rng.integers(0, band_size, k)] if k  # band mapped for this case only
+                     else np.zeros((0, 3), dtype=np.int32))
+            points[b, :k] = _cell_points(cells, shape, self._rng, self.params.jitter)
             points[b, k:] = self._rng.uniform(-1.0, 1.0, (n - k, 3))
-            targets[b] = volume.at(points[b])
+            volume = self.store.labels(case)
+            at = cell_index(points[b], shape)
+            targets[b] = self._foreground[volume[at[:, 0], at[:, 1], at[:, 2]]]
+            del volume  # unmapped before the next case
         return points, targets
 
 

@@ -1,8 +1,10 @@
-"""The per-case store of the unified fit: every array stage 3 needs of a case, on disk, opened on demand.
+"""The per-case store of a fit over many cases: every array a fit needs of a case, on disk, opened on demand.
 
-Stage 3 fits one model on every case, so whatever it keeps per case in memory is multiplied by the
-case count (and, under torchrun, by the number of processes): a real case's label crop, its
-sampling tables and its teachers take ~100 MB. The store writes them once per case, as ``.npy``
+Stage 3 fits one model on every case and stage 1 one model per class on every case that has it,
+so whatever they keep per case in memory is multiplied by the case count (and, under torchrun, by
+the number of processes): a real case's label crop, its sampling tables and its teachers take
+~100 MB in stage 3, a 128^3 class mask and its band ~2 MB in stage 1 (which stores the mask as
+labels 0/1 with ``classes=(1,)``, no teachers). The store writes them once per case, as ``.npy``
 files that are memory-mapped (``np.load(mmap_mode="r")``) only while a batch, an evaluation or a
 mining pass works on that case and released after (unmapped pages leave the process's memory).
 What stays in memory per case is its small ``meta.json``: shape, voxel counts, band size and
@@ -27,9 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -38,6 +42,7 @@ from nearfix_lib.field.sampling import boundary_band, interface_band, sparse_coo
 
 STORE_VERSION = 1
 META = "meta.json"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,17 @@ def content_source(labels: np.ndarray, teachers: Sequence[Teacher] = ()) -> dict
         h.update(repr((int(t.channel), np.asarray(t.from_heart, dtype=np.float64).tolist())).encode())
         h.update(np.ascontiguousarray(t.prob, dtype=np.float16).tobytes())
     return {"sha1": h.hexdigest()}
+
+
+def rank_rotation(cases: Sequence[T]) -> list[T]:
+    """``cases`` in the order this process writes them: under torchrun (``RANK`` of ``WORLD_SIZE`` in
+    the environment, before the process group exists) process r starts at the r-th K-th and wraps
+    around, so K processes that each write every missing case build a store in parallel and find
+    the rest done (two that meet on a case write the same bytes, each file through a temporary and
+    a rename). Without torchrun: ``cases`` as they are."""
+    rank, world = int(os.environ.get("RANK", "0")), max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    start = len(cases) * rank // world
+    return list(cases[start:]) + list(cases[:start])
 
 
 class CaseStore:

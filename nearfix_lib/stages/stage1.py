@@ -10,9 +10,10 @@ the decoder's limited capacity is what keeps the noise out. Then, per case, F_c 
   cleaned per class (expected number of largest components, minimum size) and written as a
   NIfTI mask with the source affine and header: M^ref_{i,c}.
 
-Outputs, in ``<run>/stage1/<key>/``: ``ckpt/{best,last}.pt``, ``ckpt/log.csv``, ``prob/<case>.npz``,
-``masks/<case>.nii.gz``, ``scores.csv`` (:mod:`core.scores`). Re-running resumes an interrupted fit; a finished fit is
-loaded, not retrained.
+Outputs, in ``<run>/stage1/<key>/``: ``cases/<case>/`` (the per-case store the fit reads, written
+once per case, see :mod:`nearfix_lib.field.store`), ``ckpt/{best,last}.pt``, ``ckpt/log.csv``,
+``prob/<case>.npz``, ``masks/<case>.nii.gz``, ``scores.csv`` (:mod:`core.scores`). Re-running resumes
+an interrupted fit; a finished fit is loaded, not retrained.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ import pandas as pd
 import torch
 
 from nearfix_lib.core.classes import ClassTable, class_centre
-from nearfix_lib.core.config import Stage1Params
+from nearfix_lib.core.config import SamplingParams, Stage1Params
 from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.io import LoadedCase, Volume, load_case, write_nifti, write_npz
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.core.scores import score_labels, score_masks, write_scores
-from nearfix_lib.core.workspace import Run, case_dir, prepared_dir, stage1_dir
+from nearfix_lib.core.workspace import Run, case_dir, file_signature, prepared_dir, stage1_cases_dir, stage1_dir
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
 from nearfix_lib.field.models import ImplicitField
-from nearfix_lib.field.sampling import BandSampler
+from nearfix_lib.field.sampling import BandSampler, LabelStore
+from nearfix_lib.field.store import CaseStore, StoreSpec, is_complete, rank_rotation, write_case, write_store
 from nearfix_lib.field.train import FitResult, fit, load_for_inference, unwrap
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
@@ -45,15 +47,20 @@ from nearfix_lib.stages.runs import resolve_device
 
 
 class Stage1Task:
-    """Biased point sampling on the ROI masks; BCE (or per-class loss) + lambda ||z||^2."""
+    """Biased point sampling on the ROI masks; BCE (or per-class loss) + lambda ||z||^2.
+
+    The masks are read from a store (:func:`write_mask_store`, or :func:`load_stage1_data`'s
+    ``stage1/<key>/cases/``) one case at a time, so the task's memory does not grow with the number
+    of cases. Known limit: the appearance branch's CT crops (``images``, only when
+    ``model.appearance`` is on; it is off by default) are held in memory, ``4 R^3`` bytes per case.
+    """
 
     score_name = "dice"
 
-    def __init__(self, masks: list[np.ndarray], params: Stage1Params, seed: int, device: str,
+    def __init__(self, store: LabelStore, params: Stage1Params, seed: int, device: str,
                  images: list[np.ndarray] | None = None):
-        self.masks = [np.asarray(m, dtype=bool) for m in masks]
-        self.n_cases = len(self.masks)
-        self.sampler = BandSampler(self.masks, params.sampling, seed)
+        self.n_cases = len(store)
+        self.sampler = BandSampler(store, params.sampling, seed)
         self.data_loss = build_loss(params.loss)
         self.latent_weight = params.loss.latent_weight
         self.threshold = params.threshold
@@ -83,7 +90,7 @@ class Stage1Task:
         """Dice of the thresholded full ROI-grid reconstruction against the input mask."""
         scores = []
         for i in cases:
-            mask = self.masks[i]
+            mask = self.sampler.mask(i)
             box = Box((0, 0, 0), mask.shape)
             prob = field_on_grid(model, i, roi_grid(box, mask.shape), box, self.device, self.chunk,
                                  image=self.image_of(i))[..., 0]
@@ -99,12 +106,13 @@ class Stage1Task:
 
 @dataclass
 class Stage1Data:
-    """The cases of one class: ids, geometry, ROI masks (and CT crops for the appearance branch)."""
+    """The cases of one class: ids (latent order), geometry, the store of their ROI masks on disk
+    (``stage1/<key>/cases/``), the cases without the class (and CT crops for the appearance branch)."""
 
     key: str
     case_ids: list[str]
     crops: list[CaseCrops]
-    masks: list[np.ndarray]
+    store: CaseStore
     images: list[np.ndarray] | None
     absent: list[str]
 
@@ -114,24 +122,49 @@ def normalise_ct(image: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(image, dtype=np.float32), -1000.0, 1000.0) / 1000.0
 
 
-def load_stage1_data(run: Run, key: str, with_images: bool = False) -> Stage1Data:
+def store_spec(sampling: SamplingParams) -> StoreSpec:
+    """A stage-1 store: each case's class mask as labels 0/1 (foreground: class 1) and the band
+    the sampler draws from, of the sampling's radius."""
+    return StoreSpec((1,), sampling.sampling_dilation_radius, interfaces=False)
+
+
+def write_mask_store(root: str | Path, masks: Sequence[np.ndarray], sampling: SamplingParams,
+                     case_ids: Sequence[str] | None = None) -> CaseStore:
+    """A stage-1 store of masks given in memory (tests, benchmarks); a run's comes from :func:`load_stage1_data`."""
+    return write_store(root, [np.asarray(m, dtype=np.uint8) for m in masks], store_spec(sampling), case_ids=case_ids)
+
+
+def load_stage1_data(run: Run, key: str, params: Stage1Params, with_images: bool = False) -> Stage1Data:
+    """Every case that has class ``key``, its prepared ROI mask written to the store
+    ``stage1/<key>/cases/<case>/`` once (a case whose store matches its ``class_<key>.npz`` is not
+    rewritten) and opened from there: nothing per case stays in memory but its crop geometry and the
+    store's small metadata (and the CT crops when ``with_images``).
+
+    Under torchrun every process runs this before the fit, each from its own offset
+    (:func:`~nearfix_lib.field.store.rank_rotation`), so the K processes build the store in parallel.
+    ``params`` are the class's (``Stage1Params.for_class``): the band radius is part of the store.
+    """
     prepared = prepared_dir(run)
     index = load_crops_index(prepared)
-    ids, crops, masks, images, absent = [], [], [], [], []
-    for cid, c in index.items():
-        if key not in c.class_boxes:
-            absent.append(cid)
-            continue
-        with np.load(case_dir(prepared, cid) / f"class_{key}.npz") as z:
-            masks.append(z["mask"].astype(bool))
-            if with_images:
-                if "image" not in z.files:
-                    raise ValueError(f"stage1: the appearance branch needs CT crops; prepare with "
-                                     f"prepare.class_images: true (case {cid} has none)")
-                images.append(normalise_ct(z["image"]))
-        ids.append(cid)
-        crops.append(c)
-    return Stage1Data(key, ids, crops, masks, images if with_images else None, absent)
+    spec, root = store_spec(params.sampling), stage1_cases_dir(run, key)
+    present = [cid for cid, c in index.items() if key in c.class_boxes]
+    for cid in rank_rotation(present):
+        path = case_dir(prepared, cid) / f"class_{key}.npz"
+        source = {"mask": file_signature(run, path)}
+        if not is_complete(root / cid, spec, source):
+            with np.load(path) as z:
+                write_case(root / cid, z["mask"].astype(np.uint8), spec, source=source)
+    images = [_ct_crop(case_dir(prepared, cid) / f"class_{key}.npz", cid) for cid in present] if with_images else None
+    absent = [cid for cid in index if cid not in present]
+    return Stage1Data(key, present, [index[cid] for cid in present], CaseStore(root, present, spec), images, absent)
+
+
+def _ct_crop(path: Path, case_id: str) -> np.ndarray:
+    with np.load(path) as z:
+        if "image" not in z.files:
+            raise ValueError(f"stage1: the appearance branch needs CT crops; prepare with "
+                             f"prepare.class_images: true (case {case_id} has none)")
+        return normalise_ct(z["image"])
 
 
 def build_model(n_cases: int, params: Stage1Params) -> ImplicitField:
@@ -146,7 +179,7 @@ def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
     """
     params = params.for_class(key)
     device = resolve_device(run.params.run.device)
-    data = load_stage1_data(run, key, with_images=params.model.appearance)
+    data = load_stage1_data(run, key, params, with_images=params.model.appearance)
     for cid in data.absent:
         run.skipped.add(f"stage1-{key}", cid, f"class {key} absent from the labels")
     run.write_skipped()
@@ -154,7 +187,7 @@ def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
         raise ValueError(f"stage1: no case has class {key}")
     torch.manual_seed(run.params.run.seed)
     model = build_model(len(data.case_ids), params)
-    task = Stage1Task(data.masks, params, run.params.run.seed, device, data.images)
+    task = Stage1Task(data.store, params, run.params.run.seed, device, data.images)
     extra = {"key": key, "case_ids": data.case_ids, "params": run.params.to_dict()}
     result = fit(model, task, params.train, stage1_dir(run, key) / "ckpt", device=device,
                  seed=run.params.run.seed, progress=progress, extra=extra, epochs=epochs)
@@ -221,5 +254,4 @@ def example_maps(run: Run, key: str, case_id: str) -> tuple[dict[str, np.ndarray
         maps["truth"] = np.where(case.truth.array == idx, idx, 0).astype(np.uint8)
     image = case.image.array if case.image is not None else None
     return maps, image, class_centre(maps["noisy"], run.table, key)
-
 

@@ -15,7 +15,6 @@ runs :func:`fit_unified` under DistributedDataParallel, the same code path as th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from nearfix_lib.core.io import InputError, load_case, read_label, write_nifti, 
 from nearfix_lib.core.scores import pivot, score_labels, write_scores
 from nearfix_lib.core.workspace import (
     Run,
+    file_signature,
     prepared_dir,
     stage1_dir,
     stage2_dir,
@@ -41,7 +41,7 @@ from nearfix_lib.core.workspace import (
     stage_labels,
 )
 from nearfix_lib.field.models import ImplicitField
-from nearfix_lib.field.store import CaseStore, StoreSpec, is_complete, write_case
+from nearfix_lib.field.store import CaseStore, StoreSpec, is_complete, rank_rotation, write_case
 from nearfix_lib.field.train import (
     FitResult,
     distributed_rank_world,
@@ -117,16 +117,11 @@ def store_spec(table: ClassTable, params: Stage3Params) -> StoreSpec:
 
 def case_source(run: Run, crops: CaseCrops, with_teachers: bool = True) -> dict:
     """What identifies a case's stage-3 inputs without reading them: the L^ref file and every teacher
-    file (name, size, modification time) and the heart box. Raises FileNotFoundError without L^ref."""
-
-    def signature(path: Path) -> list:
-        st = path.stat()
-        return [str(path.relative_to(run.dir)), st.st_size, st.st_mtime_ns]
-
+    file (:func:`file_signature`) and the heart box. Raises FileNotFoundError without L^ref."""
     teachers = [_teacher_path(run, cls.key, crops.case_id) for cls in run.table] if with_teachers else []
     return {"supervision": run.params.stage3.supervision, "shape": list(crops.shape),
-            "heart_box": crops.heart_box.to_dict(), "labels": signature(_supervision_path(run, crops)),
-            "teachers": [signature(p) for p in teachers if p.is_file()]}
+            "heart_box": crops.heart_box.to_dict(), "labels": file_signature(run, _supervision_path(run, crops)),
+            "teachers": [file_signature(run, p) for p in teachers if p.is_file()]}
 
 
 def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
@@ -134,18 +129,15 @@ def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
     store matches its inputs is not rewritten) and opened from there: nothing per case stays in memory
     but its geometry and the store's small metadata.
 
-    Under torchrun every process runs this before the fit; process r starts at the r-th K-th of the
-    cases and wraps around, so the K processes build the store in parallel and find the rest done
-    (two that meet on a case write the same bytes, each file through a temporary and a rename).
+    Under torchrun every process runs this before the fit, each from its own offset
+    (:func:`~nearfix_lib.field.store.rank_rotation`), so the K processes build the store in parallel.
     """
     index = load_crops_index(prepared_dir(run))
     spec = store_spec(run.table, run.params.stage3)
     root = stage3_cases_dir(run)
-    rank, world = int(os.environ.get("RANK", "0")), max(int(os.environ.get("WORLD_SIZE", "1")), 1)
     items = list(index.items())
-    start = len(items) * rank // world
     problems: dict[str, Exception] = {}
-    for cid, crops in items[start:] + items[:start]:
+    for cid, crops in rank_rotation(items):
         try:
             source = case_source(run, crops, with_teachers)
             if not is_complete(root / cid, spec, source):
