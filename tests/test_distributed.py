@@ -1,4 +1,6 @@
-"""The fit loop under DistributedDataParallel (2 CPU processes, gloo) equals one process.
+"""The fit loop under DistributedDataParallel (2 CPU processes, gloo) equals one process, for the
+unified task of stage 3 (with and without mining) and the per-class task of stage 1, each reading
+its cases from a store on disk as under torchrun.
 
 Both see the same global batch of 4 cases per step: the two ranks draw it with the same RNG and
 keep 2 cases each, DDP averages their gradients, so every update equals the one-process update
@@ -21,6 +23,7 @@ GroupNorm, takes full-size steps in the direction of its float noise, and two su
 
 import dataclasses
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +34,11 @@ import torch.multiprocessing as mp
 from test_unified import SAMPLING, SMALL_MODEL, T, case_store, heart_maps
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from nearfix_lib.core.config import TrainParams, UnifiedLossParams
+from nearfix_lib.core.config import SamplingParams, Stage1Params, TrainParams, UnifiedLossParams
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.train import fit, load_checkpoint
 from nearfix_lib.field.unified import UnifiedTask
+from nearfix_lib.stages.stage1 import Stage1Task, write_mask_store
 
 TRAIN = TrainParams(epochs=4, cases_per_batch=4, lr=3e-3, lr_latent=3e-3, lr_step_epochs=2,
                     eval_interval=4, checkpoint_interval=4)
@@ -59,14 +63,34 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _fit(out_dir, sampling) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def unified_task(out_dir, sampling):
+    """Stage 3's task on 4 label maps (a model of len(T) heads)."""
+    return UnifiedTask(case_store(Path(out_dir) / "cases", heart_maps(4), sampling), T, sampling,
+                       UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+
+
+def stage1_task(out_dir):
+    """Stage 1's task on the LV masks of the same 4 cases (a model of 1 head)."""
+    params = Stage1Params(model=SMALL_MODEL, sampling=SamplingParams(points_per_case=256))
+    masks = [m == T["LV"].index for m in heart_maps(4)]
+    return Stage1Task(write_mask_store(Path(out_dir) / "cases", masks, params.sampling), params, seed=0,
+                      device="cpu")
+
+
+# the task and the model's head count; module-level functions (and partials), so that mp.spawn can pickle them
+TASKS = {"plain": (partial(unified_task, sampling=SAMPLING), len(T)),
+         "mining": (partial(unified_task, sampling=MINING), len(T)),
+         "stage1": (stage1_task, 1)}
+
+
+def _fit(out_dir, setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Fit; returns the gradients the first optimiser step applied (after DDP's averaging) and the
     final weights of this process's model."""
-    torch.manual_seed(0)
-    model = ImplicitField(4, SMALL_MODEL, n_heads=len(T))
     # the ranks of a DDP fit share out_dir, so they write (the same bytes of) the same store, as under torchrun
-    task = UnifiedTask(case_store(Path(out_dir) / "cases", heart_maps(4), sampling), T, sampling,
-                       UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+    make_task, heads = setup
+    torch.manual_seed(0)
+    model = ImplicitField(4, SMALL_MODEL, n_heads=heads)
+    task = make_task(out_dir)
     names = {id(p): name for name, p in model.named_parameters()}
     first: dict[str, torch.Tensor] = {}
 
@@ -83,29 +107,30 @@ def _fit(out_dir, sampling) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     return first, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank, world, init_file, out_dir, sampling):
+def _worker(rank, world, init_file, out_dir, setup):
     torch.set_num_threads(THREADS)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        grads, weights = _fit(out_dir, sampling)
+        grads, weights = _fit(out_dir, setup)
         torch.save({"grads": grads, "weights": weights}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_both(tmp_path, sampling, threads: int = THREADS):
+def run_both(tmp_path, setup, threads: int = THREADS):
     """The DDP fit (``WORLD`` gloo ranks, ``THREADS`` threads each) and the one-process fit (on
     ``threads`` threads, then the count it had is restored): rank files, step-1 gradients, checkpoints."""
-    mp.spawn(_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "ddp"), sampling), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "ddp"), setup), nprocs=WORLD,
+             join=True)
     with torch_threads(threads):
-        single_grads, _ = _fit(tmp_path / "single", sampling)
+        single_grads, _ = _fit(tmp_path / "single", setup)
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(WORLD)]
     ddp, single = (load_checkpoint(tmp_path / name / "last.pt") for name in ("ddp", "single"))
     return ranks, single_grads, ddp, single
 
 
-def sigmoid_outputs(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    m = ImplicitField(4, SMALL_MODEL, n_heads=len(T))
+def sigmoid_outputs(weights: dict[str, torch.Tensor], heads: int) -> torch.Tensor:
+    m = ImplicitField(4, SMALL_MODEL, n_heads=heads)
     m.load_state_dict(weights)
     pts = torch.rand(4, 500, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
@@ -113,11 +138,12 @@ def sigmoid_outputs(weights: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
-@pytest.mark.parametrize("sampling", [SAMPLING, MINING], ids=["plain", "mining"])
-def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, sampling):
+@pytest.mark.parametrize("task", list(TASKS))
+def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, task):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     before = torch.get_num_threads()
-    ranks, single_grads, ddp, single = run_both(tmp_path, sampling)
+    ranks, single_grads, ddp, single = run_both(tmp_path, TASKS[task])
+    heads = TASKS[task][1]
     assert torch.get_num_threads() == before  # the reference's thread count is restored
     assert ddp["epoch"] == single["epoch"] == 4
 
@@ -145,12 +171,12 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, sampling):
             assert (mean - g).abs().max() <= 1e-4 * g.abs().max(), name
 
     # after the fit (4 steps, the mined points chosen on each side's own weights): the same outputs
-    out_ddp, out_single = sigmoid_outputs(ddp["model"]), sigmoid_outputs(single["model"])
+    out_ddp, out_single = sigmoid_outputs(ddp["model"], heads), sigmoid_outputs(single["model"], heads)
     assert (out_ddp - out_single).abs().max() < 1e-4
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the initial weights of both fits
-        initial = ImplicitField(4, SMALL_MODEL, n_heads=len(T)).state_dict()
-    assert (sigmoid_outputs(initial) - out_single).abs().max() > 1e-2  # ... and the fit changed them
+        initial = ImplicitField(4, SMALL_MODEL, n_heads=heads).state_dict()
+    assert (sigmoid_outputs(initial, heads) - out_single).abs().max() > 1e-2  # ... and the fit changed them
     # the logged loss is the mean over ranks, i.e. the global batch's loss
     assert np.isclose(ddp["history"][-1]["loss"], single["history"][-1]["loss"], rtol=1e-4)
 

@@ -6,14 +6,16 @@
     nearfix pipeline --params P [--run-dir D --jobs N]   # = python -m nearfix_lib.stages.pipeline
     nearfix run STAGE --params P [--run-dir D --workers K --shard i/n]   # a per-case stage, below
     nearfix merge STAGE --run-dir D                      # its tables from the cases' parts
+    nearfix stage1 --params P --class KEY [--run-dir D]  # = python -m nearfix_lib.stages.stage1
     nearfix stage3 --params P [--run-dir D]              # = python -m nearfix_lib.stages.stage3
     nearfix view RUN CASE [--layout overlay ...]         # = python -m nearfix_lib.viz.view
     nearfix page RUN [--out docs/experiments/NAME.md]    # an experiment page from a run's CSVs
 
 Every subcommand hands the rest of the command line to that module's ``main``, so the options and
 their help are the module's own. Under torchrun use the module form,
-``torchrun --nproc_per_node=K -m nearfix_lib.stages.stage3 ...`` (torchrun starts a module or a
-script, not a console script).
+``torchrun --nproc_per_node=K -m nearfix_lib.stages.stage3 ...`` or ``... -m nearfix_lib.stages.stage1
+--class KEY ...`` (torchrun starts a module or a script, not a console script); as SLURM jobs:
+``jobs/torchrun_stage1.sh`` (an array, one task per class) and ``jobs/torchrun_stage3.sh``.
 
 ``nearfix run STAGE`` is the one way to run a per-case stage outside a notebook — ``prepare``,
 ``stage2`` or ``report`` (its tables ``report/{scores,checks}.csv``; the figures and
@@ -39,7 +41,7 @@ from nearfix_lib import __version__
 from nearfix_lib.core.config import load_params, resolve_path
 from nearfix_lib.core.workspace import open_run, stage_dir
 from nearfix_lib.phantom import dataset
-from nearfix_lib.stages import pages, pipeline, prepare, report, shards, stage2, stage3
+from nearfix_lib.stages import pages, pipeline, prepare, report, shards, stage1, stage2, stage3
 from nearfix_lib.stages.runs import start_run
 from nearfix_lib.viz import view
 
@@ -101,6 +103,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "pipeline": (pipeline.main, "run every notebook of a run in order through papermill"),
     "run": (run_main, "run a per-case stage (prepare, stage2, report): --workers K, --shard i/n"),
     "merge": (merge_main, "write a per-case stage's tables from its cases' parts, or name the missing cases"),
+    "stage1": (stage1.main, "fit one class's field and write its masks (the module form runs under torchrun)"),
     "stage3": (stage3.main, "fit the unified model (the module form runs under torchrun)"),
     "view": (view.main, "open a case of a run in napari"),
     "page": (pages.main, "write a run's experiment page (Markdown) from its CSVs"),

@@ -14,11 +14,18 @@ Outputs, in ``<run>/stage1/<key>/``: ``cases/<case>/`` (the per-case store the f
 once per case, see :mod:`nearfix_lib.field.store`), ``ckpt/{best,last}.pt``, ``ckpt/log.csv``,
 ``prob/<case>.npz``, ``masks/<case>.nii.gz``, ``scores.csv`` (:mod:`core.scores`). Re-running resumes
 an interrupted fit; a finished fit is loaded, not retrained.
+
+Multi-GPU, one class: ``torchrun --nproc_per_node=K -m nearfix_lib.stages.stage1 --params P --class LV``
+runs :func:`fit_class` under DistributedDataParallel (the notebook's code path; ``train.cases_per_batch``
+must split evenly over the K processes), then rank 0 writes M^ref. ``jobs/torchrun_stage1.sh`` is
+the SLURM form, one array task per class.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +36,7 @@ import pandas as pd
 import torch
 
 from nearfix_lib.core.classes import ClassTable, class_centre
-from nearfix_lib.core.config import SamplingParams, Stage1Params
+from nearfix_lib.core.config import SamplingParams, Stage1Params, load_params
 from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.io import LoadedCase, Volume, load_case, write_nifti, write_npz
 from nearfix_lib.core.metrics import dice
@@ -40,10 +47,17 @@ from nearfix_lib.field.losses import build_loss, latent_l2
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.sampling import BandSampler, LabelStore
 from nearfix_lib.field.store import CaseStore, StoreSpec, is_complete, rank_rotation, write_case, write_store
-from nearfix_lib.field.train import FitResult, fit, load_for_inference, unwrap
+from nearfix_lib.field.train import (
+    FitResult,
+    distributed_rank_world,
+    fit,
+    init_distributed_from_env,
+    load_for_inference,
+    unwrap,
+)
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
-from nearfix_lib.stages.runs import resolve_device
+from nearfix_lib.stages.runs import resolve_device, start_run
 
 
 class Stage1Task:
@@ -173,12 +187,12 @@ def build_model(n_cases: int, params: Stage1Params) -> ImplicitField:
 
 def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
               epochs: int | None = None) -> tuple[ImplicitField, Stage1Data, FitResult]:
-    """Fit F_c on every case that has class ``key`` (resumes from ``ckpt/last.pt``).
+    """Fit F_c on every case that has class ``key`` (resumes from ``ckpt/last.pt``; under torchrun: DDP).
 
     ``params`` are the stage's parameters; the class's own overrides are applied here.
     """
     params = params.for_class(key)
-    device = resolve_device(run.params.run.device)
+    device = init_distributed_from_env(resolve_device(run.params.run.device))
     data = load_stage1_data(run, key, params, with_images=params.model.appearance)
     for cid in data.absent:
         run.skipped.add(f"stage1-{key}", cid, f"class {key} absent from the labels")
@@ -255,3 +269,34 @@ def example_maps(run: Run, key: str, case_id: str) -> tuple[dict[str, np.ndarray
     image = case.image.array if case.image is not None else None
     return maps, image, class_centre(maps["noisy"], run.table, key)
 
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Command line for torchrun: fit one class (DDP when WORLD_SIZE > 1); rank 0 then writes M^ref."""
+    ap = argparse.ArgumentParser(prog=prog, description="stage 1: fit one class's field and write its "
+                                 "repaired masks (torchrun-ready)")
+    ap.add_argument("--params", default="params/demo.yaml")
+    ap.add_argument("--run-dir", default="")
+    ap.add_argument("--device", default="")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--class", dest="cls", help="class key or label index, e.g. LV or 3")
+    which.add_argument("--nth", type=int, help="the nth class the run fits, 0-based (stage1.classes, else the "
+                       "class table's order), e.g. $SLURM_ARRAY_TASK_ID")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    run = start_run(load_params(args.params, run_dir=args.run_dir, device=args.device), progress=False)
+    fitted = run.params.stage1.classes or run.table.keys
+    if args.nth is not None and not 0 <= args.nth < len(fitted):
+        ap.error(f"--nth {args.nth}: the run fits {len(fitted)} classes ({', '.join(map(str, fitted))})")
+    key = run.table.resolve(args.cls if args.nth is None else fitted[args.nth]).key
+    params = run.params.stage1
+    model, data, _ = fit_class(run, key, params, progress=not args.no_progress)
+    if distributed_rank_world()[0] == 0:
+        repair_class(run, key, params, model, data, progress=not args.no_progress)
+        print(f"stage1 {key}: wrote {stage1_dir(run, key) / 'masks'} and {stage1_dir(run, key) / 'scores.csv'}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
