@@ -1,5 +1,7 @@
 """The ``nearfix`` command: each subcommand reaches its module's ``main`` with the rest of the line."""
 
+import importlib
+import re
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ def test_no_command_prints_the_commands(capsys):
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("phantom", "pipeline", "stage3", "view"))
+    assert all(name in out for name in ("phantom", "pipeline", "stage1", "stage3", "view"))
 
 
 def test_an_unknown_command_is_one_line_and_rc_2(capsys):
@@ -22,7 +24,7 @@ def test_an_unknown_command_is_one_line_and_rc_2(capsys):
     assert "unknown command 'stage9'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["phantom", "pipeline", "run", "merge", "stage3", "view"])
+@pytest.mark.parametrize("command", ["phantom", "pipeline", "run", "merge", "stage1", "stage3", "view"])
 def test_each_command_has_its_modules_options_under_its_own_name(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
@@ -44,10 +46,41 @@ def test_view_without_a_display_says_so(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("module", ["nearfix_lib.stages.cli", "nearfix_lib.phantom", "nearfix_lib.stages.pipeline",
-                                    "nearfix_lib.stages.stage3", "nearfix_lib.viz.view"])
+                                    "nearfix_lib.stages.stage1", "nearfix_lib.stages.stage3", "nearfix_lib.viz.view"])
 def test_the_python_m_entry_points_run(module):
     # torchrun and the README start these as modules; the console script is the same code
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=PROJECT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage:")
+
+
+def _job_lines(script):
+    """The script's lines with backslash continuations joined."""
+    return script.read_text().replace("\\\n", " ").splitlines()
+
+
+@pytest.mark.parametrize("script", sorted((PROJECT / "jobs").glob("*.sh")), ids=lambda p: p.name)
+def test_job_scripts_parse_and_start_what_exists(script, capsys):
+    """``bash -n`` parses each job script; every ``-m MODULE`` it starts is a module of ours and every
+    ``nearfix COMMAND`` a command, and each option it passes them is one their ``--help`` lists."""
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = []
+    for line in _job_lines(script):
+        if line.lstrip().startswith("#"):
+            continue
+        module = re.search(r"-m (nearfix_lib[\w.]*)(.*)", line)
+        command = re.match(r"\s*nearfix (\w+)(.*)", line)
+        if module:
+            calls.append((module[1], importlib.import_module(module[1]).main, module[2]))
+        elif command:
+            assert command[1] in cli.COMMANDS, command[1]
+            calls.append((command[1], cli.COMMANDS[command[1]][0], command[2]))
+    assert calls, f"{script.name} starts no module or command of ours"
+    for name, main, rest in calls:
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        usage = capsys.readouterr().out
+        for option in re.findall(r"(?<!\S)(--[\w-]+)", rest):
+            assert option in usage, f"{script.name}: {name} has no option {option}"
