@@ -74,11 +74,11 @@ def _prepare(run) -> None:
 
 
 def _stage1(run) -> None:
-    from nearfix_lib.stages.stage1 import fit_class, repair_class
+    from nearfix_lib.stages.stage1 import fit_class, repair_run
 
     for key in run.params.stage1.classes or run.table.keys:
-        model, data, _ = fit_class(run, key, run.params.stage1, progress=False)
-        repair_class(run, key, run.params.stage1, model, data, progress=False)
+        fit_class(run, key, run.params.stage1, progress=False)
+    repair_run(run, progress=False)
 
 
 def _stage2(run) -> None:

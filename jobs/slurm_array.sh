@@ -1,5 +1,5 @@
 #!/bin/bash
-# A per-case stage (stage2 or report) over a SLURM array of n shards, then one merge step.
+# A per-case stage (repair, stage2 or report) over a SLURM array of n shards, then one merge step.
 # Run from the repository root (paths are relative to it; mkdir -p logs); n = 8 here, any n works:
 #   a=$(sbatch --parsable --array=0-7 jobs/slurm_array.sh stage2 params/default.yaml outputs/full)
 #   m=$(sbatch --parsable --dependency=afterany:$a jobs/slurm_array.sh stage2 params/default.yaml outputs/full)
@@ -15,7 +15,7 @@
 #SBATCH --requeue
 source activate nearfix  # or: source .venv/bin/activate
 set -euo pipefail
-STAGE=${1:?stage2 or report}; PARAMS=${2:?params file}; RUN=${3:?run folder}
+STAGE=${1:?repair, stage2 or report}; PARAMS=${2:?params file}; RUN=${3:?run folder}
 if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     # one shard, on cpus-per-task worker processes; the task that finishes the last case writes the tables
     nearfix run "$STAGE" --params "$PARAMS" --run-dir "$RUN" --workers "${SLURM_CPUS_PER_TASK:-1}" \

@@ -8,10 +8,13 @@ for each way of running prepare, stage 2 and the report; their tables are compar
 import os
 import shutil
 
+import nibabel as nib
+import numpy as np
 import pytest
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.io import InputError
+from nearfix_lib.core.workspace import Run
 from nearfix_lib.stages import cli, prepare, report, shards, stage1, stage2
 from nearfix_lib.stages.runs import start_run
 from nearfix_lib.stages.shards import CaseStage, Shard
@@ -21,11 +24,11 @@ TABLES = ["prepared/crops.json", "stage2/scores.csv", "stage2/checks.csv", "stag
           "report/scores.csv", "report/checks.csv", "skipped.csv"]
 
 
-def open_copy(source, dest):
+def open_copy(source, dest, overrides=None):
     """A run folder copied from ``source``, opened as a task of a SLURM array opens it."""
     if not dest.exists():
         shutil.copytree(source, dest)
-    return start_run(load_test_params(THREE_CASES, run_dir=str(dest)), progress=False)
+    return start_run(load_test_params({**THREE_CASES, **(overrides or {})}, run_dir=str(dest)), progress=False)
 
 
 def table_bytes(run_dir):
@@ -38,8 +41,8 @@ def fitted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shards") / "fitted"
     run = start_run(load_test_params(THREE_CASES, run_dir=str(folder)), progress=False)
     prepare.prepare_run(run, progress=False)
-    model, data, _ = stage1.fit_class(run, "Cor", run.params.stage1, progress=False)
-    stage1.repair_class(run, "Cor", run.params.stage1, model, data, progress=False)
+    stage1.fit_class(run, "Cor", run.params.stage1, progress=False)
+    stage1.repair_class(run, "Cor", progress=False)
     return folder
 
 
@@ -117,6 +120,44 @@ def test_merge_names_the_missing_cases_and_writes_nothing(fitted, tmp_path, caps
     assert "report: 2 of 3 cases missing (ids 2, 3): run the missing shards or `nearfix merge report" in out
     assert sorted(p.name for p in (folder / "report").iterdir()) == ["parts"]
     assert sorted(p.name for p in (folder / "report" / "parts").iterdir()) == ["1.json"]
+
+
+def test_repair_of_every_class_reads_each_case_once_and_writes_what_each_class_repair_writes(
+        fitted, tmp_path, monkeypatch, capsys):
+    """``nearfix run repair`` (stage 1's M^ref of every fitted class, per case) as two array tasks:
+    each case is read once for both classes, and the masks and scores are those of the per-class
+    repair of the class notebooks."""
+    folder = tmp_path / "repair"
+    two = {"stage1.classes": ["LV", "Cor"]}
+    run = open_copy(fitted, folder, two)
+    stage1.fit_class(run, "LV", run.params.stage1, progress=False)
+    per_class = {key: stage1.repair_class(run, key, progress=False) for key in ("LV", "Cor")}
+    written = {(key, cid): read_mask(folder / "stage1" / key / "masks" / f"{cid}.nii.gz")
+               for key in ("LV", "Cor") for cid in ("1", "2", "3")}
+    for key in ("LV", "Cor"):
+        shutil.rmtree(folder / "stage1" / key / "masks")
+        (folder / "stage1" / key / "scores.csv").unlink()
+    reads = []
+    load = Run.load
+    monkeypatch.setattr(Run, "load", lambda self, case_id, **kw: reads.append(case_id) or load(self, case_id, **kw))
+    assert stage1.repair_run(open_copy(fitted, folder, two), progress=False, shard="0/2") is None
+    assert "1 of 3 cases missing (ids 2)" in capsys.readouterr().out
+    tables = stage1.repair_run(open_copy(fitted, folder, two), progress=False, shard="1/2")
+    assert sorted(reads) == ["1", "2", "3"]  # once per case, not once per class
+    for key in ("LV", "Cor"):
+        assert tables[key].equals(per_class[key])
+        assert (folder / "stage1" / key / "scores.csv").read_text() == per_class[key].to_csv(index=False)
+    for (key, cid), mask in written.items():
+        assert np.array_equal(read_mask(folder / "stage1" / key / "masks" / f"{cid}.nii.gz"), mask)
+    # a class whose fit is missing stops the repair with a message naming it
+    shutil.rmtree(folder / "stage1" / "LV" / "ckpt")
+    shutil.rmtree(folder / "stage1" / "parts")
+    with pytest.raises(ValueError, match=r"\['LV'\] have no finished fit"):
+        stage1.repair_run(open_copy(fitted, folder, two), progress=False)
+
+
+def read_mask(path):
+    return np.asarray(nib.load(str(path)).dataobj)
 
 
 # -- resume, failures and stamps, on a stage that counts its calls --------------------------------

@@ -23,8 +23,8 @@ def tiny_run(tmp_path_factory):
 def fit_and_repair(run, cls):
     """What ``02_stage1`` does with ``-p cls 9``: resolve the class, fit F_c, write and score M^ref."""
     key = run.table.resolve(cls).key
-    model, data, _ = stage1.fit_class(run, key, run.params.stage1, progress=False)
-    return stage1.repair_class(run, key, run.params.stage1, model, data, progress=False)
+    stage1.fit_class(run, key, run.params.stage1, progress=False)
+    return stage1.repair_class(run, key, progress=False)
 
 
 def test_fit_and_repair_write_masks_on_the_original_grid(tiny_run):
@@ -124,7 +124,7 @@ def test_appearance_branch_runs_end_to_end(tmp_path):
     m = run.params.stage1.model  # coordinates + one feature vector per grid scale + the CT features
     assert model.in_channels == 3 + sum(m.grid_channels) + m.appearance_channels
     assert data.images is not None and -1.0 <= data.images[0].min() and data.images[0].max() <= 1.0
-    table = stage1.repair_class(run, "LV", run.params.stage1, model, data, progress=False)
+    table = stage1.repair_class(run, "LV", progress=False)
     assert run.cases and len(table) == len(run.cases) * 3  # per case: stage1 vs noisy, noisy and stage1 vs truth
 
 

@@ -17,12 +17,14 @@ their help are the module's own. Under torchrun use the module form,
 --class KEY ...`` (torchrun starts a module or a script, not a console script); as SLURM jobs:
 ``jobs/torchrun_stage1.sh`` (an array, one task per class) and ``jobs/torchrun_stage3.sh``.
 
-``nearfix run STAGE`` is the one way to run a per-case stage outside a notebook — ``prepare``,
-``stage2`` or ``report`` (its tables ``report/{scores,checks}.csv``; the figures and
-``summary.md`` come from notebook 05) — on all cases, in K processes of one node
-(``--workers K``) or as one SLURM array task's share (``--shard i/n``, 0-based:
-``--array=0-(n-1)`` and ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``, see
-``jobs/slurm_array.sh``). It calls the same function the notebook calls (``prepare.prepare_run``,
+``nearfix run STAGE`` is the one way to run a per-case stage outside a notebook: ``prepare``;
+``repair`` (stage 1's M^ref of every fitted class, each case read once; the fits come first, from
+notebook 02 or ``nearfix stage1``); ``stage2``; or ``report`` (its tables
+``report/{scores,checks}.csv``; the figures and ``summary.md`` come from notebook 05). It runs on
+all cases, in K processes of one node (``--workers K``), or as one SLURM array task's share
+(``--shard i/n``, 0-based: ``--array=0-(n-1)`` and ``--shard
+$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``, see ``jobs/slurm_array.sh``). It calls the same
+function the notebook calls (``prepare.prepare_run``, ``stage1.repair_run``,
 ``stage2.run_stage2``, ``report.run_compare``; :mod:`stages.shards`). Done cases are not
 recomputed; the task that completes the last case writes the tables, and ``nearfix merge STAGE``
 writes them again or names the cases still missing (exit status 1).
@@ -48,6 +50,7 @@ from nearfix_lib.viz import view
 # the per-case stages: what the notebook calls, and the stage's parts and tables
 CASE_STAGES: dict[str, tuple[Callable[..., object], shards.CaseStage]] = {
     "prepare": (prepare.prepare_run, prepare.CASES),
+    "repair": (stage1.repair_run, stage1.REPAIR),
     "stage2": (stage2.run_stage2, stage2.CASES),
     "report": (report.run_compare, report.CASES),
 }
@@ -92,16 +95,17 @@ def merge_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--run-dir", required=True, help="the run folder")
     args = ap.parse_args(argv)
     run = open_run(args.run_dir)
-    if shards.merge(run, CASE_STAGES[args.stage][1]) is None:
+    stage = CASE_STAGES[args.stage][1]
+    if shards.merge(run, stage) is None:
         return 1
-    print(f"{args.stage}: tables written in {stage_dir(run, args.stage)}")
+    print(f"{args.stage}: tables written in {stage_dir(run, stage.name)}")
     return 0
 
 
 COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "phantom": (dataset.main, "write a phantom data root (segmentations/, images/, ground_truth/)"),
     "pipeline": (pipeline.main, "run every notebook of a run in order through papermill"),
-    "run": (run_main, "run a per-case stage (prepare, stage2, report): --workers K, --shard i/n"),
+    "run": (run_main, "run a per-case stage (prepare, repair, stage2, report): --workers K, --shard i/n"),
     "merge": (merge_main, "write a per-case stage's tables from its cases' parts, or name the missing cases"),
     "stage1": (stage1.main, "fit one class's field and write its masks (the module form runs under torchrun)"),
     "stage3": (stage3.main, "fit the unified model (the module form runs under torchrun)"),

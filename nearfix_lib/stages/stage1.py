@@ -17,8 +17,10 @@ an interrupted fit; a finished fit is loaded, not retrained.
 
 Multi-GPU, one class: ``torchrun --nproc_per_node=K -m nearfix_lib.stages.stage1 --params P --class LV``
 runs :func:`fit_class` under DistributedDataParallel (the notebook's code path; ``train.cases_per_batch``
-must split evenly over the K processes), then rank 0 writes M^ref. ``jobs/torchrun_stage1.sh`` is
-the SLURM form, one array task per class.
+must split evenly over the K processes), then the K processes write M^ref, each a share of the cases.
+``jobs/torchrun_stage1.sh`` is the SLURM form, one array task per class, with ``--fit-only``: the
+masks of every class are then written per case by ``nearfix run repair`` (:data:`REPAIR`, a
+per-case stage: ``--workers K``, ``--shard i/n``), which reads each case once for all classes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -38,9 +41,9 @@ import torch
 from nearfix_lib.core.classes import ClassTable, class_centre
 from nearfix_lib.core.config import SamplingParams, Stage1Params, load_params
 from nearfix_lib.core.geometry import Box, roi_grid
-from nearfix_lib.core.io import LoadedCase, Volume, load_case, write_nifti, write_npz
+from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npz
 from nearfix_lib.core.metrics import dice
-from nearfix_lib.core.scores import score_labels, score_masks, write_scores
+from nearfix_lib.core.scores import score_labels, score_masks, scores_frame, write_scores
 from nearfix_lib.core.workspace import Run, case_dir, file_signature, prepared_dir, stage1_cases_dir, stage1_dir
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
@@ -52,10 +55,12 @@ from nearfix_lib.field.train import (
     distributed_rank_world,
     fit,
     init_distributed_from_env,
+    load_checkpoint,
     load_for_inference,
     unwrap,
 )
 from nearfix_lib.repair.cleanup import clean_mask
+from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
 from nearfix_lib.stages.runs import resolve_device, start_run
 
@@ -224,26 +229,128 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, o
     return mask, dataclasses.asdict(report)
 
 
-def repair_class(run: Run, key: str, params: Stage1Params, model: ImplicitField, data: Stage1Data,
-                 progress: bool = True) -> pd.DataFrame:
-    """Write M^ref for every case of the class from the selected checkpoint; its scores table."""
-    from tqdm import tqdm
+# -- the repair: a per-case stage over the fitted classes ---------------------------------------------
+#
+# Fitting is per class (every case at once); repairing is per case. The repair reads a case once
+# and writes M^ref of every fitted class it holds, so a run of 1,000 cases reads each label map
+# (and its truth) once, not once per class; its cases split over processes and SLURM array tasks
+# like the other per-case stages (stages.shards). Two stages share the functions below: REPAIR,
+# every class of the run (``nearfix run repair``; parts in stage1/parts/), and class_repair(key),
+# one class (the per-class notebook 02_stage1; parts in stage1/<key>/parts/).
 
-    params = params.for_class(key)
+@dataclass
+class ClassField:
+    """A fitted stage-1 model and the cases (by id) its latent table holds."""
+
+    model: torch.nn.Module
+    index_of: dict[str, int]
+
+
+def load_stage1_fields(run: Run, device: str, keys: Sequence[str] | None = None) -> dict[str, ClassField]:
+    """Every class (of ``keys``, default all) whose stage-1 fit finished, ready for inference."""
+    params = run.params.stage1
+    fields = {}
+    for key in keys if keys is not None else run.table.keys:
+        ckpt_dir = stage1_dir(run, key) / "ckpt"
+        if not (ckpt_dir / "last.pt").is_file():
+            continue
+        p = params.for_class(key)
+        ids = load_checkpoint(ckpt_dir / "last.pt")["extra"]["case_ids"]
+        model = build_model(len(ids), p)
+        load_for_inference(model, ckpt_dir, p.train.select, device)
+        fields[key] = ClassField(model, {str(c): i for i, c in enumerate(ids)})
+    return fields
+
+
+def repaired_classes(run: Run, keys: Sequence[str] | None) -> tuple[str, ...]:
+    """The classes a repair stage writes: ``keys``, else ``stage1.classes``, else every class of the run."""
+    return tuple(keys) if keys else tuple(run.params.stage1.classes or run.table.keys)
+
+
+@dataclass
+class RepairState:
+    """What every case of a process needs: the device, the crops index and the fitted fields."""
+
+    device: str
+    index: dict[str, CaseCrops]
+    fields: dict[str, ClassField]
+
+
+def repair_setup(run: Run, keys: Sequence[str] | None = None) -> RepairState:
+    wanted = repaired_classes(run, keys)
     device = resolve_device(run.params.run.device)
-    out = stage1_dir(run, key)
-    load_for_inference(model, out / "ckpt", params.train.select, device)
-    cls = run.table[key]
-    cases = {c.case_id: c for c in run.cases}
+    fields = load_stage1_fields(run, device, wanted)
+    unfitted = [k for k in wanted if k not in fields]
+    if unfitted:
+        raise ValueError(f"stage1 repair: class(es) {unfitted} have no finished fit in {run.path('stage1')}; "
+                         "fit them first (notebook 02_stage1 or `nearfix stage1 --class KEY`)")
+    return RepairState(device, load_crops_index(prepared_dir(run)), fields)
+
+
+def class_image(run: Run, case_id: str, key: str, device: str) -> torch.Tensor:
+    """The case's normalised CT crop on the class ROI grid (the appearance branch's input)."""
+    crop = _ct_crop(case_dir(prepared_dir(run), case_id) / f"class_{key}.npz", case_id)
+    return torch.as_tensor(crop)[None, None].to(device)
+
+
+def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] | None = None) -> shards.Rows:
+    """One case: M^ref of every fitted class it has (the case is read once), and their scores."""
+    if case_id not in state.index:
+        raise shards.CaseSkipped("not prepared (see prepared/crops.json)")
+    crops = state.index[case_id]
+    todo = [k for k in repaired_classes(run, keys) if case_id in state.fields[k].index_of]
+    if not todo:
+        return {"scores": []}
+    case = run.load(case_id, with_image=False)  # header, input and truth, once for every class
     rows = []
-    for i, (cid, crops) in enumerate(tqdm(list(zip(data.case_ids, data.crops)), desc=f"repair {key}",
-                                          disable=not progress, unit="case")):
-        case = load_case(cases[cid], run.table, with_image=False)  # read once: header, input, truth
-        image = None if data.images is None else torch.as_tensor(data.images[i])[None, None].to(device)
-        repaired, report = repair_case(model, i, crops, case.label, out, key, cls.expected_components, params,
-                                       device, image)
+    for key in todo:
+        params, field = run.params.stage1.for_class(key), state.fields[key]
+        image = class_image(run, case_id, key, state.device) if params.model.appearance else None
+        repaired, report = repair_case(field.model, field.index_of[case_id], crops, case.label, stage1_dir(run, key),
+                                       key, run.table[key].expected_components, params, state.device, image)
         rows += score_case(case, run.table, key, repaired, report)
-    return write_scores(out, rows)
+    return {"scores": rows}
+
+
+def repair_stamp(run: Run, case_id: str, keys: Sequence[str] | None = None) -> dict:
+    """What a case's masks depend on: the prepare parameters and, per class, its parameters and fit."""
+    def fit_files(key: str) -> list:
+        return [shards.file_stamp(stage1_dir(run, key) / "ckpt" / name) for name in ("last.pt", "best.pt")]
+
+    return {"prepare": dataclasses.asdict(run.params.prepare),
+            "classes": {key: {"params": dataclasses.asdict(run.params.stage1.for_class(key)), "fit": fit_files(key)}
+                        for key in repaired_classes(run, keys)}}
+
+
+def write_repair(run: Run, rows: shards.Rows, keys: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Each class's ``stage1/<key>/scores.csv`` from the cases' rows (in the run's case order)."""
+    return {key: write_scores(stage1_dir(run, key), [r for r in rows["scores"] if r["class"] == key])
+            for key in repaired_classes(run, keys)}
+
+
+REPAIR = shards.CaseStage("stage1", ("scores",), repair_work, write_repair, setup=repair_setup, stamp=repair_stamp)
+
+
+def class_repair(key: str) -> shards.CaseStage:
+    """The repair of one class (parts in ``stage1/<key>/parts/``): what a class's notebook runs."""
+    only = (key,)
+    return shards.CaseStage(f"stage1-{key}", ("scores",), partial(repair_work, keys=only),
+                            partial(write_repair, keys=only), setup=partial(repair_setup, keys=only),
+                            stamp=partial(repair_stamp, keys=only))
+
+
+def repair_class(run: Run, key: str, progress: bool = True, *, workers: int = 1,
+                 shard: shards.Shard | str | None = None) -> pd.DataFrame:
+    """M^ref of class ``key`` for every case that has it, from the selected checkpoint; its scores
+    table once every case is done (with ``shard``: when this task finished last, else empty)."""
+    tables = shards.run_stage(run, class_repair(key), workers, shard, progress)
+    return tables[key] if tables is not None else scores_frame([])
+
+
+def repair_run(run: Run, progress: bool = True, *, workers: int = 1,
+               shard: shards.Shard | str | None = None) -> dict[str, pd.DataFrame] | None:
+    """M^ref of every fitted class of every case, each case read once (``nearfix run repair``)."""
+    return shards.run_stage(run, REPAIR, workers, shard, progress)
 
 
 def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, cleanup: dict) -> list[dict]:
@@ -271,7 +378,8 @@ def example_maps(run: Run, key: str, case_id: str) -> tuple[dict[str, np.ndarray
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Command line for torchrun: fit one class (DDP when WORLD_SIZE > 1); rank 0 then writes M^ref."""
+    """Command line for torchrun: fit one class (DDP when WORLD_SIZE > 1), then write its M^ref, the
+    cases shared out over the processes (``--fit-only``: leave the masks to ``nearfix run repair``)."""
     ap = argparse.ArgumentParser(prog=prog, description="stage 1: fit one class's field and write its "
                                  "repaired masks (torchrun-ready)")
     ap.add_argument("--params", default="params/demo.yaml")
@@ -281,6 +389,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     which.add_argument("--class", dest="cls", help="class key or label index, e.g. LV or 3")
     which.add_argument("--nth", type=int, help="the nth class the run fits, 0-based (stage1.classes, else the "
                        "class table's order), e.g. $SLURM_ARRAY_TASK_ID")
+    ap.add_argument("--fit-only", action="store_true", help="fit only; write the masks of every class later "
+                    "with `nearfix run repair` (each case read once for all classes)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     run = start_run(load_params(args.params, run_dir=args.run_dir, device=args.device), progress=False)
@@ -288,11 +398,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.nth is not None and not 0 <= args.nth < len(fitted):
         ap.error(f"--nth {args.nth}: the run fits {len(fitted)} classes ({', '.join(map(str, fitted))})")
     key = run.table.resolve(args.cls if args.nth is None else fitted[args.nth]).key
-    params = run.params.stage1
-    model, data, _ = fit_class(run, key, params, progress=not args.no_progress)
-    if distributed_rank_world()[0] == 0:
-        repair_class(run, key, params, model, data, progress=not args.no_progress)
-        print(f"stage1 {key}: wrote {stage1_dir(run, key) / 'masks'} and {stage1_dir(run, key) / 'scores.csv'}")
+    fit_class(run, key, run.params.stage1, progress=not args.no_progress)
+    if not args.fit_only:
+        rank, world = distributed_rank_world()
+        stage = class_repair(key)
+        shards.run_cases(run, stage, shard=shards.Shard(rank, world), progress=not args.no_progress)
+        if world > 1:
+            torch.distributed.barrier()  # every rank's cases are written before rank 0 merges
+        if rank == 0 and shards.merge(run, stage) is not None:
+            print(f"stage1 {key}: wrote {stage1_dir(run, key) / 'masks'} and {stage1_dir(run, key) / 'scores.csv'}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

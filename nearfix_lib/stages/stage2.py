@@ -27,20 +27,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import torch
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz
 from nearfix_lib.core.scores import anatomy_checks, score_labels, score_masks, scores_frame
 from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
 from nearfix_lib.field.infer import field_in_box
-from nearfix_lib.field.train import load_checkpoint, load_for_inference
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.repair.fusion import FusionResult, fuse_case
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
 from nearfix_lib.stages.runs import resolve_device
-from nearfix_lib.stages.stage1 import build_model
+from nearfix_lib.stages.stage1 import ClassField, load_stage1_fields
 
 # -- inputs ------------------------------------------------------------------------------------
 
@@ -55,30 +53,6 @@ def original_masks(run: Run, case_id: str, shape: tuple[int, ...]) -> dict[str, 
                 raise InputError(path, f"shape {mask.shape} differs from the case's {tuple(shape)}")
             masks[cls.key] = mask
     return masks
-
-
-@dataclass
-class ClassField:
-    """A fitted stage-1 model and the cases (by id) its latent table holds."""
-
-    model: torch.nn.Module
-    index_of: dict[str, int]
-
-
-def load_stage1_fields(run: Run, device: str) -> dict[str, ClassField]:
-    """Every class whose stage-1 fit finished, ready for inference."""
-    params = run.params.stage1
-    fields = {}
-    for cls in run.table:
-        ckpt_dir = stage1_dir(run, cls.key) / "ckpt"
-        if not (ckpt_dir / "last.pt").is_file():
-            continue
-        p = params.for_class(cls.key)
-        ids = load_checkpoint(ckpt_dir / "last.pt")["extra"]["case_ids"]
-        model = build_model(len(ids), p)
-        load_for_inference(model, ckpt_dir, p.train.select, device)
-        fields[cls.key] = ClassField(model, {str(c): i for i, c in enumerate(ids)})
-    return fields
 
 
 def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device: str) -> dict[str, np.ndarray]:
