@@ -282,12 +282,10 @@ def decoding(source: str) -> shards.CaseStage:
                             stamp=partial(decode_stamp, source=source))
 
 
-# The deliverable's decoding (``nearfix run decode``) and the comparison fit's without teachers.
-# The comparison is a stage of its own rather than a serial loop: one code path decodes, skips a
-# bad case in one line and resumes, for both.
+# The deliverable's decoding (``nearfix run decode``). The comparison fit's without teachers is
+# decoding("no_distill"), a stage of its own rather than a serial loop: one code path decodes, skips
+# a bad case in one line and resumes, for both.
 DECODE = decoding("stage3")
-NO_DISTILL = decoding("no_distill")
-DECODINGS = {"stage3": DECODE, "no_distill": NO_DISTILL}
 
 
 def decode_and_score(run: Run, progress: bool = True, *, workers: int = 1, shard: shards.Shard | str | None = None,
@@ -301,7 +299,7 @@ def decode_and_score(run: Run, progress: bool = True, *, workers: int = 1, shard
     if not path.is_file():
         raise ValueError(f"{stage_name(source)}: no model at {path}; fit stage 3 first (notebook 04_stage3, "
                          "or `nearfix stage3` / torchrun)")
-    table = shards.run_stage(run, DECODINGS[source], workers, shard, progress)
+    table = shards.run_stage(run, decoding(source), workers, shard, progress)
     return table if table is not None else scores_frame([])
 
 
