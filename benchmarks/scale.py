@@ -92,7 +92,8 @@ def _stage3(run) -> None:
 
     data = load_stage3_data(run)
     model, task, _ = fit_unified(run, data, progress=False)
-    decode_and_score(run, make_artifact(run, model, task, data), progress=False)
+    make_artifact(run, model, task, data)
+    decode_and_score(run, progress=False)
 
 
 def _report(run) -> None:

@@ -3,6 +3,8 @@ however the cases are split, a merge that names what is missing, and resume at c
 
 One tiny run (params/test.yaml, three phantom cases, stage 1 fitted for one class) is copied
 for each way of running prepare, stage 2 and the report; their tables are compared byte for byte.
+Stage 3's decoding runs on a copy with stage 2 done and the unified model fitted: its maps and
+skipped.csv byte for byte, its scores as written but for the wall-time column ``decode_s``.
 """
 
 import os
@@ -10,12 +12,14 @@ import shutil
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.io import InputError
 from nearfix_lib.core.workspace import Run
-from nearfix_lib.stages import cli, prepare, report, shards, stage1, stage2
+from nearfix_lib.field.unified import UnifiedModel
+from nearfix_lib.stages import cli, prepare, report, shards, stage1, stage2, stage3
 from nearfix_lib.stages.runs import start_run
 from nearfix_lib.stages.shards import CaseStage, Shard
 
@@ -208,3 +212,100 @@ def test_a_killed_run_resumes_without_recomputing_done_cases(fitted, tmp_path, c
     shards.run_stage(run, TOY, progress=False)
     assert CALLS == ["2"] and table.read_text() == "case,value\n1,17\n2,27\n3,37\n"
     assert "toy," not in run.path("skipped.csv").read_text()  # fixed: its row is gone
+
+
+# -- stage 3's decoding (nearfix run decode) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fitted3(unsharded, fitted):
+    """Stage 2 done (the unsharded run) and the unified model fitted and saved: what decoding reads."""
+    run = open_copy(fitted.parent / "unsharded", fitted.parent / "fitted3")
+    data = stage3.load_stage3_data(run)
+    model, task, _ = stage3.fit_unified(run, data, progress=False)
+    stage3.make_artifact(run, model, task, data)
+    return run.dir
+
+
+def decoded(run_dir):
+    """The decoded maps (bytes), ``skipped.csv`` and ``stage3/scores.csv`` as written, but for
+    ``decode_s``: a wall time, it differs between any two runs (checked to be there, and > 0)."""
+    files = {p.name: p.read_bytes() for p in sorted((run_dir / "stage3" / "labels").glob("*.nii.gz"))}
+    files["skipped.csv"] = (run_dir / "skipped.csv").read_bytes()
+    scores = pd.read_csv(run_dir / "stage3" / "scores.csv", dtype=str, keep_default_na=False)
+    seconds = scores.pop("decode_s")
+    timed = scores["source"] == "stage3"  # the decoded map's rows; noisy and L^ref are not decoded
+    assert timed.any() and (pd.to_numeric(seconds[timed]) > 0).all() and (seconds[~timed] == "").all()
+    return files, scores
+
+
+@pytest.fixture(scope="module")
+def decoded_once(fitted3):
+    """Every case decoded in one process, as the notebook does: the reference."""
+    run = open_copy(fitted3, fitted3.parent / "decoded_once")
+    stage3.decode_and_score(run, progress=False)
+    files, scores = decoded(run.dir)
+    assert sorted(scores["case"].unique()) == ["1", "2", "3"] and len(files) == 4
+    return files, scores
+
+
+def test_decoding_in_shards_and_workers_writes_what_one_process_writes(fitted3, decoded_once, tmp_path, capsys):
+    folder = tmp_path / "decode"
+    # task 0 of 2 from the command line, on two worker processes (each loads unified.pt once)
+    open_copy(fitted3, folder)
+    assert cli.main(["run", "decode", "--params", str(folder / "params.yaml"), "--run-dir", str(folder),
+                     "--workers", "2", "--no-progress", "--shard", "0/2"]) == 0
+    assert "decode: 1 of 3 cases missing (ids 2)" in capsys.readouterr().out
+    assert not (folder / "stage3" / "scores.csv").exists()
+    table = stage3.decode_and_score(open_copy(fitted3, folder), progress=False, shard="1/2")  # the last task
+    assert len(table) and (folder / "stage3" / "scores.csv").is_file()
+    files, scores = decoded(folder)
+    assert files == decoded_once[0]
+    pd.testing.assert_frame_equal(scores, decoded_once[1])
+    (folder / "stage3" / "scores.csv").unlink()
+    assert cli.main(["merge", "decode", "--run-dir", str(folder)]) == 0  # again, from the parts
+    pd.testing.assert_frame_equal(decoded(folder)[1], decoded_once[1])
+
+
+def test_decoding_resumes_goes_stale_with_a_new_artifact_and_skips_a_bad_lref(fitted3, decoded_once, tmp_path,
+                                                                             capsys):
+    run = open_copy(fitted3, tmp_path / "resume")
+    parts = {cid: run.dir / "stage3" / "parts" / f"{cid}.json" for cid in ("1", "2", "3")}
+    stage3.decode_and_score(run, progress=False, shard="0/2")  # killed after its share: cases 1 and 3
+    done = {cid: parts[cid].stat().st_mtime_ns for cid in ("1", "3")}
+    assert not parts["2"].exists()
+    stage3.decode_and_score(run, progress=False)
+    assert "decode: 2 of 3 cases already done" in capsys.readouterr().out
+    assert {cid: parts[cid].stat().st_mtime_ns for cid in ("1", "3")} == done  # not decoded again
+    assert decoded(run.dir)[0] == decoded_once[0]
+    # a model written again (a refit; a second later, whatever the file system's time resolution)
+    # makes every case stale
+    artifact = stage3.artifact_path(run)
+    written = artifact.stat().st_mtime_ns
+    UnifiedModel.load(artifact).save(artifact)
+    os.utime(artifact, ns=(written + 10**9,) * 2)
+    before = {cid: p.stat().st_mtime_ns for cid, p in parts.items()}
+    stage3.decode_and_score(run, progress=False)
+    assert "already done" not in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns != before[cid] for cid, p in parts.items())
+    # a corrupt and a missing L^ref: one line each, in skipped.csv; the other case goes on
+    lref = {cid: run.dir / "stage2" / "labels" / f"{cid}.nii.gz" for cid in ("2", "3")}
+    lref["2"].write_bytes(lref["2"].read_bytes()[:400])
+    lref["3"].unlink()
+    table = stage3.decode_and_score(run, progress=False)
+    out = capsys.readouterr().out
+    assert f"skipped case 2: {lref['2']}: corrupt voxel data" in out
+    assert f"skipped case 3: {lref['3']}: file not found" in out
+    assert sorted(table["case"].unique()) == ["1"]
+    skipped = (run.dir / "skipped.csv").read_text()
+    assert "decode,2," in skipped and "decode,3," in skipped
+
+
+def test_the_comparison_fit_decodes_into_its_own_folder_and_writes_no_maps(fitted3, tmp_path):
+    run = open_copy(fitted3, tmp_path / "no_distill")
+    (run.dir / "stage3" / "no_distill").mkdir()
+    shutil.copy(stage3.artifact_path(run), stage3.artifact_path(run, "no_distill"))
+    table = stage3.decode_and_score(run, progress=False, source="no_distill")
+    assert set(table["source"]) == {"no_distill"} and (run.dir / "stage3" / "no_distill" / "scores.csv").is_file()
+    assert sorted(p.name for p in (run.dir / "stage3" / "no_distill" / "parts").iterdir()) == [
+        "1.json", "2.json", "3.json"]
+    assert not (run.dir / "stage3" / "labels").exists() and not (run.dir / "stage3" / "parts").exists()

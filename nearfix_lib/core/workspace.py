@@ -12,8 +12,9 @@ without importing the stages::
       stage1/<key>/{ckpt,prob,masks}/  stage1/<key>/scores.csv
       stage1/<key>/cases/<case>/        (the class fit's per-case store: the ROI mask, its band)
       stage2/{labels,roi,parts}/  stage2/{audit,checks,scores}.csv
-      stage3/{ckpt,labels,new_cases,no_distill}/  stage3/unified.pt  stage3/{scores,distillation}.csv
+      stage3/{ckpt,labels,new_cases,parts}/  stage3/unified.pt  stage3/{scores,distillation}.csv
       stage3/cases/<case>/              (the fit's per-case store: labels, sampling tables, teachers)
+      stage3/no_distill/                (the fit without teachers: checkpoints, unified.pt, parts/, scores.csv)
       report/parts/  report/{scores,checks}.csv  report/summary.md  notebooks/
 
 Every ``scores.csv`` has the one long format of :mod:`nearfix_lib.core.scores`. A per-case stage
@@ -171,13 +172,25 @@ def report_dir(run: Run) -> Path:
     return run.path("report")
 
 
+def decode_dir(run: Run, source: str = "stage3") -> Path:
+    """Where a unified model of stage 3 keeps its artifact ``unified.pt`` and its decoding's parts and
+    ``scores.csv``: ``stage3/`` for the deliverable (source ``stage3``), ``stage3/<source>/`` for a
+    comparison fit (``no_distill``, beside that fit's checkpoints)."""
+    return stage3_dir(run) if source == "stage3" else stage3_dir(run) / source
+
+
 def stage_dir(run: Run, stage: str) -> Path:
     """A stage's folder by the name ``skipped.csv`` gives the stage: ``prepare`` -> ``prepared/``,
-    ``stage1-<key>`` -> ``stage1/<key>/``, any other (``stage2``, ``stage3``, ``report``) -> ``<name>/``."""
+    ``stage1-<key>`` -> ``stage1/<key>/``, ``decode`` -> ``stage3/``, ``decode-<source>`` ->
+    ``stage3/<source>/`` (:func:`decode_dir`), any other (``stage2``, ``stage3``, ``report``) -> ``<name>/``."""
     if stage == "prepare":
         return prepared_dir(run)
     if stage.startswith("stage1-"):
         return stage1_dir(run, stage[len("stage1-"):])
+    if stage == "decode":
+        return decode_dir(run)
+    if stage.startswith("decode-"):
+        return decode_dir(run, stage[len("decode-"):])
     return run.path(stage)
 
 

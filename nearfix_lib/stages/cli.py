@@ -19,15 +19,16 @@ their help are the module's own. Under torchrun use the module form,
 
 ``nearfix run STAGE`` is the one way to run a per-case stage outside a notebook: ``prepare``;
 ``repair`` (stage 1's M^ref of every fitted class, each case read once; the fits come first, from
-notebook 02 or ``nearfix stage1``); ``stage2``; or ``report`` (its tables
-``report/{scores,checks}.csv``; the figures and ``summary.md`` come from notebook 05). It runs on
-all cases, in K processes of one node (``--workers K``), or as one SLURM array task's share
-(``--shard i/n``, 0-based: ``--array=0-(n-1)`` and ``--shard
+notebook 02 or ``nearfix stage1``); ``stage2``; ``decode`` (stage 3's decoding and scoring with
+``stage3/unified.pt``, once the fit wrote it: ``stage3/labels/``, ``stage3/scores.csv``); or
+``report`` (its tables ``report/{scores,checks}.csv``; the figures and ``summary.md`` come from
+notebook 05). It runs on all cases, in K processes of one node (``--workers K``), or as one SLURM
+array task's share (``--shard i/n``, 0-based: ``--array=0-(n-1)`` and ``--shard
 $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``, see ``jobs/slurm_array.sh``). It calls the same
 function the notebook calls (``prepare.prepare_run``, ``stage1.repair_run``,
-``stage2.run_stage2``, ``report.run_compare``; :mod:`stages.shards`). Done cases are not
-recomputed; the task that completes the last case writes the tables, and ``nearfix merge STAGE``
-writes them again or names the cases still missing (exit status 1).
+``stage2.run_stage2``, ``stage3.decode_and_score``, ``report.run_compare``; :mod:`stages.shards`).
+Done cases are not recomputed; the task that completes the last case writes the tables, and
+``nearfix merge STAGE`` writes them again or names the cases still missing (exit status 1).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ CASE_STAGES: dict[str, tuple[Callable[..., object], shards.CaseStage]] = {
     "prepare": (prepare.prepare_run, prepare.CASES),
     "repair": (stage1.repair_run, stage1.REPAIR),
     "stage2": (stage2.run_stage2, stage2.CASES),
+    "decode": (stage3.decode_and_score, stage3.DECODE),
     "report": (report.run_compare, report.CASES),
 }
 
@@ -105,7 +107,7 @@ def merge_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "phantom": (dataset.main, "write a phantom data root (segmentations/, images/, ground_truth/)"),
     "pipeline": (pipeline.main, "run every notebook of a run in order through papermill"),
-    "run": (run_main, "run a per-case stage (prepare, repair, stage2, report): --workers K, --shard i/n"),
+    "run": (run_main, "run a per-case stage (prepare, repair, stage2, decode, report): --workers K, --shard i/n"),
     "merge": (merge_main, "write a per-case stage's tables from its cases' parts, or name the missing cases"),
     "stage1": (stage1.main, "fit one class's field and write its masks (the module form runs under torchrun)"),
     "stage3": (stage3.main, "fit the unified model (the module form runs under torchrun)"),

@@ -1,7 +1,7 @@
 """Splitting a run's cases over processes (``workers=K``) and over SLURM array tasks (``shard=i/n``).
 
-A per-case stage (prepare, the stage-1 repair, stage 2, the report; stage-3 decoding is meant to
-follow) is a :class:`CaseStage`: ``work(run, case_id, state)`` computes one case and returns its
+A per-case stage (prepare, the stage-1 repair, stage 2, stage-3 decoding, the report) is a
+:class:`CaseStage`: ``work(run, case_id, state)`` computes one case and returns its
 rows per table; ``setup(run)`` builds, once per process, what every case needs (stage 2: the
 stage-1 fields); ``stamp(run, case_id)`` says what a case's result depends on (parameters, the
 files it reads); ``write(run, rows)`` writes the stage's tables from every case's rows.

@@ -8,8 +8,15 @@ case, see :mod:`nearfix_lib.field.store`), ``ckpt/`` (the fit, resumable), ``uni
 ``labels/<case>.nii.gz`` (decoded on the original grid, source affine and header) and
 ``scores.csv`` (decoded vs L^ref, and noisy / L^ref / decoded vs the truth when it exists).
 
+Decoding and scoring is a per-case stage, ``decode`` (:data:`DECODE`, :mod:`stages.shards`): it
+reads only ``unified.pt`` and the case's files, so it runs in ``workers`` processes or as SLURM
+array tasks, each case's scores kept in ``stage3/parts/<case>.json`` until they are merged into
+``scores.csv``; a refitted artifact makes every case stale.
+
 Multi-GPU: ``torchrun --nproc_per_node=K -m nearfix_lib.stages.stage3 --params params/default.yaml``
-runs :func:`fit_unified` under DistributedDataParallel, the same code path as the notebook.
+runs :func:`fit_unified` under DistributedDataParallel, the same code path as the notebook, and
+rank 0 writes ``unified.pt``; then ``nearfix run decode --params P --workers K [--shard i/n]``
+(``jobs/slurm_array.sh decode ...``) decodes and scores every case.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -28,10 +35,11 @@ import torch
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.config import Params, Stage3Params, load_params
 from nearfix_lib.core.geometry import Box, resample, roi_box, roi_grid, voxel_spacing
-from nearfix_lib.core.io import InputError, load_case, read_label, write_nifti, write_text
-from nearfix_lib.core.scores import pivot, score_labels, write_scores
+from nearfix_lib.core.io import InputError, read_label, write_nifti, write_text
+from nearfix_lib.core.scores import pivot, score_labels, scores_frame, write_scores
 from nearfix_lib.core.workspace import (
     Run,
+    decode_dir,
     file_signature,
     prepared_dir,
     stage1_dir,
@@ -51,6 +59,7 @@ from nearfix_lib.field.train import (
 )
 from nearfix_lib.field.unified import CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds, teacher_affine
 from nearfix_lib.phantom.dataset import make_case
+from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
 from nearfix_lib.stages.runs import resolve_device, start_run
 
@@ -189,7 +198,7 @@ def make_artifact(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage
                   params: Stage3Params | None = None) -> UnifiedModel:
     """Fit the thresholds t_c on the training cases and assemble (and save) ``unified.pt``."""
     unified = assemble(run, model, task, data, params or run.params.stage3)
-    unified.save(stage3_dir(run) / "unified.pt")
+    unified.save(artifact_path(run))
     return unified
 
 
@@ -201,46 +210,99 @@ def assemble(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data
                         device=task.device, chunk_points=params.chunk_points)
 
 
-def decode_and_score(run: Run, unified: UnifiedModel, source: str = "stage3", write_labels: bool = True,
-                     progress: bool = True) -> pd.DataFrame:
-    """Decode every training case on its original grid and score it against L^ref and the truth.
+# -- decoding: a per-case stage ------------------------------------------------------------------
 
-    The scores go to ``stage3/scores.csv`` (``stage3/<source>/scores.csv`` for another ``source``,
-    e.g. the fit without distillation); ``write_labels``: the decoded maps go to ``stage3/labels/``
-    (NIfTI, source affine). ``decode_s`` is the wall time of ``unified.decode`` per case.
-    """
-    from tqdm import tqdm
+def stage_name(source: str) -> str:
+    """The decoding stage of a model (in ``skipped.csv``, ``nearfix run``): ``decode`` for the
+    deliverable, ``decode-<source>`` for a comparison fit (folders: :func:`workspace.decode_dir`)."""
+    return "decode" if source == "stage3" else f"decode-{source}"
 
-    rows = []
-    cases = {c.case_id: c for c in run.cases}
-    for cid in tqdm(unified.case_ids, desc="decode", disable=not progress, unit="case"):
-        case = load_case(cases[cid], run.table, with_image=False)
-        t0 = time.perf_counter()
-        decoded = unified.decode(cid, grid="original")
-        seconds = time.perf_counter() - t0
-        if write_labels:
-            write_nifti(stage_labels(run, "stage3", cid), decoded, case.label.affine, case.label.header)
-        lref = np.asarray(nib.load(str(stage_labels(run, "stage2", cid))).dataobj)
-        spacing = case.label.spacing
-        rows += score_labels(cid, source, "lref", decoded, lref, spacing, run.table, decode_s=seconds)
-        if case.truth is not None:
-            truth = case.truth.array
-            rows += score_labels(cid, source, "truth", decoded, truth, spacing, run.table, decode_s=seconds)
-            if source == "stage3":
-                rows += score_labels(cid, "noisy", "truth", case.label.array, truth, spacing, run.table)
-                rows += score_labels(cid, "stage2", "truth", lref, truth, spacing, run.table)
-    folder = stage3_dir(run) if source == "stage3" else stage3_dir(run) / source
-    return write_scores(folder, rows)
+
+def artifact_path(run: Run, source: str = "stage3") -> Path:
+    """The saved model a decoding reads: ``stage3/unified.pt``, ``stage3/<source>/unified.pt``."""
+    return decode_dir(run, source) / "unified.pt"
+
+
+def decode_setup(run: Run, source: str) -> UnifiedModel:
+    """Once per process: the artifact, on the run's device."""
+    return UnifiedModel.load(artifact_path(run, source), device=resolve_device(run.params.run.device))
+
+
+def decode_case(run: Run, case_id: str, unified: UnifiedModel, source: str) -> shards.Rows:
+    """One case: decoded on its original grid and scored against L^ref and (when it exists) the truth;
+    the deliverable's decoding (source ``stage3``) also noisy and L^ref against the truth, and its
+    map is written to ``stage3/labels/<case>.nii.gz`` (source affine and header: what the report and
+    the viewers read). ``decode_s`` is the wall time of ``unified.decode``."""
+    if case_id not in unified.case_ids:
+        raise shards.CaseSkipped(f"not in {artifact_path(run, source)} (no usable stage-2 L^ref at its fit)")
+    lref_path = stage_labels(run, "stage2", case_id)
+    lref = read_label(lref_path, run.table).array  # read first: a missing or corrupt L^ref writes nothing
+    case = run.load(case_id, with_image=False)
+    if lref.shape != case.label.shape:
+        raise InputError(lref_path, f"shape {lref.shape} differs from the case's {case.label.shape}")
+    t0 = time.perf_counter()
+    decoded = unified.decode(case_id, grid="original")
+    seconds = time.perf_counter() - t0
+    if source == "stage3":
+        write_nifti(stage_labels(run, "stage3", case_id), decoded, case.label.affine, case.label.header)
+    spacing = case.label.spacing
+    rows = score_labels(case_id, source, "lref", decoded, lref, spacing, run.table, decode_s=seconds)
+    if case.truth is not None:
+        truth = case.truth.array
+        rows += score_labels(case_id, source, "truth", decoded, truth, spacing, run.table, decode_s=seconds)
+        if source == "stage3":
+            rows += score_labels(case_id, "noisy", "truth", case.label.array, truth, spacing, run.table)
+            rows += score_labels(case_id, "stage2", "truth", lref, truth, spacing, run.table)
+    return {"scores": rows}
+
+
+def decode_stamp(run: Run, case_id: str, source: str) -> dict:
+    """What a case's result depends on: the artifact (a refitted model makes every case stale) and its L^ref."""
+    return {"artifact": shards.file_stamp(artifact_path(run, source)),
+            "lref": shards.file_stamp(stage_labels(run, "stage2", case_id))}
+
+
+def write_decoded(run: Run, rows: shards.Rows, source: str) -> pd.DataFrame:
+    return write_scores(decode_dir(run, source), rows["scores"])
+
+
+def decoding(source: str) -> shards.CaseStage:
+    """The per-case stage that decodes and scores the model saved for ``source``: the same module-level
+    functions, the source bound by ``functools.partial`` (picklable for worker processes)."""
+    return shards.CaseStage(stage_name(source), ("scores",), partial(decode_case, source=source),
+                            partial(write_decoded, source=source), setup=partial(decode_setup, source=source),
+                            stamp=partial(decode_stamp, source=source))
+
+
+# The deliverable's decoding (``nearfix run decode``). The comparison fit's without teachers is
+# decoding("no_distill"), a stage of its own rather than a serial loop: one code path decodes, skips
+# a bad case in one line and resumes, for both.
+DECODE = decoding("stage3")
+
+
+def decode_and_score(run: Run, progress: bool = True, *, workers: int = 1, shard: shards.Shard | str | None = None,
+                     source: str = "stage3") -> pd.DataFrame:
+    """Decode every case of the run (or a shard's share; ``workers`` processes) with the saved model
+    of ``source`` (:func:`artifact_path`, written by :func:`make_artifact` or ``stage3.main``) and
+    score it (:func:`decode_case`); returns ``scores.csv`` of :func:`workspace.decode_dir` once every
+    case is done (else an empty table). A case whose part was written under the same artifact and
+    L^ref is not decoded again."""
+    path = artifact_path(run, source)
+    if not path.is_file():
+        raise ValueError(f"{stage_name(source)}: no model at {path}; fit stage 3 first (notebook 04_stage3, "
+                         "or `nearfix stage3` / torchrun)")
+    table = shards.run_stage(run, decoding(source), workers, shard, progress)
+    return table if table is not None else scores_frame([])
 
 
 def distillation_effect(run: Run, data: Stage3Data, with_distill: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
-    """Fit the same model without distillation (``stage3/no_distill``) and compare per class:
-    Dice against L^ref and against the truth, with (``stage3``) and without (``no_distill``) the
-    stage-1 teachers; written to ``stage3/distillation.csv``."""
+    """Fit the same model without distillation (``stage3/no_distill``, its artifact saved there too)
+    and compare per class: Dice against L^ref and against the truth, with (``stage3``) and without
+    (``no_distill``) the stage-1 teachers; written to ``stage3/distillation.csv``."""
     params = _no_distill(run.params.stage3)
     model, task, _ = fit_unified(run, data, params, name="no_distill", distill=False, progress=progress)
-    plain = assemble(run, model, task, data, params)
-    without = decode_and_score(run, plain, source="no_distill", write_labels=False, progress=progress)
+    assemble(run, model, task, data, params).save(artifact_path(run, "no_distill"))
+    without = decode_and_score(run, progress, source="no_distill")
     both = pd.concat([without, with_distill[with_distill["source"] == "stage3"]])
     both = both.sort_values("reference", kind="stable")  # columns grouped by reference
     out = pivot(both, "dice", ["reference", "source"])
@@ -303,7 +365,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     model, task, _ = fit_unified(run, data)
     if distributed_rank_world()[0] == 0:
         unified = make_artifact(run, model, task, data)
-        print(f"wrote {stage3_dir(run) / 'unified.pt'}; thresholds {dict(zip(run.table.keys, unified.thresholds))}")
+        print(f"wrote {artifact_path(run)}; thresholds {dict(zip(run.table.keys, unified.thresholds))}; "
+              f"decode and score: nearfix run decode --params {run.path('params.yaml')} --workers K")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
