@@ -4,6 +4,7 @@ import importlib
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import PROJECT
@@ -84,3 +85,41 @@ def test_job_scripts_parse_and_start_what_exists(script, capsys):
         usage = capsys.readouterr().out
         for option in re.findall(r"(?<!\S)(--[\w-]+)", rest):
             assert option in usage, f"{script.name}: {name} has no option {option}"
+
+
+def test_submit_all_chains_every_step_on_the_one_before(tmp_path):
+    """``jobs/submit_all.sh`` against a stand-in ``sbatch`` that records its arguments and answers
+    job ids 1, 2, …: every step is submitted once, in pipeline order, waiting on the step before."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\nn=$(( $(wc -l < "$SBATCH_LOG" 2>/dev/null || echo 0) + 1 ))\n'
+                                 'echo "$n $*" >> "$SBATCH_LOG"\necho "$n"\n')
+    (fake / "sbatch").chmod(0o755)
+    log = tmp_path / "sbatch.log"
+    env = {"PATH": f"{fake}:{Path(sys.executable).parent}:/usr/bin:/bin", "SBATCH_LOG": str(log),
+           "PYTHONPATH": str(PROJECT), "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", "jobs/submit_all.sh", "params/demo.yaml", str(tmp_path / "run"), "3"],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jobs = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    steps = []  # (job id, script and stage, what it waits for)
+    for job_id, args in jobs:
+        wait = re.search(r"--dependency=(\w+):(\d+)", args)
+        script = re.search(r"jobs/(\w+)\.sh ?(\w*)", args)
+        array = re.search(r"--array=(\S+)", args)
+        steps.append((int(job_id), f"{script[1]} {script[2]}".strip(), array[1] if array else None,
+                      (wait[1], int(wait[2])) if wait else None))
+    names = [s[1] for s in steps]
+    per_case = ["prepare", "repair", "stage2", "decode", "report"]
+    assert names == ["slurm_array prepare", "slurm_array prepare", "torchrun_stage1 params",
+                     "slurm_array repair", "slurm_array repair", "slurm_array stage2", "slurm_array stage2",
+                     "torchrun_stage3 params", "slurm_array decode", "slurm_array decode",
+                     "slurm_array report", "slurm_array report"]
+    assert steps[0][3] is None and steps[0][2] == "0-2"  # prepare waits for nothing; 3 shards
+    assert steps[2][2] == "0-9"  # one stage-1 task per class of demo.yaml
+    for (job_id, name, array, _), (_, next_name, next_array, wait) in zip(steps, steps[1:]):
+        if name == next_name and array:  # a stage's merge runs when its shards are over, ok or not
+            assert next_array is None and wait == ("afterany", job_id)
+        else:  # the next step needs this one to have succeeded
+            assert wait == ("afterok", job_id), (name, next_name)
+    assert all(f"slurm_array {stage}" in names for stage in per_case)

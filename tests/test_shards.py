@@ -129,33 +129,41 @@ def test_merge_names_the_missing_cases_and_writes_nothing(fitted, tmp_path, caps
 def test_repair_of_every_class_reads_each_case_once_and_writes_what_each_class_repair_writes(
         fitted, tmp_path, monkeypatch, capsys):
     """``nearfix run repair`` (stage 1's M^ref of every fitted class, per case) as two array tasks:
-    each case is read once for both classes, and the masks and scores are those of the per-class
-    repair of the class notebooks."""
+    after the class notebooks it reuses their masks; without them it reads each case once for both
+    classes and writes the masks and scores of the per-class repair."""
     folder = tmp_path / "repair"
     two = {"stage1.classes": ["LV", "Cor"]}
     run = open_copy(fitted, folder, two)
     stage1.fit_class(run, "LV", run.params.stage1, progress=False)
     per_class = {key: stage1.repair_class(run, key, progress=False) for key in ("LV", "Cor")}
-    written = {(key, cid): read_mask(folder / "stage1" / key / "masks" / f"{cid}.nii.gz")
-               for key in ("LV", "Cor") for cid in ("1", "2", "3")}
-    for key in ("LV", "Cor"):
-        shutil.rmtree(folder / "stage1" / key / "masks")
-        (folder / "stage1" / key / "scores.csv").unlink()
+    masks = {(key, cid): folder / "stage1" / key / "masks" / f"{cid}.nii.gz"
+             for key in ("LV", "Cor") for cid in ("1", "2", "3")}
+    written = {name: (read_mask(path), path.stat().st_mtime_ns) for name, path in masks.items()}
     reads = []
     load = Run.load
     monkeypatch.setattr(Run, "load", lambda self, case_id, **kw: reads.append(case_id) or load(self, case_id, **kw))
-    assert stage1.repair_run(open_copy(fitted, folder, two), progress=False, shard="0/2") is None
-    assert "1 of 3 cases missing (ids 2)" in capsys.readouterr().out
-    tables = stage1.repair_run(open_copy(fitted, folder, two), progress=False, shard="1/2")
+
+    def repair_in_two_tasks():
+        assert stage1.repair_run(open_copy(fitted, folder, two), progress=False, shard="0/2") is None
+        assert "1 of 3 cases missing (ids 2)" in capsys.readouterr().out
+        tables = stage1.repair_run(open_copy(fitted, folder, two), progress=False, shard="1/2")
+        for key in ("LV", "Cor"):
+            assert tables[key].equals(per_class[key])
+            assert (folder / "stage1" / key / "scores.csv").read_text() == per_class[key].to_csv(index=False)
+
+    repair_in_two_tasks()  # after the class notebooks: nothing is read or written again
+    assert reads == [] and all(path.stat().st_mtime_ns == written[name][1] for name, path in masks.items())
+    for key in ("LV", "Cor"):  # now without them
+        for name in ("masks", "parts"):
+            shutil.rmtree(folder / "stage1" / key / name)
+        (folder / "stage1" / key / "scores.csv").unlink()
+    shutil.rmtree(folder / "stage1" / "parts")
+    repair_in_two_tasks()
     assert sorted(reads) == ["1", "2", "3"]  # once per case, not once per class
-    for key in ("LV", "Cor"):
-        assert tables[key].equals(per_class[key])
-        assert (folder / "stage1" / key / "scores.csv").read_text() == per_class[key].to_csv(index=False)
-    for (key, cid), mask in written.items():
-        assert np.array_equal(read_mask(folder / "stage1" / key / "masks" / f"{cid}.nii.gz"), mask)
+    for name, path in masks.items():
+        assert np.array_equal(read_mask(path), written[name][0])
     # a class whose fit is missing stops the repair with a message naming it
     shutil.rmtree(folder / "stage1" / "LV" / "ckpt")
-    shutil.rmtree(folder / "stage1" / "parts")
     with pytest.raises(ValueError, match=r"\['LV'\] have no finished fit"):
         stage1.repair_run(open_copy(fitted, folder, two), progress=False)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nearfix_lib.core.classes import ClassTable, class_centre
-from nearfix_lib.core.config import SamplingParams, Stage1Params, load_params
+from nearfix_lib.core.classes import ClassTable, class_centre, load_table
+from nearfix_lib.core.config import SamplingParams, Stage1Params, load_params, project_root
 from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npz
 from nearfix_lib.core.metrics import dice
@@ -294,22 +295,52 @@ def class_image(run: Run, case_id: str, key: str, device: str) -> torch.Tensor:
 
 
 def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] | None = None) -> shards.Rows:
-    """One case: M^ref of every fitted class it has (the case is read once), and their scores."""
+    """One case: M^ref of every fitted class it has (the case is read once), and their scores.
+
+    A class already repaired under the same fit and parameters, by either repair stage (the
+    notebook's per-class one or the all-class one), keeps its masks and rows: running ``nearfix run
+    repair`` after the class notebooks, or refitting one class, recomputes only what changed.
+    """
     if case_id not in state.index:
         raise shards.CaseSkipped("not prepared (see prepared/crops.json)")
     crops = state.index[case_id]
-    todo = [k for k in repaired_classes(run, keys) if case_id in state.fields[k].index_of]
+    rows: list[dict] = []
+    todo = []
+    for key in repaired_classes(run, keys):
+        if case_id not in state.fields[key].index_of:
+            continue
+        done = repaired_rows(run, case_id, key)
+        if done is None:
+            todo.append(key)
+        else:
+            rows += done
     if not todo:
-        return {"scores": []}
+        return {"scores": rows}
     case = run.load(case_id, with_image=False)  # header, input and truth, once for every class
-    rows = []
     for key in todo:
         params, field = run.params.stage1.for_class(key), state.fields[key]
         image = class_image(run, case_id, key, state.device) if params.model.appearance else None
         repaired, report = repair_case(field.model, field.index_of[case_id], crops, case.label, stage1_dir(run, key),
                                        key, run.table[key].expected_components, params, state.device, image)
         rows += score_case(case, run.table, key, repaired, report)
-    return {"scores": rows}
+    order = {key: n for n, key in enumerate(repaired_classes(run, keys))}
+    return {"scores": sorted(rows, key=lambda r: order[r["class"]])}  # stable: a class's rows keep their order
+
+
+def repaired_rows(run: Run, case_id: str, key: str) -> list[dict] | None:
+    """Class ``key``'s score rows of a case that either repair stage's part holds under the current fit and
+    parameters, while its mask and probabilities are on disk; ``None`` when it must be computed."""
+    out = stage1_dir(run, key)
+    if not ((out / "masks" / f"{case_id}.nii.gz").is_file() and (out / "prob" / f"{case_id}.npz").is_file()):
+        return None
+    want = json.loads(json.dumps(repair_stamp(run, case_id, (key,)), default=str))  # as parts store it
+    for stage in (REPAIR, class_repair(key)):
+        part = shards.read_part(run, stage, case_id)
+        stamp = part.get("stamp") if part and "tables" in part else None
+        if (isinstance(stamp, dict) and stamp.get("prepare") == want["prepare"]
+                and stamp.get("classes", {}).get(key) == want["classes"][key]):
+            return [r for r in part["tables"]["scores"] if r["class"] == key]
+    return None
 
 
 def repair_stamp(run: Run, case_id: str, keys: Sequence[str] | None = None) -> dict:
@@ -387,13 +418,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--device", default="")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--class", dest="cls", help="class key or label index, e.g. LV or 3")
+    which.add_argument("--list", action="store_true", help="print the classes the run fits, one per line "
+                       "(what --nth counts; jobs/submit_all.sh sizes its array with it), and exit")
     which.add_argument("--nth", type=int, help="the nth class the run fits, 0-based (stage1.classes, else the "
                        "class table's order), e.g. $SLURM_ARRAY_TASK_ID")
     ap.add_argument("--fit-only", action="store_true", help="fit only; write the masks of every class later "
                     "with `nearfix run repair` (each case read once for all classes)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    run = start_run(load_params(args.params, run_dir=args.run_dir, device=args.device), progress=False)
+    params = load_params(args.params, run_dir=args.run_dir, device=args.device)
+    if args.list:
+        table = load_table(params.data.classes, params.data.class_keys or None, project_root())
+        print("\n".join(params.stage1.classes or table.keys))
+        return 0
+    run = start_run(params, progress=False)
     fitted = run.params.stage1.classes or run.table.keys
     if args.nth is not None and not 0 <= args.nth < len(fitted):
         ap.error(f"--nth {args.nth}: the run fits {len(fitted)} classes ({', '.join(map(str, fitted))})")
