@@ -40,11 +40,11 @@ RESUMED = re.compile(r"^resumed from (.+) at epoch (\d+)$")
 # -- the message ------------------------------------------------------------------------------
 
 def test_a_resumed_fit_says_so_and_a_fresh_one_does_not(tmp_path, capsys):
-    model, task, params = make()  # checkpoint_interval 1
+    model, task, params = make(tmp_path / "cases")  # checkpoint_interval 1
     fit(model, task, params.train, tmp_path, progress=False, epochs=1)
     assert "resumed" not in capsys.readouterr().out
     assert not (tmp_path / EVENTS_LOG).exists()
-    model, task, _ = make()
+    model, task, _ = make(tmp_path / "cases")
     result = fit(model, task, params.train, tmp_path, progress=False, epochs=2)
     line = f"resumed from {tmp_path / 'last.pt'} at epoch 1"
     assert result.resumed_from == 1
@@ -53,11 +53,11 @@ def test_a_resumed_fit_says_so_and_a_fresh_one_does_not(tmp_path, capsys):
     assert len(events) == 1
     stamp, text = events[0].split(" ", 1)
     assert text == line and datetime.fromisoformat(stamp).tzinfo is not None
-    model, task, _ = make()  # resume=False starts over, silently
+    model, task, _ = make(tmp_path / "cases")  # resume=False starts over, silently
     fit(model, task, params.train, tmp_path, progress=False, epochs=1, resume=False)
     assert "resumed" not in capsys.readouterr().out
     assert len((tmp_path / EVENTS_LOG).read_text().splitlines()) == 1
-    model, task, _ = make()
+    model, task, _ = make(tmp_path / "cases")
     fit(model, task, params.train, tmp_path, progress=False, epochs=2)
     assert capsys.readouterr().out.count("resumed from") == 1
     events = (tmp_path / EVENTS_LOG).read_text().splitlines()  # appended to, never rewritten

@@ -187,6 +187,16 @@ def load_crops_index(prepared_root: Path) -> dict[str, CaseCrops]:
     return {cid: CaseCrops.from_dict(v) for cid, v in d["cases"].items()}
 
 
+def prepared_cases(run: Run) -> list[str]:
+    """The run's cases that prepare wrote, in the run's order: what every later per-case stage computes
+    (a case prepare skipped is listed once, by prepare, in ``skipped.csv``)."""
+    path = prepared_dir(run) / "crops.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run is not prepared; run 01_prepare (or nearfix run prepare) first")
+    done = load_crops_index(prepared_dir(run))
+    return [c.case_id for c in run.cases if c.case_id in done]
+
+
 def roi_table(crops: list[CaseCrops], params: PrepareParams) -> pd.DataFrame:
     """One row per case and ROI: box size in voxels and mm, and the resampling factor."""
     import pandas as pd

@@ -32,6 +32,7 @@ from nearfix_lib.core.scores import (
 from nearfix_lib.core.workspace import Run, _read_labels, report_dir, stage1_dir, stage3_dir, stage_labels
 from nearfix_lib.repair.baselines import BASELINES, run_baseline
 from nearfix_lib.stages import shards
+from nearfix_lib.stages.prepare import prepared_cases
 from nearfix_lib.stages.stage2 import original_masks
 
 SOURCES = ("noisy", *BASELINES, "stage1", "stage2", "stage3")
@@ -85,7 +86,8 @@ def write_report(run: Run, rows: shards.Rows) -> tuple[pd.DataFrame, pd.DataFram
     return tables["scores"], tables["checks"]
 
 
-CASES = shards.CaseStage("report", ("scores", "checks"), report_case, write_report, stamp=report_stamp)
+CASES = shards.CaseStage("report", ("scores", "checks"), report_case, write_report, stamp=report_stamp,
+                         cases=prepared_cases)
 
 
 def run_compare(run: Run, progress: bool = True, *, workers: int = 1,

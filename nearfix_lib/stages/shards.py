@@ -101,6 +101,14 @@ class CaseStage:
     write: Callable[[Run, Rows], Any]  # every case's rows, in case order -> the stage's tables
     setup: Callable[[Run], Any] | None = None  # once per process, before its first case
     stamp: Callable[[Run, str], Any] | None = None  # JSON-able: what a case's result depends on
+    # the run's cases this stage computes, in the run's order (default: all); the stages after
+    # prepare take the prepared ones, so a case prepare skipped is not listed again by every stage
+    cases: Callable[[Run], list[str]] | None = None
+
+
+def stage_cases(run: Run, stage: CaseStage) -> list[str]:
+    """The case ids ``stage`` computes, in the run's case order."""
+    return stage.cases(run) if stage.cases else [c.case_id for c in run.cases]
 
 
 def as_shard(shard: Shard | str | None) -> Shard | None:
@@ -210,7 +218,7 @@ def run_cases(run: Run, stage: CaseStage, workers: int = 1, shard: Shard | str |
     from tqdm import tqdm
 
     shard = as_shard(shard)
-    ids = [c.case_id for c in run.cases]
+    ids = stage_cases(run, stage)
     selected = shard.select(ids) if shard else ids
     stamps = {cid: _stamp(run, stage, cid) for cid in selected}
     todo = []
@@ -257,7 +265,7 @@ def _collect(run: Run, stage: CaseStage) -> tuple[Rows, list[tuple[str, str, str
     """Every case's part in the run's case order: (rows per table, failed cases, missing cases)."""
     rows: Rows = {name: [] for name in stage.tables}
     failed, missing = [], []
-    for cid in (c.case_id for c in run.cases):
+    for cid in stage_cases(run, stage):
         part = read_part(run, stage, cid)
         if part is None or part.get("stamp") != _stamp(run, stage, cid) or not ("tables" in part or "error" in part):
             missing.append(cid)
@@ -282,7 +290,7 @@ def merge(run: Run, stage: CaseStage) -> Any | None:
     Failed cases are the stage's rows of ``skipped.csv`` (rewritten here, whichever task ran them).
     """
     rows, failed, missing = _collect(run, stage)
-    n = len(run.cases)
+    n = len(stage_cases(run, stage))
     if missing:
         shown = ", ".join(missing[:10]) + (" …" if len(missing) > 10 else "")
         print(f"{stage.name}: {len(missing)} of {n} cases missing (ids {shown}): run the missing shards "

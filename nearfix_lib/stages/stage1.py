@@ -62,7 +62,7 @@ from nearfix_lib.field.train import (
 )
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.stages import shards
-from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
+from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device, start_run
 
 
@@ -301,8 +301,6 @@ def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] 
     notebook's per-class one or the all-class one), keeps its masks and rows: running ``nearfix run
     repair`` after the class notebooks, or refitting one class, recomputes only what changed.
     """
-    if case_id not in state.index:
-        raise shards.CaseSkipped("not prepared (see prepared/crops.json)")
     crops = state.index[case_id]
     rows: list[dict] = []
     todo = []
@@ -359,7 +357,8 @@ def write_repair(run: Run, rows: shards.Rows, keys: Sequence[str] | None = None)
             for key in repaired_classes(run, keys)}
 
 
-REPAIR = shards.CaseStage("stage1", ("scores",), repair_work, write_repair, setup=repair_setup, stamp=repair_stamp)
+REPAIR = shards.CaseStage("stage1", ("scores",), repair_work, write_repair, setup=repair_setup, stamp=repair_stamp,
+                          cases=prepared_cases)
 
 
 def class_repair(key: str) -> shards.CaseStage:
@@ -367,7 +366,7 @@ def class_repair(key: str) -> shards.CaseStage:
     only = (key,)
     return shards.CaseStage(f"stage1-{key}", ("scores",), partial(repair_work, keys=only),
                             partial(write_repair, keys=only), setup=partial(repair_setup, keys=only),
-                            stamp=partial(repair_stamp, keys=only))
+                            stamp=partial(repair_stamp, keys=only), cases=prepared_cases)
 
 
 def repair_class(run: Run, key: str, progress: bool = True, *, workers: int = 1,

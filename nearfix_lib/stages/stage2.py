@@ -36,7 +36,7 @@ from nearfix_lib.field.infer import field_in_box
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.repair.fusion import FusionResult, fuse_case
 from nearfix_lib.stages import shards
-from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
+from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device
 from nearfix_lib.stages.stage1 import ClassField, load_stage1_fields
 
@@ -112,8 +112,6 @@ def stage2_setup(run: Run) -> Stage2State:
 def stage2_case(run: Run, case_id: str, state: Stage2State) -> shards.Rows:
     """One case of :data:`CASES`: fuse and write it; its audit, checks and (with truth) scores rows."""
     case = run.load(case_id, with_image=False)
-    if case_id not in state.index:
-        raise shards.CaseSkipped("not prepared (see prepared/crops.json)")
     fused, masks, audit = fuse_run_case(run, case, state.index[case_id], state.fields, state.device)
     spacing = case.label.spacing
     checks = [{"case": case_id, "source": source, **anatomy_checks(labels, spacing, run.table)}
@@ -136,7 +134,7 @@ def write_stage2(run: Run, rows: shards.Rows) -> dict[str, pd.DataFrame]:
 
 
 CASES = shards.CaseStage("stage2", ("audit", "checks", "scores"), stage2_case, write_stage2,
-                         setup=stage2_setup, stamp=stage2_stamp)
+                         setup=stage2_setup, stamp=stage2_stamp, cases=prepared_cases)
 
 
 def run_stage2(run: Run, progress: bool = True, *, workers: int = 1,

@@ -60,7 +60,7 @@ from nearfix_lib.field.train import (
 from nearfix_lib.field.unified import CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds, teacher_affine
 from nearfix_lib.phantom.dataset import make_case
 from nearfix_lib.stages import shards
-from nearfix_lib.stages.prepare import CaseCrops, load_crops_index
+from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device, start_run
 
 
@@ -271,7 +271,7 @@ def decoding(source: str) -> shards.CaseStage:
     functions, the source bound by ``functools.partial`` (picklable for worker processes)."""
     return shards.CaseStage(stage_name(source), ("scores",), partial(decode_case, source=source),
                             partial(write_decoded, source=source), setup=partial(decode_setup, source=source),
-                            stamp=partial(decode_stamp, source=source))
+                            stamp=partial(decode_stamp, source=source), cases=prepared_cases)
 
 
 # The deliverable's decoding (``nearfix run decode``). The comparison fit's without teachers is
