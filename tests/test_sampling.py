@@ -136,12 +136,13 @@ def test_conversions_follow_the_roi_grid_convention():
 
 
 def test_targets_are_the_mask_at_the_returned_points(tmp_path):
-    masks = [blob(), blob((11, 23, 16))]
+    """Read from the stage-1 store's bits; 13 x 7 x 5 voxels are no multiple of a byte's 8."""
+    masks = [blob(), blob((11, 23, 16)), np.random.default_rng(1).random((13, 7, 5)) < 0.5]
     sampler = band_sampler(tmp_path, masks, params(points_per_case=4096), 3)
-    pts, targets = sampler.sample([1, 0, 1], epoch=1)
+    pts, targets = sampler.sample([1, 0, 1, 2], epoch=1)
     assert pts.dtype == np.float32 and targets.dtype == np.float32
-    assert pts.shape == (3, 4096, 3) and targets.shape == (3, 4096)
-    for b, case in enumerate([1, 0, 1]):
+    assert pts.shape == (4, 4096, 3) and targets.shape == (4, 4096)
+    for b, case in enumerate([1, 0, 1, 2]):
         assert np.array_equal(targets[b], lookup(masks[case], pts[b]).astype(np.float32))
     assert 0.2 < targets.mean() < 0.8  # the band straddles the surface
     assert all(np.array_equal(sampler.mask(i), m) for i, m in enumerate(masks))  # what evaluation reads

@@ -145,3 +145,4 @@ def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):
     data = stage1.load_stage1_data(run, "LAA", run.params.stage1.for_class("LAA"))
     assert data.case_ids == ["1"] and data.absent == ["2"]
     assert data.store.case_ids == ["1"]
+    assert sorted(f.name for f in data.store.folder(0).iterdir()) == ["band.npy", "foreground.npy", "meta.json"]

@@ -1,5 +1,6 @@
-"""The per-case store of stage 3: what it writes, that it is written once, that its teacher lookup is
-torch's grid_sample, and that a fit's memory no longer grows with the cases' arrays.
+"""The per-case store (stage 3's labels, stage 1's foreground bits): what it writes, that it is written
+once, that its teacher lookup is torch's grid_sample, and that a fit's memory no longer grows with the
+cases' arrays.
 
 (That sampling and fitting from the store give exactly what the in-memory code gave was checked
 once, against the code it replaced, when the store came in: see the commit that added it.)"""
@@ -60,6 +61,49 @@ def test_store_layout_is_written_once_and_redone_when_its_inputs_change(tmp_path
     assert not (tmp_path / "x" / "interfaces.npy").exists()
     with pytest.raises(ValueError, match="interface bits"):
         CaseStore(tmp_path, ["x"], no_mining).interfaces(0)
+
+
+def test_a_binary_store_reads_its_bits_at_every_cell(tmp_path):
+    """Foreground bits, looked up cell by cell straight from the mapped file: shapes whose voxel counts
+    are no multiple of 8 (the last byte is partly padding), the last voxel, repeated and random cells."""
+    rng = np.random.default_rng(4)
+    masks = [rng.random(s) < 0.4 for s in [(13, 7, 5), (20, 14, 9), (3, 1, 1), (1, 2, 11)]]
+    binary = StoreSpec((1,), 1, interfaces=False, binary=True)
+    store = write_store(tmp_path, [m.astype(np.uint8) for m in masks], binary)
+    assert sorted(f.name for f in store.folder(0).iterdir()) == ["band.npy", "foreground.npy", "meta.json"]
+    for i, m in enumerate(masks):
+        assert np.array_equal(store.foreground(i), m) and store.foreground(i).dtype == bool
+        every = np.indices(m.shape).reshape(3, -1).T
+        cells = np.concatenate([every, every[rng.integers(0, len(every), 500)], [np.array(m.shape) - 1]])
+        got = store.foreground_at(i, cells)
+        assert got.dtype == bool and np.array_equal(got, m[tuple(cells.T)])
+    assert store.foreground_at(0, np.array([[12, 6, 4]]))[0] == masks[0][-1, -1, -1]
+    with pytest.raises(ValueError):
+        store.foreground_at(0, np.array([[13, 0, 0]]))  # off the grid: refused, not another voxel's bit
+    with pytest.raises(ValueError, match="binary store has no labels"):
+        store.labels(0)
+
+
+def test_a_binary_store_takes_an_eighth_and_is_never_taken_for_a_label_store(tmp_path):
+    mask = np.zeros((64, 64, 64), np.uint8)
+    mask[10:50, 12:40, 20:61] = 1
+    labels_spec, binary_spec = StoreSpec((1,), 2, False), StoreSpec((1,), 2, False, binary=True)
+    write_store(tmp_path / "labels", [mask], labels_spec)
+    write_store(tmp_path / "bits", [mask], binary_spec)
+    size = {f.name: f.stat().st_size for d in ("labels", "bits") for f in (tmp_path / d / "0").iterdir()}
+    assert size["foreground.npy"] <= size["labels.npy"] / 8 + 128  # + the .npy header
+    print(f"64^3 mask: labels.npy {size['labels.npy']} B + cumulative.npy {size['cumulative.npy']} B, "
+          f"foreground.npy {size['foreground.npy']} B")
+    with pytest.raises(ValueError, match="no complete store"):
+        CaseStore(tmp_path / "labels", ["0"], binary_spec)
+    with pytest.raises(ValueError, match="no complete store"):
+        CaseStore(tmp_path / "bits", ["0"], labels_spec)
+    with pytest.raises(ValueError, match="label store has no foreground bits"):
+        CaseStore(tmp_path / "labels", ["0"], labels_spec).foreground_at(0, np.zeros((1, 3), int))
+    store = write_store(tmp_path / "labels", [mask], binary_spec)  # rewritten in the other layout, nothing left over
+    assert sorted(f.name for f in store.folder(0).iterdir()) == ["band.npy", "foreground.npy", "meta.json"]
+    assert np.array_equal(store.foreground(0), mask.astype(bool))
+    assert np.array_equal(store.band(0), CaseStore(tmp_path / "bits", ["0"], binary_spec).band(0))
 
 
 def test_teacher_corners_from_a_memmap_equal_grid_sample(tmp_path):

@@ -20,9 +20,10 @@ Conventions (see :mod:`nearfix_lib.core.geometry`):
   an interpolation: the labels are binary and the noise we repair is at voxel scale.
 
 Data are kept compact: band voxels as int32 (i, j, k) rows, label maps as uint8 with per-row class
-counts instead of per-class voxel lists. Neither sampler holds its cases' arrays: both read them
-from a :class:`LabelStore` (the per-case store on disk, :mod:`nearfix_lib.field.store`) one case of
-a batch at a time, so their memory does not grow with the number of cases. Every sampler draws from one
+counts instead of per-class voxel lists, binary masks as one bit per voxel. Neither sampler holds its
+cases' arrays: both read them from the per-case store on disk (:mod:`nearfix_lib.field.store`; what
+each needs of it is a :class:`MaskStore` or a :class:`LabelStore`) one case of a batch at a time, so
+their memory does not grow with the number of cases. Every sampler draws from one
 ``np.random.Generator(np.random.PCG64(seed))`` whose state is checkpointed, so an interrupted fit
 resumes with exactly the points it would have drawn.
 """
@@ -205,9 +206,29 @@ def _draw_class(rows: np.ndarray, cumulative: np.ndarray, c: int, n: int, rng: n
     return np.stack([i, j, k], axis=1)
 
 
+class MaskStore(Protocol):
+    """Where :class:`BandSampler` reads its cases (a binary ``field.store.CaseStore``): small facts
+    in memory, arrays opened per call (memory-mapped) and dropped by the caller after use."""
+
+    @property
+    def dilation_radius(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def shape(self, case: int) -> tuple[int, int, int]: ...
+
+    def band_size(self, case: int) -> int: ...
+
+    def band(self, case: int) -> np.ndarray: ...
+
+    def foreground(self, case: int) -> np.ndarray: ...
+
+    def foreground_at(self, case: int, cells: np.ndarray) -> np.ndarray: ...
+
+
 class LabelStore(Protocol):
-    """Where the samplers read their cases (``field.store.CaseStore``): small facts in
-    memory, arrays opened per call (memory-mapped) and dropped by the caller after use."""
+    """Where :class:`ClassBalancedSampler` reads its cases (a label ``field.store.CaseStore``), as
+    :class:`MaskStore` but with the label crop and its class counts instead of foreground bits."""
 
     @property
     def classes(self) -> tuple[int, ...]: ...
@@ -252,14 +273,13 @@ class _CheckpointableRNG:
 class BandSampler(_CheckpointableRNG):
     """Surface-biased points and binary targets for per-class fits over many cases.
 
-    Each case lives on its own ROI grid (any shape; cases may differ) in a :class:`LabelStore`
-    whose foreground is the union of ``store.classes`` (stage 1 stores its masks as labels 0/1,
-    classes ``(1,)``); the store's band surrounds that union. Per case the sampler keeps nothing: a
-    batch maps the band and the label crop of each of its cases while it draws from them, and
-    lets them go.
+    Each case lives on its own ROI grid (any shape; cases may differ) in a :class:`MaskStore`,
+    one bit per voxel, with the band around its foreground. Per case the sampler keeps nothing: a
+    batch maps the band and the bits of each of its cases while it draws from them, reads the bits
+    of the drawn cells only, and lets them go.
     """
 
-    def __init__(self, store: LabelStore, params: SamplingParams, seed: int):
+    def __init__(self, store: MaskStore, params: SamplingParams, seed: int):
         super().__init__(seed)
         if len(store) == 0:
             raise ValueError("BandSampler needs at least one case")
@@ -268,15 +288,13 @@ class BandSampler(_CheckpointableRNG):
                              f"{params.sampling_dilation_radius}: rebuild the store")
         self.params = params
         self.store = store
-        self._foreground = np.zeros(256, dtype=bool)
-        self._foreground[list(store.classes)] = True
 
     def __len__(self) -> int:
         return len(self.store)
 
     def mask(self, case: int) -> np.ndarray:
-        """The case's binary mask, bool (I, J, K): its label crop read from the store (in memory)."""
-        return self._foreground[self.store.labels(case)]
+        """The case's binary mask, bool (I, J, K), decoded from the store (in memory)."""
+        return self.store.foreground(case)
 
     def sample(self, case_indices: Sequence[int], epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Points (B, N, 3) float32, normalised (i, j, k), and targets (B, N) float32 in {0, 1}.
@@ -298,10 +316,7 @@ class BandSampler(_CheckpointableRNG):
                      else np.zeros((0, 3), dtype=np.int32))
             points[b, :k] = _cell_points(cells, shape, self._rng, self.params.jitter)
             points[b, k:] = self._rng.uniform(-1.0, 1.0, (n - k, 3))
-            volume = self.store.labels(case)
-            at = cell_index(points[b], shape)
-            targets[b] = self._foreground[volume[at[:, 0], at[:, 1], at[:, 2]]]
-            del volume  # unmapped before the next case
+            targets[b] = self.store.foreground_at(case, cell_index(points[b], shape))  # mapped for this call only
         return points, targets
 
 

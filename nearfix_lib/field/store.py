@@ -3,9 +3,9 @@
 Stage 3 fits one model on every case and stage 1 one model per class on every case that has it,
 so whatever they keep per case in memory is multiplied by the case count (and, under torchrun, by
 the number of processes): a real case's label crop, its sampling tables and its teachers take
-~100 MB in stage 3, a 128^3 class mask and its band ~2 MB in stage 1 (which stores the mask as
-labels 0/1 with ``classes=(1,)``, no teachers). The store writes them once per case, as ``.npy``
-files that are memory-mapped (``np.load(mmap_mode="r")``) only while a batch, an evaluation or a
+~100 MB in stage 3; a 128^3 class mask in stage 1 takes 256 KB as bits, plus its band (a *binary*
+store: ``classes=(1,)``, no teachers, no class counts). The store writes them once per case, as
+``.npy`` files that are memory-mapped (``np.load(mmap_mode="r")``) only while a batch, an evaluation or a
 mining pass works on that case and released after (unmapped pages leave the process's memory).
 What stays in memory per case is its small ``meta.json``: shape, voxel counts, band size and
 where the teachers lie. Layout of one case folder::
@@ -13,14 +13,15 @@ where the teachers lie. Layout of one case folder::
     <root>/<case>/
       labels.npy        uint8 (I, J, K)   the supervision label crop (L^ref)
       cumulative.npy    int32 (C, I*J)    per class (store order), cumulative voxel counts over the (i, j) rows
+      foreground.npy    uint8 packed bits a binary store's foreground, instead of labels.npy and cumulative.npy
       band.npy          int32 (N, 3)      (i, j, k) of the band around the union foreground
       interfaces.npy    uint8 packed bits the band around every class boundary (only for mining)
       teacher_<k>.npy   float16 (R, R, R) stage-1 probabilities of head k on its class ROI grid
       meta.json         written last: the case is complete once it exists and matches
 
-``meta.json`` records the store's ``spec`` (classes, band radius, whether interface bits are kept)
-and the writer's ``source`` (whatever identifies the inputs, e.g. file sizes and times); a case
-whose meta matches both is complete and is not rewritten. Every file is written through a
+``meta.json`` records the store's ``spec`` (classes, band radius, whether interface bits are kept,
+whether the store is binary) and the writer's ``source`` (whatever identifies the inputs, e.g. file
+sizes and times); a case whose meta matches both is complete and is not rewritten. Every file is written through a
 temporary and renamed, so a killed writer leaves no half file and two processes writing the same
 case write the same bytes.
 """
@@ -48,15 +49,19 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class StoreSpec:
     """What a case's arrays depend on besides its inputs: the sampler's classes and band radius,
-    and whether mining's interface bits are kept (with their radius, the same one)."""
+    whether mining's interface bits are kept (with their radius, the same one), and whether the
+    store is *binary*: only the foreground (voxels of any of ``classes``), one bit per voxel, for a
+    sampler that never draws per class (stage 1's), instead of the uint8 labels and their counts."""
 
     classes: tuple[int, ...]
     dilation_radius: int
     interfaces: bool
+    binary: bool = False
 
     def to_dict(self) -> dict:
+        # "binary" only when set: label stores written before the flag existed keep matching their spec
         return {"version": STORE_VERSION, "classes": list(self.classes), "dilation_radius": self.dilation_radius,
-                "interfaces": self.interfaces}
+                "interfaces": self.interfaces, **({"binary": True} if self.binary else {})}
 
 
 @dataclass
@@ -114,22 +119,37 @@ def _label_crop(labels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(lab, dtype=np.uint8)
 
 
+_LAYOUT = frozenset({"labels.npy", "cumulative.npy", "foreground.npy", "interfaces.npy"})  # what a spec decides
+
+
+def _cumulative(lab: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """int32 (C, I*J): per class, cumulative voxel counts over the (i, j) rows of ``lab``."""
+    rows = lab.reshape(-1, lab.shape[2])
+    cumulative = np.zeros((len(classes), rows.shape[0]), dtype=np.int32)
+    for k, c in enumerate(classes):
+        cumulative[k] = np.cumsum(np.count_nonzero(rows == c, axis=1), dtype=np.int64)
+    return cumulative
+
+
 def write_case(folder: str | Path, labels: np.ndarray, spec: StoreSpec, teachers: Sequence[Teacher] = (),
                source: dict | None = None) -> None:
     """Write one case (see the module's layout), ``meta.json`` last: until it is replaced, an older meta
     names another source (or none is there), so a case cut short by a kill is rewritten next time."""
     folder = Path(folder)
     lab = _label_crop(labels)
-    _save(folder / "labels.npy", lab)
-    rows = lab.reshape(-1, lab.shape[2])
-    cumulative = np.zeros((len(spec.classes), rows.shape[0]), dtype=np.int32)
-    for k, c in enumerate(spec.classes):
-        cumulative[k] = np.cumsum(np.count_nonzero(rows == c, axis=1), dtype=np.int64)
-    _save(folder / "cumulative.npy", cumulative)
-    band = sparse_coordinates(boundary_band(np.isin(lab, spec.classes), spec.dilation_radius))
-    _save(folder / "band.npy", band)
+    foreground = np.isin(lab, spec.classes)
+    if spec.binary:
+        arrays = {"foreground.npy": np.packbits(foreground, axis=None)}
+    else:
+        arrays = {"labels.npy": lab, "cumulative.npy": _cumulative(lab, spec.classes)}
     if spec.interfaces:
-        _save(folder / "interfaces.npy", np.packbits(interface_band(lab, spec.dilation_radius), axis=None))
+        arrays["interfaces.npy"] = np.packbits(interface_band(lab, spec.dilation_radius), axis=None)
+    for name, array in arrays.items():
+        _save(folder / name, array)
+    for name in _LAYOUT.difference(arrays):  # left by a case written under another spec
+        (folder / name).unlink(missing_ok=True)
+    band = sparse_coordinates(boundary_band(foreground, spec.dilation_radius))
+    _save(folder / "band.npy", band)
     records = []
     for t in teachers:
         name = f"teacher_{int(t.channel)}.npy"
@@ -227,13 +247,38 @@ class CaseStore:
     def _open(self, case: int, name: str) -> np.ndarray:
         return np.load(self.folder(case) / name, mmap_mode="r", allow_pickle=False)
 
+    def _unpack(self, case: int, name: str) -> np.ndarray:
+        """A packed-bit file of the case as bool (I, J, K)."""
+        shape = self.shape(case)
+        return np.unpackbits(self._open(case, name), count=int(np.prod(shape))).reshape(shape).view(bool)
+
+    def _require(self, binary: bool, what: str) -> None:
+        if self.spec.binary != binary:
+            raise ValueError(f"{self.root}: a {'binary' if self.spec.binary else 'label'} store has no {what}")
+
     def labels(self, case: int) -> np.ndarray:
-        """The label crop, uint8 (I, J, K)."""
+        """The label crop, uint8 (I, J, K) (a label store's)."""
+        self._require(False, "labels")
         return self._open(case, "labels.npy")
 
     def cumulative(self, case: int) -> np.ndarray:
         """int32 (C, I*J): row k counts the voxels of ``classes[k]`` in the (i, j) rows up to each one."""
+        self._require(False, "class counts")
         return self._open(case, "cumulative.npy")
+
+    def foreground(self, case: int) -> np.ndarray:
+        """A binary store's foreground, bool (I, J, K), decoded in memory: for one case at a time."""
+        self._require(True, "foreground bits")
+        return self._unpack(case, "foreground.npy")
+
+    def foreground_at(self, case: int, cells: np.ndarray) -> np.ndarray:
+        """A binary store's foreground at integer (i, j, k) ``cells`` (N, 3), bool (N,), read straight
+        from the mapped bits: only the bytes of the cells are touched, nothing of the volume is decoded
+        (``np.packbits`` order: voxel f in C order is bit ``7 - f % 8`` of byte ``f // 8``)."""
+        self._require(True, "foreground bits")
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+        flat = np.ravel_multi_index((cells[:, 0], cells[:, 1], cells[:, 2]), self.shape(case))
+        return ((self._open(case, "foreground.npy")[flat >> 3] >> (7 - (flat & 7))) & 1).astype(bool)
 
     def band(self, case: int) -> np.ndarray:
         """int32 (N, 3) voxels of the band around the union foreground."""
@@ -243,8 +288,7 @@ class CaseStore:
         """The class-boundary band, bool (I, J, K) (decoded from the packed bits)."""
         if not self.spec.interfaces:
             raise ValueError(f"{self.root}: stored without interface bits (mining off)")
-        return np.unpackbits(self._open(case, "interfaces.npy"), count=int(np.prod(self.shape(case)))
-                             ).reshape(self.shape(case)).view(bool)
+        return self._unpack(case, "interfaces.npy")
 
     def teachers(self, case: int) -> list[Teacher]:
         return [Teacher(channel, self._open(case, name), np.asarray(affine, dtype=np.float64).reshape(4, 4))

@@ -49,7 +49,7 @@ from nearfix_lib.core.workspace import Run, case_dir, file_signature, prepared_d
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
 from nearfix_lib.field.models import ImplicitField
-from nearfix_lib.field.sampling import BandSampler, LabelStore
+from nearfix_lib.field.sampling import BandSampler, MaskStore
 from nearfix_lib.field.store import CaseStore, StoreSpec, is_complete, rank_rotation, write_case, write_store
 from nearfix_lib.field.train import (
     FitResult,
@@ -77,7 +77,7 @@ class Stage1Task:
 
     score_name = "dice"
 
-    def __init__(self, store: LabelStore, params: Stage1Params, seed: int, device: str,
+    def __init__(self, store: MaskStore, params: Stage1Params, seed: int, device: str,
                  images: list[np.ndarray] | None = None):
         self.n_cases = len(store)
         self.sampler = BandSampler(store, params.sampling, seed)
@@ -143,9 +143,9 @@ def normalise_ct(image: np.ndarray) -> np.ndarray:
 
 
 def store_spec(sampling: SamplingParams) -> StoreSpec:
-    """A stage-1 store: each case's class mask as labels 0/1 (foreground: class 1) and the band
-    the sampler draws from, of the sampling's radius."""
-    return StoreSpec((1,), sampling.sampling_dilation_radius, interfaces=False)
+    """A stage-1 store: each case's class mask (labels 0/1, foreground: class 1) as one bit per voxel,
+    and the band the sampler draws from, of the sampling's radius."""
+    return StoreSpec((1,), sampling.sampling_dilation_radius, interfaces=False, binary=True)
 
 
 def write_mask_store(root: str | Path, masks: Sequence[np.ndarray], sampling: SamplingParams,
