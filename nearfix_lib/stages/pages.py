@@ -21,7 +21,7 @@ import pandas as pd
 
 from nearfix_lib.core.config import project_root
 from nearfix_lib.core.io import write_text
-from nearfix_lib.core.scores import check_rates, pivot, read_scores
+from nearfix_lib.core.scores import check_rates, pivot, read_scores, scores_frame
 from nearfix_lib.core.workspace import (
     Run,
     inspection_dir,
@@ -81,7 +81,7 @@ def _stamp(run: Run) -> list[str]:
 
 def _concat(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["class", "source"])
+    return pd.concat(frames, ignore_index=True) if frames else scores_frame([])
 
 
 def experiment_page(run_dir: str | Path) -> str:
@@ -89,7 +89,8 @@ def experiment_page(run_dir: str | Path) -> str:
     run = open_run(run_dir, discover=False)
     stage1 = _concat([read_scores(stage1_dir(run, k)) for k in run.table.keys])
     stage3 = read_scores(stage3_dir(run))
-    distill = _concat([read_scores(stage3_dir(run) / "no_distill"), stage3[stage3["source"] == "stage3"]])
+    without = read_scores(stage3_dir(run) / "no_distill")  # only when the comparison was run
+    distill = _concat([without, stage3[stage3["source"] == "stage3"]] if len(without) else [])
     holdout = _concat([read_scores(p) for p in sorted((stage3_dir(run) / "new_cases").glob("*"))])
     checks = {p.parent.name: pd.read_csv(p) for p in (stage2_dir(run) / "checks.csv", report_dir(run) / "checks.csv")
               if p.is_file()}

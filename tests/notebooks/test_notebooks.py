@@ -91,7 +91,7 @@ def test_notebook_executes(path, run_dir):
 
 
 @pytest.mark.notebook
-def test_experiment_page_is_generated_from_the_runs_csvs(run_dir):
+def test_experiment_page_is_generated_from_the_runs_csvs(run_dir, tmp_path):
     """After the notebooks: `nearfix page` writes every stage's section, each number a mean of its CSV."""
     import pandas as pd
 
@@ -110,3 +110,10 @@ def test_experiment_page_is_generated_from_the_runs_csvs(run_dir):
     row = next(line for line in section.splitlines() if line.startswith("| Cor "))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert [float(c) for c in cells] == [round(v, 3) for v in report.loc["Cor"]]
+    # a run without the no-distillation comparison (the judging run's params) has no such section
+    import shutil
+
+    plain = tmp_path / run_dir.name
+    shutil.copytree(run_dir, plain, ignore=shutil.ignore_patterns("no_distill"))
+    assert main(["page", str(plain), "--out", str(out)]) == 0
+    assert "## Stage 3: distillation" not in out.read_text() and "## Stage 3: the unified model" in out.read_text()
