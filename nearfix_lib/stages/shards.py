@@ -124,9 +124,13 @@ def file_stamp(path: Path) -> list[int] | None:
     return [st.st_mtime_ns, st.st_size]
 
 
+def as_stored(stamp: Any) -> Any:
+    """A stamp as a part stores it (JSON: tuples become lists, other objects strings), to compare with one read back."""
+    return json.loads(json.dumps(stamp, default=str))
+
+
 def _stamp(run: Run, stage: CaseStage, case_id: str) -> Any:
-    stamp = stage.stamp(run, case_id) if stage.stamp else None
-    return json.loads(json.dumps(stamp, default=str))  # as a part stores it (tuples become lists)
+    return as_stored(stage.stamp(run, case_id) if stage.stamp else None)
 
 
 def read_part(run: Run, stage: CaseStage, case_id: str) -> dict | None:

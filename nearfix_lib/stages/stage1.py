@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -304,10 +303,11 @@ def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] 
     crops = state.index[case_id]
     rows: list[dict] = []
     todo = []
+    every_class_part = shards.read_part(run, REPAIR, case_id)  # read once for all the case's classes
     for key in repaired_classes(run, keys):
         if case_id not in state.fields[key].index_of:
             continue
-        done = repaired_rows(run, case_id, key)
+        done = repaired_rows(run, case_id, key, every_class_part)
         if done is None:
             todo.append(key)
         else:
@@ -325,15 +325,15 @@ def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] 
     return {"scores": sorted(rows, key=lambda r: order[r["class"]])}  # stable: a class's rows keep their order
 
 
-def repaired_rows(run: Run, case_id: str, key: str) -> list[dict] | None:
-    """Class ``key``'s score rows of a case that either repair stage's part holds under the current fit and
-    parameters, while its mask and probabilities are on disk; ``None`` when it must be computed."""
+def repaired_rows(run: Run, case_id: str, key: str, every_class_part: dict | None) -> list[dict] | None:
+    """Class ``key``'s score rows of a case that either repair stage's part (``every_class_part``: the
+    all-class one, already read) holds under the current fit and parameters, while its mask and
+    probabilities are on disk; ``None`` when it must be computed."""
     out = stage1_dir(run, key)
     if not ((out / "masks" / f"{case_id}.nii.gz").is_file() and (out / "prob" / f"{case_id}.npz").is_file()):
         return None
-    want = json.loads(json.dumps(repair_stamp(run, case_id, (key,)), default=str))  # as parts store it
-    for stage in (REPAIR, class_repair(key)):
-        part = shards.read_part(run, stage, case_id)
+    want = shards.as_stored(repair_stamp(run, case_id, (key,)))
+    for part in (every_class_part, shards.read_part(run, class_repair(key), case_id)):
         stamp = part.get("stamp") if part and "tables" in part else None
         if (isinstance(stamp, dict) and stamp.get("prepare") == want["prepare"]
                 and stamp.get("classes", {}).get(key) == want["classes"][key]):
