@@ -31,7 +31,8 @@ sys.path.insert(0, str(PROJECT))
 from params_for_tests import load_test_params  # noqa: E402  (tests/, this script's folder)
 
 from nearfix_lib.core.io import write_npz  # noqa: E402
-from nearfix_lib.core.workspace import case_dir, stage1_dir, stage2_dir  # noqa: E402
+from nearfix_lib.core.workspace import case_dir, stage1_probabilities, stage2_dir  # noqa: E402
+from nearfix_lib.field.store import quantise_probability, save_array  # noqa: E402
 from nearfix_lib.field.unified import UnifiedTask  # noqa: E402
 from nearfix_lib.stages import stage1, stage3  # noqa: E402
 from nearfix_lib.stages.prepare import load_crops_index, prepare_run  # noqa: E402
@@ -74,18 +75,15 @@ def _slow(cls) -> None:
 
 def _stand_in_for_stages_1_and_2(run) -> None:
     """The prepared noisy ROI labels as stage 2's L^ref and the prepared LV occupancy as the LV teacher."""
-    for cid, crops in load_crops_index(run.path("prepared")).items():
+    for cid in load_crops_index(run.path("prepared")):
         lref = stage2_dir(run) / "roi" / f"{cid}.npz"
         if not lref.is_file():
             with np.load(case_dir(run.path("prepared"), cid) / "heart.npz") as z:
                 write_npz(lref, labels=z["labels"], to_original=z["to_original"])
-        teacher = stage1_dir(run, TEACHER_CLASS) / "prob" / f"{cid}.npz"
+        teacher = stage1_probabilities(run, TEACHER_CLASS, cid)
         if not teacher.is_file():
             with np.load(case_dir(run.path("prepared"), cid) / f"class_{TEACHER_CLASS}.npz") as z:
-                prob = z["mask"].astype(np.float16)
-            box = crops.class_boxes[TEACHER_CLASS]
-            write_npz(teacher, prob=prob, to_original=crops.class_grids[TEACHER_CLASS].to_original,
-                      box_lo=np.asarray(box.lo), box_hi=np.asarray(box.hi))
+                save_array(teacher, quantise_probability(z["mask"]))
 
 
 def main(stage: str, run_dir: str) -> int:

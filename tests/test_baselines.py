@@ -73,3 +73,50 @@ def test_run_baseline_dispatch_and_validation():
     with pytest.raises(ValueError, match="must be > 0"):
         BaselineParams(gaussian_sigma_mm=0)
     assert not gaussian_argmax(np.zeros((5, 6, 7), np.uint8), T, (1, 1, 1), 1.0).any()
+
+
+def random_blobs(shape, seed, values):
+    """Smoothed noise cut into a few labels: ragged shapes, holes, islands, a class at the border."""
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 1.5)
+    edges = np.quantile(field, np.linspace(0.35, 1, len(values) + 1)[:-1])
+    lab = np.zeros(shape, dtype=np.uint8)
+    for edge, value in zip(edges, values):
+        lab[field >= edge] = value
+    return lab
+
+
+@pytest.mark.parametrize("spacing,radius", [((1.0, 1.0, 1.0), 2.0), ((0.75, 0.75, 0.75), 3.0),
+                                            ((0.35, 0.35, 0.5), 1.2), ((0.6, 0.9, 1.7), 2.3)])
+def test_closing_by_distances_is_scipys_closing_with_the_ball(spacing, radius):
+    """The rims included: offsets exactly at the radius (4 x 0.75 = 3) count as inside, as in ball()."""
+    from scipy import ndimage
+
+    from nearfix_lib.repair.baselines import close_with_ball, within_ball
+
+    spacing = np.asarray(spacing)
+    element = ball(radius, spacing)
+    for seed in range(3):
+        mask = random_blobs((23, 19, 17), seed, [1]) > 0
+        assert np.array_equal(within_ball(mask, radius, spacing), ndimage.binary_dilation(mask, element))
+        assert np.array_equal(close_with_ball(mask, radius, spacing),
+                              ndimage.binary_closing(mask, structure=element, border_value=0))
+    assert not within_ball(np.zeros((3, 4, 5), bool), radius, spacing).any()
+
+
+def test_gaussian_over_each_class_box_is_the_whole_volume_result():
+    from scipy import ndimage
+
+    lab = random_blobs((41, 35, 29), 4, [LV, MYO, LA, T["Cor"].index])
+    lab[:, :, :3] = 0  # a margin on one side only
+    spacing, sigma_mm = np.array([0.7, 0.7, 1.1]), 1.3
+    sigma = sigma_mm / spacing
+    best = ndimage.gaussian_filter((lab == 0).astype(np.float32), sigma, mode="nearest")
+    expected = np.zeros(lab.shape, dtype=np.uint8)
+    for cls in T:  # the whole volume for every class (the work box is the volume here)
+        smoothed = ndimage.gaussian_filter((lab == cls.index).astype(np.float32), sigma, mode="nearest")
+        expected[smoothed > best] = cls.index
+        best = np.maximum(best, smoothed)
+    assert np.array_equal(gaussian_argmax(lab, T, spacing, sigma_mm), expected)
+    assert len(np.unique(expected)) == 5

@@ -95,3 +95,35 @@ def test_checks_and_their_rates():
     rates = S.check_rates(checks)
     assert list(rates.columns) == ["noisy", "stage2"]
     assert rates.loc["LA at expected", "noisy"] == 0.0 and rates.loc["LV at expected", "stage2"] == 1.0
+
+
+def scattered_maps(seed):
+    """Ragged classes with islands in a corner of a larger volume (what a real case looks like)."""
+    rng = np.random.default_rng(seed)
+    maps = []
+    for _ in range(2):
+        lab = np.zeros((40, 37, 33), np.uint8)
+        core = rng.choice(np.array([0, 1, 2, 3, 9], np.uint8), size=(14, 12, 10), p=[.4, .2, .2, .1, .1])
+        lab[20:34, 3:15, 12:22] = core
+        lab[25, 30, 5] = 2  # an island far from the rest
+        maps.append(lab)
+    return maps
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scores_on_the_foreground_box_are_the_whole_volume_scores(seed):
+    """case_report and score_masks crop to the structures: every column as on the whole volume."""
+    pred, ref = scattered_maps(seed)
+    whole = pd.DataFrame(M.per_class_scores(pred, ref, SPACING, CARDIAC))
+    whole["n_comp"] = list(M.component_counts(pred, CARDIAC).values())
+    whole["n_comp_ref"] = list(M.component_counts(ref, CARDIAC).values())
+    cropped = M.case_report(pred, ref, SPACING, CARDIAC)
+    pd.testing.assert_frame_equal(cropped[whole.columns], whole)
+    masks = {cls.key: pred == cls.index for cls in CARDIAC if cls.index != 3}  # one class without a mask
+    rows = pd.DataFrame(S.score_masks("1", "stage1", "truth", masks, ref, SPACING, CARDIAC)).set_index("class")
+    for cls in CARDIAC:  # each mask alone, scored on the whole volume
+        alone = (pred == cls.index if cls.key in masks else np.zeros_like(pred, bool)).astype(np.uint8) * cls.index
+        one = M.per_class_scores(alone, ref, SPACING, CARDIAC.subset([cls.key]))[0]
+        assert (rows.loc[cls.key, "dice"], rows.loc[cls.key, "n_vox_ref"]) == (one["dice"], one["n_vox_ref"])
+        assert rows.loc[cls.key, "hd95"] == one["hd95"] or math.isnan(one["hd95"]) and math.isnan(rows.loc[cls.key, "hd95"])
+        assert rows.loc[cls.key, "n_comp_ref"] == M.component_counts(ref, CARDIAC)[cls.key]

@@ -7,6 +7,7 @@ Stage 3's decoding runs on a copy with stage 2 done and the unified model fitted
 skipped.csv byte for byte, its scores as written but for the wall-time column ``decode_s``.
 """
 
+import dataclasses
 import os
 import shutil
 
@@ -18,7 +19,7 @@ from params_for_tests import load_test_params
 
 from nearfix_lib.core.io import InputError
 from nearfix_lib.core.workspace import Run
-from nearfix_lib.field.unified import UnifiedModel
+from nearfix_lib.field.unified import UnifiedModel, fit_thresholds
 from nearfix_lib.stages import cli, prepare, report, shards, stage1, stage2, stage3
 from nearfix_lib.stages.runs import start_run
 from nearfix_lib.stages.shards import CaseStage, Shard
@@ -103,6 +104,44 @@ def test_shards_run_apart_then_merged_write_the_unsharded_tables(fitted, unshard
     after = {cid: p.stat().st_mtime_ns for cid, p in parts.items()}
     assert after["1"] == before["1"] and after["3"] == before["3"] and after["2"] != before["2"]
     assert table_bytes(folder) == unsharded
+
+
+def test_stage2_fuses_on_the_roi_grid_only_for_roi_supervision(fitted, unsharded, tmp_path):
+    """The ROI-grid fusion (ten field evaluations on up to 256^3 points) is made only for its one reader."""
+    assert not (fitted.parent / "unsharded" / "stage2" / "roi").exists()
+    assert "roi" not in pd.read_csv(fitted.parent / "unsharded" / "stage2" / "audit.csv")["grid"].values
+    run = open_copy(fitted, tmp_path / "roi", {"stage3.supervision": "roi"})
+    stage2.run_stage2(run, progress=False)
+    res = run.params.prepare.heart_resolution
+    for cid in ("1", "2", "3"):
+        with np.load(run.dir / "stage2" / "roi" / f"{cid}.npz") as z:
+            assert z["labels"].shape == (res,) * 3 and set(np.unique(z["labels"])) == {0, 9}
+    audit = pd.read_csv(run.dir / "stage2" / "audit.csv")
+    assert set(audit["grid"]) == {"original", "roi"} and ((audit["grid"] == "roi") & (audit["key"] == "Cor")).any()
+    original = ["stage2/labels/1.nii.gz", "stage2/scores.csv"]  # the original grid is the same either way
+    assert all((run.dir / f).read_bytes() == (fitted.parent / "unsharded" / f).read_bytes() for f in original)
+
+
+def test_report_takes_stage2s_rows_or_scores_them_itself_alike(fitted, unsharded, tmp_path, monkeypatch):
+    """The report takes noisy, stage 1 and stage 2 from stage 2's current parts; without them (or
+    with a stale one) it scores them itself, and the tables are the same."""
+    scored = []
+    score_labels = report.score_labels
+    monkeypatch.setattr(report, "score_labels", lambda *a, **k: scored.append(a[1]) or score_labels(*a, **k))
+    run = open_copy(fitted.parent / "unsharded", tmp_path / "reused")
+    shutil.rmtree(run.dir / "report")
+    report.run_compare(run, progress=False)
+    assert set(scored) == {"gaussian", "closing"}  # no stage-3 map in this run
+    assert table_bytes(run.dir) == unsharded
+    for cid in ("1", "2"):  # one part gone, one stale (another stamp): those cases are scored here
+        (run.dir / "stage2" / "parts" / f"{cid}.json").unlink() if cid == "1" else \
+            (run.dir / "stage2" / "parts" / f"{cid}.json").write_text(
+                (run.dir / "stage2" / "parts" / f"{cid}.json").read_text().replace('"roi_grid": false', '"roi_grid": true'))
+    shutil.rmtree(run.dir / "report")
+    scored.clear()
+    report.run_compare(run, progress=False)
+    assert sorted(scored).count("noisy") == 2 and sorted(scored).count("stage2") == 2
+    assert table_bytes(run.dir) == unsharded
 
 
 def test_worker_processes_write_the_same_tables(fitted, unsharded, tmp_path):
@@ -232,6 +271,25 @@ def fitted3(unsharded, fitted):
     model, task, _ = stage3.fit_unified(run, data, progress=False)
     stage3.make_artifact(run, model, task, data)
     return run.dir
+
+
+def test_thresholds_are_fitted_on_a_fixed_subset_of_the_cases(fitted3, tmp_path, monkeypatch):
+    """Fitting t_c decodes whole boxes: on ``threshold_cases`` of them, so its cost does not grow with N."""
+    run = open_copy(fitted3, tmp_path / "thresholds")
+    data = stage3.load_stage3_data(run)
+    model, task, _ = stage3.fit_unified(run, data, progress=False)  # finished: loaded, not fitted again
+    decoded, probabilities = [], task.probabilities
+    monkeypatch.setattr(task, "probabilities", lambda m, i: decoded.append(i) or probabilities(m, i))
+    params = dataclasses.replace(run.params.stage3, threshold_cases=2)
+    unified = stage3.assemble(run, model, task, data, params)
+    chosen = stage3.threshold_case_indices(3, params, run.params.run.seed)
+    assert decoded == chosen and len(chosen) == 2
+    expected = fit_thresholds(((probabilities(model, i), data.store.labels(i)) for i in chosen), run.table,
+                              params.threshold_candidates)
+    assert np.array_equal(unified.thresholds, expected)
+    decoded.clear()
+    stage3.assemble(run, model, task, data, dataclasses.replace(params, threshold_cases=0))
+    assert decoded == [0, 1, 2]
 
 
 def decoded(run_dir):

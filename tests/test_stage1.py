@@ -36,8 +36,8 @@ def test_fit_and_repair_write_masks_on_the_original_grid(tiny_run):
         mask = nib.load(str(out / "masks" / f"{case.case_id}.nii.gz"))
         assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
-        with np.load(out / "prob" / f"{case.case_id}.npz") as z:
-            assert z["prob"].dtype == np.float16 and z["prob"].shape == (class_res,) * 3
+        prob = np.load(stage1.stage1_probabilities(tiny_run, "Cor", case.case_id))
+        assert prob.dtype == np.uint8 and prob.shape == (class_res,) * 3 and prob.any()
     assert {"ckpt", "prob", "masks"} <= {p.name for p in out.iterdir()}
     assert (out / "ckpt" / "best.pt").is_file() and (out / "scores.csv").is_file()
     assert set(table["reference"]) == {"noisy", "truth"}

@@ -7,6 +7,7 @@ once, against the code it replaced, when the store came in: see the commit that 
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +18,16 @@ from test_unified import T, case_store
 
 from nearfix_lib.core.config import BalancedSamplingParams, UnifiedLossParams
 from nearfix_lib.core.geometry import Box, apply_affine, roi_grid, to_grid_sample_order
-from nearfix_lib.field.store import CaseStore, StoreSpec, Teacher, write_case, write_store
+from nearfix_lib.field.sampling import boundary_band
+from nearfix_lib.field.store import (
+    CaseStore,
+    StoreSpec,
+    Teacher,
+    quantise_probability,
+    save_array,
+    write_case,
+    write_store,
+)
 from nearfix_lib.field.unified import UnifiedTask, teacher_affine, teacher_values
 
 
@@ -103,7 +113,8 @@ def test_a_binary_store_takes_an_eighth_and_is_never_taken_for_a_label_store(tmp
     store = write_store(tmp_path / "labels", [mask], binary_spec)  # rewritten in the other layout, nothing left over
     assert sorted(f.name for f in store.folder(0).iterdir()) == ["band.npy", "foreground.npy", "meta.json"]
     assert np.array_equal(store.foreground(0), mask.astype(bool))
-    assert np.array_equal(store.band(0), CaseStore(tmp_path / "bits", ["0"], binary_spec).band(0))
+    every = np.arange(store.band_size(0))
+    assert np.array_equal(store.band_at(0, every), CaseStore(tmp_path / "bits", ["0"], binary_spec).band_at(0, every))
 
 
 def test_teacher_corners_from_a_memmap_equal_grid_sample(tmp_path):
@@ -123,13 +134,43 @@ def test_teacher_corners_from_a_memmap_equal_grid_sample(tmp_path):
     expected = np.zeros_like(got)  # what torch's grid_sample gives on the whole grid (align_corners=False)
     for t in teachers:
         q = torch.from_numpy(to_grid_sample_order(apply_affine(t.from_heart, pts)).astype(np.float32))
-        grid = torch.from_numpy(t.prob.astype(np.float32))[None, None]
+        grid = torch.from_numpy(t.prob.astype(np.float32) / 255)[None, None]  # the stored 1/255 steps
         expected[:, t.channel] = F.grid_sample(grid, q.reshape(1, -1, 1, 1, 3), mode="bilinear",
                                                padding_mode="zeros", align_corners=False).reshape(-1).numpy()
     assert np.allclose(got, expected, rtol=0, atol=1e-6)
     assert np.count_nonzero(got) > 0.15 * got[:, [0, 3, 6]].size  # not a comparison of zeros
     print(f"teacher lookup: max |store - grid_sample| = {np.abs(got - expected).max():.3g} "
           f"over {got.size} values, {np.mean(got == expected):.4%} bit-identical")
+
+
+def test_band_rows_are_the_band_voxels_in_c_order(tmp_path):
+    mask = np.zeros((9, 11, 7), dtype=np.uint8)
+    mask[3:6, 2:8, 2:5] = 1
+    store = write_store(tmp_path, [mask], StoreSpec((1,), 1, False, binary=True))
+    rows = np.arange(store.band_size(0))[::-1]  # any order of rows: each gives its own voxel
+    assert np.array_equal(store.band_at(0, rows), np.argwhere(boundary_band(mask > 0, 1))[rows])
+    assert np.load(store.folder(0) / "band.npy").dtype == np.int32  # flat indices, not (i, j, k) rows
+
+
+def test_quantised_probabilities_are_within_half_a_step():
+    prob = np.concatenate([np.linspace(0, 1, 1001), [-0.1, 1.3]]).astype(np.float32)
+    q = quantise_probability(prob)
+    assert q.dtype == np.uint8 and q[0] == 0 and q[1000] == 255 and q[-2] == 0 and q[-1] == 255
+    assert np.abs(q[:1001] / 255 - prob[:1001]).max() <= 0.5 / 255 + 1e-7
+
+
+def test_a_teacher_on_disk_is_referenced_not_copied(tmp_path):
+    """Stage 3's store points at stage 1's files (relative to the case folder: a moved run still reads them)."""
+    prob = quantise_probability(np.random.default_rng(1).random((6, 5, 4)))
+    save_array(tmp_path / "run" / "stage1" / "prob.npy", prob)
+    on_disk = Teacher(2, np.load(tmp_path / "run" / "stage1" / "prob.npy", mmap_mode="r"), np.eye(4),
+                      tmp_path / "run" / "stage1" / "prob.npy")
+    root = tmp_path / "run" / "stage3"
+    write_case(root / "a", np.ones((3, 4, 5), np.uint8), StoreSpec((1,), 1, False), [on_disk], {"n": 1})
+    assert sorted(f.name for f in (root / "a").iterdir()) == ["band.npy", "cumulative.npy", "labels.npy", "meta.json"]
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    read = CaseStore(tmp_path / "moved" / "stage3", ["a"], StoreSpec((1,), 1, False)).teachers(0)
+    assert len(read) == 1 and read[0].channel == 2 and np.array_equal(read[0].prob, prob)
 
 
 def _resident_bytes() -> int:

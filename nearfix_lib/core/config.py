@@ -457,7 +457,9 @@ class PrepareParams:
     class_margin: float = 6.0  # per-class ROI: bounding box of the class + this
     heart_resolution: int = 256  # whole-heart ROI resampled to R^3
     class_resolution: int = 128  # per-class ROI resampled to R^3
-    save_image: bool = True  # also resample the CT (linear) into the heart ROI where the case has one
+    # also resample the CT (linear, int16) into the heart ROI where the case has one: only the prepare
+    # notebook's figure reads it, and at 256^3 it is ~19 MB per case, most of a case's prepared bytes
+    save_image: bool = False
     class_images: bool = False  # CT crops per class ROI too (needed only by stage1.model.appearance)
     # per class key, its own R, e.g. {Cor: 96}: a thin class whose box spans the heart loses pieces
     # on a coarse grid (training cost does not depend on R; evaluation and the saved maps do)
@@ -544,6 +546,9 @@ class Stage3Params:
     train: TrainParams = field(default_factory=_unified_train)
     # t_c is chosen among these on the training cases (Dice of P_c >= t_c against L^ref)
     threshold_candidates: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    # ... on a fixed seeded subset of this many cases (0 = all): fitting them decodes each case's whole
+    # box, as costly as the decoding stage, and 32 cases of pooled voxel counts pin nine candidates
+    threshold_cases: int = 32
     chunk_points: int = 262_144
     new_case_train: TrainParams = field(default_factory=_latent_only_train)  # latent-only fit of a new case
     compare_distillation: bool = True  # notebook 04 also fits without distillation, to show the difference
@@ -554,6 +559,8 @@ class Stage3Params:
     supervision: str = "original"
 
     def __post_init__(self) -> None:
+        if self.threshold_cases < 0:
+            raise ValueError(f"stage3.threshold_cases must be >= 0 (0 = every case), got {self.threshold_cases}")
         if self.supervision not in SUPERVISION_GRIDS:
             raise ValueError(f"stage3.supervision must be one of {list(SUPERVISION_GRIDS)}, got {self.supervision!r}")
 

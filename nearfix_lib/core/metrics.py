@@ -49,6 +49,7 @@ from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
 from nearfix_lib.core.classes import ClassTable
+from nearfix_lib.core.geometry import bounding_box
 
 __all__ = [
     "BinaryScores",
@@ -123,13 +124,15 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError(f"expected two 3-D arrays of the same shape, got {a.shape} and {b.shape}")
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of the True voxels, or None when there are none."""
-    found = ndimage.find_objects(mask.view(np.uint8))
-    return found[0] if found else None
+def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of the True voxels, or None when there are none (three ``any`` reductions:
+    an eighth of the time of ``find_objects`` on a real volume)."""
+    box = bounding_box(mask)
+    return None if box is None else box.slices
 
 
-def _union(s: tuple[slice, ...] | None, t: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
+def union_box(s: tuple[slice, ...] | None, t: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
+    """The smallest box holding both (either may be None: no voxels)."""
     if s is None:
         return t
     if t is None:
@@ -228,7 +231,7 @@ def binary_scores(a: np.ndarray, b: np.ndarray, spacing: Sequence[float],
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     _check_pair(a, b)
     sp = _spacing(spacing)
-    box = _union(_bbox(a), _bbox(b))
+    box = union_box(mask_box(a), mask_box(b))
     if box is None:
         return _empty_pair_scores(0, 0)
     return _cropped_pair_scores(a[box], b[box], sp, nsd_tol_mm)
@@ -261,7 +264,7 @@ def nsd(a: np.ndarray, b: np.ndarray, spacing: Sequence[float], tol_mm: float = 
 # multi-class
 # --------------------------------------------------------------------------------------------
 
-def _class_boxes(labels: np.ndarray, table: ClassTable) -> dict[str, tuple[slice, ...] | None]:
+def class_boxes(labels: np.ndarray, table: ClassTable) -> dict[str, tuple[slice, ...] | None]:
     """Bounding box of every class in one pass over the volume (``ndimage.find_objects``)."""
     found = ndimage.find_objects(labels, max_label=table.max_index)
     return {c.key: found[c.index - 1] for c in table}
@@ -277,10 +280,10 @@ def per_class_scores(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: S
     pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
     _check_pair(pred_labels, ref_labels)
     sp = _spacing(spacing)
-    boxes_p, boxes_r = _class_boxes(pred_labels, table), _class_boxes(ref_labels, table)
+    boxes_p, boxes_r = class_boxes(pred_labels, table), class_boxes(ref_labels, table)
     rows: list[ClassScores] = []
     for c in table:
-        box = _union(boxes_p[c.key], boxes_r[c.key])
+        box = union_box(boxes_p[c.key], boxes_r[c.key])
         if box is None:
             scores, na, nb = _empty_pair_scores(0, 0), 0, 0
         else:
@@ -374,7 +377,7 @@ def attachment_report(labels: np.ndarray, spacing: Sequence[float],
     if labels.ndim != 3:
         raise ValueError(f"expected a 3-D label map, got shape {labels.shape}")
     sp = _spacing(spacing)
-    boxes = _class_boxes(labels, table)
+    boxes = class_boxes(labels, table)
     rows: list[AttachmentRow] = []
     for c in table:
         rule = c.attachment
@@ -383,13 +386,13 @@ def attachment_report(labels: np.ndarray, spacing: Sequence[float],
         contact = rule.max_mm == 0
         target_box: tuple[slice, ...] | None = None
         for t in rule.targets:
-            target_box = _union(target_box, boxes[t])
+            target_box = union_box(target_box, boxes[t])
         n_comp, n_att, max_dist = 0, 0, float("nan")
         box = boxes[c.key]
         if box is not None:
             # contact: the class box plus the ring its components can touch;
             # distance: everything the closest approach can involve
-            region = _grow(box, labels.shape) if contact else _union(box, target_box)
+            region = _grow(box, labels.shape) if contact else union_box(box, target_box)
             sub = labels[region]
             cc, n_comp = cc3d.connected_components(sub == c.index, connectivity=26,
                                                    return_N=True)
@@ -497,7 +500,7 @@ def surface_roughness(mask: np.ndarray, spacing: Sequence[float],
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f"expected a 3-D mask, got shape {mask.shape}")
-    box = _bbox(mask)
+    box = mask_box(mask)
     if box is None:
         return float("nan")
     volume = np.pad(mask[box], 1).astype(np.float32)  # zero ring: a closed surface
@@ -517,6 +520,12 @@ def case_report(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tab
 
     Columns: ``key, dice, hd95, assd, nsd, n_vox, n_vox_ref, n_comp, n_comp_ref, expected``.
     """
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    _check_pair(pred, ref)
+    # every score is the same on the box of both maps' foreground: a real case's heart fills a
+    # quarter of its volume, and the component labelling costs what the volume it is given costs
+    box = union_box(mask_box(pred > 0), mask_box(ref > 0)) or (slice(0, 1),) * 3
+    pred, ref = pred[box], ref[box]
     frame = pd.DataFrame(per_class_scores(pred, ref, spacing, table, nsd_tol_mm))
     comp_p, comp_r = component_counts(pred, table), component_counts(ref, table)
     frame["n_comp"] = [comp_p[k] for k in frame["key"]]

@@ -28,7 +28,14 @@ import pandas as pd
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.io import write_text
-from nearfix_lib.core.metrics import attachment_report, case_report, component_counts
+from nearfix_lib.core.metrics import (
+    attachment_report,
+    case_report,
+    class_boxes,
+    component_counts,
+    mask_box,
+    union_box,
+)
 
 KEYS = ("case", "class", "source", "reference")
 METRICS = ("dice", "hd95", "assd", "nsd", "n_vox", "n_vox_ref", "n_comp", "n_comp_ref", "expected",
@@ -47,13 +54,21 @@ def score_masks(case_id: str, source: str, reference: str, masks: Mapping[str, n
                 spacing: Sequence[float], table: ClassTable, **extra) -> list[dict]:
     """Per-class binary masks (stage 1's overlap, so they are no label map) against label map ``ref``.
 
-    One row per class of ``table``; a class without a mask scores as an empty mask.
+    One row per class of ``table``; a class without a mask scores as an empty mask. Each class is
+    scored on the box of its mask and its reference voxels (found for every class in one pass over
+    ``ref``): the scores are those of the whole volume, at the cost of the class's size.
     """
+    ref = np.asarray(ref)
+    ref_boxes = class_boxes(ref, table)
     rows = []
     for cls in table:
         mask = masks.get(cls.key)
-        labels = np.zeros(ref.shape, np.uint8) if mask is None else np.asarray(mask, bool).astype(np.uint8) * cls.index
-        rows += score_labels(case_id, source, reference, labels, ref, spacing, table.subset([cls.key]), **extra)
+        mask = np.zeros(ref.shape, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != ref.shape:
+            raise ValueError(f"mask of {cls.key}: shape {mask.shape} differs from the reference's {ref.shape}")
+        box = union_box(mask_box(mask), ref_boxes[cls.key]) or (slice(0, 1),) * 3
+        labels = mask[box].astype(np.uint8) * cls.index
+        rows += score_labels(case_id, source, reference, labels, ref[box], spacing, table.subset([cls.key]), **extra)
     return rows
 
 

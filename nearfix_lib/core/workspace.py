@@ -10,6 +10,7 @@ without importing the stages::
       prepared/crops.json  prepared/<case>/{crop.json,heart.npz,class_<key>.npz}  prepared/parts/
       inspection/{cases,components,…,scores}.csv
       stage1/<key>/{ckpt,prob,masks}/  stage1/<key>/scores.csv
+      stage1/<key>/prob/<case>.npy      (uint8 probabilities on the class ROI grid: stage 3's teacher)
       stage1/<key>/cases/<case>/        (the class fit's per-case store: the ROI mask, its band)
       stage2/{labels,roi,parts}/  stage2/{audit,checks,scores}.csv
       stage3/{ckpt,labels,new_cases,parts}/  stage3/unified.pt  stage3/{scores,distillation}.csv
@@ -148,6 +149,12 @@ def case_dir(prepared_root: Path, case_id: str) -> Path:
 
 def stage1_dir(run: Run, key: str) -> Path:
     return run.path("stage1", key)
+
+
+def stage1_probabilities(run: Run, key: str, case_id: str) -> Path:
+    """Class ``key``'s probabilities of a case on its class ROI grid (``prepared`` crops give the grid),
+    uint8 in 1/255 steps as an uncompressed ``.npy``: written by the repair, mapped by stage 3."""
+    return stage1_dir(run, key) / "prob" / f"{case_id}.npy"
 
 
 def stage1_cases_dir(run: Run, key: str) -> Path:

@@ -219,7 +219,7 @@ class MaskStore(Protocol):
 
     def band_size(self, case: int) -> int: ...
 
-    def band(self, case: int) -> np.ndarray: ...
+    def band_at(self, case: int, rows: np.ndarray) -> np.ndarray: ...
 
     def foreground(self, case: int) -> np.ndarray: ...
 
@@ -248,7 +248,7 @@ class LabelStore(Protocol):
 
     def cumulative(self, case: int) -> np.ndarray: ...
 
-    def band(self, case: int) -> np.ndarray: ...
+    def band_at(self, case: int, rows: np.ndarray) -> np.ndarray: ...
 
 
 # -- samplers ------------------------------------------------------------------------------------------
@@ -312,8 +312,8 @@ class BandSampler(_CheckpointableRNG):
         for b, case in enumerate(case_indices):
             shape, band_size = self.store.shape(case), self.store.band_size(case)
             k = n_band if band_size else 0
-            cells = (self.store.band(case)[self._rng.integers(0, band_size, k)] if k  # band mapped for this case only
-                     else np.zeros((0, 3), dtype=np.int32))
+            cells = (self.store.band_at(case, self._rng.integers(0, band_size, k)) if k  # mapped for this call only
+                     else np.zeros((0, 3), dtype=np.int64))
             points[b, :k] = _cell_points(cells, shape, self._rng, self.params.jitter)
             points[b, k:] = self._rng.uniform(-1.0, 1.0, (n - k, 3))
             targets[b] = self.store.foreground_at(case, cell_index(points[b], shape))  # mapped for this call only
@@ -405,7 +405,7 @@ class ClassBalancedSampler(_CheckpointableRNG):
             mined = self._mined[case]
             n_mined = min(p.mined, n_band) if len(mined) else 0
             if n_band - n_mined:
-                picked = self.store.band(case)[self._rng.integers(0, band_size, n_band - n_mined)]
+                picked = self.store.band_at(case, self._rng.integers(0, band_size, n_band - n_mined))
                 parts.append(_cell_points(picked, shape, self._rng, jitter))
             if n_mined:
                 picked = mined[self._rng.integers(0, len(mined), n_mined)]

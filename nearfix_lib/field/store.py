@@ -14,9 +14,13 @@ where the teachers lie. Layout of one case folder::
       labels.npy        uint8 (I, J, K)   the supervision label crop (L^ref)
       cumulative.npy    int32 (C, I*J)    per class (store order), cumulative voxel counts over the (i, j) rows
       foreground.npy    uint8 packed bits a binary store's foreground, instead of labels.npy and cumulative.npy
-      band.npy          int32 (N, 3)      (i, j, k) of the band around the union foreground
+      band.npy          int32 (N,)        flat (C-order) indices of the band around the union foreground
       interfaces.npy    uint8 packed bits the band around every class boundary (only for mining)
-      teacher_<k>.npy   float16 (R, R, R) stage-1 probabilities of head k on its class ROI grid
+      teacher_<k>.npy   uint8 (R, R, R)   stage-1 probabilities of head k on its class ROI grid, in
+                                          1/255 steps (:func:`quantise_probability`); only for a
+                                          teacher given in memory: one read from a file
+                                          (``Teacher.file``, stage 1's ``prob/<case>.npy``) is
+                                          recorded by its path relative to the case folder, not copied
       meta.json         written last: the case is complete once it exists and matches
 
 ``meta.json`` records the store's ``spec`` (classes, band radius, whether interface bits are kept,
@@ -39,11 +43,19 @@ from typing import TypeVar
 import numpy as np
 
 from nearfix_lib.core.io import atomic_path, write_json
-from nearfix_lib.field.sampling import boundary_band, interface_band, sparse_coordinates
+from nearfix_lib.field.sampling import boundary_band, interface_band
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: the band as flat indices, teachers as uint8 and referenced by path
 META = "meta.json"
+PROBABILITY_LEVELS = 255
 T = TypeVar("T")
+
+
+def quantise_probability(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as uint8 steps of 1/255: how teachers are stored. A soft target
+    within 0.002 of the model's output is all distillation needs, and a 128^3 ROI takes 2 MB instead
+    of float16's 4 MB, uncompressed, so that stage 3 maps it from stage 1's file instead of a copy."""
+    return np.rint(np.clip(np.asarray(prob, dtype=np.float32), 0.0, 1.0) * PROBABILITY_LEVELS).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -74,8 +86,13 @@ class Teacher:
     """
 
     channel: int  # head index of the class
-    prob: np.ndarray  # (R_i, R_j, R_k) float16 as stage 1 saved it; memory-mapped when read from a store
+    prob: np.ndarray  # (R_i, R_j, R_k) uint8 (quantise_probability); memory-mapped when read from a file
     from_heart: np.ndarray  # 4x4
+    file: Path | None = None  # the .npy ``prob`` was mapped from: a store records it instead of a copy
+
+    def __post_init__(self) -> None:
+        if np.asarray(self.prob).dtype != np.uint8:  # probabilities given as floats: stored in 1/255 steps
+            self.prob = quantise_probability(self.prob)
 
 
 @dataclass(frozen=True)
@@ -88,7 +105,8 @@ class CaseMeta:
     teachers: tuple[tuple[int, str, tuple[float, ...]], ...]  # (channel, file, from_heart row-major)
 
 
-def _save(path: Path, array: np.ndarray) -> None:
+def save_array(path: str | Path, array: np.ndarray) -> None:
+    """``array`` as an uncompressed ``.npy`` (what ``np.load(mmap_mode="r")`` maps), written atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
@@ -145,15 +163,18 @@ def write_case(folder: str | Path, labels: np.ndarray, spec: StoreSpec, teachers
     if spec.interfaces:
         arrays["interfaces.npy"] = np.packbits(interface_band(lab, spec.dilation_radius), axis=None)
     for name, array in arrays.items():
-        _save(folder / name, array)
+        save_array(folder / name, array)
     for name in _LAYOUT.difference(arrays):  # left by a case written under another spec
         (folder / name).unlink(missing_ok=True)
-    band = sparse_coordinates(boundary_band(foreground, spec.dilation_radius))
-    _save(folder / "band.npy", band)
+    band = np.flatnonzero(boundary_band(foreground, spec.dilation_radius)).astype(np.int32)
+    save_array(folder / "band.npy", band)
     records = []
     for t in teachers:
-        name = f"teacher_{int(t.channel)}.npy"
-        _save(folder / name, np.asarray(t.prob, dtype=np.float16).reshape(np.shape(t.prob)[-3:]))
+        if t.file is not None:  # already on disk as the store reads it: referenced, not copied
+            name = os.path.relpath(Path(t.file).resolve(), folder.resolve())
+        else:
+            name = f"teacher_{int(t.channel)}.npy"
+            save_array(folder / name, t.prob.reshape(t.prob.shape[-3:]))
         records.append({"channel": int(t.channel), "file": name,
                         "from_heart": np.asarray(t.from_heart, dtype=np.float64).tolist()})
     values, counts = np.unique(lab, return_counts=True)
@@ -168,7 +189,7 @@ def content_source(labels: np.ndarray, teachers: Sequence[Teacher] = ()) -> dict
     h.update(repr(np.shape(labels)).encode())
     for t in teachers:
         h.update(repr((int(t.channel), np.asarray(t.from_heart, dtype=np.float64).tolist())).encode())
-        h.update(np.ascontiguousarray(t.prob, dtype=np.float16).tobytes())
+        h.update(np.ascontiguousarray(t.prob).tobytes())
     return {"sha1": h.hexdigest()}
 
 
@@ -280,9 +301,11 @@ class CaseStore:
         flat = np.ravel_multi_index((cells[:, 0], cells[:, 1], cells[:, 2]), self.shape(case))
         return ((self._open(case, "foreground.npy")[flat >> 3] >> (7 - (flat & 7))) & 1).astype(bool)
 
-    def band(self, case: int) -> np.ndarray:
-        """int32 (N, 3) voxels of the band around the union foreground."""
-        return self._open(case, "band.npy")
+    def band_at(self, case: int, rows: np.ndarray) -> np.ndarray:
+        """int64 (len(rows), 3): (i, j, k) of the band voxels at positions ``rows`` of the band (0 to
+        ``band_size - 1``), read from the mapped flat indices (a third of the bytes of (i, j, k) rows)."""
+        flat = self._open(case, "band.npy")[np.asarray(rows, dtype=np.int64)]
+        return np.stack(np.unravel_index(flat.astype(np.int64), self.shape(case)), axis=1)
 
     def interfaces(self, case: int) -> np.ndarray:
         """The class-boundary band, bool (I, J, K) (decoded from the packed bits)."""

@@ -48,7 +48,7 @@ from nearfix_lib.field.sampling import (
     mining_due,
     sparse_coordinates,
 )
-from nearfix_lib.field.store import CaseStore, StoreSpec, Teacher, write_store
+from nearfix_lib.field.store import PROBABILITY_LEVELS, CaseStore, StoreSpec, Teacher, write_store
 from nearfix_lib.field.train import fit, unwrap
 
 ARTIFACT_FORMAT = "nearfix-unified"
@@ -96,8 +96,9 @@ def teacher_values(teachers: Sequence[Teacher], points: np.ndarray, n_heads: int
     8 corners of each point are read from a teacher's grid (:func:`trilinear_zero_padded`).
     """
     out = np.zeros((len(points), n_heads), dtype=np.float32)
-    for t in teachers:
-        out[:, t.channel] = trilinear_zero_padded(t.prob, apply_affine(t.from_heart, points).astype(np.float32))
+    for t in teachers:  # interpolating the uint8 steps and scaling after is interpolating the probabilities
+        steps = trilinear_zero_padded(t.prob, apply_affine(t.from_heart, points).astype(np.float32))
+        out[:, t.channel] = steps * np.float32(1.0 / PROBABILITY_LEVELS)
     return out
 
 

@@ -53,10 +53,16 @@ def gaussian_argmax(labels: np.ndarray, table: ClassTable, spacing: Sequence[flo
     """Per-class Gaussian smoothing of the one-hot map, then argmax (background competes too).
 
     Works class by class with a running maximum, so memory is three volumes, not one per class.
+    Each class is smoothed over its own box grown by more than the kernel's reach (``truncate`` 4
+    sigma): outside it the smoothed value is exactly 0 and cannot win, and inside it every term of
+    the separable sums is what the whole volume gives (the terms outside are zeros either way), so
+    the result is the whole-volume one to the bit at a fraction of the work (a real case's classes
+    fill a tenth of its heart box each).
     """
     labels, spacing = _check(labels, spacing)
     sigma = sigma_mm / spacing
-    box = _work_box(labels, np.ceil(4 * sigma) + 1)
+    reach = np.ceil(4 * sigma) + 1
+    box = _work_box(labels, reach)
     out = np.zeros(labels.shape, dtype=np.uint8)
     if box is None:
         return out
@@ -64,10 +70,14 @@ def gaussian_argmax(labels: np.ndarray, table: ClassTable, spacing: Sequence[flo
     best = ndimage.gaussian_filter((crop == 0).astype(np.float32), sigma, mode="nearest")
     winner = np.zeros(crop.shape, dtype=np.uint8)
     for cls in table:
-        smoothed = ndimage.gaussian_filter((crop == cls.index).astype(np.float32), sigma, mode="nearest")
-        better = smoothed > best
-        winner[better] = cls.index
-        best[better] = smoothed[better]
+        own = _work_box((crop == cls.index).astype(np.uint8), reach)
+        if own is None:
+            continue
+        smoothed = ndimage.gaussian_filter((crop[own.slices] == cls.index).astype(np.float32), sigma, mode="nearest")
+        best_here, winner_here = best[own.slices], winner[own.slices]  # views: written through
+        better = smoothed > best_here
+        winner_here[better] = cls.index
+        best_here[better] = smoothed[better]
     out[box.slices] = winner
     return out
 
@@ -79,12 +89,39 @@ def ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
     return sum(g ** 2 for g in grids) <= radius_mm ** 2
 
 
+def within_ball(feature: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """The voxels that have a voxel of ``feature`` at an offset in ``ball(radius_mm, spacing)``:
+    ``binary_dilation(feature, ball)``, at the cost of one Euclidean distance transform whatever
+    the radius (a ball of 3 mm at 0.35 mm holds ~1,900 voxels, and the dilation visits each of
+    them per voxel). The offset to the nearest feature voxel is measured in the ball's own
+    arithmetic, so the two agree at the ball's rim too."""
+    if not feature.any():
+        return np.zeros(feature.shape, dtype=bool)
+    nearest = ndimage.distance_transform_edt(~feature, sampling=spacing, return_distances=False,
+                                             return_indices=True)
+    half = np.floor(radius_mm / spacing).astype(int)
+    inside = np.ones(feature.shape, dtype=bool)
+    squared: np.ndarray | float = 0
+    for axis, n in enumerate(feature.shape):
+        offset = nearest[axis] - np.arange(n).reshape([-1 if a == axis else 1 for a in range(3)])
+        inside &= np.abs(offset) <= half[axis]
+        squared = squared + (offset * spacing[axis]) ** 2
+    return inside & (squared <= radius_mm ** 2)
+
+
+def close_with_ball(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """``binary_closing(mask, ball(radius_mm, spacing), border_value=0)`` through :func:`within_ball`:
+    dilation, then erosion as the complement of the dilated complement (outside the array counts as
+    background, as ``border_value=0`` has it: a one-voxel frame of it is added for the erosion)."""
+    dilated = np.pad(within_ball(mask, radius_mm, spacing), 1)
+    return ~within_ball(~dilated, radius_mm, spacing)[1:-1, 1:-1, 1:-1]
+
+
 def closing_largest(labels: np.ndarray, table: ClassTable, spacing: Sequence[float], radius_mm: float) -> np.ndarray:
     """Per class: closing with a ball of ``radius_mm``, then the expected number of largest components;
     fused by the table's priority."""
     labels, spacing = _check(labels, spacing)
-    element = ball(radius_mm, spacing)
-    margin = np.asarray(element.shape) // 2 + 1
+    margin = np.floor(radius_mm / spacing).astype(int) + 1  # the ball's half extent, and one
     masks = {}
     for cls in table:
         mask = labels == cls.index
@@ -92,7 +129,7 @@ def closing_largest(labels: np.ndarray, table: ClassTable, spacing: Sequence[flo
         if box is None:
             continue
         closed = np.zeros(labels.shape, dtype=bool)
-        closed[box.slices] = ndimage.binary_closing(mask[box.slices], structure=element, border_value=0)
+        closed[box.slices] = close_with_ball(mask[box.slices], radius_mm, spacing)
         masks[cls.key] = keep_largest_components(closed | mask, cls.expected_components)
     return fuse_priority(masks, table, labels.shape)
 

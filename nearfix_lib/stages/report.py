@@ -14,6 +14,7 @@ same parameters and source files is not scored again.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,32 +32,43 @@ from nearfix_lib.core.scores import (
 )
 from nearfix_lib.core.workspace import Run, _read_labels, report_dir, stage1_dir, stage3_dir, stage_labels
 from nearfix_lib.repair.baselines import BASELINES, run_baseline
-from nearfix_lib.stages import shards
+from nearfix_lib.stages import shards, stage2
 from nearfix_lib.stages.prepare import prepared_cases
-from nearfix_lib.stages.stage2 import original_masks
 
 SOURCES = ("noisy", *BASELINES, "stage1", "stage2", "stage3")
+STAGE2_SOURCES = ("noisy", "stage1", "stage2")  # scored against the truth by stage 2 already
 
 
-def label_maps(run: Run, case: LoadedCase) -> dict[str, np.ndarray]:
-    """The case's full label maps: noisy, baselines, stage 2 and stage 3 (those that exist)."""
+def label_maps(run: Run, case: LoadedCase, skip: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The case's full label maps: noisy, baselines, stage 2 and stage 3 (those that exist, but ``skip``)."""
     maps = {"noisy": case.label.array}
     for name in BASELINES:
         maps[name] = run_baseline(name, case.label.array, run.table, case.label.spacing, run.params.baselines)
     for name in ("stage2", "stage3"):
+        if name in skip:
+            continue
         labels = _read_labels(stage_labels(run, name, case.case_id))
         if labels is not None:
             maps[name] = labels
     return maps
 
 
-def score_case(run: Run, case: LoadedCase, maps: dict[str, np.ndarray]) -> tuple[list[dict], list[dict]]:
-    """Per source and class against the truth (stage 1: each class mask alone); checks per label map."""
+def score_case(run: Run, case: LoadedCase, maps: dict[str, np.ndarray],
+               known: shards.Rows | None = None) -> tuple[list[dict], list[dict]]:
+    """Per source and class against the truth (stage 1: each class mask alone); checks per label map.
+    ``known``: rows already computed by stage 2 (its current part, :data:`STAGE2_SOURCES`), taken
+    as they are instead of scoring those sources again."""
     truth, spacing = case.truth.array, case.label.spacing
+    known_scores = {source: [r for r in known["scores"] if r["source"] == source] for source in STAGE2_SOURCES} \
+        if known else {}
+    known_checks = {r["source"]: r for r in known["checks"]} if known else {}
     rows, checks = [], []
     for source in SOURCES:
-        if source == "stage1":
-            masks = original_masks(run, case.case_id, truth.shape)
+        if source in known_scores:
+            rows += known_scores[source]
+            checks += [known_checks[source]] if source in known_checks else []
+        elif source == "stage1":
+            masks = stage2.original_masks(run, case.case_id, truth.shape)
             rows += score_masks(case.case_id, source, "truth", masks, truth, spacing, run.table) if masks else []
         elif source in maps:
             rows += score_labels(case.case_id, source, "truth", maps[source], truth, spacing, run.table)
@@ -65,11 +77,16 @@ def score_case(run: Run, case: LoadedCase, maps: dict[str, np.ndarray]) -> tuple
 
 
 def report_case(run: Run, case_id: str, state: None) -> shards.Rows:
-    """One case of :data:`CASES`: every source against the truth (no rows for a case without one)."""
+    """One case of :data:`CASES`: every source against the truth (no rows for a case without one).
+    Stage 2 scored the noisy input, stage 1 and stage 2 on the same truth: where its part for the case
+    is current, those rows are taken from it (half the scoring of a real case)."""
     case = run.load(case_id, with_image=False)
     if case.truth is None:
         return {"scores": [], "checks": []}
-    scores, checks = score_case(run, case, label_maps(run, case))
+    known = shards.current_rows(run, stage2.CASES, case_id)
+    known = known if known and known.get("scores") else None  # a stage 2 without the truth scored nothing
+    maps = label_maps(run, case, skip=STAGE2_SOURCES if known else ())
+    scores, checks = score_case(run, case, maps, known)
     return {"scores": scores, "checks": checks}
 
 

@@ -5,14 +5,14 @@ and one latent z_{i,c}. An auto-decoder F_c(z_{i,c}, p) is fitted to all of them
 both training and validation set, because the goal is the repaired masks, not generalisation;
 the decoder's limited capacity is what keeps the noise out. Then, per case, F_c is evaluated
 
-* on the ROI grid — probabilities saved as float16 for distillation in stage 3, and
+* on the ROI grid — probabilities saved as uint8 (1/255 steps) for distillation in stage 3, and
 * directly on the original voxels inside the class ROI (through the affine chain), thresholded,
   cleaned per class (expected number of largest components, minimum size) and written as a
   NIfTI mask with the source affine and header: M^ref_{i,c}.
 
 Outputs, in ``<run>/stage1/<key>/``: ``cases/<case>/`` (the per-case store the fit reads, written
 once per case, see :mod:`nearfix_lib.field.store`), ``ckpt/{best,last}.pt``, ``ckpt/log.csv``,
-``prob/<case>.npz``, ``masks/<case>.nii.gz``, ``scores.csv`` (:mod:`core.scores`). Re-running resumes
+``prob/<case>.npy``, ``masks/<case>.nii.gz``, ``scores.csv`` (:mod:`core.scores`). Re-running resumes
 an interrupted fit; a finished fit is loaded, not retrained.
 
 Multi-GPU, one class: ``torchrun --nproc_per_node=K -m nearfix_lib.stages.stage1 --params P --class LV``
@@ -41,15 +41,32 @@ import torch
 from nearfix_lib.core.classes import ClassTable, class_centre, load_table
 from nearfix_lib.core.config import SamplingParams, Stage1Params, load_params, project_root
 from nearfix_lib.core.geometry import Box, roi_grid
-from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npz
+from nearfix_lib.core.io import LoadedCase, Volume, write_nifti
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.core.scores import score_labels, score_masks, scores_frame, write_scores
-from nearfix_lib.core.workspace import Run, case_dir, file_signature, prepared_dir, stage1_cases_dir, stage1_dir
+from nearfix_lib.core.workspace import (
+    Run,
+    case_dir,
+    file_signature,
+    prepared_dir,
+    stage1_cases_dir,
+    stage1_dir,
+    stage1_probabilities,
+)
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.sampling import BandSampler, MaskStore
-from nearfix_lib.field.store import CaseStore, StoreSpec, is_complete, rank_rotation, write_case, write_store
+from nearfix_lib.field.store import (
+    CaseStore,
+    StoreSpec,
+    is_complete,
+    quantise_probability,
+    rank_rotation,
+    save_array,
+    write_case,
+    write_store,
+)
 from nearfix_lib.field.train import (
     FitResult,
     distributed_rank_world,
@@ -213,14 +230,13 @@ def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
     return model, data, result
 
 
-def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, out: Path, key: str,
+def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, run: Run, key: str,
                 expected: int, params: Stage1Params, device: str,
                 image: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
     """Probabilities on the ROI grid (saved), then M^ref on the original grid (NIfTI, returned)."""
-    box, grid = crops.class_boxes[key], crops.class_grids[key]
+    box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
-    write_npz(out / "prob" / f"{crops.case_id}.npz", prob=prob_roi.astype(np.float16),
-              to_original=grid.to_original, box_lo=np.asarray(box.lo), box_hi=np.asarray(box.hi))
+    save_array(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
     prob = field_on_grid(model, i, original_box_grid(box), box, device, params.chunk_points, image=image)[..., 0]
     cleaned, report = clean_mask(prob >= params.threshold, expected, crops.spacing, params.cleanup)
     mask = np.zeros(crops.shape, dtype=bool)
@@ -318,7 +334,7 @@ def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] 
     for key in todo:
         params, field = run.params.stage1.for_class(key), state.fields[key]
         image = class_image(run, case_id, key, state.device) if params.model.appearance else None
-        repaired, report = repair_case(field.model, field.index_of[case_id], crops, case.label, stage1_dir(run, key),
+        repaired, report = repair_case(field.model, field.index_of[case_id], crops, case.label, run,
                                        key, run.table[key].expected_components, params, state.device, image)
         rows += score_case(case, run.table, key, repaired, report)
     order = {key: n for n, key in enumerate(repaired_classes(run, keys))}
@@ -330,7 +346,7 @@ def repaired_rows(run: Run, case_id: str, key: str, every_class_part: dict | Non
     all-class one, already read) holds under the current fit and parameters, while its mask and
     probabilities are on disk; ``None`` when it must be computed."""
     out = stage1_dir(run, key)
-    if not ((out / "masks" / f"{case_id}.nii.gz").is_file() and (out / "prob" / f"{case_id}.npz").is_file()):
+    if not ((out / "masks" / f"{case_id}.nii.gz").is_file() and stage1_probabilities(run, key, case_id).is_file()):
         return None
     want = shards.as_stored(repair_stamp(run, case_id, (key,)))
     for part in (every_class_part, shards.read_part(run, class_repair(key), case_id)):

@@ -5,10 +5,13 @@ Two grids per case, the same fusion on both (:func:`fusion.fuse_case`):
 * the **original grid** — the stage-1 M^ref NIfTI masks, which stage 1 already evaluated on the
   original voxels (``stage1/<key>/masks``) → ``stage2/labels/<case>.nii.gz`` with the source
   affine and header: L^ref for the user;
-* the **whole-heart ROI grid** of stage 3 — each class's stage-1 field is evaluated there
-  directly (through the affine chain, not by resampling masks), thresholded and cleaned like
-  M^ref → ``stage2/roi/<case>.npz`` (``labels``, ``to_original``) and a NIfTI on the ROI grid's
-  world affine (opens on top of the CT in any viewer).
+* the **whole-heart ROI grid** of stage 3, only where stage 3 learns on it
+  (``stage3.supervision: roi``; it learns on the original grid by default) — each class's stage-1
+  field is evaluated there directly (through the affine chain, not by resampling masks),
+  thresholded and cleaned like M^ref → ``stage2/roi/<case>.npz`` (``labels``, ``to_original``) and
+  a NIfTI on the ROI grid's world affine (opens on top of the CT in any viewer). That evaluation
+  is ten fields on up to 256^3 points: nine tenths of the stage's time on a real case, for a map
+  nothing else reads.
 
 Also written: ``stage2/audit.csv`` (case × rule × class: components removed, voxels changed,
 counts before/after), ``stage2/checks.csv`` (per case and class: components, at expected count,
@@ -76,20 +79,28 @@ def _write_roi(out: Path, crops: CaseCrops, result: FusionResult) -> None:
     write_nifti(out / "roi" / f"{crops.case_id}.nii.gz", result.labels, crops.heart_grid.world_affine(crops.affine))
 
 
-def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str, ClassField],
+def needs_roi_grid(run: Run) -> bool:
+    """Whether stage 2 also fuses on the whole-heart ROI grid: only stage 3's ``supervision: roi`` reads it."""
+    return run.params.stage3.supervision == "roi"
+
+
+def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str, ClassField] | None,
                   device: str) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict]]:
-    """Fuse one case on both grids and write it; returns (L^ref original, stage-1 masks, audit rows)."""
+    """Fuse one case on the original grid and, given the stage-1 ``fields``, on the ROI grid, and write
+    it; returns (L^ref original, stage-1 masks, audit rows)."""
     out = stage2_dir(run)
     params = run.params.stage2
     masks = original_masks(run, case.case_id, case.label.shape)
     result = fuse_case(masks, run.table, case.label.spacing, params, shape=case.label.shape)
     write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
-    roi_result = fuse_case(roi_masks(run, fields, crops, device), run.table,
-                           crops.heart_spacing, params,
-                           shape=crops.heart_grid.shape)
-    _write_roi(out, crops, roi_result)
-    audit = [{"case": case.case_id, "grid": grid, **row} for grid, res in (("original", result), ("roi", roi_result))
-             for row in res.audit_records()]
+    grids = [("original", result)]
+    if fields is not None:
+        roi_result = fuse_case(roi_masks(run, fields, crops, device), run.table,
+                               crops.heart_spacing, params,
+                               shape=crops.heart_grid.shape)
+        _write_roi(out, crops, roi_result)
+        grids.append(("roi", roi_result))
+    audit = [{"case": case.case_id, "grid": grid, **row} for grid, res in grids for row in res.audit_records()]
     audit += [{"case": case.case_id, "grid": "original", "rule": "absent", "key": k, "components_before": 0,
                "components_after": 0} for k in result.absent]
     return result.labels, masks, audit
@@ -97,16 +108,18 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
 
 @dataclass
 class Stage2State:
-    """What every case of a process needs: the device, the crops index and the stage-1 fields."""
+    """What every case of a process needs: the device, the crops index and, for the ROI grid
+    (:func:`needs_roi_grid`), the stage-1 fields."""
 
     device: str
     index: dict[str, CaseCrops]
-    fields: dict[str, ClassField]
+    fields: dict[str, ClassField] | None
 
 
 def stage2_setup(run: Run) -> Stage2State:
     device = resolve_device(run.params.run.device)
-    return Stage2State(device, load_crops_index(prepared_dir(run)), load_stage1_fields(run, device))
+    fields = load_stage1_fields(run, device) if needs_roi_grid(run) else None
+    return Stage2State(device, load_crops_index(prepared_dir(run)), fields)
 
 
 def stage2_case(run: Run, case_id: str, state: Stage2State) -> shards.Rows:
@@ -126,7 +139,7 @@ def stage2_stamp(run: Run, case_id: str) -> dict:
     fits = {cls.key: [shards.file_stamp(stage1_dir(run, cls.key) / "ckpt" / name) for name in ("last.pt", "best.pt")]
             for cls in run.table}
     return {"params": {name: dataclasses.asdict(getattr(p, name)) for name in ("prepare", "stage1", "stage2")},
-            "classes": run.table.keys, "fits": fits}
+            "classes": run.table.keys, "fits": fits, "roi_grid": needs_roi_grid(run)}
 
 
 def write_stage2(run: Run, rows: shards.Rows) -> dict[str, pd.DataFrame]:

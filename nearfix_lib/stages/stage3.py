@@ -1,7 +1,7 @@
 """Stage 3 on a run: distil L^ref (and the stage-1 fields) into the unified model, decode, score.
 
 Inputs: ``stage2/labels/<case>.nii.gz`` (L^ref on the original grid, learnt inside the whole-heart
-box; ``stage3.supervision: roi`` reads ``stage2/roi/<case>.npz`` instead), ``stage1/<key>/prob/<case>.npz``
+box; ``stage3.supervision: roi`` reads ``stage2/roi/<case>.npz`` instead), ``stage1/<key>/prob/<case>.npy``
 (the stage-1 probabilities, the distillation teachers) and ``prepared/crops.json`` (geometry).
 Outputs in ``<run>/stage3/``: ``cases/<case>/`` (the per-case store the fit reads, written once per
 case, see :mod:`nearfix_lib.field.store`), ``ckpt/`` (the fit, resumable), ``unified.pt`` (the artifact),
@@ -34,7 +34,7 @@ import torch
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.config import Params, Stage3Params, load_params
-from nearfix_lib.core.geometry import Box, resample, roi_box, roi_grid, voxel_spacing
+from nearfix_lib.core.geometry import resample, roi_box, roi_grid, voxel_spacing
 from nearfix_lib.core.io import InputError, read_label, write_nifti, write_text
 from nearfix_lib.core.scores import pivot, score_labels, scores_frame, write_scores
 from nearfix_lib.core.workspace import (
@@ -42,7 +42,7 @@ from nearfix_lib.core.workspace import (
     decode_dir,
     file_signature,
     prepared_dir,
-    stage1_dir,
+    stage1_probabilities,
     stage2_dir,
     stage3_cases_dir,
     stage3_dir,
@@ -56,6 +56,7 @@ from nearfix_lib.field.train import (
     fit,
     init_distributed_from_env,
     load_for_inference,
+    validation_cases,
 )
 from nearfix_lib.field.unified import CaseGeometry, Teacher, UnifiedModel, UnifiedTask, fit_thresholds, teacher_affine
 from nearfix_lib.phantom.dataset import make_case
@@ -78,21 +79,20 @@ def geometry_of(crops: CaseCrops) -> CaseGeometry:
     return CaseGeometry(crops.shape, crops.affine, crops.heart_box, crops.heart_grid)
 
 
-def _teacher_path(run: Run, key: str, case_id: str) -> Path:
-    return stage1_dir(run, key) / "prob" / f"{case_id}.npz"
-
-
 def load_teachers(run: Run, crops: CaseCrops) -> list[Teacher]:
-    """The stage-1 ROI probabilities of every class this case has (classes without one are skipped)."""
+    """The stage-1 ROI probabilities of every class this case has (classes without one are skipped),
+    memory-mapped from stage 1's files: a store records where they lie instead of copying them."""
     out = []
     for k, cls in enumerate(run.table):
-        path = _teacher_path(run, cls.key, crops.case_id)
+        path = stage1_probabilities(run, cls.key, crops.case_id)
         if not path.is_file():
             continue
-        with np.load(path) as z:
-            prob = z["prob"].astype(np.float16)
-            box = Box(tuple(int(v) for v in z["box_lo"]), tuple(int(v) for v in z["box_hi"]))
-        out.append(Teacher(k, prob, teacher_affine(crops.heart_box, box)))
+        prob = np.load(path, mmap_mode="r", allow_pickle=False)
+        grid = crops.class_grids[cls.key]
+        if prob.dtype != np.uint8 or prob.shape != tuple(grid.shape):
+            raise InputError(path, f"{prob.dtype} {prob.shape}, not uint8 on the class ROI grid {tuple(grid.shape)}; "
+                                   "rerun the repair (nearfix run repair)")
+        out.append(Teacher(k, prob, teacher_affine(crops.heart_box, crops.class_boxes[cls.key]), path))
     return out
 
 
@@ -127,7 +127,7 @@ def store_spec(table: ClassTable, params: Stage3Params) -> StoreSpec:
 def case_source(run: Run, crops: CaseCrops, with_teachers: bool = True) -> dict:
     """What identifies a case's stage-3 inputs without reading them: the L^ref file and every teacher
     file (:func:`file_signature`) and the heart box. Raises FileNotFoundError without L^ref."""
-    teachers = [_teacher_path(run, cls.key, crops.case_id) for cls in run.table] if with_teachers else []
+    teachers = [stage1_probabilities(run, cls.key, crops.case_id) for cls in run.table] if with_teachers else []
     return {"supervision": run.params.stage3.supervision, "shape": list(crops.shape),
             "heart_box": crops.heart_box.to_dict(), "labels": file_signature(run, _supervision_path(run, crops)),
             "teachers": [file_signature(run, p) for p in teachers if p.is_file()]}
@@ -202,9 +202,17 @@ def make_artifact(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage
     return unified
 
 
+def threshold_case_indices(n_cases: int, params: Stage3Params, seed: int) -> list[int]:
+    """The training cases the thresholds are fitted on: ``threshold_cases`` of them, drawn like the
+    fit's validation cases (a fixed seeded subset; every case when there are not more)."""
+    return validation_cases(n_cases, params.threshold_cases, seed)
+
+
 def assemble(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data, params: Stage3Params) -> UnifiedModel:
-    """F_Θ with thresholds fitted on the training cases, decoded one case at a time (counts, not maps, are kept)."""
-    pairs = ((task.probabilities(model, i), data.store.labels(i)) for i in range(task.n_cases))  # one case mapped
+    """F_Θ with thresholds fitted on :func:`threshold_case_indices`, decoded one case at a time
+    (counts, not maps, are kept): a cost that does not grow with the number of cases."""
+    chosen = threshold_case_indices(task.n_cases, params, run.params.run.seed)
+    pairs = ((task.probabilities(model, i), data.store.labels(i)) for i in chosen)  # one case mapped
     thresholds = fit_thresholds(pairs, run.table, params.threshold_candidates)
     return UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
                         device=task.device, chunk_points=params.chunk_points)
