@@ -133,10 +133,9 @@ def test_report_takes_stage2s_rows_or_scores_them_itself_alike(fitted, unsharded
     report.run_compare(run, progress=False)
     assert set(scored) == {"gaussian", "closing"}  # no stage-3 map in this run
     assert table_bytes(run.dir) == unsharded
-    for cid in ("1", "2"):  # one part gone, one stale (another stamp): those cases are scored here
-        (run.dir / "stage2" / "parts" / f"{cid}.json").unlink() if cid == "1" else \
-            (run.dir / "stage2" / "parts" / f"{cid}.json").write_text(
-                (run.dir / "stage2" / "parts" / f"{cid}.json").read_text().replace('"roi_grid": false', '"roi_grid": true'))
+    parts = run.dir / "stage2" / "parts"  # one part gone, one stale (another stamp): those cases are scored here
+    (parts / "1.json").unlink()
+    (parts / "2.json").write_text((parts / "2.json").read_text().replace('"roi_grid": false', '"roi_grid": true'))
     shutil.rmtree(run.dir / "report")
     scored.clear()
     report.run_compare(run, progress=False)
