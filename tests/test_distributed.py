@@ -2,9 +2,9 @@
 unified task of stage 3 (with and without mining) and the per-class task of stage 1, each reading
 its cases from a store on disk as under torchrun.
 
-Both see the same global batch of 4 cases per step: the two ranks draw it with the same RNG and
-keep 2 cases each, DDP averages their gradients, so every update equals the one-process update
-up to float rounding.
+Both see the same global batch of 4 cases per step: each rank draws (and maps from the store) only
+its 2 cases, with the per-case random streams the one process uses for them, DDP averages the
+ranks' gradients, so every update equals the one-process update up to float rounding.
 
 What is compared is what DDP guarantees, each with a tolerance that does not hinge on one rounding
 pattern (it holds whatever thread count the reference runs on; the test still runs every process
@@ -83,14 +83,17 @@ TASKS = {"plain": (partial(unified_task, sampling=SAMPLING), len(T)),
          "stage1": (stage1_task, 1)}
 
 
-def _fit(out_dir, setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fit; returns the gradients the first optimiser step applied (after DDP's averaging) and the
-    final weights of this process's model."""
+def _fit(out_dir, setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[list[int]]]:
+    """Fit; returns the gradients the first optimiser step applied (after DDP's averaging), the
+    final weights of this process's model and the cases of every batch this process drew."""
     # the ranks of a DDP fit share out_dir, so they write (the same bytes of) the same store, as under torchrun
     make_task, heads = setup
     torch.manual_seed(0)
     model = ImplicitField(4, SMALL_MODEL, n_heads=heads)
     task = make_task(out_dir)
+    drawn: list[list[int]] = []
+    batch = task.batch
+    task.batch = lambda idx, epoch: drawn.append([int(i) for i in idx]) or batch(idx, epoch)
     names = {id(p): name for name, p in model.named_parameters()}
     first: dict[str, torch.Tensor] = {}
 
@@ -104,15 +107,15 @@ def _fit(out_dir, setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
         fit(model, task, TRAIN, out_dir, device="cpu", seed=0, progress=False)
     finally:
         handle.remove()
-    return first, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return first, {k: v.detach().clone() for k, v in model.state_dict().items()}, drawn
 
 
 def _worker(rank, world, init_file, out_dir, setup):
     torch.set_num_threads(THREADS)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        grads, weights = _fit(out_dir, setup)
-        torch.save({"grads": grads, "weights": weights}, Path(out_dir) / f"rank{rank}.pt")
+        grads, weights, drawn = _fit(out_dir, setup)
+        torch.save({"grads": grads, "weights": weights, "drawn": drawn}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -123,9 +126,12 @@ def run_both(tmp_path, setup, threads: int = THREADS):
     mp.spawn(_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path / "ddp"), setup), nprocs=WORLD,
              join=True)
     with torch_threads(threads):
-        single_grads, _ = _fit(tmp_path / "single", setup)
+        single_grads, _, drawn = _fit(tmp_path / "single", setup)
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(WORLD)]
     ddp, single = (load_checkpoint(tmp_path / name / "last.pt") for name in ("ddp", "single"))
+    # each rank drew only its half of every batch: the two halves are the one process's batch
+    assert all(len(half) == len(whole) // WORLD for r in ranks for half, whole in zip(r["drawn"], drawn))
+    assert [a + b for a, b in zip(ranks[0]["drawn"], ranks[1]["drawn"])] == drawn
     return ranks, single_grads, ddp, single
 
 
@@ -182,9 +188,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch, task):
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused():
-    from nearfix_lib.field.train import _shard
+    from nearfix_lib.field.train import _share
 
-    batch = {"case": torch.arange(3), "points": torch.zeros(3, 5, 3)}
-    assert _shard({"case": torch.arange(4)}, 4, 1, 2)["case"].tolist() == [2, 3]
+    assert _share(np.array([7, 1, 4, 2]), 1, 2).tolist() == [4, 2]
     with pytest.raises(ValueError, match="split evenly"):
-        _shard(batch, 3, 0, 2)
+        _share(np.arange(3), 0, 2)

@@ -172,22 +172,27 @@ def test_empty_mask_draws_uniform_points(tmp_path):
     assert np.abs(pts.mean(axis=1)).max() < 0.1
 
 
-def test_determinism_and_state_round_trip(tmp_path):
+def test_draws_are_keyed_by_seed_epoch_and_case(tmp_path):
+    """A case's points depend on (seed, epoch, case) only: not on the batch it is drawn in nor on what
+    was drawn before, which lets a torchrun rank draw its own cases alone and a fit resume without state."""
     masks = [blob(), corner_slab()]
 
     def make(seed):
         return band_sampler(tmp_path, masks, params(), seed)
 
     a, b = make(7), make(7)
-    assert all(np.array_equal(x, y) for x, y in zip(a.sample([0, 1], 1), b.sample([0, 1], 1)))
-    assert not np.array_equal(a.sample([0, 1], 2)[0], make(8).sample([0, 1], 1)[0])
+    pair = a.sample([0, 1], 1)
+    assert all(np.array_equal(x, y) for x, y in zip(pair, b.sample([0, 1], 1)))
+    swapped, alone = b.sample([1, 0], 1), make(7).sample([1], 1)
+    assert all(np.array_equal(x[::-1], y) and np.array_equal(x[1:], z) for x, y, z in zip(pair, swapped, alone))
+    assert not np.array_equal(pair[0], a.sample([0, 1], 2)[0])  # another epoch
+    assert not np.array_equal(pair[0], make(8).sample([0, 1], 1)[0])  # another seed
 
-    state = pickle.dumps(a.state_dict())
-    expected = a.sample([1, 0], 150)
-    resumed = make(123)
-    resumed.load_state_dict(pickle.loads(state))
-    got = resumed.sample([1, 0], 150)
-    assert all(np.array_equal(x, y) for x, y in zip(expected, got))
+    resumed = make(7)
+    resumed.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    assert all(np.array_equal(x, y) for x, y in zip(a.sample([1, 0], 150), resumed.sample([1, 0], 150)))
+    with pytest.raises(ValueError, match="start it again"):  # a checkpoint of the one-stream sampler
+        resumed.load_state_dict({"bit_generator": np.random.PCG64(7).state})
 
 
 def balanced(tmp_path, maps, classes, params, seed):
@@ -275,10 +280,12 @@ def test_class_balanced_state_round_trip(tmp_path):
     a = balanced(tmp_path, maps, [2, 3, 9], p, seed=4)
     a.sample([0, 1], 1)
     state = pickle.dumps(a.state_dict())
-    expected = a.sample([1, 1, 0], 2)
-    b = balanced(tmp_path, maps, [2, 3, 9], p, seed=99)
+    expected = a.sample([1, 0], 2)
+    b = balanced(tmp_path, maps, [2, 3, 9], p, seed=4)
     b.load_state_dict(pickle.loads(state))
-    assert all(np.array_equal(x, y) for x, y in zip(expected, b.sample([1, 1, 0], 2)))
+    assert all(np.array_equal(x, y) for x, y in zip(expected, b.sample([1, 0], 2)))
+    alone = balanced(tmp_path, maps, [2, 3, 9], p, seed=4).sample([0], 2)  # keyed by case: the batch does not matter
+    assert all(np.array_equal(x[1:], y) for x, y in zip(expected, alone))
 
 
 def test_sparse_round_trip():
@@ -352,12 +359,12 @@ def test_mined_voxels_survive_a_checkpoint(tmp_path):
     a.set_mined(1, np.array([[3, 2, 4], [16, 10, 12]]))
     state = pickle.dumps(a.state_dict())
     expected = a.sample([1, 0], 7)
-    b = balanced(tmp_path, maps, [2, 3, 8], p, seed=0)
+    b = balanced(tmp_path, maps, [2, 3, 8], p, seed=5)
     b.load_state_dict(pickle.loads(state))
     assert b.mined_count(1) == 2 and b.mined_count(0) == 0
     assert all(np.array_equal(x, y) for x, y in zip(expected, b.sample([1, 0], 7)))
     old = pickle.loads(state)
     del old["mined"]  # a checkpoint written before mining existed
-    c = balanced(tmp_path, maps, [2, 3, 8], p, seed=0)
+    c = balanced(tmp_path, maps, [2, 3, 8], p, seed=5)
     c.load_state_dict(old)
     assert c.mined_count(1) == 0

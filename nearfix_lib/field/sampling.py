@@ -253,24 +253,35 @@ class LabelStore(Protocol):
 
 # -- samplers ------------------------------------------------------------------------------------------
 
-class _CheckpointableRNG:
-    """One PCG64 stream per sampler, whose state goes into and comes back from checkpoints."""
+class _CaseStreams:
+    """The draws for one case at one epoch come from their own PCG64 stream, keyed by (seed, epoch,
+    case), not from one stream that every case of every batch advances in turn.
+
+    A case is drawn once per epoch (the fit takes a permutation of the cases), so every key is
+    used once. Any process can draw any case's points alone and gets what every other process
+    would: a torchrun rank samples (and maps) only its own share of a batch's cases, and K ranks
+    give the points of one; a resumed fit draws the same points with no generator state to carry.
+    """
+
+    STREAMS = "per (seed, epoch, case)"
 
     def __init__(self, seed: int):
-        self._rng = np.random.Generator(np.random.PCG64(seed))
+        self.seed = int(seed)
+
+    def rng(self, epoch: int, case: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64([self.seed, int(epoch), int(case)]))
 
     def state_dict(self) -> dict:
-        """Plain picklable data (dicts, strings and ints) that :meth:`load_state_dict` restores."""
-        return {"bit_generator": self._rng.bit_generator.state}
+        """Plain picklable data that :meth:`load_state_dict` checks (the streams need no state)."""
+        return {"streams": self.STREAMS}
 
     def load_state_dict(self, state: dict) -> None:
-        bit_state = state["bit_generator"]
-        if bit_state.get("bit_generator") != "PCG64":
-            raise ValueError(f"sampler state is for {bit_state.get('bit_generator')!r}, not PCG64")
-        self._rng.bit_generator.state = bit_state
+        if state.get("streams") != self.STREAMS:
+            raise ValueError("the checkpoint's sampler drew every case from one stream (a fit started before "
+                             "per-case streams): it cannot resume with the same points; start it again")
 
 
-class BandSampler(_CheckpointableRNG):
+class BandSampler(_CaseStreams):
     """Surface-biased points and binary targets for per-class fits over many cases.
 
     Each case lives on its own ROI grid (any shape; cases may differ) in a :class:`MaskStore`,
@@ -310,17 +321,18 @@ class BandSampler(_CheckpointableRNG):
         points = np.empty((len(case_indices), n, 3), dtype=np.float32)
         targets = np.empty((len(case_indices), n), dtype=np.float32)
         for b, case in enumerate(case_indices):
+            rng = self.rng(epoch, case)
             shape, band_size = self.store.shape(case), self.store.band_size(case)
             k = n_band if band_size else 0
-            cells = (self.store.band_at(case, self._rng.integers(0, band_size, k)) if k  # mapped for this call only
+            cells = (self.store.band_at(case, rng.integers(0, band_size, k)) if k  # mapped for this call only
                      else np.zeros((0, 3), dtype=np.int64))
-            points[b, :k] = _cell_points(cells, shape, self._rng, self.params.jitter)
-            points[b, k:] = self._rng.uniform(-1.0, 1.0, (n - k, 3))
+            points[b, :k] = _cell_points(cells, shape, rng, self.params.jitter)
+            points[b, k:] = rng.uniform(-1.0, 1.0, (n - k, 3))
             targets[b] = self.store.foreground_at(case, cell_index(points[b], shape))  # mapped for this call only
         return points, targets
 
 
-class ClassBalancedSampler(_CheckpointableRNG):
+class ClassBalancedSampler(_CaseStreams):
     """Class-balanced points and integer labels for the unified multi-class fit.
 
     The cases live in a :class:`LabelStore`: per case the sampler keeps nothing but its mined
@@ -392,12 +404,13 @@ class ClassBalancedSampler(_CheckpointableRNG):
         points = np.empty((len(case_indices), n, 3), dtype=np.float32)
         labels = np.empty((len(case_indices), n), dtype=np.int64)
         for b, case in enumerate(case_indices):
+            rng = self.rng(epoch, case)
             shape = self.store.shape(case)
             volume = self.store.labels(case)  # mapped for this case only
             cumulative = self.store.cumulative(case)
             rows = volume.reshape(-1, shape[2])
-            parts = [_cell_points(_draw_class(rows, cumulative[k], c, p.positives_per_class, self._rng, shape),
-                                  shape, self._rng, jitter)
+            parts = [_cell_points(_draw_class(rows, cumulative[k], c, p.positives_per_class, rng, shape),
+                                  shape, rng, jitter)
                      for k, c in enumerate(self.classes) if self.store.present(case, c)]
             n_neg = n - p.positives_per_class * len(parts)
             band_size = self.store.band_size(case)
@@ -405,12 +418,12 @@ class ClassBalancedSampler(_CheckpointableRNG):
             mined = self._mined[case]
             n_mined = min(p.mined, n_band) if len(mined) else 0
             if n_band - n_mined:
-                picked = self.store.band_at(case, self._rng.integers(0, band_size, n_band - n_mined))
-                parts.append(_cell_points(picked, shape, self._rng, jitter))
+                picked = self.store.band_at(case, rng.integers(0, band_size, n_band - n_mined))
+                parts.append(_cell_points(picked, shape, rng, jitter))
             if n_mined:
-                picked = mined[self._rng.integers(0, len(mined), n_mined)]
-                parts.append(_cell_points(picked, shape, self._rng, jitter))
-            parts.append(self._rng.uniform(-1.0, 1.0, (n_neg - n_band, 3)))
+                picked = mined[rng.integers(0, len(mined), n_mined)]
+                parts.append(_cell_points(picked, shape, rng, jitter))
+            parts.append(rng.uniform(-1.0, 1.0, (n_neg - n_band, 3)))
             points[b] = np.concatenate(parts, axis=0)
             cells = cell_index(points[b], shape)
             labels[b] = self._lut[volume[cells[:, 0], cells[:, 1], cells[:, 2]]]

@@ -216,9 +216,9 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
         sums: dict[str, float] = {}
         for s in range(steps_per_epoch):
             idx = order[s * params.cases_per_batch:(s + 1) * params.cases_per_batch]
-            batch = task.batch(idx, epoch)  # every rank draws the global batch (same RNG) ...
-            if world > 1:  # ... and keeps its share of the cases
-                batch = _shard(batch, len(idx), rank, world)
+            # every rank draws only its share of the cases: the draws are keyed by case, so the
+            # K shares are the batch one process would draw (field.sampling._CaseStreams)
+            batch = task.batch(_share(idx, rank, world) if world > 1 else idx, epoch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -307,13 +307,13 @@ def _wrap_distributed(model: torch.nn.Module, device: str) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def _shard(batch: dict[str, torch.Tensor], n_cases: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """This rank's equal share of a batch's cases (leading dimension of every tensor)."""
-    if n_cases % world:
+def _share(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's equal share of a batch's case indices."""
+    if len(idx) % world:
         raise ValueError(f"train.cases_per_batch (and the case count) must split evenly over {world} "
-                         f"processes; a step has {n_cases} cases")
-    per = n_cases // world
-    return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+                         f"processes; a step has {len(idx)} cases")
+    per = len(idx) // world
+    return idx[rank * per:(rank + 1) * per]
 
 
 def _mean_over_ranks(values: dict[str, float], device: str) -> dict[str, float]:
