@@ -2,6 +2,8 @@
 
     python -m benchmarks.scale scale --sizes 8 32 --out outputs/scale       # N cases of 160x160x128
     python -m benchmarks.scale realsize --out outputs/realsize              # one case of 512x512x275
+    python -m benchmarks.scale ratio --before-code ../old --before-run ../old/outputs/realsize/run \
+        --after-run outputs/realsize/run --out outputs/ratio                # stage 2 and report again, old vs new
 
 Why: a real data set has hundreds to a thousand cases of 512x512x~300 voxels (0.35x0.35x0.5 mm).
 Two things decide whether a stage runs on it. Whatever a stage holds for *every case at once*
@@ -171,15 +173,15 @@ def run_overrides(data_root: Path, n_cases: int, run_dir: Path, device: str, ext
             "data.data_root": str(data_root), "data.max_cases": n_cases, **extra}
 
 
-def _spawn(cmd: list[str], log: Path, timeout_s: float) -> tuple[int, float, bool]:
+def _spawn(cmd: list[str], log: Path, timeout_s: float, project: Path = PROJECT) -> tuple[int, float, bool]:
     """Run ``cmd`` in the project with its output in ``log``: (exit code, its peak RSS in MB as
     the kernel reports it at exit, whether it was killed for time). That RSS comes from wait4, so
     a process killed for memory still has one; it is ``ru_maxrss``, which counts this process's
     RSS at the start too (see :func:`peak_rss_mb`): an upper bound, used when the child reports none."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(project), os.environ.get("PYTHONPATH")) if p)}
     expired = threading.Event()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=project, env=env)
         timer = threading.Timer(timeout_s, lambda: (expired.set(), proc.kill()))
         timer.start()
         try:
@@ -200,13 +202,14 @@ def disk_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
 
 
-def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeout_s: float) -> dict:
-    """One stage in a fresh process: its row (``REALSIZE_COLUMNS``); ``disk_mb`` is what the
-    stage added to the run folder."""
+def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeout_s: float,
+                  project: Path = PROJECT) -> dict:
+    """One stage in a fresh process, with the code of the checkout ``project``: its row
+    (``REALSIZE_COLUMNS``); ``disk_mb`` is what the stage added to the run folder."""
     before, t0 = disk_mb(run_dir), time.perf_counter()
     cmd = [sys.executable, "-m", "benchmarks.scale", "_stage", stage, "--run-dir", str(run_dir),
            "--params", str(params_file)]
-    code, rss_mb, expired = _spawn(cmd, log, timeout_s)
+    code, rss_mb, expired = _spawn(cmd, log, timeout_s, project)
     row = {"stage": stage, "peak_rss_mb": rss_mb, "wall_s": time.perf_counter() - t0, "base_rss_mb": float("nan"),
            "status": f"failed: exit code {code} (killed for memory?), see {log}"}
     if expired:
@@ -334,6 +337,50 @@ def realsize(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
     return table
 
 
+STAGE_FOLDERS = {"prepare": "prepared", "stage1": "stage1", "stage2": "stage2", "stage3": "stage3", "report": "report"}
+RATIO_COLUMNS = ["stage", "before_s", "after_s", "ratio", "before_peak_rss_mb", "after_peak_rss_mb", "status"]
+
+
+def ratio(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
+    """Stages measured again, before and after a change, in one script on one machine: each finished
+    run folder (``--before-run``, made by the code of ``--before-code``; ``--after-run``, by this
+    checkout) is copied, the stages' folders are removed from the copy and the stages run again
+    in a fresh process each, before and after in turn, with the code that made the run."""
+    import pandas as pd
+
+    out = Path(args.out).resolve()
+    sides = {"before": (Path(args.before_code).resolve(), Path(args.before_run).resolve()),
+             "after": (PROJECT, Path(args.after_run).resolve())}
+    runs = {}
+    for side, (_, source) in sides.items():
+        runs[side] = out / side / "run"
+        if runs[side].exists():
+            shutil.rmtree(runs[side])
+        shutil.copytree(source, runs[side])
+        for stage in args.stages:
+            shutil.rmtree(runs[side] / STAGE_FOLDERS[stage], ignore_errors=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for stage in args.stages:
+        measured = {}
+        for side, (code, _) in sides.items():
+            print(f"{side}: {stage} ...", flush=True)
+            measured[side] = measure_stage(stage, runs[side], runs[side] / "params.yaml",
+                                           out / "logs" / f"{side}_{stage}.log", args.timeout_s, project=code)
+            print(f"  {measured[side]['status']}: {measured[side]['wall_s']:.1f} s", flush=True)
+        b, a = measured["before"], measured["after"]
+        status = "ok" if b["status"] == a["status"] == "ok" else f"before {b['status']}; after {a['status']}"
+        rows.append({"stage": stage, "before_s": b["wall_s"], "after_s": a["wall_s"],
+                     "ratio": a["wall_s"] / b["wall_s"], "before_peak_rss_mb": b["peak_rss_mb"],
+                     "after_peak_rss_mb": a["peak_rss_mb"], "status": status})
+    table = pd.DataFrame(rows, columns=RATIO_COLUMNS)
+    text = (f"Wall time of each stage run again on a copy of a finished run, before (`{args.before_code}`, "
+            f"on its own run) and after (this checkout), in turn, each stage in a fresh process; ratio = "
+            "after / before.\n\n" + table.to_markdown(index=False, floatfmt=".2f") + "\n")
+    _write(out, "ratio", table, text, argv)
+    return table
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 def _child_main(argv: list[str]) -> int:
@@ -366,6 +413,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="dotted keys as YAML/JSON, applied after the short fits, e.g. '{stage1.classes: [LV]}'")
         p.add_argument("--device", default="cpu")
         p.add_argument("--timeout-s", type=float, default=4 * 3600, help="per stage")
+    p = sub.add_parser("ratio", help="stages run again, before and after a change, on copies of finished runs")
+    p.add_argument("--before-code", required=True, help="a checkout of the code before the change")
+    p.add_argument("--before-run", required=True, help="a run folder that code finished (e.g. realsize's run/)")
+    p.add_argument("--after-run", required=True, help="a run folder this checkout finished")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=["stage2", "report"])
+    p.add_argument("--out", default="outputs/ratio")
+    p.add_argument("--timeout-s", type=float, default=4 * 3600, help="per stage")
     return ap
 
 
@@ -374,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_stage"]:
         return _child_main(argv[1:])
     args = _parser().parse_args(argv)
-    table = (scale if args.command == "scale" else realsize)(args, argv)
+    table = {"scale": scale, "realsize": realsize, "ratio": ratio}[args.command](args, argv)
     return 0 if (table["status"] == "ok").all() else 1
 
 

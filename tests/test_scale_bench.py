@@ -45,6 +45,25 @@ def test_the_page_is_rendered_from_the_csv_and_stamped(tiny_scale):
     assert f"{table['peak_rss_mb'].iloc[0]:.1f}" in page and "## Growth per case, extrapolated to 1,000" in page
 
 
+def test_ratio_runs_the_stages_again_on_copies_before_and_after(tiny_scale, tmp_path):
+    """Both sides here are this checkout on the N = 2 run: the machinery, not a speed-up."""
+    out, _, _ = tiny_scale
+    run = out / "runs" / "n2"
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    code = main(["ratio", "--before-code", ".", "--before-run", str(run), "--after-run", str(run),
+                 "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "ratio.csv")
+    assert code == 0 and list(table["stage"]) == ["stage2", "report"] and (table["status"] == "ok").all()
+    assert list(table.columns[:4]) == ["stage", "before_s", "after_s", "ratio"]
+    assert ((table["before_s"] > 0) & (table["after_s"] > 0)).all()
+    assert (table["ratio"] - table["after_s"] / table["before_s"]).abs().max() < 1e-12
+    for side in ("before", "after"):  # the stages ran again in the copies ...
+        assert (tmp_path / side / "run" / "stage2" / "scores.csv").is_file()
+        assert (tmp_path / side / "run" / "report" / "scores.csv").is_file()
+    assert before == {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}  # ... not here
+    assert (tmp_path / "ratio.md").read_text().startswith("# Benchmark: ratio")
+
+
 def test_growth_per_case_and_extrapolation_to_1000_cases():
     rows = pd.DataFrame([("stage1", 8, 500.0, 10.0, "ok"), ("stage1", 32, 980.0, 34.0, "ok"),
                          ("stage3", 32, 2000.0, 5.0, "ok"), ("stage3", 8, 800.0, 1.0, "ok"),

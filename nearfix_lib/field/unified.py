@@ -195,8 +195,8 @@ class UnifiedTask:
         the band around its L^ref boundaries and give the sampler the voxels decoded wrong, grown
         by one voxel — the other side of a misplaced boundary, which the decoder must not overshoot into.
 
-        Every process of a distributed fit runs it for every case on the same weights, so all
-        ranks keep drawing the same global batch without exchanging the voxels.
+        Every process of a distributed fit runs it for every case on the same weights, so whichever
+        rank draws a case later draws it from the same mined voxels, without exchanging them.
         """
         if not mining_due(self.sampler.params, epoch - 1):
             return
