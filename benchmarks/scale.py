@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -218,14 +219,22 @@ def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeo
     return {**row, "disk_mb": disk_mb(run_dir) - before}
 
 
-def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float) -> list[dict]:
+STAGE_FOLDERS = {"prepare": "prepared", "stage1": "stage1", "stage2": "stage2", "stage3": "stage3", "report": "report"}
+
+
+def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float,
+               again: Sequence[str] = ()) -> list[dict]:
     """Every stage in order on a fresh run folder (a stage that resumes would measure nothing);
-    a failed stage is recorded and the next ones still run (and fail on what is missing)."""
-    if run_dir.exists():
+    a failed stage is recorded and the next ones still run (and fail on what is missing). With
+    ``again``: only those stages, on the run folder as it is, their own folders removed first."""
+    if again:
+        for stage in again:
+            shutil.rmtree(run_dir / STAGE_FOLDERS[stage], ignore_errors=True)
+    elif run_dir.exists():
         shutil.rmtree(run_dir)
     logs.mkdir(parents=True, exist_ok=True)
     rows = []
-    for stage in STAGES:
+    for stage in again or STAGES:
         print(f"{run_dir.name}: {stage} ...", flush=True)
         row = measure_stage(stage, run_dir, params_file, logs / f"{run_dir.name}_{stage}.log", timeout_s)
         print(f"  {row['status']}: peak RSS {row['peak_rss_mb']:.0f} MB, {row['wall_s']:.0f} s, "
@@ -330,14 +339,22 @@ def realsize(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
     run_dir = out / "run"
     params = write_params(out / "params.yaml", args.params,
                           run_overrides(out / "data", 1, run_dir, args.device, args.overrides))
-    table = pd.DataFrame(run_stages(run_dir, out / "params.yaml", out / "logs", args.timeout_s))
-    table = table.reindex(columns=REALSIZE_COLUMNS)
-    text = _conditions(params, args.shape, args.spacing) + "\n" + table.to_markdown(index=False, floatfmt=".1f") + "\n"
+    again = [stage for stage in STAGES if stage in args.again]  # in pipeline order
+    rows = run_stages(run_dir, out / "params.yaml", out / "logs", args.timeout_s, again)
+    table = pd.DataFrame(rows).reindex(columns=REALSIZE_COLUMNS)
+    note = ""
+    if again:  # the other stages' rows as the earlier run measured them
+        earlier = pd.read_csv(out / "realsize.csv").set_index("stage")
+        earlier.loc[again] = table.set_index("stage").loc[again]
+        table = earlier.reindex(list(STAGES)).reset_index()[REALSIZE_COLUMNS]
+        note = (f"Measured again with this code version, on the run folder of the earlier run: {', '.join(again)}; "
+                "the other rows are that run's.\n\n")
+    text = (_conditions(params, args.shape, args.spacing) + "\n" + note
+            + table.to_markdown(index=False, floatfmt=".1f") + "\n")
     _write(out, "realsize", table, text, argv)
     return table
 
 
-STAGE_FOLDERS = {"prepare": "prepared", "stage1": "stage1", "stage2": "stage2", "stage3": "stage3", "report": "report"}
 RATIO_COLUMNS = ["stage", "before_s", "after_s", "ratio", "before_peak_rss_mb", "after_peak_rss_mb", "status"]
 
 
@@ -405,6 +422,9 @@ def _parser() -> argparse.ArgumentParser:
                                       f"of {' x '.join(map(str, shape))} voxels")
         if name == "scale":
             p.add_argument("--sizes", type=int, nargs="+", default=[8, 32], help="numbers of cases")
+        else:
+            p.add_argument("--again", nargs="+", choices=STAGES, default=[],
+                           help="measure only these stages again, on the run folder and realsize.csv in --out")
         p.add_argument("--shape", type=int, nargs=3, default=shape, help="voxels per case")
         p.add_argument("--spacing", type=float, nargs=3, default=spacing, help="voxel size in mm")
         p.add_argument("--out", default=out)

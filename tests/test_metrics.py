@@ -542,3 +542,17 @@ def test_case_report():
     pv = frame.set_index("key").loc["PV"]
     assert math.isnan(pv["hd95"]) and pv["n_comp"] == 0 and pv["dice"] == 0.0
 
+
+
+def test_surface_distances_do_not_depend_on_the_thread_count(monkeypatch):
+    """The distance transforms run on the cores the process may use (OMP_NUM_THREADS caps them)."""
+    rng = np.random.default_rng(11)
+    a = ndimage.binary_dilation(rng.random((41, 37, 29)) > 0.995, iterations=3)
+    b = ndimage.binary_dilation(rng.random((41, 37, 29)) > 0.995, iterations=2)
+    results = []
+    for threads in ("1", "2", "4"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        results.append(M._nearest_distances(a, b, (0.7, 0.9, 1.3)))
+    assert M._cpu_threads() <= 4 and all(np.array_equal(results[0], r) for r in results[1:])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert M._cpu_threads() == 1

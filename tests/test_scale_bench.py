@@ -64,6 +64,21 @@ def test_ratio_runs_the_stages_again_on_copies_before_and_after(tiny_scale, tmp_
     assert (tmp_path / "ratio.md").read_text().startswith("# Benchmark: ratio")
 
 
+def test_realsize_measures_named_stages_again_and_keeps_the_other_rows(tmp_path):
+    tiny = ["--shape", "40", "36", "30", "--spacing", "3.5", "3.5", "4.0", "--params", "params/test.yaml",
+            "--overrides", "{stage1.classes: [LV], stage1.train.epochs: 20, stage1.train.eval_interval: 20}"]
+    assert main(["realsize", "--out", str(tmp_path), *tiny]) == 0
+    first = pd.read_csv(tmp_path / "realsize.csv").set_index("stage")
+    stamp = (tmp_path / "run" / "stage1" / "LV" / "ckpt" / "last.pt").stat().st_mtime_ns
+    assert main(["realsize", "--out", str(tmp_path), "--again", "report", "stage2", *tiny]) == 0
+    again = pd.read_csv(tmp_path / "realsize.csv").set_index("stage")
+    assert list(again.index) == list(STAGES) and (again["status"] == "ok").all()
+    assert again.loc[["prepare", "stage1", "stage3"]].equals(first.loc[["prepare", "stage1", "stage3"]])
+    assert (again.loc[["stage2", "report"], "wall_s"] != first.loc[["stage2", "report"], "wall_s"]).all()
+    assert (tmp_path / "run" / "stage1" / "LV" / "ckpt" / "last.pt").stat().st_mtime_ns == stamp  # kept
+    assert "Measured again with this code version" in (tmp_path / "realsize.md").read_text()
+
+
 def test_growth_per_case_and_extrapolation_to_1000_cases():
     rows = pd.DataFrame([("stage1", 8, 500.0, 10.0, "ok"), ("stage1", 32, 980.0, 34.0, "ok"),
                          ("stage3", 32, 2000.0, 5.0, "ok"), ("stage3", 8, 800.0, 1.0, "ok"),

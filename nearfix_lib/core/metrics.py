@@ -37,6 +37,7 @@ scattered islands; only pathological maps where every class is spread over the w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TypedDict
 
@@ -181,8 +182,17 @@ def _nearest_distances(query: np.ndarray, sources: np.ndarray,
         sp = np.asarray(spacing)
         tree = cKDTree(np.argwhere(sources) * sp)
         return tree.query(np.argwhere(query) * sp)[0]
-    dist = edt.edt(~sources, anisotropy=spacing, black_border=False)
+    dist = edt.edt(~sources, anisotropy=spacing, black_border=False, parallel=_cpu_threads())
     return dist[query].astype(np.float64)
+
+
+def _cpu_threads() -> int:
+    """Threads for the distance transforms: the cores this process may use, never more than
+    ``OMP_NUM_THREADS`` where it is set (a worker's share, a test's limit). Each voxel's distance
+    is exact whatever the split, so the scores do not depend on it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cores, int(limit))) if limit.isdigit() and int(limit) > 0 else cores
 
 
 def _empty_pair_scores(na: int, nb: int) -> BinaryScores:

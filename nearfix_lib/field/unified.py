@@ -359,24 +359,26 @@ class UnifiedModel:
         return self.case_ids.index(case_id), None
 
     def probabilities(self, case_id: str, grid: str = "original") -> np.ndarray:
-        """Head probabilities (..., C): on the ROI grid, or on the original voxels inside the heart box
-        (``grid="original"``: the full original shape, 0 outside the box)."""
+        """Head probabilities (..., C): on the ROI grid, or on the original voxels of the heart box
+        (``grid="original"``: the box's shape, at ``geometry[case_id].heart_box`` of the case's
+        volume). Ten float32 heads over a whole 512x512x275 volume would take 2.9 GB, mostly zeros."""
         index, latent = self._latent(case_id)
         geo = self.geometry[str(case_id)]
-        if grid == "roi":
-            return field_on_grid(self.model, index, geo.heart_grid, geo.heart_box, self.device, self.chunk_points,
-                                 latent=latent)
-        if grid != "original":
+        if grid not in ("original", "roi"):
             raise ValueError(f"grid must be 'original' or 'roi', got {grid!r}")
-        inside = field_on_grid(self.model, index, original_box_grid(geo.heart_box), geo.heart_box, self.device,
-                               self.chunk_points, latent=latent)
-        out = np.zeros((*geo.shape, inside.shape[-1]), dtype=np.float32)
-        out[geo.heart_box.slices] = inside
-        return out
+        on = geo.heart_grid if grid == "roi" else original_box_grid(geo.heart_box)
+        return field_on_grid(self.model, index, on, geo.heart_box, self.device, self.chunk_points, latent=latent)
 
     def decode(self, case_id: str, grid: str = "original") -> np.ndarray:
-        """The case's label map (uint8, class indices of :attr:`table`) on the original or ROI grid."""
-        return decode_priority(self.probabilities(case_id, grid), self.table, self.thresholds)
+        """The case's label map (uint8, class indices of :attr:`table`) on the ROI grid or on the case's
+        original grid (background outside the heart box)."""
+        labels = decode_priority(self.probabilities(case_id, grid), self.table, self.thresholds)
+        if grid == "roi":
+            return labels
+        geo = self.geometry[str(case_id)]
+        out = np.zeros(geo.shape, dtype=np.uint8)
+        out[geo.heart_box.slices] = labels
+        return out
 
     # -- new cases ---------------------------------------------------------------------------
     def fit_case(self, case_id: str, heart_labels: np.ndarray, geometry: CaseGeometry, sampling: BalancedSamplingParams,
