@@ -291,6 +291,19 @@ def test_thresholds_are_fitted_on_a_fixed_subset_of_the_cases(fitted3, tmp_path,
     assert decoded == [0, 1, 2]
 
 
+def test_decoding_chunk_by_chunk_is_the_decision_on_the_whole_probability_map(fitted3):
+    from nearfix_lib.field.unified import decode_priority
+
+    unified = UnifiedModel.load(fitted3 / "stage3" / "unified.pt")
+    unified.chunk_points = 700  # many chunks, one not a whole number of slabs
+    geo = unified.geometry["2"]
+    whole = np.zeros(geo.shape, np.uint8)
+    whole[geo.heart_box.slices] = decode_priority(unified.probabilities("2"), unified.table, unified.thresholds)
+    assert whole.any() and np.array_equal(unified.decode("2"), whole)
+    roi = decode_priority(unified.probabilities("2", grid="roi"), unified.table, unified.thresholds)
+    assert np.array_equal(unified.decode("2", grid="roi"), roi)
+
+
 def decoded(run_dir):
     """The decoded maps (bytes), ``skipped.csv`` and ``stage3/scores.csv`` as written, but for
     ``decode_s``: a wall time, it differs between any two runs (checked to be there, and > 0)."""

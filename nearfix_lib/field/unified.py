@@ -38,7 +38,7 @@ from nearfix_lib.core.geometry import (
 )
 from nearfix_lib.core.io import atomic_path
 from nearfix_lib.core.metrics import dice
-from nearfix_lib.field.infer import field_at_points, field_on_grid, original_box_grid
+from nearfix_lib.field.infer import field_at_points, field_on_grid, original_box_grid, reduced_on_grid
 from nearfix_lib.field.losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.sampling import (
@@ -358,24 +358,30 @@ class UnifiedModel:
             raise KeyError(f"case {case_id!r} is not in the model (known: {self.case_ids + list(self.extra_latents)})")
         return self.case_ids.index(case_id), None
 
-    def probabilities(self, case_id: str, grid: str = "original") -> np.ndarray:
-        """Head probabilities (..., C): on the ROI grid, or on the original voxels of the heart box
-        (``grid="original"``: the box's shape, at ``geometry[case_id].heart_box`` of the case's
-        volume). Ten float32 heads over a whole 512x512x275 volume would take 2.9 GB, mostly zeros."""
-        index, latent = self._latent(case_id)
-        geo = self.geometry[str(case_id)]
+    def _decoding(self, case_id: str, grid: str) -> tuple[int, torch.Tensor | None, CaseGeometry, Grid]:
+        """(table index, free latent, geometry, the grid decoded: the ROI grid or the heart box's voxels)."""
         if grid not in ("original", "roi"):
             raise ValueError(f"grid must be 'original' or 'roi', got {grid!r}")
-        on = geo.heart_grid if grid == "roi" else original_box_grid(geo.heart_box)
+        index, latent = self._latent(case_id)
+        geo = self.geometry[str(case_id)]
+        return index, latent, geo, geo.heart_grid if grid == "roi" else original_box_grid(geo.heart_box)
+
+    def probabilities(self, case_id: str, grid: str = "original") -> np.ndarray:
+        """Head probabilities (..., C): on the ROI grid, or on the original voxels of the heart box
+        (``grid="original"``: the box's shape, at ``geometry[case_id].heart_box`` of the case's volume)."""
+        index, latent, geo, on = self._decoding(case_id, grid)
         return field_on_grid(self.model, index, on, geo.heart_box, self.device, self.chunk_points, latent=latent)
 
     def decode(self, case_id: str, grid: str = "original") -> np.ndarray:
         """The case's label map (uint8, class indices of :attr:`table`) on the ROI grid or on the case's
-        original grid (background outside the heart box)."""
-        labels = decode_priority(self.probabilities(case_id, grid), self.table, self.thresholds)
+        original grid (background outside the heart box), decided chunk by chunk: no probability
+        map of the box is held (ten float32 heads: 2 GB for a real case's box)."""
+        index, latent, geo, on = self._decoding(case_id, grid)
+        labels = reduced_on_grid(self.model, index, on, geo.heart_box,
+                                 lambda prob: decode_priority(prob, self.table, self.thresholds), np.uint8,
+                                 self.device, self.chunk_points, latent=latent)
         if grid == "roi":
             return labels
-        geo = self.geometry[str(case_id)]
         out = np.zeros(geo.shape, dtype=np.uint8)
         out[geo.heart_box.slices] = labels
         return out
