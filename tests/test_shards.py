@@ -277,9 +277,10 @@ def test_thresholds_are_fitted_on_a_fixed_subset_of_the_cases(fitted3, tmp_path,
     run = open_copy(fitted3, tmp_path / "thresholds")
     data = stage3.load_stage3_data(run)
     model, task, _ = stage3.fit_unified(run, data, progress=False)  # finished: loaded, not fitted again
-    decoded, probabilities = [], task.probabilities
-    monkeypatch.setattr(task, "probabilities", lambda m, i: decoded.append(i) or probabilities(m, i))
+    decoded, slabs, probabilities = [], task.probability_slabs, task.probabilities
+    monkeypatch.setattr(task, "probability_slabs", lambda m, i: decoded.append(i) or slabs(m, i))
     params = dataclasses.replace(run.params.stage3, threshold_cases=2)
+    task.chunk = 700  # counted slab by slab, several per case: the pooled counts of the whole maps
     unified = stage3.assemble(run, model, task, data, params)
     chosen = stage3.threshold_case_indices(3, params, run.params.run.seed)
     assert decoded == chosen and len(chosen) == 2

@@ -58,9 +58,11 @@ def _probabilities(model: torch.nn.Module, encoded: Encoded, points: np.ndarray,
     return torch.sigmoid(logits.float()).cpu().numpy()
 
 
-def _grid_chunks(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, device: str, chunk_points: int,
+@torch.no_grad()  # a generator: torch keeps grad off while each chunk is computed
+def grid_chunks(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, device: str, chunk_points: int,
                  image: torch.Tensor | None, latent: torch.Tensor | None) -> Iterator[tuple[slice, np.ndarray]]:
-    """(slab of axis 0, probabilities (n, heads) of its voxel centres), chunk after chunk."""
+    """(slab of axis 0, probabilities (n, heads) of its voxel centres), chunk after chunk: for a
+    consumer that needs the probabilities but not all of them at once (counts, decisions)."""
     encoded = _encode(model, case_index, device, image, latent)
     for slab, pts in iter_normalised_points(grid, box, chunk_points):
         yield slab, _probabilities(model, encoded, pts, device)
@@ -76,7 +78,7 @@ def field_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box,
     table entry (latent-only fitting of a new case).
     """
     out = None
-    for slab, prob in _grid_chunks(model, case_index, grid, box, device, chunk_points, image, latent):
+    for slab, prob in grid_chunks(model, case_index, grid, box, device, chunk_points, image, latent):
         if out is None:
             out = np.empty((*grid.shape, prob.shape[-1]), dtype=np.float32)
         out[slab] = prob.reshape(slab.stop - slab.start, grid.shape[1], grid.shape[2], -1)
@@ -91,7 +93,7 @@ def reduced_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Bo
     (*grid.shape) of ``dtype``. A decision (a label per voxel) without the whole float32 map of
     every head, 40 bytes per voxel for ten heads: 2 GB for a real case's heart box."""
     out = np.empty(grid.shape, dtype=dtype)
-    for slab, prob in _grid_chunks(model, case_index, grid, box, device, chunk_points, None, latent):
+    for slab, prob in grid_chunks(model, case_index, grid, box, device, chunk_points, None, latent):
         out[slab] = reduce(prob).reshape(slab.stop - slab.start, grid.shape[1], grid.shape[2])
     return out
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from nearfix_lib.core.geometry import (
 )
 from nearfix_lib.core.io import atomic_path
 from nearfix_lib.core.metrics import dice
-from nearfix_lib.field.infer import field_at_points, field_on_grid, original_box_grid, reduced_on_grid
+from nearfix_lib.field.infer import field_at_points, field_on_grid, grid_chunks, original_box_grid, reduced_on_grid
 from nearfix_lib.field.losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.sampling import (
@@ -210,15 +210,28 @@ class UnifiedTask:
             del ref
             self.sampler.set_mined(i, sparse_coordinates(ndimage.binary_dilation(dense_from_sparse(wrong, shape))))
 
-    def probabilities(self, model, i: int) -> np.ndarray:
+    def _grid(self, i: int) -> tuple[Grid, Box]:
+        """Case i's supervision grid (its stored label crop's voxels) and the box it spans."""
         shape = self.store.shape(i)
         box = Box((0, 0, 0), shape)
-        return field_on_grid(model, i, roi_grid(box, shape), box, self.device, self.chunk)
+        return roi_grid(box, shape), box
+
+    def probabilities(self, model, i: int) -> np.ndarray:
+        return field_on_grid(model, i, *self._grid(i), self.device, self.chunk)
+
+    def probability_slabs(self, model, i: int) -> Iterator[tuple[slice, np.ndarray]]:
+        """Case i's probabilities slab by slab (axis 0): (slab, (rows, J, K, heads)), never the whole map
+        (ten float32 heads over a real case's box: 2 GB)."""
+        grid, box = self._grid(i)
+        for slab, prob in grid_chunks(model, i, grid, box, self.device, self.chunk, None, None):
+            yield slab, prob.reshape(slab.stop - slab.start, *grid.shape[1:], -1)
 
     def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
         scores = []
         for i in cases:
-            labels = decode_priority(self.probabilities(model, i), self.table, self.thresholds)
+            labels = reduced_on_grid(model, i, *self._grid(i),
+                                     lambda prob: decode_priority(prob, self.table, self.thresholds), np.uint8,
+                                     self.device, self.chunk)
             ref = self.store.labels(i)  # mapped for this case only
             scores += [dice(labels == c, ref == c) for c in self.indices if self.store.present(i, c)]
             del ref

@@ -212,7 +212,8 @@ def assemble(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data
     """F_Θ with thresholds fitted on :func:`threshold_case_indices`, decoded one case at a time
     (counts, not maps, are kept): a cost that does not grow with the number of cases."""
     chosen = threshold_case_indices(task.n_cases, params, run.params.run.seed)
-    pairs = ((task.probabilities(model, i), data.store.labels(i)) for i in chosen)  # one case mapped
+    # pooled counts add up slab by slab: neither a case's probability map nor its labels are held whole
+    pairs = ((prob, data.store.labels(i)[slab]) for i in chosen for slab, prob in task.probability_slabs(model, i))
     thresholds = fit_thresholds(pairs, run.table, params.threshold_candidates)
     return UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
                         device=task.device, chunk_points=params.chunk_points)
