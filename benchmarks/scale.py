@@ -219,7 +219,13 @@ def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeo
     return {**row, "disk_mb": disk_mb(run_dir) - before}
 
 
-STAGE_FOLDERS = {"prepare": "prepared", "stage1": "stage1", "stage2": "stage2", "stage3": "stage3", "report": "report"}
+def clear_stages(run_dir: Path, stages: Sequence[str]) -> None:
+    """Remove what ``stages`` wrote to a run folder (``workspace.stage_dir``), so that they run again."""
+    from nearfix_lib.core.workspace import open_run, stage_dir
+
+    run = open_run(run_dir, discover=False)
+    for stage in stages:
+        shutil.rmtree(stage_dir(run, stage), ignore_errors=True)
 
 
 def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float,
@@ -228,8 +234,7 @@ def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float,
     a failed stage is recorded and the next ones still run (and fail on what is missing). With
     ``again``: only those stages, on the run folder as it is, their own folders removed first."""
     if again:
-        for stage in again:
-            shutil.rmtree(run_dir / STAGE_FOLDERS[stage], ignore_errors=True)
+        clear_stages(run_dir, again)
     elif run_dir.exists():
         shutil.rmtree(run_dir)
     logs.mkdir(parents=True, exist_ok=True)
@@ -374,8 +379,7 @@ def ratio(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
         if runs[side].exists():
             shutil.rmtree(runs[side])
         shutil.copytree(source, runs[side])
-        for stage in args.stages:
-            shutil.rmtree(runs[side] / STAGE_FOLDERS[stage], ignore_errors=True)
+        clear_stages(runs[side], args.stages)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     rows = []
     for stage in args.stages:

@@ -30,9 +30,9 @@ sys.path.insert(0, str(PROJECT))
 
 from params_for_tests import load_test_params  # noqa: E402  (tests/, this script's folder)
 
-from nearfix_lib.core.io import write_npz  # noqa: E402
+from nearfix_lib.core.io import write_npy, write_npz  # noqa: E402
 from nearfix_lib.core.workspace import case_dir, stage1_probabilities, stage2_dir  # noqa: E402
-from nearfix_lib.field.store import quantise_probability, save_array  # noqa: E402
+from nearfix_lib.field.store import quantise_probability  # noqa: E402
 from nearfix_lib.field.unified import UnifiedTask  # noqa: E402
 from nearfix_lib.stages import stage1, stage3  # noqa: E402
 from nearfix_lib.stages.prepare import load_crops_index, prepare_run  # noqa: E402
@@ -83,7 +83,7 @@ def _stand_in_for_stages_1_and_2(run) -> None:
         teacher = stage1_probabilities(run, TEACHER_CLASS, cid)
         if not teacher.is_file():
             with np.load(case_dir(run.path("prepared"), cid) / f"class_{TEACHER_CLASS}.npz") as z:
-                save_array(teacher, quantise_probability(z["mask"]))
+                write_npy(teacher, quantise_probability(z["mask"]))
 
 
 def main(stage: str, run_dir: str) -> int:

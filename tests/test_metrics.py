@@ -20,6 +20,7 @@ from skimage.measure import marching_cubes
 
 from nearfix_lib.core import metrics as M
 from nearfix_lib.core.classes import CARDIAC
+from nearfix_lib.core.io import threads_per_worker
 
 SHAPE = (13, 17, 11)
 SPACING = (0.7, 1.9, 1.3)
@@ -553,6 +554,6 @@ def test_surface_distances_do_not_depend_on_the_thread_count(monkeypatch):
     for threads in ("1", "2", "4"):
         monkeypatch.setenv("OMP_NUM_THREADS", threads)
         results.append(M._nearest_distances(a, b, (0.7, 0.9, 1.3)))
-    assert M._cpu_threads() <= 4 and all(np.array_equal(results[0], r) for r in results[1:])
+    assert threads_per_worker(1) <= 4 and all(np.array_equal(results[0], r) for r in results[1:])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert M._cpu_threads() == 1
+    assert threads_per_worker(1) == 1

@@ -18,13 +18,13 @@ from test_unified import T, case_store
 
 from nearfix_lib.core.config import BalancedSamplingParams, UnifiedLossParams
 from nearfix_lib.core.geometry import Box, apply_affine, roi_grid, to_grid_sample_order
+from nearfix_lib.core.io import write_npy
 from nearfix_lib.field.sampling import boundary_band
 from nearfix_lib.field.store import (
     CaseStore,
     StoreSpec,
     Teacher,
     quantise_probability,
-    save_array,
     write_case,
     write_store,
 )
@@ -162,7 +162,7 @@ def test_quantised_probabilities_are_within_half_a_step():
 def test_a_teacher_on_disk_is_referenced_not_copied(tmp_path):
     """Stage 3's store points at stage 1's files (relative to the case folder: a moved run still reads them)."""
     prob = quantise_probability(np.random.default_rng(1).random((6, 5, 4)))
-    save_array(tmp_path / "run" / "stage1" / "prob.npy", prob)
+    write_npy(tmp_path / "run" / "stage1" / "prob.npy", prob)
     on_disk = Teacher(2, np.load(tmp_path / "run" / "stage1" / "prob.npy", mmap_mode="r"), np.eye(4),
                       tmp_path / "run" / "stage1" / "prob.npy")
     root = tmp_path / "run" / "stage3"

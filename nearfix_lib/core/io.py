@@ -394,10 +394,28 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
+def write_npy(path: str | Path, array: np.ndarray) -> Path:
+    """``array`` as an uncompressed ``.npy``, what ``np.load(mmap_mode="r")`` maps (never pickled)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    return Path(path)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+def threads_per_worker(workers: int) -> int:
+    """CPU threads for each of ``workers`` processes: the cores this process may use, shared out,
+    and never more than ``OMP_NUM_THREADS`` when it is set (a job's or a test's own limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // max(1, workers))
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
 
 
 # -- the list of skipped cases ----------------------------------------------------------------

@@ -37,7 +37,6 @@ scattered islands; only pathological maps where every class is spread over the w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import TypedDict
 
@@ -51,6 +50,7 @@ from skimage.measure import marching_cubes
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.geometry import bounding_box
+from nearfix_lib.core.io import threads_per_worker
 
 __all__ = [
     "BinaryScores",
@@ -182,17 +182,9 @@ def _nearest_distances(query: np.ndarray, sources: np.ndarray,
         sp = np.asarray(spacing)
         tree = cKDTree(np.argwhere(sources) * sp)
         return tree.query(np.argwhere(query) * sp)[0]
-    dist = edt.edt(~sources, anisotropy=spacing, black_border=False, parallel=_cpu_threads())
+    # on the cores this process may use: each voxel's distance is exact whatever the split
+    dist = edt.edt(~sources, anisotropy=spacing, black_border=False, parallel=threads_per_worker(1))
     return dist[query].astype(np.float64)
-
-
-def _cpu_threads() -> int:
-    """Threads for the distance transforms: the cores this process may use, never more than
-    ``OMP_NUM_THREADS`` where it is set (a worker's share, a test's limit). Each voxel's distance
-    is exact whatever the split, so the scores do not depend on it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    return max(1, min(cores, int(limit))) if limit.isdigit() and int(limit) > 0 else cores
 
 
 def _empty_pair_scores(na: int, nb: int) -> BinaryScores:

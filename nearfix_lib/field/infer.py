@@ -59,8 +59,9 @@ def _probabilities(model: torch.nn.Module, encoded: Encoded, points: np.ndarray,
 
 
 @torch.no_grad()  # a generator: torch keeps grad off while each chunk is computed
-def grid_chunks(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, device: str, chunk_points: int,
-                 image: torch.Tensor | None, latent: torch.Tensor | None) -> Iterator[tuple[slice, np.ndarray]]:
+def grid_chunks(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, device: str = "cpu",
+                chunk_points: int = 262_144, image: torch.Tensor | None = None,
+                latent: torch.Tensor | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """(slab of axis 0, probabilities (n, heads) of its voxel centres), chunk after chunk: for a
     consumer that needs the probabilities but not all of them at once (counts, decisions)."""
     encoded = _encode(model, case_index, device, image, latent)
@@ -93,7 +94,7 @@ def reduced_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Bo
     (*grid.shape) of ``dtype``. A decision (a label per voxel) without the whole float32 map of
     every head, 40 bytes per voxel for ten heads: 2 GB for a real case's heart box."""
     out = np.empty(grid.shape, dtype=dtype)
-    for slab, prob in grid_chunks(model, case_index, grid, box, device, chunk_points, None, latent):
+    for slab, prob in grid_chunks(model, case_index, grid, box, device, chunk_points, latent=latent):
         out[slab] = reduce(prob).reshape(slab.stop - slab.start, grid.shape[1], grid.shape[2])
     return out
 

@@ -42,7 +42,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from nearfix_lib.core.io import atomic_path, write_json
+from nearfix_lib.core.io import write_json, write_npy
 from nearfix_lib.field.sampling import boundary_band, interface_band
 
 STORE_VERSION = 2  # 2: the band as flat indices, teachers as uint8 and referenced by path
@@ -105,12 +105,6 @@ class CaseMeta:
     teachers: tuple[tuple[int, str, tuple[float, ...]], ...]  # (channel, file, from_heart row-major)
 
 
-def save_array(path: str | Path, array: np.ndarray) -> None:
-    """``array`` as an uncompressed ``.npy`` (what ``np.load(mmap_mode="r")`` maps), written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-
-
 def _read_meta(folder: Path) -> dict | None:
     try:
         return json.loads((Path(folder) / META).read_text())
@@ -163,18 +157,18 @@ def write_case(folder: str | Path, labels: np.ndarray, spec: StoreSpec, teachers
     if spec.interfaces:
         arrays["interfaces.npy"] = np.packbits(interface_band(lab, spec.dilation_radius), axis=None)
     for name, array in arrays.items():
-        save_array(folder / name, array)
+        write_npy(folder / name, array)
     for name in _LAYOUT.difference(arrays):  # left by a case written under another spec
         (folder / name).unlink(missing_ok=True)
     band = np.flatnonzero(boundary_band(foreground, spec.dilation_radius)).astype(np.int32)
-    save_array(folder / "band.npy", band)
+    write_npy(folder / "band.npy", band)
     records = []
     for t in teachers:
         if t.file is not None:  # already on disk as the store reads it: referenced, not copied
             name = os.path.relpath(Path(t.file).resolve(), folder.resolve())
         else:
             name = f"teacher_{int(t.channel)}.npy"
-            save_array(folder / name, t.prob.reshape(t.prob.shape[-3:]))
+            write_npy(folder / name, t.prob.reshape(t.prob.shape[-3:]))
         records.append({"channel": int(t.channel), "file": name,
                         "from_heart": np.asarray(t.from_heart, dtype=np.float64).tolist()})
     values, counts = np.unique(lab, return_counts=True)

@@ -223,15 +223,13 @@ class UnifiedTask:
         """Case i's probabilities slab by slab (axis 0): (slab, (rows, J, K, heads)), never the whole map
         (ten float32 heads over a real case's box: 2 GB)."""
         grid, box = self._grid(i)
-        for slab, prob in grid_chunks(model, i, grid, box, self.device, self.chunk, None, None):
+        for slab, prob in grid_chunks(model, i, grid, box, self.device, self.chunk):
             yield slab, prob.reshape(slab.stop - slab.start, *grid.shape[1:], -1)
 
     def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
         scores = []
         for i in cases:
-            labels = reduced_on_grid(model, i, *self._grid(i),
-                                     lambda prob: decode_priority(prob, self.table, self.thresholds), np.uint8,
-                                     self.device, self.chunk)
+            labels = labels_on_grid(model, i, *self._grid(i), self.table, self.thresholds, self.device, self.chunk)
             ref = self.store.labels(i)  # mapped for this case only
             scores += [dice(labels == c, ref == c) for c in self.indices if self.store.present(i, c)]
             del ref
@@ -257,6 +255,14 @@ def decode_priority(prob: np.ndarray, table: ClassTable, thresholds: Sequence[fl
         k = channel[cls.key]
         labels[prob[..., k] >= thresholds[k]] = cls.index
     return labels
+
+
+def labels_on_grid(model, case_index: int, grid: Grid, box: Box, table: ClassTable, thresholds: Sequence[float],
+                   device: str = "cpu", chunk_points: int = 262_144, latent: torch.Tensor | None = None) -> np.ndarray:
+    """:func:`decode_priority` at every voxel centre of ``grid``, decided chunk by chunk (uint8,
+    ``grid.shape``): no probability map of the grid is held."""
+    return reduced_on_grid(model, case_index, grid, box, lambda prob: decode_priority(prob, table, thresholds),
+                           np.uint8, device, chunk_points, latent=latent)
 
 
 class ThresholdCounts:
@@ -390,9 +396,8 @@ class UnifiedModel:
         original grid (background outside the heart box), decided chunk by chunk: no probability
         map of the box is held (ten float32 heads: 2 GB for a real case's box)."""
         index, latent, geo, on = self._decoding(case_id, grid)
-        labels = reduced_on_grid(self.model, index, on, geo.heart_box,
-                                 lambda prob: decode_priority(prob, self.table, self.thresholds), np.uint8,
-                                 self.device, self.chunk_points, latent=latent)
+        labels = labels_on_grid(self.model, index, on, geo.heart_box, self.table, self.thresholds, self.device,
+                                self.chunk_points, latent=latent)
         if grid == "roi":
             return labels
         out = np.zeros(geo.shape, dtype=np.uint8)

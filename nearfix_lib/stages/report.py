@@ -59,14 +59,11 @@ def score_case(run: Run, case: LoadedCase, maps: dict[str, np.ndarray],
     ``known``: rows already computed by stage 2 (its current part, :data:`STAGE2_SOURCES`), taken
     as they are instead of scoring those sources again."""
     truth, spacing = case.truth.array, case.label.spacing
-    known_scores = {source: [r for r in known["scores"] if r["source"] == source] for source in STAGE2_SOURCES} \
-        if known else {}
-    known_checks = {r["source"]: r for r in known["checks"]} if known else {}
     rows, checks = [], []
     for source in SOURCES:
-        if source in known_scores:
-            rows += known_scores[source]
-            checks += [known_checks[source]] if source in known_checks else []
+        if known and source in STAGE2_SOURCES:
+            rows += [r for r in known["scores"] if r["source"] == source]
+            checks += [r for r in known["checks"] if r["source"] == source]
         elif source == "stage1":
             masks = stage2.original_masks(run, case.case_id, truth.shape)
             rows += score_masks(case.case_id, source, "truth", masks, truth, spacing, run.table) if masks else []

@@ -48,7 +48,7 @@ from typing import Any
 
 import pandas as pd
 
-from nearfix_lib.core.io import InputError, write_json, write_text
+from nearfix_lib.core.io import InputError, threads_per_worker, write_json, write_text
 from nearfix_lib.core.scores import write_scores
 from nearfix_lib.core.workspace import SKIPPED_CSV, Run, open_run, part_path, parts_dir
 
@@ -177,15 +177,6 @@ def compute_case(run: Run, stage: CaseStage, state: Any, case_id: str, stamp: An
 # -- worker processes -------------------------------------------------------------------------------
 
 _WORKER: dict[str, Any] = {}  # in a worker process: its run, stage and setup's state
-
-
-def threads_per_worker(workers: int) -> int:
-    """CPU threads for each of ``workers`` processes: the cores this process may use, shared out,
-    and never more than ``OMP_NUM_THREADS`` when it is set (a job's or a test's own limit)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // max(1, workers))
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
 
 
 @contextmanager

@@ -41,7 +41,7 @@ import torch
 from nearfix_lib.core.classes import ClassTable, class_centre, load_table
 from nearfix_lib.core.config import SamplingParams, Stage1Params, load_params, project_root
 from nearfix_lib.core.geometry import Box, roi_grid
-from nearfix_lib.core.io import LoadedCase, Volume, write_nifti
+from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npy
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.core.scores import score_labels, score_masks, scores_frame, write_scores
 from nearfix_lib.core.workspace import (
@@ -63,7 +63,6 @@ from nearfix_lib.field.store import (
     is_complete,
     quantise_probability,
     rank_rotation,
-    save_array,
     write_case,
     write_store,
 )
@@ -236,7 +235,7 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     """Probabilities on the ROI grid (saved), then M^ref on the original grid (NIfTI, returned)."""
     box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
-    save_array(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
+    write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
     prob = field_on_grid(model, i, original_box_grid(box), box, device, params.chunk_points, image=image)[..., 0]
     cleaned, report = clean_mask(prob >= params.threshold, expected, crops.spacing, params.cleanup)
     mask = np.zeros(crops.shape, dtype=bool)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -208,13 +209,22 @@ def threshold_case_indices(n_cases: int, params: Stage3Params, seed: int) -> lis
     return validation_cases(n_cases, params.threshold_cases, seed)
 
 
+def _slab_pairs(model: ImplicitField, task: UnifiedTask, data: Stage3Data,
+                cases: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(probabilities, L^ref) slab by slab of each case (its label crop mapped once): pooled counts add
+    up, so neither a case's probability map nor its labels are held whole."""
+    for i in cases:
+        labels = data.store.labels(i)
+        for slab, prob in task.probability_slabs(model, i):
+            yield prob, labels[slab]
+        del labels  # unmapped before the next case
+
+
 def assemble(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data, params: Stage3Params) -> UnifiedModel:
     """F_Θ with thresholds fitted on :func:`threshold_case_indices`, decoded one case at a time
     (counts, not maps, are kept): a cost that does not grow with the number of cases."""
     chosen = threshold_case_indices(task.n_cases, params, run.params.run.seed)
-    # pooled counts add up slab by slab: neither a case's probability map nor its labels are held whole
-    pairs = ((prob, data.store.labels(i)[slab]) for i in chosen for slab, prob in task.probability_slabs(model, i))
-    thresholds = fit_thresholds(pairs, run.table, params.threshold_candidates)
+    thresholds = fit_thresholds(_slab_pairs(model, task, data, chosen), run.table, params.threshold_candidates)
     return UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
                         device=task.device, chunk_points=params.chunk_points)
 
