@@ -231,9 +231,9 @@ def test_single_metric_functions_match_brute_force(seed):
 def test_sparse_masks_in_a_large_box_match_brute_force(monkeypatch):
     # scattered islands stretch the box over the volume: the default cost rule picks the
     # k-d tree here; the spy proves it and the brute force checks the numbers
-    shape = (60, 70, 50)
-    a = sphere(shape, (10, 12, 9), 3) | sphere(shape, (50, 60, 41), 1.5)
-    b = sphere(shape, (11, 12, 9), 3) | sphere(shape, (5, 64, 45), 1)
+    shape = (150, 160, 110)
+    a = sphere(shape, (10, 12, 9), 3) | sphere(shape, (140, 150, 101), 1.5)
+    b = sphere(shape, (11, 12, 9), 3) | sphere(shape, (5, 154, 105), 1)
     calls = []
     real = M.cKDTree
     monkeypatch.setattr(M, "cKDTree", lambda pts: calls.append(len(pts)) or real(pts))
@@ -241,6 +241,16 @@ def test_sparse_masks_in_a_large_box_match_brute_force(monkeypatch):
     assert_scores(M.binary_scores(a, b, sp, nsd_tol_mm=1.0), slow_scores(a, b, sp, 1.0))
     assert len(calls) == 2
 
+
+
+def test_the_kdtree_rule_on_measured_cases():
+    # a real-size decoded map that flooded the volume with one class: 0.85 M surface points in a
+    # 401x456x275 box took 62 s by k-d tree (queries deep inside the flood), 5 s by EDT
+    assert not M.prefer_kdtree(847_302, 401 * 456 * 275)
+    # a few islands of a noisy label stretching a class's box over a real-size volume
+    assert M.prefer_kdtree(20_000, 512 * 512 * 275)
+    # a compact class in its own box: the EDT
+    assert not M.prefer_kdtree(60_000, 180 * 170 * 110)
 
 def test_surfaces_on_the_array_border_count(nearest_path):
     # masks filling whole slabs of the array: their surface lies on the array border
