@@ -88,9 +88,12 @@ def random_blobs(shape, seed, values):
 
 
 @pytest.mark.parametrize("spacing,radius", [((1.0, 1.0, 1.0), 2.0), ((0.75, 0.75, 0.75), 3.0),
-                                            ((0.35, 0.35, 0.5), 1.2), ((0.6, 0.9, 1.7), 2.3)])
+                                            ((0.35, 0.35, 0.5), 1.2), ((0.6, 0.9, 1.7), 2.3),
+                                            ((0.3, 0.3, 0.3), 0.9), ((0.1, 0.2, 0.3), 0.5)])
 def test_closing_by_distances_is_scipys_closing_with_the_ball(spacing, radius):
-    """The rims included: offsets exactly at the radius (4 x 0.75 = 3) count as inside, as in ball()."""
+    """The rims included: offsets exactly at the radius (4 x 0.75 = 3) count as inside, as in ball().
+    At 0.3 mm with r = 0.9 and at (0.1, 0.2, 0.3) with r = 0.5, the EDT's float32 squared distances
+    alone put 18 and 4 rim voxels of the first blob map on the wrong side (measured)."""
     from scipy import ndimage
 
     from nearfix_lib.repair.baselines import close_with_ball, within_ball
@@ -119,4 +122,28 @@ def test_gaussian_over_each_class_box_is_the_whole_volume_result():
         expected[smoothed > best] = cls.index
         best = np.maximum(best, smoothed)
     assert np.array_equal(gaussian_argmax(lab, T, spacing, sigma_mm), expected)
+    assert len(np.unique(expected)) == 5
+
+
+def test_closing_over_each_class_box_is_the_whole_volume_result():
+    """Whole-volume closing (scipy, the ball), expected largest components and priority fusion: what
+    closing_largest computes class box by class box."""
+    from scipy import ndimage
+
+    from nearfix_lib.repair.cleanup import keep_largest_components
+    from nearfix_lib.repair.fusion import fuse_priority
+
+    lab = random_blobs((41, 35, 29), 7, [LV, MYO, LA, T["Cor"].index])
+    lab[:, :, :4] = 0  # a margin on one side only
+    lab[0, 0, 5:9] = LA  # an island on the array's edge
+    spacing, radius = np.array([0.7, 0.8, 1.1]), 2.0
+    element = ball(radius, spacing)
+    masks = {}
+    for cls in T:
+        mask = lab == cls.index
+        if mask.any():
+            closed = ndimage.binary_closing(mask, structure=element, border_value=0) | mask
+            masks[cls.key] = keep_largest_components(closed, cls.expected_components)
+    expected = fuse_priority(masks, T, lab.shape)
+    assert np.array_equal(closing_largest(lab, T, spacing, radius), expected)
     assert len(np.unique(expected)) == 5

@@ -124,6 +124,16 @@ def test_appearance_branch_runs_end_to_end(tmp_path):
     m = run.params.stage1.model  # coordinates + one feature vector per grid scale + the CT features
     assert model.in_channels == 3 + sum(m.grid_channels) + m.appearance_channels
     assert data.images is not None and -1.0 <= data.images[0].min() and data.images[0].max() <= 1.0
+    # the crops are read from the store on disk for each batch, not held: same values as prepared
+    first = data.case_ids[0]
+    with np.load(run.path("prepared", first, "class_LV.npz")) as z:
+        expected = stage1.normalise_ct(z["image"])
+    assert data.images.paths[0] == stage1.stage1_cases_dir(run, "LV") / first / stage1.IMAGE_FILE
+    assert np.array_equal(data.images.batch([0])[0, 0].numpy(), expected)
+    # a store written without crops (the branch was off) gets them when the branch is turned on
+    data.images.paths[0].unlink()
+    again = stage1.load_stage1_data(run, "LV", run.params.stage1, with_images=True)
+    assert np.array_equal(again.images[0], expected)
     table = stage1.repair_class(run, "LV", progress=False)
     assert run.cases and len(table) == len(run.cases) * 3  # per case: stage1 vs noisy, noisy and stage1 vs truth
 

@@ -86,14 +86,14 @@ class Stage1Task:
 
     The masks are read from a store (:func:`write_mask_store`, or :func:`load_stage1_data`'s
     ``stage1/<key>/cases/``) one case at a time, so the task's memory does not grow with the number
-    of cases. Known limit: the appearance branch's CT crops (``images``, only when
-    ``model.appearance`` is on; it is off by default) are held in memory, ``4 R^3`` bytes per case.
+    of cases; so are the appearance branch's CT crops (:class:`CaseImages`, when ``model.appearance``
+    is on), read for the batch's cases only.
     """
 
     score_name = "dice"
 
     def __init__(self, store: MaskStore, params: Stage1Params, seed: int, device: str,
-                 images: list[np.ndarray] | None = None):
+                 images: CaseImages | None = None):
         self.n_cases = len(store)
         self.sampler = BandSampler(store, params.sampling, seed)
         self.data_loss = build_loss(params.loss)
@@ -101,15 +101,14 @@ class Stage1Task:
         self.threshold = params.threshold
         self.chunk = params.chunk_points
         self.device = device
-        self.images = None if images is None else torch.stack(
-            [torch.as_tensor(im, dtype=torch.float32)[None] for im in images])
+        self.images = images
 
     def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         points, targets = self.sampler.sample(list(case_idx), epoch)
         out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long),
                "points": torch.from_numpy(points), "target": torch.from_numpy(targets)}
         if self.images is not None:
-            out["image"] = self.images[out["case"]]
+            out["image"] = self.images.batch(case_idx)
         return out
 
     def loss(self, model, batch):
@@ -119,7 +118,7 @@ class Stage1Task:
         return data + self.latent_weight * lat, {"data": data.item(), "latent": lat.item()}
 
     def image_of(self, i: int) -> torch.Tensor | None:
-        return None if self.images is None else self.images[i:i + 1].to(self.device)
+        return None if self.images is None else self.images.batch([i]).to(self.device)
 
     def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
         """Dice of the thresholded full ROI-grid reconstruction against the input mask."""
@@ -139,6 +138,28 @@ class Stage1Task:
         self.sampler.load_state_dict(state["sampler"])
 
 
+IMAGE_FILE = "image.npy"  # a case's CT crop in its store folder (appearance branch)
+
+
+class CaseImages:
+    """The appearance branch's normalised CT crops, one float32 ``.npy`` per case on disk
+    (``stage1/<key>/cases/<case>/image.npy``), read for the cases asked for: ``4 R^3`` bytes per case
+    (8 MB at 128^3) would otherwise be held for every case of the fit."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.load(self.paths[i], mmap_mode="r", allow_pickle=False)
+
+    def batch(self, cases: Sequence[int]) -> torch.Tensor:
+        """(B, 1, R, R, R) float32 crops of ``cases``, in that order."""
+        return torch.stack([torch.from_numpy(np.array(self[int(i)]))[None] for i in cases])
+
+
 @dataclass
 class Stage1Data:
     """The cases of one class: ids (latent order), geometry, the store of their ROI masks on disk
@@ -148,7 +169,7 @@ class Stage1Data:
     case_ids: list[str]
     crops: list[CaseCrops]
     store: CaseStore
-    images: list[np.ndarray] | None
+    images: CaseImages | None
     absent: list[str]
 
 
@@ -173,7 +194,8 @@ def load_stage1_data(run: Run, key: str, params: Stage1Params, with_images: bool
     """Every case that has class ``key``, its prepared ROI mask written to the store
     ``stage1/<key>/cases/<case>/`` once (a case whose store matches its ``class_<key>.npz`` is not
     rewritten) and opened from there: nothing per case stays in memory but its crop geometry and the
-    store's small metadata (and the CT crops when ``with_images``).
+    store's small metadata. With ``with_images`` each case's normalised CT crop is written beside its
+    mask (``image.npy``, :class:`CaseImages`) and read from there.
 
     Under torchrun every process runs this before the fit, each from its own offset
     (:func:`~nearfix_lib.field.store.rank_rotation`), so the K processes build the store in parallel.
@@ -186,10 +208,13 @@ def load_stage1_data(run: Run, key: str, params: Stage1Params, with_images: bool
     for cid in rank_rotation(present):
         path = case_dir(prepared, cid) / f"class_{key}.npz"
         source = {"mask": file_signature(run, path)}
-        if not is_complete(root / cid, spec, source):
+        rewrite = not is_complete(root / cid, spec, source)
+        if rewrite:
             with np.load(path) as z:
                 write_case(root / cid, z["mask"].astype(np.uint8), spec, source=source)
-    images = [_ct_crop(case_dir(prepared, cid) / f"class_{key}.npz", cid) for cid in present] if with_images else None
+        if with_images and (rewrite or not (root / cid / IMAGE_FILE).is_file()):
+            write_npy(root / cid / IMAGE_FILE, _ct_crop(path, cid))
+    images = CaseImages([root / cid / IMAGE_FILE for cid in present]) if with_images else None
     absent = [cid for cid in index if cid not in present]
     return Stage1Data(key, present, [index[cid] for cid in present], CaseStore(root, present, spec), images, absent)
 
