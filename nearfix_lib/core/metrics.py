@@ -185,7 +185,7 @@ def _nearest_distances(query: np.ndarray, sources: np.ndarray,
     class's box over the whole volume) a k-d tree on the voxel centres in mm gives the same
     distances at a cost that follows the number of voxels, not the size of the box.
     """
-    if prefer_kdtree(np.count_nonzero(query) + np.count_nonzero(sources), query.size):
+    if prefer_kdtree(int(np.count_nonzero(query)) + int(np.count_nonzero(sources)), query.size):
         sp = np.asarray(spacing)
         tree = cKDTree(np.argwhere(sources) * sp)
         return tree.query(np.argwhere(query) * sp)[0]
