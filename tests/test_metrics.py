@@ -354,6 +354,31 @@ def test_per_class_scores_with_both_absent_and_fortran_order():
     assert_scores(rows["LA"], slow_scores(pred == idx, ref == idx, np.array(SPACING), 1.0))
 
 
+
+def test_one_reference_for_several_maps_gives_each_maps_own_scores(nearest_path):
+    """The truth's boxes, components and surface distances kept across maps: the same rows as scoring
+    each map against the array, also when a later map reaches out of the distances' box (regrown)."""
+    rng = np.random.default_rng(21)
+    shape = (23, 19, 15)
+    ref = multilabel(shape, rng, n_classes=4)
+    ref[:, :, :3] = 0  # room for an island outside every class's box
+    close = ref.copy()
+    close[blob(shape, rng, sigma=1.0, frac=0.1)] = 0
+    far = ref.copy()
+    far[1:3, 1:3, 0:2] = CARDIAC["LA"].index  # an island of LA outside its box
+    truth = M.Reference(ref, SPACING, CARDIAC)
+    held = {}
+    for pred in (close, far, ref):
+        shared = M.case_report(pred, truth, SPACING, CARDIAC)
+        alone = M.case_report(pred, ref, SPACING, CARDIAC)
+        assert shared.equals(alone)
+        held[id(pred)] = dict(truth._distance)
+    if M._KDTREE_VOXELS_PER_POINT == math.inf:  # the EDT path keeps the distances and grew them for `far`
+        before, after = held[id(close)]["LA"][0], held[id(far)]["LA"][0]
+        assert after[2].start == 0 < before[2].start
+    with pytest.raises(ValueError, match="spacing"):
+        M.case_report(far, truth, (1.0, 1.0, 1.0), CARDIAC)
+
 # --------------------------------------------------------------------------------------------
 # components
 # --------------------------------------------------------------------------------------------

@@ -128,3 +128,19 @@ def test_scores_on_the_foreground_box_are_the_whole_volume_scores(seed):
         hd95 = rows.loc[cls.key, "hd95"]
         assert hd95 == one["hd95"] or math.isnan(one["hd95"]) and math.isnan(hd95)
         assert rows.loc[cls.key, "n_comp_ref"] == M.component_counts(ref, CARDIAC)[cls.key]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_shared_reference_and_known_counts_change_no_row(seed):
+    """The truth as one Reference for a label map and masks; checks from the rows' component counts."""
+    pred, ref = scattered_maps(seed)
+    truth = M.Reference(ref, SPACING, CARDIAC)
+    masks = {cls.key: pred == cls.index for cls in CARDIAC if cls.index != 3}
+    for plain, shared in ((S.score_labels("1", "noisy", "truth", pred, ref, SPACING, CARDIAC),
+                           S.score_labels("1", "noisy", "truth", pred, truth, SPACING, CARDIAC)),
+                          (S.score_masks("1", "stage1", "truth", masks, ref, SPACING, CARDIAC),
+                           S.score_masks("1", "stage1", "truth", masks, truth, SPACING, CARDIAC))):
+        pd.testing.assert_frame_equal(pd.DataFrame(plain), pd.DataFrame(shared))
+    rows = S.score_labels("1", "noisy", "truth", pred, truth, SPACING, CARDIAC)
+    known = S.anatomy_checks(pred, SPACING, CARDIAC, S.component_counts_of(rows, "noisy"))
+    pd.testing.assert_series_equal(pd.Series(known), pd.Series(S.anatomy_checks(pred, SPACING, CARDIAC)))

@@ -69,6 +69,7 @@ __all__ = [
     "taubin_smooth",
     "surface_roughness",
     "case_report",
+    "Reference",
 ]
 
 
@@ -211,9 +212,14 @@ def _cropped_pair_scores(a: np.ndarray, b: np.ndarray, spacing: tuple[float, flo
     na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
     if na == 0 or nb == 0:
         return _empty_pair_scores(na, nb)
-    inter = int(np.count_nonzero(a & b))
     sa, sb = _surface(a), _surface(b)
     d_ab, d_ba = _nearest_distances(sa, sb, spacing), _nearest_distances(sb, sa, spacing)
+    return _scores_of_distances(int(np.count_nonzero(a & b)), na, nb, d_ab, d_ba, tol_mm)
+
+
+def _scores_of_distances(inter: int, na: int, nb: int, d_ab: np.ndarray, d_ba: np.ndarray,
+                         tol_mm: float) -> BinaryScores:
+    """The four scores of a non-empty pair from its overlap, sizes and directed surface distances."""
     # the EDT is float32: compare against the tolerance with a float32-sized slack so a
     # distance that is exactly tol_mm is not lost to rounding
     tol = tol_mm * (1.0 + 1e-6)
@@ -279,28 +285,114 @@ def class_boxes(labels: np.ndarray, table: ClassTable) -> dict[str, tuple[slice,
     return {c.key: found[c.index - 1] for c in table}
 
 
-def per_class_scores(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Sequence[float],
+def _shifted(box: tuple[slice, ...] | None, origin: tuple[slice, ...]) -> tuple[slice, ...] | None:
+    """A box found in the crop ``origin`` of an array, in the array's coordinates."""
+    if box is None:
+        return None
+    return tuple(slice(b.start + o.start, b.stop + o.start) for b, o in zip(box, origin))
+
+
+def _boxes_in_foreground(labels: np.ndarray, table: ClassTable) -> tuple[tuple[slice, ...] | None, dict]:
+    """The foreground's box and every class's box (array coordinates), found on the foreground's
+    crop: a real case's heart fills a quarter of its volume."""
+    fg = mask_box(labels > 0)
+    if fg is None:
+        return None, {c.key: None for c in table}
+    return fg, {k: _shifted(b, fg) for k, b in class_boxes(labels[fg], table).items()}
+
+
+class Reference:
+    """A reference label map that several maps are scored against: a case's truth, against the noisy
+    input, both baselines and every stage. What depends on the reference alone is computed once, when
+    first asked for: its class boxes and component counts and, per class, the distance (mm) to the
+    class's surface over a box that grows to hold each scored map's box of that class. One
+    :class:`Reference` per case; :func:`per_class_scores` and :func:`case_report` take it in place of
+    the array, with the same results.
+    """
+
+    def __init__(self, labels: np.ndarray, spacing: Sequence[float], table: ClassTable) -> None:
+        self.labels = np.asarray(labels)
+        if self.labels.ndim != 3:
+            raise ValueError(f"expected a 3-D reference label map, got shape {self.labels.shape}")
+        self.spacing = _spacing(spacing)
+        self.table = table
+        self._boxes: dict[str, tuple[slice, ...] | None] | None = None
+        self._components: dict[str, int] | None = None
+        self._distance: dict[str, tuple[tuple[slice, ...], np.ndarray]] = {}
+
+    @classmethod
+    def of(cls, ref: np.ndarray | Reference, spacing: Sequence[float], table: ClassTable) -> Reference:
+        """``ref`` itself when it is one (its spacing must be ``spacing``), else a new one."""
+        if not isinstance(ref, Reference):
+            return cls(ref, spacing, table)
+        if ref.spacing != _spacing(spacing):
+            raise ValueError(f"reference spacing {ref.spacing} differs from the scores' {tuple(spacing)}")
+        return ref
+
+    @property
+    def boxes(self) -> dict[str, tuple[slice, ...] | None]:
+        if self._boxes is None:
+            self._boxes = _boxes_in_foreground(self.labels, self.table)[1]
+        return self._boxes
+
+    @property
+    def components(self) -> dict[str, int]:
+        """26-connected component count of every class of the reference's table."""
+        if self._components is None:
+            fg = mask_box(self.labels > 0) or (slice(0, 1),) * 3
+            self._components = component_counts(self.labels[fg], self.table)
+        return self._components
+
+    def class_scores(self, a: np.ndarray, box: tuple[slice, ...], key: str, tol_mm: float = 1.0) -> ClassScores:
+        """Scores of ``a``, a map's voxels of class ``key`` within ``box`` (array coordinates; it holds
+        the map's and the reference's voxels of the class), against the reference's."""
+        b = self.labels[box] == self.table[key].index
+        na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
+        if na == 0 or nb == 0:
+            return ClassScores(key=key, **_empty_pair_scores(na, nb), n_vox=na, n_vox_ref=nb)
+        sa, sb = _surface(a), _surface(b)
+        if prefer_kdtree(int(np.count_nonzero(sa)) + int(np.count_nonzero(sb)), a.size):
+            d_ab = _nearest_distances(sa, sb, self.spacing)
+        else:
+            d_ab = self._distance_to_surface(key, box)[sa].astype(np.float64)
+        d_ba = _nearest_distances(sb, sa, self.spacing)
+        scores = _scores_of_distances(int(np.count_nonzero(a & b)), na, nb, d_ab, d_ba, tol_mm)
+        return ClassScores(key=key, **scores, n_vox=na, n_vox_ref=nb)
+
+    def _distance_to_surface(self, key: str, box: tuple[slice, ...]) -> np.ndarray:
+        """Distance (mm, float32) to class ``key``'s surface on ``box``: a view of the EDT kept for the
+        class, computed again on a larger box when ``box`` reaches out of it. The class's surface
+        lies in every such box, so each voxel's distance is the whole volume's."""
+        held = self._distance.get(key)
+        if held is None or any(b.start < h.start or b.stop > h.stop for b, h in zip(box, held[0])):
+            region = box if held is None else union_box(held[0], box)
+            assert region is not None
+            surface = _surface(self.labels[region] == self.table[key].index)
+            dist = edt.edt(~surface, anisotropy=self.spacing, black_border=False, parallel=threads_per_worker(1))
+            held = self._distance[key] = (region, dist)
+        region, dist = held
+        return dist[tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))]
+
+
+def per_class_scores(pred_labels: np.ndarray, ref_labels: np.ndarray | Reference, spacing: Sequence[float],
                      table: ClassTable, nsd_tol_mm: float = 1.0) -> list[ClassScores]:
     """One row per class of ``table`` (in table order): pair scores and voxel counts.
 
     Each class is cropped to the union of its boxes in both maps, found for all classes in
     one pass per map, so the cost follows the size of the structures, not of the volume.
+    ``ref_labels`` may be a :class:`Reference` (the same reference scored against several maps).
     """
-    pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
-    _check_pair(pred_labels, ref_labels)
-    sp = _spacing(spacing)
-    boxes_p, boxes_r = class_boxes(pred_labels, table), class_boxes(ref_labels, table)
+    ref = Reference.of(ref_labels, spacing, table)
+    pred_labels = np.asarray(pred_labels)
+    _check_pair(pred_labels, ref.labels)
+    _, boxes_p = _boxes_in_foreground(pred_labels, table)
     rows: list[ClassScores] = []
     for c in table:
-        box = union_box(boxes_p[c.key], boxes_r[c.key])
+        box = union_box(boxes_p[c.key], ref.boxes[c.key])
         if box is None:
-            scores, na, nb = _empty_pair_scores(0, 0), 0, 0
+            rows.append(ClassScores(key=c.key, **_empty_pair_scores(0, 0), n_vox=0, n_vox_ref=0))
         else:
-            a = pred_labels[box] == c.index
-            b = ref_labels[box] == c.index
-            scores = _cropped_pair_scores(a, b, sp, nsd_tol_mm)
-            na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
-        rows.append(ClassScores(key=c.key, **scores, n_vox=na, n_vox_ref=nb))
+            rows.append(ref.class_scores(pred_labels[box] == c.index, box, c.key, nsd_tol_mm))
     return rows
 
 
@@ -523,20 +615,20 @@ def surface_roughness(mask: np.ndarray, spacing: Sequence[float],
 # tables
 # --------------------------------------------------------------------------------------------
 
-def case_report(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], table: ClassTable,
+def case_report(pred: np.ndarray, ref: np.ndarray | Reference, spacing: Sequence[float], table: ClassTable,
                 nsd_tol_mm: float = 1.0) -> pd.DataFrame:
     """One row per class: pair scores, voxel counts, and component counts of both maps.
 
     Columns: ``key, dice, hd95, assd, nsd, n_vox, n_vox_ref, n_comp, n_comp_ref, expected``.
+    ``ref`` may be a :class:`Reference`: what depends on it alone is then computed once per case.
     """
-    pred, ref = np.asarray(pred), np.asarray(ref)
-    _check_pair(pred, ref)
-    # every score is the same on the box of both maps' foreground: a real case's heart fills a
-    # quarter of its volume, and the component labelling costs what the volume it is given costs
-    box = union_box(mask_box(pred > 0), mask_box(ref > 0)) or (slice(0, 1),) * 3
-    pred, ref = pred[box], ref[box]
-    frame = pd.DataFrame(per_class_scores(pred, ref, spacing, table, nsd_tol_mm))
-    comp_p, comp_r = component_counts(pred, table), component_counts(ref, table)
+    reference = Reference.of(ref, spacing, table)
+    pred = np.asarray(pred)
+    _check_pair(pred, reference.labels)
+    frame = pd.DataFrame(per_class_scores(pred, reference, spacing, table, nsd_tol_mm))
+    # the component labelling costs what the volume it is given costs: the foreground's box
+    fg = mask_box(pred > 0) or (slice(0, 1),) * 3
+    comp_p, comp_r = component_counts(pred[fg], table), reference.components
     frame["n_comp"] = [comp_p[k] for k in frame["key"]]
     frame["n_comp_ref"] = [comp_r[k] for k in frame["key"]]
     frame["expected"] = [table[k].expected_components for k in frame["key"]]

@@ -23,15 +23,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import cc3d
 import numpy as np
 import pandas as pd
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.io import write_text
 from nearfix_lib.core.metrics import (
+    Reference,
     attachment_report,
     case_report,
-    class_boxes,
     component_counts,
     mask_box,
     union_box,
@@ -43,32 +44,35 @@ METRICS = ("dice", "hd95", "assd", "nsd", "n_vox", "n_vox_ref", "n_comp", "n_com
 SCORES_FILE = "scores.csv"
 
 
-def score_labels(case_id: str, source: str, reference: str, labels: np.ndarray, ref: np.ndarray,
+def score_labels(case_id: str, source: str, reference: str, labels: np.ndarray, ref: np.ndarray | Reference,
                  spacing: Sequence[float], table: ClassTable, **extra) -> list[dict]:
-    """Every class of label map ``labels`` against label map ``ref``: one row per class."""
+    """Every class of label map ``labels`` against label map ``ref``: one row per class. ``ref`` may be
+    a :class:`~nearfix_lib.core.metrics.Reference`, built once for a case whose truth scores several maps."""
     rows = case_report(labels, ref, spacing, table).to_dict("records")
     return [_row(case_id, source, reference, r, extra) for r in rows]
 
 
-def score_masks(case_id: str, source: str, reference: str, masks: Mapping[str, np.ndarray], ref: np.ndarray,
-                spacing: Sequence[float], table: ClassTable, **extra) -> list[dict]:
+def score_masks(case_id: str, source: str, reference: str, masks: Mapping[str, np.ndarray],
+                ref: np.ndarray | Reference, spacing: Sequence[float], table: ClassTable, **extra) -> list[dict]:
     """Per-class binary masks (stage 1's overlap, so they are no label map) against label map ``ref``.
 
     One row per class of ``table``; a class without a mask scores as an empty mask. Each class is
     scored on the box of its mask and its reference voxels (found for every class in one pass over
     ``ref``): the scores are those of the whole volume, at the cost of the class's size.
     """
-    ref = np.asarray(ref)
-    ref_boxes = class_boxes(ref, table)
+    truth = Reference.of(ref, spacing, table)
     rows = []
     for cls in table:
         mask = masks.get(cls.key)
-        mask = np.zeros(ref.shape, bool) if mask is None else np.asarray(mask, bool)
-        if mask.shape != ref.shape:
-            raise ValueError(f"mask of {cls.key}: shape {mask.shape} differs from the reference's {ref.shape}")
-        box = union_box(mask_box(mask), ref_boxes[cls.key]) or (slice(0, 1),) * 3
-        labels = mask[box].astype(np.uint8) * cls.index
-        rows += score_labels(case_id, source, reference, labels, ref[box], spacing, table.subset([cls.key]), **extra)
+        mask = np.zeros(truth.labels.shape, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != truth.labels.shape:
+            raise ValueError(f"mask of {cls.key}: shape {mask.shape} differs from the reference's {truth.labels.shape}")
+        box = union_box(mask_box(mask), truth.boxes[cls.key]) or (slice(0, 1),) * 3
+        own = mask[box]
+        record = {**truth.class_scores(own, box, cls.key),
+                  "n_comp": int(cc3d.connected_components(own, connectivity=26, return_N=True)[1]) if own.any() else 0,
+                  "n_comp_ref": truth.components[cls.key], "expected": cls.expected_components}
+        rows.append(_row(case_id, source, reference, record, extra))
     return rows
 
 
@@ -131,10 +135,14 @@ def pivot(scores: pd.DataFrame, values: str | Sequence[str] = "dice", columns: s
 
 # -- anatomical checks -----------------------------------------------------------------------------
 
-def anatomy_checks(labels: np.ndarray, spacing: Sequence[float], table: ClassTable) -> dict[str, float]:
-    """Per class: component count and whether it is the expected one; per attachment rule: share attached."""
+def anatomy_checks(labels: np.ndarray, spacing: Sequence[float], table: ClassTable,
+                   counts: Mapping[str, int] | None = None) -> dict[str, float]:
+    """Per class: component count and whether it is the expected one; per attachment rule: share attached.
+    ``counts``: the map's component counts where they are known already (its score rows' ``n_comp``)."""
     out: dict[str, float] = {}
-    for key, n in component_counts(labels, table).items():
+    if counts is None:
+        counts = component_counts(labels, table)
+    for key, n in ((c.key, counts[c.key]) for c in table):
         out[f"{key} components"] = n
         out[f"{key} at expected"] = float(n == table[key].expected_components)
     for row in attachment_report(labels, spacing, table):
@@ -146,3 +154,8 @@ def check_rates(checks: pd.DataFrame) -> pd.DataFrame:
     """Share of cases passing each check (at expected count, attached): checks as rows, sources as columns."""
     cols = [c for c in checks.columns if c.endswith(("at expected", "attached"))]
     return checks.groupby("source", sort=False)[cols].mean().T
+
+
+def component_counts_of(rows: Iterable[dict], source: str) -> dict[str, int]:
+    """The ``n_comp`` of each class in the score rows of ``source`` (what :func:`anatomy_checks` takes)."""
+    return {r["class"]: int(r["n_comp"]) for r in rows if r["source"] == source}

@@ -21,9 +21,11 @@ import numpy as np
 import pandas as pd
 
 from nearfix_lib.core.io import LoadedCase, write_text
+from nearfix_lib.core.metrics import Reference
 from nearfix_lib.core.scores import (
     anatomy_checks,
     check_rates,
+    component_counts_of,
     pivot,
     read_scores,
     score_labels,
@@ -58,18 +60,22 @@ def score_case(run: Run, case: LoadedCase, maps: dict[str, np.ndarray],
     """Per source and class against the truth (stage 1: each class mask alone); checks per label map.
     ``known``: rows already computed by stage 2 (its current part, :data:`STAGE2_SOURCES`), taken
     as they are instead of scoring those sources again."""
-    truth, spacing = case.truth.array, case.label.spacing
+    spacing = case.label.spacing
+    truth = Reference(case.truth.array, spacing, run.table)  # what the truth alone gives, once for all sources
     rows, checks = [], []
     for source in SOURCES:
         if known and source in STAGE2_SOURCES:
             rows += [r for r in known["scores"] if r["source"] == source]
             checks += [r for r in known["checks"] if r["source"] == source]
         elif source == "stage1":
-            masks = stage2.original_masks(run, case.case_id, truth.shape)
+            masks = stage2.original_masks(run, case.case_id, truth.labels.shape)
             rows += score_masks(case.case_id, source, "truth", masks, truth, spacing, run.table) if masks else []
         elif source in maps:
-            rows += score_labels(case.case_id, source, "truth", maps[source], truth, spacing, run.table)
-            checks.append({"case": case.case_id, "source": source, **anatomy_checks(maps[source], spacing, run.table)})
+            scored = score_labels(case.case_id, source, "truth", maps[source], truth, spacing, run.table)
+            counts = component_counts_of(scored, source)
+            checks.append({"case": case.case_id, "source": source,
+                           **anatomy_checks(maps[source], spacing, run.table, counts)})
+            rows += scored
     return rows, checks
 
 

@@ -42,7 +42,7 @@ from nearfix_lib.core.classes import ClassTable, class_centre, load_table
 from nearfix_lib.core.config import SamplingParams, Stage1Params, load_params, project_root
 from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npy
-from nearfix_lib.core.metrics import dice
+from nearfix_lib.core.metrics import Reference, dice
 from nearfix_lib.core.scores import score_labels, score_masks, scores_frame, write_scores
 from nearfix_lib.core.workspace import (
     Run,
@@ -429,8 +429,9 @@ def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarr
     counts = {"cleanup_removed_voxels": cleanup["removed_voxels"], "cleanup_bridged_voxels": cleanup["bridged_voxels"]}
     rows = score_masks(case.case_id, "stage1", "noisy", {key: repaired}, noisy, spacing, only, **counts)
     if case.truth is not None:
-        rows += score_labels(case.case_id, "noisy", "truth", noisy, case.truth.array, spacing, only)
-        rows += score_masks(case.case_id, "stage1", "truth", {key: repaired}, case.truth.array, spacing, only, **counts)
+        truth = Reference(case.truth.array, spacing, only)
+        rows += score_labels(case.case_id, "noisy", "truth", noisy, truth, spacing, only)
+        rows += score_masks(case.case_id, "stage1", "truth", {key: repaired}, truth, spacing, only, **counts)
     return rows
 
 

@@ -33,7 +33,8 @@ import pandas as pd
 
 from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz
-from nearfix_lib.core.scores import anatomy_checks, score_labels, score_masks, scores_frame
+from nearfix_lib.core.metrics import Reference
+from nearfix_lib.core.scores import anatomy_checks, component_counts_of, score_labels, score_masks, scores_frame
 from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
 from nearfix_lib.field.infer import field_in_box
 from nearfix_lib.repair.cleanup import clean_mask
@@ -127,9 +128,10 @@ def stage2_case(run: Run, case_id: str, state: Stage2State) -> shards.Rows:
     case = run.load(case_id, with_image=False)
     fused, masks, audit = fuse_run_case(run, case, state.index[case_id], state.fields, state.device)
     spacing = case.label.spacing
-    checks = [{"case": case_id, "source": source, **anatomy_checks(labels, spacing, run.table)}
-              for source, labels in (("noisy", case.label.array), ("stage2", fused))]
     scores = score_against_truth(case, masks, fused, run.table) if case.truth is not None else []
+    checks = [{"case": case_id, "source": source,
+               **anatomy_checks(labels, spacing, run.table, component_counts_of(scores, source) or None)}
+              for source, labels in (("noisy", case.label.array), ("stage2", fused))]
     return {"audit": audit, "checks": checks, "scores": scores}
 
 
@@ -166,7 +168,8 @@ def run_stage2(run: Run, progress: bool = True, *, workers: int = 1,
 def score_against_truth(case: LoadedCase, masks: dict[str, np.ndarray], fused: np.ndarray,
                         table: ClassTable) -> list[dict]:
     """The noisy input, each stage-1 mask on its own (before fusion took voxels from it) and L^ref."""
-    truth, spacing = case.truth.array, case.label.spacing
+    spacing = case.label.spacing
+    truth = Reference(case.truth.array, spacing, table)  # what the truth alone gives, once for the three
     return (score_labels(case.case_id, "noisy", "truth", case.label.array, truth, spacing, table)
             + score_masks(case.case_id, "stage1", "truth", masks, truth, spacing, table)
             + score_labels(case.case_id, "stage2", "truth", fused, truth, spacing, table))

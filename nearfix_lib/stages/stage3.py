@@ -37,6 +37,7 @@ from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.config import Params, Stage3Params, load_params
 from nearfix_lib.core.geometry import resample, roi_box, roi_grid, voxel_spacing
 from nearfix_lib.core.io import InputError, read_label, write_nifti, write_text
+from nearfix_lib.core.metrics import Reference
 from nearfix_lib.core.scores import pivot, score_labels, scores_frame, write_scores
 from nearfix_lib.core.workspace import (
     Run,
@@ -267,7 +268,7 @@ def decode_case(run: Run, case_id: str, unified: UnifiedModel, source: str) -> s
     spacing = case.label.spacing
     rows = score_labels(case_id, source, "lref", decoded, lref, spacing, run.table, decode_s=seconds)
     if case.truth is not None:
-        truth = case.truth.array
+        truth = Reference(case.truth.array, spacing, run.table)  # scores up to three maps
         rows += score_labels(case_id, source, "truth", decoded, truth, spacing, run.table, decode_s=seconds)
         if source == "stage3":
             rows += score_labels(case_id, "noisy", "truth", case.label.array, truth, spacing, run.table)
