@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -229,10 +229,11 @@ def clear_stages(run_dir: Path, stages: Sequence[str]) -> None:
 
 
 def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float,
-               again: Sequence[str] = ()) -> list[dict]:
+               again: Sequence[str] = (), on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Every stage in order on a fresh run folder (a stage that resumes would measure nothing);
     a failed stage is recorded and the next ones still run (and fail on what is missing). With
-    ``again``: only those stages, on the run folder as it is, their own folders removed first."""
+    ``again``: only those stages, on the run folder as it is, their own folders removed first.
+    ``on_row`` receives each stage's row as soon as it is measured."""
     if again:
         clear_stages(run_dir, again)
     elif run_dir.exists():
@@ -245,6 +246,8 @@ def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float,
         print(f"  {row['status']}: peak RSS {row['peak_rss_mb']:.0f} MB, {row['wall_s']:.0f} s, "
               f"{row['disk_mb']:.1f} MB written", flush=True)
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -321,13 +324,21 @@ def scale(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
 
     out = Path(args.out).resolve()
     make_data(out / "data", max(args.sizes), args.shape, args.spacing)
-    rows, params = [], None
+    rows: list[dict] = []
+    params = None
+
+    def keep(n: int, row: dict) -> None:  # scale.csv holds every row so far: a run of hours cut short keeps them
+        from nearfix_lib.core.io import write_text
+
+        rows.append({"n_cases": n, **row})
+        write_text(out / "scale.csv", pd.DataFrame(rows).reindex(columns=SCALE_COLUMNS).to_csv(index=False))
+
     for n in sorted(set(args.sizes)):
         run_dir = out / "runs" / f"n{n}"
         overrides = run_overrides(out / "data", n, run_dir, args.device, args.overrides)
         params = write_params(out / "params" / f"n{n}.yaml", args.params, overrides)
-        rows += [{"n_cases": n, **row} for row in run_stages(run_dir, out / "params" / f"n{n}.yaml",
-                                                            out / "logs", args.timeout_s)]
+        run_stages(run_dir, out / "params" / f"n{n}.yaml", out / "logs", args.timeout_s,
+                   on_row=lambda row, n=n: keep(n, row))
     table = pd.DataFrame(rows).reindex(columns=SCALE_COLUMNS)
     growth = slopes(table)
     _write(out, "scale", table, scale_page(table, growth, _conditions(params, args.shape, args.spacing)), argv)

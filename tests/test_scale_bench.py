@@ -100,3 +100,20 @@ def test_a_failing_stage_is_a_row_with_its_status(tmp_path):
     row = measure_stage("prepare", tmp_path / "run", params, tmp_path / "prepare.log", timeout_s=120)
     assert row["status"].startswith("failed: InputError") and "does not exist" in row["status"]
     assert row["peak_rss_mb"] > 0 and row["disk_mb"] == 0.0
+
+
+def test_scale_csv_holds_every_row_measured_so_far(tmp_path, monkeypatch):
+    """A run of hours cut short keeps what it measured: scale.csv is rewritten after each stage."""
+    import benchmarks.scale as bench
+
+    seen = []
+
+    def fake_stage(stage, run_dir, params_file, log, timeout_s, project=bench.PROJECT):
+        csv = tmp_path / "scale.csv"
+        seen.append(len(pd.read_csv(csv)) if csv.is_file() else 0)
+        return {"stage": stage, "peak_rss_mb": 1.0, "wall_s": 1.0, "base_rss_mb": 1.0, "status": "ok", "disk_mb": 0.0}
+
+    monkeypatch.setattr(bench, "measure_stage", fake_stage)
+    assert main(["scale", "--sizes", "1", "2", "--out", str(tmp_path), *TINY[:8]]) == 0
+    assert seen == list(range(2 * len(STAGES)))
+    assert len(pd.read_csv(tmp_path / "scale.csv")) == 2 * len(STAGES)
