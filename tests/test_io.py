@@ -2,15 +2,18 @@
 
 import gzip
 import os
+import platform
 import signal
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import PROJECT
 
 from nearfix_lib.core.classes import CARDIAC
 from nearfix_lib.core.io import (
@@ -249,3 +252,35 @@ def test_skip_list_merges_stages(tmp_path):
     b.write(path)
     text = path.read_text()
     assert "prepare,3,x/3.nii.gz: broken" in text and "stage1,4,no LAA" in text
+
+
+_FREED_BLOCK = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nearfix_lib.core.io import return_large_blocks
+
+def rss_kb():
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS")).split()[1])
+
+if sys.argv[1] == "fixed":
+    assert return_large_blocks()
+first = np.ones(1 << 20); del first  # 8 MB, freed: glibc's own threshold rises to its size
+before = rss_kb()
+second = np.ones(1 << 20); del second
+print(rss_kb() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file() or platform.libc_ver()[0] != "glibc",
+                    reason="measures glibc's allocator through /proc (Linux with glibc only)")
+def test_freed_large_blocks_go_back_to_the_system(tmp_path):
+    """A freed 8 MB array stays in the process under glibc's own policy, and is returned under the
+    policy every run's process sets (fresh interpreters: the policy is process-wide)."""
+    script = tmp_path / "freed.py"
+    script.write_text(_FREED_BLOCK)
+    kept = {mode: int(subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                                     check=True, cwd=PROJECT).stdout) for mode in ("default", "fixed")}
+    assert kept["default"] > 6000 and kept["fixed"] < 1000, kept

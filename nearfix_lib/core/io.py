@@ -409,6 +409,31 @@ def write_text(path: str | Path, text: str) -> Path:
 
 # -- the machine ------------------------------------------------------------------------------
 
+# glibc's mallopt parameter for the size from which blocks are mapped on their own (malloc.h)
+_M_MMAP_THRESHOLD = -3
+LARGE_BLOCK_BYTES = 1 << 20
+
+
+def return_large_blocks() -> bool:
+    """Make this process give every freed block of 1 MB or more back to the system at once.
+
+    glibc maps large blocks on their own, but after one is freed it raises that threshold to the
+    block's size (up to 32 MB) and serves such blocks from its heap from then on, where what a case
+    leaves behind is fragmented and kept. A per-case stage then grows with the cases it has done:
+    a stage-1 repair process of the scale phantom held ~10 MB more after each of its first cases,
+    and its peak rose with them (1.61 to 1.66 GB over five cases); with the threshold fixed at 1 MB
+    it stayed at 1.50 GB. A run's processes call this (``start_run``, the workers of
+    :mod:`~nearfix_lib.stages.shards`). Returns whether the C library took it (glibc only).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator, its policy
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES))
+
+
 def threads_per_worker(workers: int) -> int:
     """CPU threads for each of ``workers`` processes: the cores this process may use, shared out,
     and never more than ``OMP_NUM_THREADS`` when it is set (a job's or a test's own limit)."""

@@ -16,7 +16,14 @@ from pathlib import Path
 from nearfix_lib import __version__
 from nearfix_lib.core.classes import load_table
 from nearfix_lib.core.config import Params, project_root
-from nearfix_lib.core.io import InputError, discover_cases, remove_stale_temporaries, require_data_root, write_text
+from nearfix_lib.core.io import (
+    InputError,
+    discover_cases,
+    remove_stale_temporaries,
+    require_data_root,
+    return_large_blocks,
+    write_text,
+)
 from nearfix_lib.core.workspace import SKIPPED_CSV, Run, data_root_of, run_directory
 from nearfix_lib.phantom.dataset import write_dataset
 
@@ -53,6 +60,7 @@ def start_run(params: Params, progress: bool = True) -> Run:
     killed mid-write left behind (see :func:`~nearfix_lib.core.io.remove_stale_temporaries`).
     Raises :class:`InputError` (one line) when the data root is missing or holds no usable case.
     """
+    return_large_blocks()  # this process works case after case: no heap that grows with them
     run_dir = run_directory(params)
     if (run_dir / "params.yaml").is_file():
         print(f"resuming the run in {run_dir}")

@@ -48,7 +48,7 @@ from typing import Any
 
 import pandas as pd
 
-from nearfix_lib.core.io import InputError, threads_per_worker, write_json, write_text
+from nearfix_lib.core.io import InputError, return_large_blocks, threads_per_worker, write_json, write_text
 from nearfix_lib.core.scores import write_scores
 from nearfix_lib.core.workspace import SKIPPED_CSV, Run, open_run, part_path, parts_dir
 
@@ -196,6 +196,7 @@ def thread_variables(threads: int) -> Iterator[None]:
 
 
 def _init_worker(run_dir: str, stage: CaseStage, threads: int) -> None:
+    return_large_blocks()
     torch = sys.modules.get("torch")  # imported with the stage's module when the stage uses it
     if torch is not None:
         torch.set_num_threads(threads)
