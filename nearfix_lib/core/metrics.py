@@ -37,7 +37,7 @@ scattered islands; only pathological maps where every class is spread over the w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 import cc3d
@@ -176,22 +176,24 @@ def prefer_kdtree(n_points: int, n_voxels: int) -> bool:
     return n_points * _KDTREE_VOXELS_PER_POINT < n_voxels
 
 
-def _nearest_distances(query: np.ndarray, sources: np.ndarray,
-                       spacing: tuple[float, float, float]) -> np.ndarray:
+def _nearest_distances(query: np.ndarray, sources: np.ndarray, spacing: tuple[float, float, float],
+                       kept_edt: Callable[[], np.ndarray] | None = None) -> np.ndarray:
     """Distance (mm) from every True voxel of ``query`` (C order) to the nearest of ``sources``.
 
     ``sources`` must be non-empty and hold every source voxel that matters (the caller's crop
-    contains them all). Normally an anisotropic EDT of ``~sources`` over the crop; when the
-    voxels are few for the size of the crop (scattered islands of a noisy label stretch a
-    class's box over the whole volume) a k-d tree on the voxel centres in mm gives the same
-    distances at a cost that follows the number of voxels, not the size of the box.
+    contains them all). Normally an anisotropic EDT of ``~sources`` over the crop (``kept_edt``
+    returns it where the caller keeps one: a :class:`Reference`'s); when the voxels are few for
+    the size of the crop (scattered islands of a noisy label stretch a class's box over the whole
+    volume) a k-d tree on the voxel centres in mm gives the same distances at a cost that follows
+    the number of voxels, not the size of the box.
     """
     if prefer_kdtree(int(np.count_nonzero(query)) + int(np.count_nonzero(sources)), query.size):
         sp = np.asarray(spacing)
         tree = cKDTree(np.argwhere(sources) * sp)
         return tree.query(np.argwhere(query) * sp)[0]
     # on the cores this process may use: each voxel's distance is exact whatever the split
-    dist = edt.edt(~sources, anisotropy=spacing, black_border=False, parallel=threads_per_worker(1))
+    dist = kept_edt() if kept_edt is not None else edt.edt(~sources, anisotropy=spacing, black_border=False,
+                                                           parallel=threads_per_worker(1))
     return dist[query].astype(np.float64)
 
 
@@ -202,24 +204,20 @@ def _empty_pair_scores(na: int, nb: int) -> BinaryScores:
 
 
 def _cropped_pair_scores(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float, float],
-                         tol_mm: float) -> BinaryScores:
+                         tol_mm: float, kept_edt_of_b: Callable[[], np.ndarray] | None = None) -> BinaryScores:
     """Scores of two masks cropped to (at least) their union bounding box.
 
     Outside the box both masks are empty, so the surfaces are those of the full array
     (:func:`_surface` treats the outside as background) and every surface voxel lies in the
-    crop: distances computed within the crop are exact.
+    crop: distances computed within the crop are exact. ``kept_edt_of_b``: see :func:`_nearest_distances`.
     """
     na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
     if na == 0 or nb == 0:
         return _empty_pair_scores(na, nb)
+    inter = int(np.count_nonzero(a & b))
     sa, sb = _surface(a), _surface(b)
-    d_ab, d_ba = _nearest_distances(sa, sb, spacing), _nearest_distances(sb, sa, spacing)
-    return _scores_of_distances(int(np.count_nonzero(a & b)), na, nb, d_ab, d_ba, tol_mm)
-
-
-def _scores_of_distances(inter: int, na: int, nb: int, d_ab: np.ndarray, d_ba: np.ndarray,
-                         tol_mm: float) -> BinaryScores:
-    """The four scores of a non-empty pair from its overlap, sizes and directed surface distances."""
+    d_ab = _nearest_distances(sa, sb, spacing, kept_edt_of_b)
+    d_ba = _nearest_distances(sb, sa, spacing)
     # the EDT is float32: compare against the tolerance with a float32-sized slack so a
     # distance that is exactly tol_mm is not lost to rounding
     tol = tol_mm * (1.0 + 1e-6)
@@ -301,6 +299,12 @@ def _boxes_in_foreground(labels: np.ndarray, table: ClassTable) -> tuple[tuple[s
     return fg, {k: _shifted(b, fg) for k, b in class_boxes(labels[fg], table).items()}
 
 
+def _foreground_components(labels: np.ndarray, foreground: tuple[slice, ...] | None,
+                           table: ClassTable) -> dict[str, int]:
+    """:func:`component_counts` on the foreground's box: the labelling costs what the volume it is given costs."""
+    return component_counts(labels[foreground or (slice(0, 1),) * 3], table)
+
+
 class Reference:
     """A reference label map that several maps are scored against: a case's truth, against the noisy
     input, both baselines and every stage. What depends on the reference alone is computed once, when
@@ -316,7 +320,7 @@ class Reference:
             raise ValueError(f"expected a 3-D reference label map, got shape {self.labels.shape}")
         self.spacing = _spacing(spacing)
         self.table = table
-        self._boxes: dict[str, tuple[slice, ...] | None] | None = None
+        self._layout: tuple[tuple[slice, ...] | None, dict[str, tuple[slice, ...] | None]] | None = None
         self._components: dict[str, int] | None = None
         self._distance: dict[str, tuple[tuple[slice, ...], np.ndarray]] = {}
 
@@ -329,35 +333,28 @@ class Reference:
             raise ValueError(f"reference spacing {ref.spacing} differs from the scores' {tuple(spacing)}")
         return ref
 
+    def _foreground_and_boxes(self) -> tuple[tuple[slice, ...] | None, dict[str, tuple[slice, ...] | None]]:
+        if self._layout is None:
+            self._layout = _boxes_in_foreground(self.labels, self.table)
+        return self._layout
+
     @property
     def boxes(self) -> dict[str, tuple[slice, ...] | None]:
-        if self._boxes is None:
-            self._boxes = _boxes_in_foreground(self.labels, self.table)[1]
-        return self._boxes
+        return self._foreground_and_boxes()[1]
 
     @property
     def components(self) -> dict[str, int]:
         """26-connected component count of every class of the reference's table."""
         if self._components is None:
-            fg = mask_box(self.labels > 0) or (slice(0, 1),) * 3
-            self._components = component_counts(self.labels[fg], self.table)
+            self._components = _foreground_components(self.labels, self._foreground_and_boxes()[0], self.table)
         return self._components
 
     def class_scores(self, a: np.ndarray, box: tuple[slice, ...], key: str, tol_mm: float = 1.0) -> ClassScores:
         """Scores of ``a``, a map's voxels of class ``key`` within ``box`` (array coordinates; it holds
         the map's and the reference's voxels of the class), against the reference's."""
         b = self.labels[box] == self.table[key].index
-        na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
-        if na == 0 or nb == 0:
-            return ClassScores(key=key, **_empty_pair_scores(na, nb), n_vox=na, n_vox_ref=nb)
-        sa, sb = _surface(a), _surface(b)
-        if prefer_kdtree(int(np.count_nonzero(sa)) + int(np.count_nonzero(sb)), a.size):
-            d_ab = _nearest_distances(sa, sb, self.spacing)
-        else:
-            d_ab = self._distance_to_surface(key, box)[sa].astype(np.float64)
-        d_ba = _nearest_distances(sb, sa, self.spacing)
-        scores = _scores_of_distances(int(np.count_nonzero(a & b)), na, nb, d_ab, d_ba, tol_mm)
-        return ClassScores(key=key, **scores, n_vox=na, n_vox_ref=nb)
+        scores = _cropped_pair_scores(a, b, self.spacing, tol_mm, lambda: self._distance_to_surface(key, box))
+        return ClassScores(key=key, **scores, n_vox=int(np.count_nonzero(a)), n_vox_ref=int(np.count_nonzero(b)))
 
     def _distance_to_surface(self, key: str, box: tuple[slice, ...]) -> np.ndarray:
         """Distance (mm, float32) to class ``key``'s surface on ``box``: a view of the EDT kept for the
@@ -385,7 +382,12 @@ def per_class_scores(pred_labels: np.ndarray, ref_labels: np.ndarray | Reference
     ref = Reference.of(ref_labels, spacing, table)
     pred_labels = np.asarray(pred_labels)
     _check_pair(pred_labels, ref.labels)
-    _, boxes_p = _boxes_in_foreground(pred_labels, table)
+    return _class_rows(pred_labels, _boxes_in_foreground(pred_labels, table)[1], ref, table, nsd_tol_mm)
+
+
+def _class_rows(pred_labels: np.ndarray, boxes_p: dict[str, tuple[slice, ...] | None], ref: Reference,
+                table: ClassTable, nsd_tol_mm: float) -> list[ClassScores]:
+    """:func:`per_class_scores` with the prediction's class boxes found already."""
     rows: list[ClassScores] = []
     for c in table:
         box = union_box(boxes_p[c.key], ref.boxes[c.key])
@@ -625,10 +627,9 @@ def case_report(pred: np.ndarray, ref: np.ndarray | Reference, spacing: Sequence
     reference = Reference.of(ref, spacing, table)
     pred = np.asarray(pred)
     _check_pair(pred, reference.labels)
-    frame = pd.DataFrame(per_class_scores(pred, reference, spacing, table, nsd_tol_mm))
-    # the component labelling costs what the volume it is given costs: the foreground's box
-    fg = mask_box(pred > 0) or (slice(0, 1),) * 3
-    comp_p, comp_r = component_counts(pred[fg], table), reference.components
+    fg, boxes_p = _boxes_in_foreground(pred, table)
+    frame = pd.DataFrame(_class_rows(pred, boxes_p, reference, table, nsd_tol_mm))
+    comp_p, comp_r = _foreground_components(pred, fg, table), reference.components
     frame["n_comp"] = [comp_p[k] for k in frame["key"]]
     frame["n_comp_ref"] = [comp_r[k] for k in frame["key"]]
     frame["expected"] = [table[k].expected_components for k in frame["key"]]
