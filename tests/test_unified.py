@@ -9,7 +9,7 @@ from conftest import lps_affine
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.classes import CARDIAC
-from nearfix_lib.core.config import BalancedSamplingParams, ModelParams, TrainParams, UnifiedLossParams
+from nearfix_lib.core.config import BalancedSamplingParams, DecodeParams, ModelParams, TrainParams, UnifiedLossParams
 from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.field.models import ImplicitField
@@ -139,14 +139,17 @@ def test_artifact_round_trip_decodes_on_its_own(tmp_path):
     torch.manual_seed(0)
     model = ImplicitField(2, SMALL_MODEL, n_heads=len(T))
     thresholds = np.linspace(0.3, 0.7, len(T))
-    u = UnifiedModel(model, SMALL_MODEL, T, ["7", "9"], thresholds, {"7": geometry(), "9": geometry()})
+    u = UnifiedModel(model, SMALL_MODEL, T, ["7", "9"], thresholds, {"7": geometry(), "9": geometry()},
+                     decoding=DecodeParams(coarse_step=4, margin=3.0))
     path = u.save(tmp_path / "unified.pt")
     loaded = UnifiedModel.load(path)
     assert loaded.case_ids == ["7", "9"] and np.allclose(loaded.thresholds, thresholds)
-    assert loaded.table == T
+    assert loaded.table == T and loaded.decoding == DecodeParams(coarse_step=4, margin=3.0)
     labels = loaded.decode("9", grid="original")
     assert labels.shape == (30, 26, 20) and labels.dtype == np.uint8
     assert np.array_equal(labels, u.decode("9", grid="original"))
+    loaded.decoding = DecodeParams(mode="dense")
+    assert np.mean(loaded.decode("9", grid="original") == labels) >= 0.9999
     assert not labels[:4].any() and not labels[22:].any()  # outside the heart box: background
     assert loaded.decode("9", grid="roi").shape == (18, 15, 12)
     with pytest.raises(KeyError, match="not in the model"):

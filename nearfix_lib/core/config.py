@@ -236,6 +236,36 @@ class UnifiedLossParams:
             raise ValueError("stage3.loss weights must be >= 0")
 
 
+# -- parameters of field.decide --------------------------------------------------------------------
+
+DECODE_MODES = ("coarse_to_fine", "dense")
+
+
+@dataclass
+class DecodeParams:
+    """How a fitted field becomes a label map (``field.decide``): at every voxel (``dense``), or on
+    a lattice every ``coarse_step`` voxels first, refining only the cells whose corners disagree or
+    come within ``margin`` logits of a threshold, and their neighbours (``coarse_to_fine``)."""
+
+    mode: str = "coarse_to_fine"
+    coarse_step: int = 8  # voxels between the first pass's points; a power of two (1 = every voxel)
+    # logits between a point and every threshold for it to vouch for a cell of coarse_step voxels;
+    # for smaller cells in proportion (half at half the size), as a field of bounded slope changes less
+    margin: float = 2.0
+    # from this cell size up, an unsure cell's neighbours are refined too, every point evaluated
+    guard_from_step: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODE_MODES:
+            raise ValueError(f"decode.mode must be one of {list(DECODE_MODES)}, got {self.mode!r}")
+        for name in ("coarse_step", "guard_from_step"):
+            step = getattr(self, name)
+            if isinstance(step, bool) or not isinstance(step, int) or step < 1 or step & (step - 1):
+                raise ValueError(f"decode.{name} must be a power of two >= 1, got {step!r}")
+        if self.margin < 0:
+            raise ValueError(f"decode.margin must be >= 0, got {self.margin}")
+
+
 # -- parameters of repair.cleanup ------------------------------------------------------------------
 
 @dataclass
@@ -481,10 +511,12 @@ class PrepareParams:
 def _coronary_overrides() -> dict:
     """Coronary: 0.7 Dice + 0.3 Focal (gamma 4) as the user asked; a thin tube's probability
     peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold,
-    no expected-count rule (small specks still go) and bridges across gaps up to 12 mm."""
+    no expected-count rule (small specks still go), bridges across gaps up to 12 mm, and a finer,
+    more cautious coarse-to-fine decode (at 1.1 mm a vessel is 2-3 voxels wide: docs/method.md)."""
     return {"loss": {"kind": "dice_focal", "dice_weight": 0.7, "focal_weight": 0.3, "focal_gamma": 4.0},
             "threshold": 0.3,
-            "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": 12.0}}
+            "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": 12.0},
+            "decode": {"coarse_step": 4, "margin": 4.0}}
 
 
 @dataclass
@@ -499,6 +531,7 @@ class Stage1Params:
     threshold: float = 0.5
     cleanup: CleanupParams = field(default_factory=lambda: CleanupParams(min_component_mm3=10.0))
     chunk_points: int = 262_144  # points per inference chunk (bounds memory, not results)
+    decode: DecodeParams = field(default_factory=DecodeParams)  # M^ref, the stage-2 ROI masks, validation
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}
@@ -550,6 +583,7 @@ class Stage3Params:
     # box, as costly as the decoding stage, and 32 cases of pooled voxel counts pin nine candidates
     threshold_cases: int = 32
     chunk_points: int = 262_144
+    decode: DecodeParams = field(default_factory=DecodeParams)  # the label maps: decoding and validation
     new_case_train: TrainParams = field(default_factory=_latent_only_train)  # latent-only fit of a new case
     compare_distillation: bool = True  # notebook 04 also fits without distillation, to show the difference
     # Where the heads learn L^ref: "original" = the original voxels inside the whole-heart box (no

@@ -43,7 +43,7 @@ def iter_normalised_points(grid: Grid, box: Box, max_points: int) -> Iterator[tu
         yield slice(start, stop), apply_affine(to_norm, idx).astype(np.float32)
 
 
-def _encode(model: torch.nn.Module, case_index: int, device: str, image: torch.Tensor | None = None,
+def encode_case(model: torch.nn.Module, case_index: int, device: str, image: torch.Tensor | None = None,
             latent: torch.Tensor | None = None) -> Encoded:
     """The case's feature grids, from its table entry or from a free ``latent`` (1, D)."""
     model.eval()
@@ -52,7 +52,7 @@ def _encode(model: torch.nn.Module, case_index: int, device: str, image: torch.T
     return model.encode(torch.tensor([case_index], device=device), image)
 
 
-def _probabilities(model: torch.nn.Module, encoded: Encoded, points: np.ndarray, device: str) -> np.ndarray:
+def probabilities_at(model: torch.nn.Module, encoded: Encoded, points: np.ndarray, device: str) -> np.ndarray:
     """Sigmoid probabilities (n, heads) at normalised (n, 3) ``points`` of one encoded case."""
     logits = model.decode(encoded, torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(device)[None])[0]
     return torch.sigmoid(logits.float()).cpu().numpy()
@@ -64,9 +64,9 @@ def grid_chunks(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, d
                 latent: torch.Tensor | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """(slab of axis 0, probabilities (n, heads) of its voxel centres), chunk after chunk: for a
     consumer that needs the probabilities but not all of them at once (counts, decisions)."""
-    encoded = _encode(model, case_index, device, image, latent)
+    encoded = encode_case(model, case_index, device, image, latent)
     for slab, pts in iter_normalised_points(grid, box, chunk_points):
-        yield slab, _probabilities(model, encoded, pts, device)
+        yield slab, probabilities_at(model, encoded, pts, device)
 
 
 @torch.no_grad()
@@ -89,12 +89,13 @@ def field_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box,
 @torch.no_grad()
 def reduced_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box,
                     reduce: Callable[[np.ndarray], np.ndarray], dtype: type, device: str = "cpu",
-                    chunk_points: int = 262_144, latent: torch.Tensor | None = None) -> np.ndarray:
+                    chunk_points: int = 262_144, image: torch.Tensor | None = None,
+                    latent: torch.Tensor | None = None) -> np.ndarray:
     """``reduce`` (probabilities (n, heads) -> values (n,)) at ``grid``'s voxel centres, chunk by chunk:
     (*grid.shape) of ``dtype``. A decision (a label per voxel) without the whole float32 map of
     every head, 40 bytes per voxel for ten heads: 2 GB for a real case's heart box."""
     out = np.empty(grid.shape, dtype=dtype)
-    for slab, prob in grid_chunks(model, case_index, grid, box, device, chunk_points, latent=latent):
+    for slab, prob in grid_chunks(model, case_index, grid, box, device, chunk_points, image, latent):
         out[slab] = reduce(prob).reshape(slab.stop - slab.start, grid.shape[1], grid.shape[2])
     return out
 
@@ -104,9 +105,10 @@ def field_at_points(model: torch.nn.Module, case_index: int, points: np.ndarray,
                     chunk_points: int = 262_144) -> np.ndarray:
     """Sigmoid probabilities (N, heads) of case ``case_index`` at normalised (N, 3) ``points``:
     a scattered set (a boundary band) instead of a whole grid."""
-    encoded = _encode(model, case_index, device)
+    encoded = encode_case(model, case_index, device)
     pts = np.asarray(points, dtype=np.float32).reshape(-1, 3)
-    chunks = [_probabilities(model, encoded, pts[s:s + chunk_points], device) for s in range(0, len(pts), chunk_points)]
+    chunks = [probabilities_at(model, encoded, pts[s:s + chunk_points], device)
+              for s in range(0, len(pts), chunk_points)]
     return np.concatenate(chunks) if chunks else np.zeros((0, model.n_heads), dtype=np.float32)
 
 

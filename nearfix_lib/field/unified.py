@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 
 from nearfix_lib.core.classes import ClassTable
-from nearfix_lib.core.config import BalancedSamplingParams, ModelParams, TrainParams, UnifiedLossParams
+from nearfix_lib.core.config import BalancedSamplingParams, DecodeParams, ModelParams, TrainParams, UnifiedLossParams
 from nearfix_lib.core.geometry import (
     Box,
     Grid,
@@ -38,7 +38,8 @@ from nearfix_lib.core.geometry import (
 )
 from nearfix_lib.core.io import atomic_path
 from nearfix_lib.core.metrics import dice
-from nearfix_lib.field.infer import field_at_points, field_on_grid, grid_chunks, original_box_grid, reduced_on_grid
+from nearfix_lib.field.decide import Decision, labels_on_grid
+from nearfix_lib.field.infer import field_at_points, field_on_grid, grid_chunks, original_box_grid
 from nearfix_lib.field.losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.sampling import (
@@ -139,7 +140,7 @@ class UnifiedTask:
 
     def __init__(self, store: CaseStore, table: ClassTable, sampling: BalancedSamplingParams,
                  loss: UnifiedLossParams, seed: int, device: str, chunk_points: int = 262_144,
-                 thresholds: Sequence[float] | None = None):
+                 thresholds: Sequence[float] | None = None, decoding: DecodeParams | None = None):
         if list(store.classes) != list(table.indices):
             raise ValueError(f"the store holds classes {list(store.classes)}, the table {table.indices}")
         if sampling.mined and not store.spec.interfaces:
@@ -160,6 +161,7 @@ class UnifiedTask:
         self.device = device
         self.chunk = chunk_points
         self.thresholds = np.full(len(self.indices), 0.5) if thresholds is None else np.asarray(thresholds)
+        self.decoding = decoding or DecodeParams()  # the validation's label maps
         self._channel = np.zeros(256, dtype=np.int64) - 1
         self._channel[self.indices] = np.arange(len(self.indices))
 
@@ -229,7 +231,8 @@ class UnifiedTask:
     def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
         scores = []
         for i in cases:
-            labels = labels_on_grid(model, i, *self._grid(i), self.table, self.thresholds, self.device, self.chunk)
+            labels = labels_on_grid(model, i, *self._grid(i), priority_decision(self.table, self.thresholds),
+                                    self.decoding, self.device, self.chunk)
             ref = self.store.labels(i)  # mapped for this case only
             scores += [dice(labels == c, ref == c) for c in self.indices if self.store.present(i, c)]
             del ref
@@ -257,12 +260,9 @@ def decode_priority(prob: np.ndarray, table: ClassTable, thresholds: Sequence[fl
     return labels
 
 
-def labels_on_grid(model, case_index: int, grid: Grid, box: Box, table: ClassTable, thresholds: Sequence[float],
-                   device: str = "cpu", chunk_points: int = 262_144, latent: torch.Tensor | None = None) -> np.ndarray:
-    """:func:`decode_priority` at every voxel centre of ``grid``, decided chunk by chunk (uint8,
-    ``grid.shape``): no probability map of the grid is held."""
-    return reduced_on_grid(model, case_index, grid, box, lambda prob: decode_priority(prob, table, thresholds),
-                           np.uint8, device, chunk_points, latent=latent)
+def priority_decision(table: ClassTable, thresholds: Sequence[float]) -> Decision:
+    """:func:`decode_priority` as a decision of ``field.decide`` (dense or coarse to fine)."""
+    return Decision(lambda prob: decode_priority(prob, table, thresholds), tuple(float(t) for t in thresholds))
 
 
 class ThresholdCounts:
@@ -337,6 +337,7 @@ class UnifiedModel:
     device: str = "cpu"
     chunk_points: int = 262_144
     extra_latents: dict[str, torch.Tensor] = field(default_factory=dict)  # cases fitted after training
+    decoding: DecodeParams = field(default_factory=DecodeParams)  # how decode() makes its label maps
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -347,7 +348,8 @@ class UnifiedModel:
                    "priority": [c.key for c in self.table.by_priority()],
                    "thresholds": {c.key: float(t) for c, t in zip(self.table, self.thresholds)},
                    "geometry": {cid: g.to_dict() for cid, g in self.geometry.items()},
-                   "extra_latents": {k: v.cpu() for k, v in self.extra_latents.items()}}
+                   "extra_latents": {k: v.cpu() for k, v in self.extra_latents.items()},
+                   "decoding": dataclasses.asdict(self.decoding)}
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
         return Path(path)
@@ -366,7 +368,8 @@ class UnifiedModel:
         return cls(model, params, table, [str(c) for c in d["case_ids"]],
                    np.asarray([d["thresholds"][c.key] for c in table]),
                    {cid: CaseGeometry.from_dict(g) for cid, g in d["geometry"].items()}, device,
-                   extra_latents=dict(d.get("extra_latents", {})))
+                   extra_latents=dict(d.get("extra_latents", {})),
+                   decoding=DecodeParams(**d.get("decoding", {})))  # artifacts before 2026-12 hold none
 
     # -- decoding ----------------------------------------------------------------------------
     def _latent(self, case_id: str) -> tuple[int, torch.Tensor | None]:
@@ -396,8 +399,8 @@ class UnifiedModel:
         original grid (background outside the heart box), decided chunk by chunk: no probability
         map of the box is held (ten float32 heads: 2 GB for a real case's box)."""
         index, latent, geo, on = self._decoding(case_id, grid)
-        labels = labels_on_grid(self.model, index, on, geo.heart_box, self.table, self.thresholds, self.device,
-                                self.chunk_points, latent=latent)
+        labels = labels_on_grid(self.model, index, on, geo.heart_box, priority_decision(self.table, self.thresholds),
+                                self.decoding, self.device, self.chunk_points, latent=latent)
         if grid == "roi":
             return labels
         out = np.zeros(geo.shape, dtype=np.uint8)
@@ -429,7 +432,8 @@ class UnifiedModel:
                             case_ids=[str(case_id)])
         task = UnifiedTask(store, self.table, sampling,
                            dataclasses.replace(loss, distill_weight=0.0),
-                           seed, self.device, chunk_points=self.chunk_points, thresholds=self.thresholds)
+                           seed, self.device, chunk_points=self.chunk_points, thresholds=self.thresholds,
+                           decoding=self.decoding)
         fit(solo, task, train, out_dir, device=self.device, seed=seed, progress=progress,
             extra={"case_id": str(case_id), "latent_only": True})
         z = solo.latents.embedding.weight.detach()[:1].clone()

@@ -53,6 +53,7 @@ from nearfix_lib.core.workspace import (
     stage1_dir,
     stage1_probabilities,
 )
+from nearfix_lib.field.decide import labels_on_grid, threshold_decision
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
 from nearfix_lib.field.models import ImplicitField
@@ -98,7 +99,8 @@ class Stage1Task:
         self.sampler = BandSampler(store, params.sampling, seed)
         self.data_loss = build_loss(params.loss)
         self.latent_weight = params.loss.latent_weight
-        self.threshold = params.threshold
+        self.decision = threshold_decision(params.threshold)
+        self.decoding = params.decode
         self.chunk = params.chunk_points
         self.device = device
         self.images = images
@@ -126,9 +128,9 @@ class Stage1Task:
         for i in cases:
             mask = self.sampler.mask(i)
             box = Box((0, 0, 0), mask.shape)
-            prob = field_on_grid(model, i, roi_grid(box, mask.shape), box, self.device, self.chunk,
-                                 image=self.image_of(i))[..., 0]
-            scores.append(dice(prob >= self.threshold, mask))
+            decided = labels_on_grid(model, i, roi_grid(box, mask.shape), box, self.decision, self.decoding,
+                                     self.device, self.chunk, image=self.image_of(i))
+            scores.append(dice(decided > 0, mask))
         return {"dice": float(np.mean(scores))}
 
     def state_dict(self) -> dict:
@@ -257,12 +259,14 @@ def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
 def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, run: Run, key: str,
                 expected: int, params: Stage1Params, device: str,
                 image: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
-    """Probabilities on the ROI grid (saved), then M^ref on the original grid (NIfTI, returned)."""
+    """Probabilities on the ROI grid (saved: stage 3's teacher, every voxel), then M^ref on the original
+    grid (``stage1.decode``: coarse to fine by default; NIfTI, returned)."""
     box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
-    prob = field_on_grid(model, i, original_box_grid(box), box, device, params.chunk_points, image=image)[..., 0]
-    cleaned, report = clean_mask(prob >= params.threshold, expected, crops.spacing, params.cleanup)
+    decided = labels_on_grid(model, i, original_box_grid(box), box, threshold_decision(params.threshold),
+                             params.decode, device, params.chunk_points, image=image)
+    cleaned, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
     mask = np.zeros(crops.shape, dtype=bool)
     mask[box.slices] = cleaned
     write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)

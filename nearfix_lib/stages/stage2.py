@@ -36,7 +36,7 @@ from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz
 from nearfix_lib.core.metrics import Reference
 from nearfix_lib.core.scores import anatomy_checks, component_counts_of, score_labels, score_masks, scores_frame
 from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
-from nearfix_lib.field.infer import field_in_box
+from nearfix_lib.field.decide import labels_in_box, threshold_decision
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.repair.fusion import FusionResult, fuse_case
 from nearfix_lib.stages import shards
@@ -67,9 +67,9 @@ def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device:
         if crops.case_id not in f.index_of or key not in crops.class_boxes:
             continue
         p = run.params.stage1.for_class(key)
-        prob = field_in_box(f.model, f.index_of[crops.case_id], crops.heart_grid, crops.class_boxes[key],
-                            device, p.chunk_points)[..., 0]
-        masks[key], _ = clean_mask(prob >= p.threshold, run.table[key].expected_components, spacing, p.cleanup)
+        decided = labels_in_box(f.model, f.index_of[crops.case_id], crops.heart_grid, crops.class_boxes[key],
+                                threshold_decision(p.threshold), p.decode, device, p.chunk_points)
+        masks[key], _ = clean_mask(decided > 0, run.table[key].expected_components, spacing, p.cleanup)
     return masks
 
 

@@ -172,7 +172,8 @@ def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
 def build_task(data: Stage3Data, table: ClassTable, params: Stage3Params, seed: int, device: str,
                distill: bool = True) -> UnifiedTask:
     loss = params.loss if distill else _no_distill(params).loss
-    return UnifiedTask(data.store, table, params.sampling, loss, seed, device, chunk_points=params.chunk_points)
+    return UnifiedTask(data.store, table, params.sampling, loss, seed, device, chunk_points=params.chunk_points,
+                       decoding=params.decode)
 
 
 def _no_distill(params: Stage3Params) -> Stage3Params:
@@ -227,7 +228,7 @@ def assemble(run: Run, model: ImplicitField, task: UnifiedTask, data: Stage3Data
     chosen = threshold_case_indices(task.n_cases, params, run.params.run.seed)
     thresholds = fit_thresholds(_slab_pairs(model, task, data, chosen), run.table, params.threshold_candidates)
     return UnifiedModel(model, params.model, run.table, data.case_ids, thresholds, dict(data.geometry),
-                        device=task.device, chunk_points=params.chunk_points)
+                        device=task.device, chunk_points=params.chunk_points, decoding=params.decode)
 
 
 # -- decoding: a per-case stage ------------------------------------------------------------------
@@ -244,8 +245,10 @@ def artifact_path(run: Run, source: str = "stage3") -> Path:
 
 
 def decode_setup(run: Run, source: str) -> UnifiedModel:
-    """Once per process: the artifact, on the run's device."""
-    return UnifiedModel.load(artifact_path(run, source), device=resolve_device(run.params.run.device))
+    """Once per process: the artifact, on the run's device, decoding as the run's ``stage3.decode`` says."""
+    unified = UnifiedModel.load(artifact_path(run, source), device=resolve_device(run.params.run.device))
+    unified.decoding = run.params.stage3.decode
+    return unified
 
 
 def decode_case(run: Run, case_id: str, unified: UnifiedModel, source: str) -> shards.Rows:
