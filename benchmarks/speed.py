@@ -39,6 +39,14 @@ USER_SPACING = (0.35, 0.35, 0.5)
 
 
 @dataclass
+class FitJob:
+    epochs: int
+    work: str  # a scratch folder
+    field: str  # where the fitted field is saved
+    device: str
+
+
+@dataclass
 class DecodeJob:
     field: str  # the fitted field's file
     grid_shape: tuple[int, int, int] | None  # None: the case's own voxels of the heart box
@@ -47,7 +55,7 @@ class DecodeJob:
     device: str
 
 
-def _fit(cfg: dict, queue) -> None:
+def _fit(job: FitJob, queue) -> None:
     """Child: fit F_Θ on case 1 of the 1.1 mm phantom, save its weights, box and spacing."""
     import torch
 
@@ -62,20 +70,20 @@ def _fit(cfg: dict, queue) -> None:
     spacing = voxel_spacing(case.affine)
     box = roi_box(case.truth > 0, params.prepare.heart_margin, spacing, params.prepare.margin_unit)
     s3 = params.stage3
-    train = dataclasses.replace(s3.train, epochs=cfg["epochs"], cases_per_batch=1, eval_interval=0,
-                                checkpoint_interval=cfg["epochs"], lr_step_epochs=0, select="last", amp=False)
+    train = dataclasses.replace(s3.train, epochs=job.epochs, cases_per_batch=1, eval_interval=job.epochs,
+                                checkpoint_interval=job.epochs, lr_step_epochs=0, select="last", amp=False)
     sampling = dataclasses.replace(s3.sampling, mined=0)
-    work = Path(cfg["work"])
+    work = Path(job.work)
     store = write_store(work / "cases", [case.truth[box.slices]],
                         StoreSpec(tuple(CARDIAC.indices), sampling.dilation_radius, interfaces=False))
     torch.manual_seed(0)
     model = ImplicitField(1, s3.model, n_heads=len(CARDIAC))
-    task = UnifiedTask(store, CARDIAC, sampling, dataclasses.replace(s3.loss, distill_weight=0.0), 0, cfg["device"])
+    task = UnifiedTask(store, CARDIAC, sampling, dataclasses.replace(s3.loss, distill_weight=0.0), 0, job.device)
     t0 = time.perf_counter()
-    fit(model, task, train, work / "fit", device=cfg["device"], progress=False)
+    fit(model, task, train, work / "fit", device=job.device, progress=False)
     torch.save({"state_dict": model.state_dict(), "box": box.to_dict(), "spacing": list(spacing),
                 "model_params": dataclasses.asdict(s3.model), "decode": dataclasses.asdict(s3.decode)},
-               cfg["field"])
+               job.field)
     queue.put({"fit_s": time.perf_counter() - t0, "box_shape": list(box.shape), "spacing": list(spacing)})
 
 
@@ -161,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nearfix-speed-") as tmp:
         field = str(Path(tmp) / "field.pt")
-        fitted = _run_isolated({"epochs": args.epochs, "work": tmp, "field": field, "device": device},
-                               args.timeout_s, target=_fit)
+        fitted = _run_isolated(FitJob(args.epochs, tmp, field, device), args.timeout_s, target=_fit)
         if "fit_s" not in fitted:
             print(f"fit failed: {fitted}", file=sys.stderr)
             return 1
