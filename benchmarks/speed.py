@@ -81,7 +81,8 @@ def _fit(job: FitJob, queue) -> None:
     task = UnifiedTask(store, CARDIAC, sampling, dataclasses.replace(s3.loss, distill_weight=0.0), 0, job.device)
     t0 = time.perf_counter()
     fit(model, task, train, work / "fit", device=job.device, progress=False)
-    torch.save({"state_dict": model.state_dict(), "box": {"lo": [int(v) for v in box.lo], "hi": [int(v) for v in box.hi]}, "spacing": [float(v) for v in spacing],
+    plain_box = {"lo": [int(v) for v in box.lo], "hi": [int(v) for v in box.hi]}
+    torch.save({"state_dict": model.state_dict(), "box": plain_box, "spacing": [float(v) for v in spacing],
                 "model_params": dataclasses.asdict(s3.model), "decode": dataclasses.asdict(s3.decode)},
                job.field)
     queue.put({"fit_s": time.perf_counter() - t0, "box_shape": [int(v) for v in box.shape],
