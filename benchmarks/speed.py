@@ -1,6 +1,6 @@
 """Speed benchmark (not a test): dense against coarse-to-fine decoding of a fitted F_Θ.
 
-    python -m benchmarks.speed --out DIR [--epochs 400] [--device auto]
+    python -m benchmarks.speed --out DIR [--epochs 400] [--device auto] [--readme README.md]
 
 One process fits the unified model (ten heads, the production ``stage3.model``) on one case of the
 1.1 mm phantom (``params/phantom_1mm.yaml``'s geometry, its clean labels on the whole-heart box).
@@ -36,10 +36,13 @@ from nearfix_lib.stages.runs import code_version, resolve_device
 
 PROJECT = Path(__file__).resolve().parents[1]
 USER_SPACING = (0.35, 0.35, 0.5)
+README_BEGIN = "<!-- speed table: begin (python -m benchmarks.speed --readme) -->"
+README_END = "<!-- speed table: end -->"
 
 
 @dataclass
 class FitJob:
+    params: str  # the params file whose phantom, prepare and stage3 sections are used
     epochs: int
     work: str  # a scratch folder
     field: str  # where the fitted field is saved
@@ -65,7 +68,7 @@ def _fit(job: FitJob, queue) -> None:
     from nearfix_lib.field.unified import UnifiedTask
     from nearfix_lib.phantom.dataset import make_case
 
-    params = load_params(PROJECT / "params/phantom_1mm.yaml")
+    params = load_params(job.params)
     case = make_case(0, params.data.phantom)
     spacing = voxel_spacing(case.affine)
     box = roi_box(case.truth > 0, params.prepare.heart_margin, spacing, params.prepare.margin_unit)
@@ -155,6 +158,27 @@ def speed_page(table, conditions: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_table(table) -> str:
+    """The README's performance table: seconds per decode, the ratio and the agreement."""
+    lines = ["| decode | voxels | dense (s) | coarse to fine (s) | dense / coarse to fine | evaluated | identical |",
+             "|---|---|---|---|---|---|---|"]
+    value = table.set_index(["what", "variant"])["value"]
+    for name in ("decode_1mm", "decode_realsize"):
+        dense, fine = value[(name, "dense")], value[(name, "coarse_to_fine")]
+        lines.append(f"| {name} | {int(value[(f'{name}_voxels', 'dense')]):,} | {dense:.1f} | {fine:.1f} | "
+                     f"{dense / fine:.1f}x | {value[(f'{name}_evaluated', 'coarse_to_fine')]:.1%} | "
+                     f"{value[(f'{name}_identical', 'coarse_to_fine')]:.6f} |")
+    return "\n".join(lines)
+
+
+def with_readme_table(text: str, table) -> str:
+    """``text`` with what lies between the README's speed markers replaced by :func:`readme_table`."""
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"no speed table markers ({README_BEGIN} ... {README_END}) in the README")
+    head, rest = text.split(README_BEGIN, 1)
+    return f"{head}{README_BEGIN}\n{readme_table(table)}\n{README_END}{rest.split(README_END, 1)[1]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
@@ -164,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/speed"))
     ap.add_argument("--epochs", type=int, default=400, help="steps of the one-case fit")
+    ap.add_argument("--params", type=Path, default=PROJECT / "params/phantom_1mm.yaml",
+                    help="the phantom, prepare and stage3 sections of the fit and the decodes")
+    ap.add_argument("--realsize-spacing", type=float, nargs=3, default=USER_SPACING,
+                    help="voxel size in mm of the real-size grid over the same heart box")
+    ap.add_argument("--readme", type=Path, help="also rewrite this file's speed table from the CSV")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="per process")
     args = ap.parse_args(argv)
@@ -171,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nearfix-speed-") as tmp:
         field = str(Path(tmp) / "field.pt")
-        fitted = _run_isolated(FitJob(args.epochs, tmp, field, device), args.timeout_s, target=_fit)
+        fitted = _run_isolated(FitJob(str(args.params), args.epochs, tmp, field, device), args.timeout_s, target=_fit)
         if "fit_s" not in fitted:
             print(f"fit failed: {fitted}", file=sys.stderr)
             return 1
         box_shape = fitted["box_shape"]
-        real = tuple(int(round(n * s / t)) for n, s, t in zip(box_shape, fitted["spacing"], USER_SPACING))
+        real = tuple(int(round(n * s / t)) for n, s, t in zip(box_shape, fitted["spacing"], args.realsize_spacing))
         rows = [{"what": "fit", "variant": "one_case", "value": fitted["fit_s"], "unit": "s"}]
         for name, shape in (("decode_1mm", None), ("decode_realsize", real)):
             results, maps = {}, {}
@@ -196,11 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows, columns=["what", "variant", "value", "unit"])
     table.to_csv(args.out / "speed.csv", index=False)
     command = " ".join(argv if argv is not None else sys.argv[1:])
-    conditions = (f"F_Θ fitted {args.epochs} steps on case 1 of the 1.1 mm phantom (heart box {box_shape} voxels); "
-                  f"real size: the same box at {USER_SPACING} mm ({list(real)} voxels). Device {device}; "
+    conditions = (f"F_Θ fitted {args.epochs} steps on case 1 of the phantom of `{args.params.name}` "
+                  f"(heart box {box_shape} voxels at {[round(v, 3) for v in fitted['spacing']]} mm); "
+                  f"real size: the same box at {list(args.realsize_spacing)} mm ({list(real)} voxels)."
+                  f" Device {device}; "
                   f"code {code_version()}; `python -m benchmarks.speed {command}`.")
     write_text(args.out / "speed.md", speed_page(table, conditions))
     print(f"wrote {args.out / 'speed.csv'} and speed.md")
+    if args.readme:
+        write_text(args.readme, with_readme_table(args.readme.read_text(), table))
+        print(f"rewrote the speed table of {args.readme}")
     return 0
 
 

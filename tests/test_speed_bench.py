@@ -1,0 +1,47 @@
+"""The speed benchmark's machinery at a tiny size (its numbers are for docs, not asserted here): a
+fit and four decodes, each in its own process, the CSV with the rows others read, the page and
+the README table generated from the CSV."""
+
+import pandas as pd
+import pytest
+
+from benchmarks.speed import README_BEGIN, README_END, main, readme_table, with_readme_table
+
+REQUIRED = {("decode_1mm", "dense", "s"), ("decode_1mm", "coarse_to_fine", "s"),
+            ("decode_realsize", "dense", "s"), ("decode_realsize", "coarse_to_fine", "s"),
+            ("decode_1mm_identical", "coarse_to_fine", "fraction"),
+            ("decode_realsize_identical", "coarse_to_fine", "fraction")}
+
+
+@pytest.fixture(scope="module")
+def tiny_speed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    readme = out / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    code = main(["--out", str(out), "--params", "params/test.yaml", "--epochs", "5",
+                 "--realsize-spacing", "1.5", "1.5", "2.0", "--readme", str(readme)])
+    return out, code, pd.read_csv(out / "speed.csv"), readme.read_text()
+
+
+def test_the_csv_holds_the_rows_others_read(tiny_speed):
+    out, code, table, _ = tiny_speed
+    assert code == 0
+    assert list(table.columns) == ["what", "variant", "value", "unit"]
+    assert REQUIRED <= set(zip(table["what"], table["variant"], table["unit"]))
+    value = table.set_index(["what", "variant"])["value"]
+    for name in ("decode_1mm", "decode_realsize"):
+        assert value[(name, "dense")] > 0 and value[(name, "coarse_to_fine")] > 0
+        assert 0.99 <= value[(f"{name}_identical", "coarse_to_fine")] <= 1.0
+        assert 0 < value[(f"{name}_evaluated", "coarse_to_fine")] <= 1.5  # clamped lattice points may repeat
+    # the real-size grid is the same box at a finer voxel size: more voxels
+    assert value[("decode_realsize_voxels", "dense")] > value[("decode_1mm_voxels", "dense")]
+    page = (out / "speed.md").read_text()
+    assert "dense / coarse-to-fine" in page and "`test.yaml`" in page and "benchmarks.speed --out" in page
+
+
+def test_the_readme_table_is_rewritten_between_its_markers_only(tiny_speed):
+    _, _, table, readme = tiny_speed
+    assert readme.startswith("# x\n\nbefore\n") and readme.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in readme and readme_table(table) in readme
+    with pytest.raises(ValueError, match="markers"):
+        with_readme_table("no markers here", table)
