@@ -32,6 +32,7 @@ import numpy as np
 from nearfix_lib.core.classes import CARDIAC
 from nearfix_lib.core.config import DecodeParams, load_params
 from nearfix_lib.core.geometry import Box, roi_box, roi_grid, voxel_spacing
+from nearfix_lib.core.metrics import component_counts
 from nearfix_lib.stages.runs import code_version, resolve_device
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,7 @@ def _fit(job: FitJob, queue) -> None:
     task = UnifiedTask(store, CARDIAC, sampling, dataclasses.replace(s3.loss, distill_weight=0.0), 0, job.device)
     t0 = time.perf_counter()
     fit(model, task, train, work / "fit", device=job.device, progress=False)
-    plain_box = {"lo": [int(v) for v in box.lo], "hi": [int(v) for v in box.hi]}
-    torch.save({"state_dict": model.state_dict(), "box": plain_box, "spacing": [float(v) for v in spacing],
+    torch.save({"state_dict": model.state_dict(), "box": box.to_dict(), "spacing": [float(v) for v in spacing],
                 "model_params": dataclasses.asdict(s3.model), "decode": dataclasses.asdict(s3.decode)},
                job.field)
     queue.put({"fit_s": time.perf_counter() - t0, "box_shape": [int(v) for v in box.shape],
@@ -97,7 +97,7 @@ def _decode(job: DecodeJob, queue) -> None:
     import torch
 
     from nearfix_lib.core.config import ModelParams
-    from nearfix_lib.field.decide import _CoarseToFine, labels_on_grid
+    from nearfix_lib.field.decide import decode_counted
     from nearfix_lib.field.infer import original_box_grid
     from nearfix_lib.field.models import ImplicitField
     from nearfix_lib.field.unified import priority_decision
@@ -111,28 +111,17 @@ def _decode(job: DecodeJob, queue) -> None:
     decision = priority_decision(CARDIAC, [0.5] * len(CARDIAC))
     params = DecodeParams(**{**saved["decode"], "mode": job.mode})
     t0 = time.perf_counter()
-    if job.mode == "dense":
-        labels, evaluated = labels_on_grid(model, 0, grid, box, decision, params, job.device), int(np.prod(grid.shape))
-    else:
-        runner = _CoarseToFine(model, 0, grid, box, decision, params, job.device, 262_144, None, None)
-        labels, evaluated = runner.run(), runner.evaluated
+    labels, evaluated = decode_counted(model, 0, grid, box, decision, params, job.device)
     seconds = time.perf_counter() - t0
     np.save(job.out, labels)
     queue.put({"seconds": seconds, "evaluated": evaluated / labels.size, "voxels": int(labels.size),
                "threads": torch.get_num_threads()})
 
 
-def _components(labels: np.ndarray) -> list[int]:
-    import cc3d
-
-    return [int(cc3d.connected_components((labels == c).astype(np.uint8), connectivity=26, return_N=True)[1])
-            for c in CARDIAC.indices]
-
-
 def decode_rows(name: str, results: dict[str, dict], maps: dict[str, np.ndarray]) -> list[dict]:
     """The rows of one grid: seconds per variant, agreement and components of coarse-to-fine vs dense."""
     dense, fine = maps["dense"], maps["coarse_to_fine"]
-    comps = {v: _components(m) for v, m in maps.items()}
+    comps = {v: list(component_counts(m, CARDIAC).values()) for v, m in maps.items()}
     rows = [{"what": name, "variant": v, "value": results[v]["seconds"], "unit": "s"} for v in results]
     rows += [{"what": f"{name}_identical", "variant": "coarse_to_fine", "value": float(np.mean(dense == fine)),
               "unit": "fraction"},

@@ -7,7 +7,7 @@ import torch
 
 from nearfix_lib.core.config import DecodeParams
 from nearfix_lib.core.geometry import Box, Grid, apply_affine, normalised_to_original, roi_grid
-from nearfix_lib.field.decide import Decision, _CoarseToFine, labels_in_box, labels_on_grid, threshold_decision
+from nearfix_lib.field.decide import Decision, decode_counted, labels_in_box, labels_on_grid, threshold_decision
 from nearfix_lib.field.infer import field_on_grid
 from nearfix_lib.field.models import ImplicitField
 from tests.test_train_infer import TINY_MODEL
@@ -67,10 +67,9 @@ def test_coarse_to_fine_equals_dense_on_a_ball_and_a_thin_tube(step):
 
 def test_cost_follows_the_surface_not_the_volume():
     field = AnalyticField(slope=3.0)
-    runner = _CoarseToFine(field, 0, GRID, BOX, PRIORITY, DecodeParams(), "cpu", 4096, None, None)
-    labels = runner.run()
+    labels, evaluated = decode_counted(field, 0, GRID, BOX, PRIORITY, DecodeParams(), "cpu", 4096)
     np.testing.assert_array_equal(labels, decode(AnalyticField(slope=3.0), DecodeParams(mode="dense")))
-    assert runner.evaluated == field.points
+    assert evaluated == field.points
     assert field.points < 0.25 * np.prod(SHAPE)
 
 

@@ -71,7 +71,8 @@ class Box:
         return tuple(slice(lo, h) for lo, h in zip(self.lo, self.hi))  # type: ignore[return-value]
 
     def to_dict(self) -> dict:
-        return {"lo": list(self.lo), "hi": list(self.hi)}
+        """Plain ints (a box found by numpy holds numpy ints, which YAML and torch's safe loader refuse)."""
+        return {"lo": [int(v) for v in self.lo], "hi": [int(v) for v in self.hi]}
 
     @classmethod
     def from_dict(cls, d: dict) -> Box:

@@ -65,10 +65,19 @@ def labels_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box
     """``decision`` at every voxel centre of ``grid`` (uint8, ``grid.shape``), dense or coarse to fine
     (``params.mode``). ``box`` is the ROI the model's normalised space refers to; ``latent`` (1, D)
     replaces the table entry, ``image`` feeds an appearance model."""
+    return decode_counted(model, case_index, grid, box, decision, params, device, chunk_points, image, latent)[0]
+
+
+def decode_counted(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,
+                   params: DecodeParams, device: str = "cpu", chunk_points: int = 262_144,
+                   image: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
+    """:func:`labels_on_grid` and the number of points the model was run on (every voxel, dense)."""
     if params.mode == "dense":
-        return reduced_on_grid(model, case_index, grid, box, decision.labels, np.uint8, device, chunk_points,
-                               image=image, latent=latent)
-    return _CoarseToFine(model, case_index, grid, box, decision, params, device, chunk_points, image, latent).run()
+        labels = reduced_on_grid(model, case_index, grid, box, decision.labels, np.uint8, device, chunk_points,
+                                 image=image, latent=latent)
+        return labels, labels.size
+    runner = _CoarseToFine(model, case_index, grid, box, decision, params, device, chunk_points, image, latent)
+    return runner.run(), runner.evaluated
 
 
 def labels_in_box(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,
@@ -115,7 +124,7 @@ class _CoarseToFine:
         self.distance = np.zeros(lattice, dtype=np.float16)  # logits from the nearest threshold
         self.known = np.zeros(lattice, dtype=bool)
         self.painted = np.zeros(tuple(int(v) for v in self.cells * self.step), dtype=np.uint8)
-        self.evaluated = 0  # points the model was run on (for the benchmark and the tests)
+        self.evaluated = 0  # points the model was run on
 
     @torch.no_grad()
     def _evaluate(self, virtual: np.ndarray) -> None:

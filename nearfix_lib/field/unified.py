@@ -229,10 +229,9 @@ class UnifiedTask:
             yield slab, prob.reshape(slab.stop - slab.start, *grid.shape[1:], -1)
 
     def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
-        scores = []
+        scores, decision = [], priority_decision(self.table, self.thresholds)
         for i in cases:
-            labels = labels_on_grid(model, i, *self._grid(i), priority_decision(self.table, self.thresholds),
-                                    self.decoding, self.device, self.chunk)
+            labels = labels_on_grid(model, i, *self._grid(i), decision, self.decoding, self.device, self.chunk)
             ref = self.store.labels(i)  # mapped for this case only
             scores += [dice(labels == c, ref == c) for c in self.indices if self.store.present(i, c)]
             del ref
