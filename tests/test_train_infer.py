@@ -145,3 +145,18 @@ def test_validation_runs_on_a_fixed_seeded_subset(tmp_path):
     train = TrainParams(**{**params.train.__dict__, "eval_cases": 2})
     fit(model, task, train, tmp_path, progress=False)
     assert len(seen) == 3 and all(s == validation_cases(4, 2, seed=0) for s in seen)  # epochs 2, 4, 6
+
+
+def test_a_loss_that_becomes_nan_stops_the_fit_at_the_end_of_its_epoch(tmp_path):
+    model, task, params = make(tmp_path / "cases")
+    real_loss, calls = task.loss, []
+
+    def loss(net, batch):  # the third step (epoch 2 of 2-step epochs) goes bad
+        total, parts = real_loss(net, batch)
+        calls.append(1)
+        return (total * float("nan"), parts) if len(calls) == 3 else (total, parts)
+
+    task.loss = loss
+    with pytest.raises(FloatingPointError, match=r"nan in epoch 2 \(steps 3 to 4\)"):
+        fit(model, task, params.train, tmp_path / "fit", progress=False)
+    assert not (tmp_path / "fit" / "best.pt").exists() or load_checkpoint(tmp_path / "fit" / "last.pt")["epoch"] == 1

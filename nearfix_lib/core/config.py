@@ -165,8 +165,19 @@ class BalancedSamplingParams:
     mined: int = 0
     mine_from_epoch: int = 0
     mine_interval: int = 100
+    # Where a step's points, labels and teacher values are drawn: "host" (numpy, from the memory-mapped
+    # store), "device" (torch on the fit's device, field.device_batches), "auto" (device on CUDA, else
+    # host). The draws differ (numpy's and torch's generators), so a fit's points depend on it.
+    batches: str = "auto"
+    # Device batches keep cases' arrays on the device within this budget (least recently used leave
+    # first); 0 = half the device's free memory on CUDA, 2048 MB elsewhere.
+    device_cache_mb: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.batches not in ("auto", "host", "device"):
+            raise ValueError(f"balanced sampling: batches must be auto, host or device, got {self.batches!r}")
+        if self.device_cache_mb < 0:
+            raise ValueError(f"balanced sampling: device_cache_mb must be >= 0, got {self.device_cache_mb}")
         if self.jitter_epochs < 0:
             raise ValueError(f"balanced sampling: jitter_epochs must be >= 0, got {self.jitter_epochs}")
         if not 0 <= self.mined <= self.negatives - self.negatives // 2:
@@ -204,6 +215,9 @@ class TrainParams:
     eval_cases: int = 16
     checkpoint_interval: int = 25  # write last.pt every this many epochs (and at the last epoch)
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    # torch.compile the model for the fit's steps (the checkpoints hold the plain model's weights);
+    # it pays on GPUs after a compile of tens of seconds, on CPU rarely (docs/experiments/speed)
+    compile: bool = False
     select: str = "best"  # which checkpoint results come from: "best" (validation score) or "last"
 
     def __post_init__(self) -> None:

@@ -364,6 +364,10 @@ class ClassBalancedSampler(_CaseStreams):
         """The voxels (M, 3) of case ``case`` that ``params.mined`` points per step come from (M = 0: none)."""
         self._mined[case] = _within(np.asarray(coords).reshape(-1, 3), self.store.shape(case)).astype(np.int32)
 
+    def mined(self, case: int) -> np.ndarray:
+        """int32 (M, 3): the case's mined voxels (none before a mining pass)."""
+        return self._mined[case]
+
     def mined_count(self, case: int) -> int:
         return len(self._mined[case])
 

@@ -295,10 +295,14 @@ class CaseStore:
         flat = np.ravel_multi_index((cells[:, 0], cells[:, 1], cells[:, 2]), self.shape(case))
         return ((self._open(case, "foreground.npy")[flat >> 3] >> (7 - (flat & 7))) & 1).astype(bool)
 
+    def band(self, case: int) -> np.ndarray:
+        """int32 (band_size,): flat (C-order) indices of the band voxels."""
+        return self._open(case, "band.npy")
+
     def band_at(self, case: int, rows: np.ndarray) -> np.ndarray:
         """int64 (len(rows), 3): (i, j, k) of the band voxels at positions ``rows`` of the band (0 to
         ``band_size - 1``), read from the mapped flat indices (a third of the bytes of (i, j, k) rows)."""
-        flat = self._open(case, "band.npy")[np.asarray(rows, dtype=np.int64)]
+        flat = self.band(case)[np.asarray(rows, dtype=np.int64)]
         return np.stack(np.unravel_index(flat.astype(np.int64), self.shape(case)), axis=1)
 
     def interfaces(self, case: int) -> np.ndarray:

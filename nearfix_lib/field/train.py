@@ -50,10 +50,13 @@ class FitTask(Protocol):
     score_name: str  # the validation score (higher is better) that selects best.pt
 
     def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
-        """Sampled points and targets for these cases (CPU tensors; the loop moves them)."""
+        """Sampled points and targets for these cases (CPU tensors, which the loop moves, or tensors
+        already on the fit's device)."""
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and its named parts (for the log)."""
+    def loss(self, model: torch.nn.Module,
+             batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its named parts for the log, as detached 0-d tensors on the device: the loop
+        reads them once per epoch, so a step never waits for the device."""
 
     def evaluate(self, model: torch.nn.Module, cases: Sequence[int]) -> dict[str, float]:
         """Validation metrics over these cases (indices); must contain ``score_name``."""
@@ -197,6 +200,7 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     steps_per_epoch = math.ceil(task.n_cases / params.cases_per_batch)
     started = time.perf_counter()
     net = _wrap_distributed(model, device) if world > 1 else model
+    step_net = torch.compile(net) if params.compile else net  # the steps only; checkpoints hold model's weights
 
     def payload() -> dict:
         return {"format": "nearfix-fit", "version": CKPT_VERSION, "model": model.state_dict(),
@@ -213,30 +217,29 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
             before_epoch(model, epoch)
         model.train()
         order = order_rng.permutation(task.n_cases)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: summed without a sync, read after the epoch
         for s in range(steps_per_epoch):
             idx = order[s * params.cases_per_batch:(s + 1) * params.cases_per_batch]
             # every rank draws only its share of the cases: the draws are keyed by case, so the
             # K shares are the batch one process would draw (field.sampling._CaseStreams)
             batch = task.batch(_share(idx, rank, world) if world > 1 else idx, epoch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: _to_device(v, device) for k, v in batch.items()}
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                loss, parts = task.loss(net, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}, step {step}")
+                loss, parts = task.loss(step_net, batch)
             loss.backward()  # under DDP the gradients are averaged over ranks here
             if params.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             opt.step()
             step += 1
-            logged = {"loss": loss.item(), **parts}
-            if world > 1:
-                logged = _mean_over_ranks(logged, device)
-            for k, v in logged.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums[k] + v if k in sums else v.float()
+        means = _epoch_means(sums, steps_per_epoch, world, device)
+        if not math.isfinite(means["loss"]):  # a NaN or inf of any step of the epoch stays in the sum
+            raise FloatingPointError(f"loss became {means['loss']} in epoch {epoch} (steps {step - steps_per_epoch + 1}"
+                                     f" to {step})")
         sched.step()
-        row: dict[str, Any] = {"epoch": epoch, "step": step, **{k: v / steps_per_epoch for k, v in sums.items()},
+        row: dict[str, Any] = {"epoch": epoch, "step": step, **means,
                                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         improved = False
         if lead and (epoch % params.eval_interval == 0 or epoch == total):
@@ -316,10 +319,23 @@ def _share(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
     return idx[rank * per:(rank + 1) * per]
 
 
-def _mean_over_ranks(values: dict[str, float], device: str) -> dict[str, float]:
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(values, (t / torch.distributed.get_world_size()).tolist()))
+def _to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """A batch tensor on the fit's device: host tensors cross to CUDA from pinned memory without
+    blocking, so the copy overlaps the previous step's work; device-drawn batches are already there."""
+    if tensor.device == torch.device(device):
+        return tensor
+    if str(device).startswith("cuda"):
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _epoch_means(sums: dict[str, torch.Tensor], steps: int, world: int, device: str) -> dict[str, float]:
+    """The epoch's mean loss parts (over ranks too): the loop's one device-to-host read per epoch."""
+    t = torch.stack([v.to(device=device, dtype=torch.float64) for v in sums.values()]) / steps
+    if world > 1:
+        torch.distributed.all_reduce(t)
+        t = t / world
+    return dict(zip(sums, t.tolist()))
 
 
 def load_for_inference(model: torch.nn.Module, out_dir: Path, select: str = "best", device: str = "cpu") -> dict:

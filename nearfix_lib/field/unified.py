@@ -39,6 +39,8 @@ from nearfix_lib.core.geometry import (
 from nearfix_lib.core.io import atomic_path
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.field.decide import Decision, labels_on_grid
+from nearfix_lib.field.device_batches import DeviceBalancedSampler, device_batches, device_cache_mb
+from nearfix_lib.field.device_batches import teacher_values as device_teacher_values
 from nearfix_lib.field.infer import field_at_points, field_on_grid, grid_chunks, original_box_grid
 from nearfix_lib.field.losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
 from nearfix_lib.field.models import ImplicitField
@@ -162,21 +164,36 @@ class UnifiedTask:
         self.chunk = chunk_points
         self.thresholds = np.full(len(self.indices), 0.5) if thresholds is None else np.asarray(thresholds)
         self.decoding = decoding or DecodeParams()  # the validation's label maps
-        self._channel = np.zeros(256, dtype=np.int64) - 1
-        self._channel[self.indices] = np.arange(len(self.indices))
+        self._channel = torch.full((256,), -1, dtype=torch.int64)
+        self._channel[list(self.indices)] = torch.arange(len(self.indices))
+        self.device_sampler = (DeviceBalancedSampler(self.sampler, store, device, device_cache_mb(sampling, device))
+                               if device_batches(sampling, device) else None)
 
     def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
-        points, labels = self.sampler.sample(list(case_idx), epoch)
-        channel = self._channel[labels]
-        targets = np.zeros((*labels.shape, len(self.indices)), dtype=np.float32)
-        b, n = np.nonzero(channel >= 0)
-        targets[b, n, channel[b, n]] = 1.0
-        out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long),
-               "points": torch.from_numpy(points), "target": torch.from_numpy(targets)}
-        if self.distill:
-            out["teacher"] = torch.from_numpy(np.stack([  # each case's teachers mapped while it is looked up
-                teacher_values(self.store.teachers(i), points[k], len(self.indices)) for k, i in enumerate(case_idx)]))
-            out["has_teacher"] = torch.from_numpy(self._has_teacher[np.asarray(case_idx)])
+        """The step's points, one-hot targets and teacher values for these cases: drawn on the host
+        (CPU tensors) or, with device batches (``sampling.batches``), on the fit's device."""
+        case_idx = np.asarray(case_idx)
+        heads = len(self.indices)
+        teacher = None
+        if self.device_sampler is not None:
+            drawn = [self.device_sampler.sample_case(int(i), epoch) for i in case_idx]
+            points = torch.stack([p for p, _, _ in drawn])
+            labels = torch.stack([lab for _, lab, _ in drawn])
+            if self.distill:
+                teacher = torch.stack([device_teacher_values(entry.teachers, p, heads) for p, _, entry in drawn])
+        else:
+            host_points, host_labels = self.sampler.sample(list(case_idx), epoch)
+            points, labels = torch.from_numpy(host_points), torch.from_numpy(host_labels)
+            if self.distill:  # each case's teachers mapped while it is looked up
+                teacher = torch.from_numpy(np.stack([teacher_values(self.store.teachers(i), host_points[k], heads)
+                                                     for k, i in enumerate(case_idx)]))
+        channel = self._channel.to(labels.device)[labels]
+        target = torch.nn.functional.one_hot(channel.clamp(min=0), heads).to(torch.float32)
+        out = {"case": torch.as_tensor(case_idx, dtype=torch.long, device=points.device), "points": points,
+               "target": target * (channel >= 0).unsqueeze(-1)}
+        if teacher is not None:
+            out["teacher"] = teacher
+            out["has_teacher"] = torch.from_numpy(self._has_teacher[case_idx]).to(points.device)
         return out
 
     def loss(self, model, batch):
@@ -184,12 +201,12 @@ class UnifiedTask:
         data = per_head_weighted_bce(logits, batch["target"], self.alpha)
         lat = latent_l2(unwrap(model).latents(batch["case"]))
         total = data + self.loss_params.latent_weight * lat
-        parts = {"data": data.item(), "latent": lat.item()}
+        parts = {"data": data.detach(), "latent": lat.detach()}
         if self.distill:
             weight = batch["has_teacher"][:, None, :].float() * self.alpha.to(logits)
             dist = distillation(logits, batch["teacher"], weight)
             total = total + self.loss_params.distill_weight * dist
-            parts["distill"] = dist.item()
+            parts["distill"] = dist.detach()
         return total, parts
 
     def before_epoch(self, model, epoch: int) -> None:

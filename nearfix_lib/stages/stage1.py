@@ -117,7 +117,7 @@ class Stage1Task:
         logits = model(batch["case"], batch["points"], batch.get("image"))[..., 0].float()
         data = self.data_loss(logits, batch["target"])
         lat = latent_l2(unwrap(model).latents(batch["case"]))
-        return data + self.latent_weight * lat, {"data": data.item(), "latent": lat.item()}
+        return data + self.latent_weight * lat, {"data": data.detach(), "latent": lat.detach()}
 
     def image_of(self, i: int) -> torch.Tensor | None:
         return None if self.images is None else self.images.batch([i]).to(self.device)
