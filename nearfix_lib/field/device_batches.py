@@ -12,6 +12,8 @@ same draws run as tensor operations on the fit's device:
   as the host sampler's streams are: any process draws any case alone and gets what every other
   process would, so a torchrun rank draws only its share of a batch and a resumed fit draws
   the same points with no generator state to carry;
+* nothing is read back to the host while a batch is drawn (counts come from the store's metadata),
+  so the host only queues work;
 * the layout of a case's points, the label of the cell containing each float32 point and the
   zero-padded trilinear teacher values are those of the host path (:meth:`ClassBalancedSampler.sample`,
   :func:`~nearfix_lib.field.unified.teacher_values`); only the random numbers differ, since torch's
@@ -144,12 +146,12 @@ def _unravel(flat: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.stack([flat // jk, (flat % jk) // shape[2], flat % shape[2]], dim=1)
 
 
-def _draw_class(case: DeviceCase, k: int, c: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """(n, 3) int64 cells drawn uniformly with replacement from class ``c`` (store row ``k``): a rank
-    among the class's voxels, its (i, j) row by binary search in the counts, its k by scanning that
-    row (:func:`nearfix_lib.field.sampling._draw_class`, in torch)."""
+def _draw_class(case: DeviceCase, k: int, c: int, voxels: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, 3) int64 cells drawn uniformly with replacement from class ``c`` (store row ``k``, ``voxels``
+    of them, known on the host: no read-back): a rank among the class's voxels, its (i, j) row by binary
+    search in the counts, its k by scanning that row (:func:`nearfix_lib.field.sampling._draw_class`)."""
     cumulative = case.cumulative[k]
-    rank = torch.randint(0, int(cumulative[-1]), (n,), generator=gen, device=cumulative.device)
+    rank = torch.randint(0, voxels, (n,), generator=gen, device=cumulative.device)
     row = torch.searchsorted(cumulative, rank, right=True)
     before = torch.where(row > 0, cumulative[(row - 1).clamp(min=0)], torch.zeros_like(row))
     hits = (case.labels.reshape(-1, case.shape[2])[row] == c).to(torch.int32)
@@ -221,8 +223,9 @@ class DeviceBalancedSampler:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(case_seed(self.host.seed, epoch, case))
         shape = torch.tensor(entry.shape, dtype=torch.float64, device=self.device)
-        parts = [_cell_points(_draw_class(entry, k, c, p.positives_per_class, gen), shape, gen, jitter)
-                 for k, c in enumerate(self.host.classes) if store.present(case, c)]
+        counts = store.histogram(case)
+        parts = [_cell_points(_draw_class(entry, k, c, int(counts[c]), p.positives_per_class, gen), shape, gen, jitter)
+                 for k, c in enumerate(self.host.classes) if counts[c]]
         n_neg = self.host.points_per_case - p.positives_per_class * len(parts)
         band_size = store.band_size(case)
         n_band = (n_neg - n_neg // 2) if band_size else 0

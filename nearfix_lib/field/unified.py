@@ -188,9 +188,9 @@ class UnifiedTask:
                 teacher = torch.from_numpy(np.stack([teacher_values(self.store.teachers(i), host_points[k], heads)
                                                      for k, i in enumerate(case_idx)]))
         channel = self._channel.to(labels.device)[labels]
-        target = torch.nn.functional.one_hot(channel.clamp(min=0), heads).to(torch.float32)
+        heads_at = torch.arange(heads, device=channel.device)  # one_hot would check its input: a device sync
         out = {"case": torch.as_tensor(case_idx, dtype=torch.long, device=points.device), "points": points,
-               "target": target * (channel >= 0).unsqueeze(-1)}
+               "target": (channel.unsqueeze(-1) == heads_at).to(torch.float32)}  # label values off the table: 0
         if teacher is not None:
             out["teacher"] = teacher
             out["has_teacher"] = torch.from_numpy(self._has_teacher[case_idx]).to(points.device)
