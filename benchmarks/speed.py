@@ -118,6 +118,162 @@ def _decode(job: DecodeJob, queue) -> None:
                "threads": torch.get_num_threads()})
 
 
+@dataclass
+class StoreJob:
+    params: str
+    grid_spacing: tuple[float, float, float]  # mm of the label crop: the real case size's voxels
+    cases: int  # the batch: this many case folders, links to one stored case
+    root: str  # where the stores are written
+    device: str
+
+
+@dataclass
+class StepJob:
+    params: str
+    root: str  # StoreJob.root
+    cases: int
+    stage: str  # stage1 | stage3
+    batches: str  # host | device
+    compile: bool
+    steps: int  # measured, after WARMUP_STEPS
+    device: str
+
+
+WARMUP_STEPS = 3
+STEP_STAGE1_CLASS = "LV"
+
+
+def _stores(job: StoreJob, queue) -> None:
+    """Child: the stores the steps read. Case 1 of the 1.1 mm phantom, its truth resampled to
+    ``grid_spacing`` over its heart box (stage 3's label crop at the real case size), and per class a
+    128^3 teacher on the class's box (a stage-1 probability map's size); stage 1's store holds one class's
+    128^3 mask. ``cases`` folders link to the one stored case, so a step of ``cases`` cases reads as
+    many distinct case ids (its own draws each) from a store written once."""
+    import os
+
+    from nearfix_lib.core.geometry import resample
+    from nearfix_lib.field.store import StoreSpec, Teacher, write_store
+    from nearfix_lib.field.unified import teacher_affine
+    from nearfix_lib.phantom.dataset import make_case
+    from nearfix_lib.stages.stage1 import write_mask_store
+
+    params = load_params(job.params)
+    case = make_case(0, params.data.phantom)
+    spacing = voxel_spacing(case.affine)
+    p = params.prepare
+    box = roi_box(case.truth > 0, p.heart_margin, spacing, p.margin_unit)
+    shape = tuple(int(round(n * s / t)) for n, s, t in zip(box.shape, spacing, job.grid_spacing))
+    heart = resample(case.truth, roi_grid(box, shape), order=0).astype(np.uint8)
+    teachers, masks = [], {}
+    for k, cls in enumerate(CARDIAC):
+        cls_box = roi_box(case.truth == cls.index, p.class_margin, spacing, p.margin_unit)
+        if cls_box is None:
+            continue
+        prob = resample((case.truth == cls.index).astype(np.float32), roi_grid(cls_box, p.class_resolution), order=1)
+        teachers.append(Teacher(k, prob, teacher_affine(box, cls_box)))
+        masks[cls.key] = prob >= 0.5
+    root = Path(job.root)
+    s3 = params.stage3.sampling
+    write_store(root / "stage3", [heart], StoreSpec(tuple(CARDIAC.indices), s3.dilation_radius, False), [teachers])
+    write_mask_store(root / "stage1", [masks[STEP_STAGE1_CLASS]], params.stage1.sampling)
+    for sub in ("stage3", "stage1"):
+        for i in range(1, job.cases):
+            if not (root / sub / str(i)).exists():
+                os.symlink("0", root / sub / str(i))
+    queue.put({"shape": list(shape), "voxels": int(heart.size)})
+
+
+def _steps(job: StepJob, queue) -> None:
+    """Child: ``WARMUP_STEPS + steps`` training steps of ``cases`` cases each, through the fit loop's own
+    step (:func:`~nearfix_lib.field.train.train_step`); medians of the host's time to build and hand over
+    a batch, and of the whole step (the device synchronised after it)."""
+    import torch
+
+    from nearfix_lib.field.models import ImplicitField
+    from nearfix_lib.field.store import CaseStore, StoreSpec
+    from nearfix_lib.field.train import make_optimizer, train_step
+    from nearfix_lib.field.unified import UnifiedTask
+    from nearfix_lib.stages.stage1 import Stage1Task, store_spec
+
+    params = load_params(job.params)
+    ids = [str(i) for i in range(job.cases)]
+    root = Path(job.root) / job.stage
+    if job.stage == "stage3":
+        s3 = params.stage3
+        sampling = dataclasses.replace(s3.sampling, mined=0, batches=job.batches)
+        store = CaseStore(root, ids, StoreSpec(tuple(CARDIAC.indices), sampling.dilation_radius, False))
+        task = UnifiedTask(store, CARDIAC, sampling, s3.loss, 0, job.device)
+        model = ImplicitField(job.cases, s3.model, n_heads=len(CARDIAC))
+        train, points = s3.train, task.sampler.points_per_case
+    else:
+        s1 = params.stage1.for_class(STEP_STAGE1_CLASS)
+        task = Stage1Task(CaseStore(root, ids, store_spec(s1.sampling)), s1, 0, job.device)
+        model, train, points = ImplicitField(job.cases, s1.model), s1.train, s1.sampling.points_per_case
+    model.to(job.device).train()
+    net = torch.compile(model) if job.compile else model
+    opt = make_optimizer(model, train)
+    amp = train.amp and job.device.startswith("cuda")
+    sync = torch.cuda.synchronize if job.device.startswith("cuda") else (lambda: None)
+    host, step, first = [], [], 0.0
+    cases = np.arange(job.cases)
+    for n in range(WARMUP_STEPS + job.steps):
+        t0 = time.perf_counter()
+        batch = task.batch(cases, epoch=n + 1)
+        t1 = time.perf_counter()
+        loss, _ = train_step(task, net, model, opt, batch, job.device, train.grad_clip, amp)
+        sync()
+        t2 = time.perf_counter()
+        if n == 0:
+            first = t2 - t0  # with compile: the compilation
+        if n >= WARMUP_STEPS:
+            host.append(t1 - t0)
+            step.append(t2 - t0)
+    queue.put({"host_ms": 1e3 * float(np.median(host)), "step_ms": 1e3 * float(np.median(step)),
+               "points": int(job.cases * points), "first_step_s": first, "loss": float(loss),
+               "threads": torch.get_num_threads()})
+
+
+def step_rows(stage: str, variant: str, res: dict) -> list[dict]:
+    """One step measurement as rows: host ms, ms and points per second of a step, the first step's seconds."""
+    return [{"what": f"{stage}_host_ms_per_step", "variant": variant, "value": res["host_ms"], "unit": "ms"},
+            {"what": f"{stage}_ms_per_step", "variant": variant, "value": res["step_ms"], "unit": "ms"},
+            {"what": f"{stage}_points_per_s", "variant": variant, "value": res["points"] / res["step_ms"] * 1e3,
+             "unit": "points/s"},
+            {"what": f"{stage}_first_step", "variant": variant, "value": res["first_step_s"], "unit": "s"}]
+
+
+# (stage, variant, batches, compile): current-main-style host batches against device batches, and
+# torch.compile on top of the faster; stage 1 draws on the host only
+STEP_VARIANTS = (("stage3", "cpu_batches", "host", False), ("stage3", "device_batches", "device", False),
+                 ("stage3", "device_batches_compile", "device", True), ("stage1", "cpu_batches", "host", False),
+                 ("stage1", "cpu_batches_compile", "host", True))
+
+
+def measure_steps(args, tmp: str, device: str) -> tuple[list[dict], dict]:
+    """Every :data:`STEP_VARIANTS` in its own process, on stores written once; a variant that fails
+    (torch.compile without a working compiler) is reported and left out."""
+    from benchmarks.bench import _run_isolated
+
+    spacing = tuple(args.realsize_spacing)
+    made = _run_isolated(StoreJob(str(args.params), spacing, args.step_cases, tmp, device), args.timeout_s,
+                         target=_stores)
+    if "shape" not in made:
+        raise RuntimeError(f"the step stores failed: {made}")
+    rows = []
+    for stage, variant, batches, compiled in STEP_VARIANTS:
+        if compiled and args.skip_compile:
+            continue
+        job = StepJob(str(args.params), tmp, args.step_cases, stage, batches, compiled, args.steps, device)
+        res = _run_isolated(job, args.timeout_s, target=_steps)
+        if "step_ms" not in res:
+            print(f"{stage} {variant} failed: {res}", file=sys.stderr)
+            continue
+        rows += step_rows(stage, variant, res)
+        print(f"{stage} {variant}: host {res['host_ms']:.1f} ms, step {res['step_ms']:.1f} ms per step of "
+              f"{res['points']} points", flush=True)
+    return rows, made
+
+
 def decode_rows(name: str, results: dict[str, dict], maps: dict[str, np.ndarray]) -> list[dict]:
     """The rows of one grid: seconds per variant, agreement and components of coarse-to-fine vs dense."""
     dense, fine = maps["dense"], maps["coarse_to_fine"]
@@ -134,25 +290,47 @@ def decode_rows(name: str, results: dict[str, dict], maps: dict[str, np.ndarray]
     return rows
 
 
+STEP_RATIOS = (("stage3_host_ms_per_step", "cpu_batches", "device_batches"),
+               ("stage3_ms_per_step", "cpu_batches", "device_batches"),
+               ("stage3_ms_per_step", "device_batches", "device_batches_compile"),
+               ("stage1_ms_per_step", "cpu_batches", "cpu_batches_compile"))
+
+
+def ratio_lines(table) -> list[str]:
+    """``| what | a / b |`` for every step and decode comparison the table holds."""
+    value = table.set_index(["what", "variant"])["value"]
+    pairs = list(STEP_RATIOS) + [(name, "dense", "coarse_to_fine") for name in ("decode_1mm", "decode_realsize")]
+    return [f"| {what} | {a} / {b} | {value[(what, a)] / value[(what, b)]:.2f}x |"
+            for what, a, b in pairs if (what, a) in value.index and (what, b) in value.index]
+
+
 def speed_page(table, conditions: str) -> str:
-    """The markdown page: the CSV as a table and the dense / coarse-to-fine ratios."""
-    lines = ["# Speed: dense and coarse-to-fine decoding", "", conditions, "",
+    """The markdown page: the CSV as a table and the ratios."""
+    lines = ["# Speed: training steps, dense and coarse-to-fine decoding", "", conditions, "",
              "| what | variant | value | unit |", "|---|---|---|---|"]
     lines += [f"| {r.what} | {r.variant} | {r.value:.6g} | {r.unit} |" for r in table.itertuples()]
-    lines += ["", "| decode | dense / coarse-to-fine |", "|---|---|"]
-    for name in ("decode_1mm", "decode_realsize"):
-        t = table[table.what == name].set_index("variant")["value"]
-        if {"dense", "coarse_to_fine"} <= set(t.index):
-            lines.append(f"| {name} | {t['dense'] / t['coarse_to_fine']:.1f}x |")
+    lines += ["", "| what | ratio | |", "|---|---|---|", *ratio_lines(table)]
     return "\n".join(lines) + "\n"
 
 
 def readme_table(table) -> str:
-    """The README's performance table: seconds per decode, the ratio and the agreement."""
-    lines = ["| decode | voxels | dense (s) | coarse to fine (s) | dense / coarse to fine | evaluated | identical |",
-             "|---|---|---|---|---|---|---|"]
+    """The README's performance tables, from what the CSV holds: the training steps (ms per step, host
+    and whole) and the decodes (seconds, ratio, agreement)."""
     value = table.set_index(["what", "variant"])["value"]
-    for name in ("decode_1mm", "decode_realsize"):
+    lines = []
+    steps = [(stage, variant) for stage, variant, _, _ in STEP_VARIANTS
+             if (f"{stage}_ms_per_step", variant) in value.index]
+    if steps:
+        lines += ["| training step | batches built (ms) | whole step (ms) | points/s |", "|---|---|---|---|"]
+        lines += [f"| {stage} {variant} | {value[(f'{stage}_host_ms_per_step', variant)]:.0f} | "
+                  f"{value[(f'{stage}_ms_per_step', variant)]:.0f} | {value[(f'{stage}_points_per_s', variant)]:,.0f} |"
+                  for stage, variant in steps]
+    names = [n for n in ("decode_1mm", "decode_realsize") if (n, "dense") in value.index]
+    if names:
+        lines += [""] if lines else []
+        lines += ["| decode | voxels | dense (s) | coarse to fine (s) | dense / coarse to fine | evaluated "
+                  "| identical |", "|---|---|---|---|---|---|---|"]
+    for name in names:
         dense, fine = value[(name, "dense")], value[(name, "coarse_to_fine")]
         lines.append(f"| {name} | {int(value[(f'{name}_voxels', 'dense')]):,} | {dense:.1f} | {fine:.1f} | "
                      f"{dense / fine:.1f}x | {value[(f'{name}_evaluated', 'coarse_to_fine')]:.1%} | "
@@ -171,7 +349,6 @@ def with_readme_table(text: str, table) -> str:
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
-    from benchmarks.bench import _run_isolated
     from nearfix_lib.core.io import write_text
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -182,17 +359,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--realsize-spacing", type=float, nargs=3, default=USER_SPACING,
                     help="voxel size in mm of the real-size grid over the same heart box")
     ap.add_argument("--readme", type=Path, help="also rewrite this file's speed table from the CSV")
+    ap.add_argument("--parts", nargs="+", choices=("steps", "decode"), default=["steps", "decode"],
+                    help="training steps (host against device batches), decodes (dense against coarse to fine)")
+    ap.add_argument("--steps", type=int, default=10, help="training steps measured per variant (after 3 warm-up)")
+    ap.add_argument("--step-cases", type=int, default=8, help="cases per training step")
+    ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variants")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="per process")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
+    rows, conditions = [], []
+    if "steps" in args.parts:
+        with tempfile.TemporaryDirectory(prefix="nearfix-steps-") as tmp:
+            step_table, made = measure_steps(args, tmp, device)
+        rows += step_table
+        conditions.append(f"Training steps: {args.step_cases} cases per step, the median of {args.steps} steps after "
+                          f"{WARMUP_STEPS}; stage 3 on a label crop of {made['shape']} voxels (the 1.1 mm case's "
+                          f"heart box at {list(args.realsize_spacing)} mm) with a 128^3 teacher per class, stage 1 "
+                          f"on a 128^3 {STEP_STAGE1_CLASS} mask; host ms: building the batch, ms: the whole step.")
+    if "decode" in args.parts:
+        decoded, text = measure_decodes(args, device)
+        rows += decoded
+        conditions.append(text)
+    table = pd.DataFrame(rows, columns=["what", "variant", "value", "unit"])
+    table.to_csv(args.out / "speed.csv", index=False)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    conditions.append(f"Device {device}; code {code_version()}; `python -m benchmarks.speed {command}`.")
+    write_text(args.out / "speed.md", speed_page(table, " ".join(conditions)))
+    print(f"wrote {args.out / 'speed.csv'} and speed.md")
+    if args.readme:
+        write_text(args.readme, with_readme_table(args.readme.read_text(), table))
+        print(f"rewrote the speed table of {args.readme}")
+    return 0
+
+
+def measure_decodes(args, device: str) -> tuple[list[dict], str]:
+    """Fit F_Θ on one case, then decode it dense and coarse to fine on its voxels and at real size,
+    each in its own process: the rows and a sentence on the conditions."""
+    from benchmarks.bench import _run_isolated
+
     with tempfile.TemporaryDirectory(prefix="nearfix-speed-") as tmp:
         field = str(Path(tmp) / "field.pt")
         fitted = _run_isolated(FitJob(str(args.params), args.epochs, tmp, field, device), args.timeout_s, target=_fit)
         if "fit_s" not in fitted:
-            print(f"fit failed: {fitted}", file=sys.stderr)
-            return 1
+            raise RuntimeError(f"the fit failed: {fitted}")
         box_shape = fitted["box_shape"]
         real = tuple(int(round(n * s / t)) for n, s, t in zip(box_shape, fitted["spacing"], args.realsize_spacing))
         rows = [{"what": "fit", "variant": "one_case", "value": fitted["fit_s"], "unit": "s"}]
@@ -202,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = str(Path(tmp) / f"{name}_{mode}.npy")
                 res = _run_isolated(DecodeJob(field, shape, mode, out, device), args.timeout_s, target=_decode)
                 if "seconds" not in res:
-                    print(f"{name} {mode} failed: {res}", file=sys.stderr)
-                    return 1
+                    raise RuntimeError(f"{name} {mode} failed: {res}")
                 results[mode], maps[mode] = res, np.load(out)
                 print(f"{name} {mode}: {res['seconds']:.1f} s, {res['evaluated']:.4f} of the voxels evaluated",
                       flush=True)
@@ -211,20 +421,10 @@ def main(argv: list[str] | None = None) -> int:
             ratio = results["dense"]["seconds"] / results["coarse_to_fine"]["seconds"]
             print(f"{name}: dense / coarse-to-fine = {ratio:.1f}x, "
                   f"identical {np.mean(maps['dense'] == maps['coarse_to_fine']):.6f}", flush=True)
-    table = pd.DataFrame(rows, columns=["what", "variant", "value", "unit"])
-    table.to_csv(args.out / "speed.csv", index=False)
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    conditions = (f"F_Θ fitted {args.epochs} steps on case 1 of the phantom of `{args.params.name}` "
-                  f"(heart box {box_shape} voxels at {[round(v, 3) for v in fitted['spacing']]} mm); "
-                  f"real size: the same box at {list(args.realsize_spacing)} mm ({list(real)} voxels)."
-                  f" Device {device}; "
-                  f"code {code_version()}; `python -m benchmarks.speed {command}`.")
-    write_text(args.out / "speed.md", speed_page(table, conditions))
-    print(f"wrote {args.out / 'speed.csv'} and speed.md")
-    if args.readme:
-        write_text(args.readme, with_readme_table(args.readme.read_text(), table))
-        print(f"rewrote the speed table of {args.readme}")
-    return 0
+    text = (f"Decodes: F_Θ fitted {args.epochs} steps on case 1 of the phantom of `{args.params.name}` "
+            f"(heart box {box_shape} voxels at {[round(v, 3) for v in fitted['spacing']]} mm); "
+            f"real size: the same box at {list(args.realsize_spacing)} mm ({list(real)} voxels).")
+    return rows, text
 
 
 if __name__ == "__main__":

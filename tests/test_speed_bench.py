@@ -1,6 +1,6 @@
-"""The speed benchmark's machinery at a tiny size (its numbers are for docs, not asserted here): a
-fit and four decodes, each in its own process, the CSV with the rows others read, the page and
-the README table generated from the CSV."""
+"""The speed benchmark's machinery at a tiny size (its numbers are for docs, not asserted here):
+training steps with host and device batches, a fit and four decodes, each in its own process, the
+CSV with the rows others read, the page and the README table generated from the CSV."""
 
 import pandas as pd
 import pytest
@@ -10,7 +10,9 @@ from benchmarks.speed import README_BEGIN, README_END, main, readme_table, with_
 REQUIRED = {("decode_1mm", "dense", "s"), ("decode_1mm", "coarse_to_fine", "s"),
             ("decode_realsize", "dense", "s"), ("decode_realsize", "coarse_to_fine", "s"),
             ("decode_1mm_identical", "coarse_to_fine", "fraction"),
-            ("decode_realsize_identical", "coarse_to_fine", "fraction")}
+            ("decode_realsize_identical", "coarse_to_fine", "fraction"),
+            ("stage3_host_ms_per_step", "cpu_batches", "ms"), ("stage3_host_ms_per_step", "device_batches", "ms"),
+            ("stage3_ms_per_step", "device_batches", "ms"), ("stage1_points_per_s", "cpu_batches", "points/s")}
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,8 @@ def tiny_speed(tmp_path_factory):
     readme = out / "README.md"
     readme.write_text(f"# x\n\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
     code = main(["--out", str(out), "--params", "params/test.yaml", "--epochs", "5",
-                 "--realsize-spacing", "1.5", "1.5", "2.0", "--readme", str(readme)])
+                 "--realsize-spacing", "1.5", "1.5", "2.0", "--readme", str(readme),
+                 "--steps", "2", "--step-cases", "2", "--skip-compile"])
     return out, code, pd.read_csv(out / "speed.csv"), readme.read_text()
 
 
@@ -35,8 +38,12 @@ def test_the_csv_holds_the_rows_others_read(tiny_speed):
         assert 0 < value[(f"{name}_evaluated", "coarse_to_fine")] <= 1.5  # clamped lattice points may repeat
     # the real-size grid is the same box at a finer voxel size: more voxels
     assert value[("decode_realsize_voxels", "dense")] > value[("decode_1mm_voxels", "dense")]
+    for stage in ("stage3", "stage1"):  # a step takes longer than building its batch
+        assert 0 < value[(f"{stage}_host_ms_per_step", "cpu_batches")] < value[(f"{stage}_ms_per_step", "cpu_batches")]
+    assert not any("compile" in v for v in table["variant"])
     page = (out / "speed.md").read_text()
-    assert "dense / coarse-to-fine" in page and "`test.yaml`" in page and "benchmarks.speed --out" in page
+    assert "cpu_batches / device_batches" in page and "dense / coarse_to_fine" in page
+    assert "`test.yaml`" in page and "benchmarks.speed --out" in page
 
 
 def test_the_readme_table_is_rewritten_between_its_markers_only(tiny_speed):

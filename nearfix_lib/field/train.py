@@ -88,7 +88,7 @@ def validation_cases(n_cases: int, eval_cases: int, seed: int) -> list[int]:
 CKPT_VERSION = 1
 
 
-def _optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
     latent_ids = {id(p) for name, p in model.named_parameters() if name.startswith("latents.")}
     weights = [p for p in model.parameters() if id(p) not in latent_ids and p.requires_grad]
     latents = [p for p in model.parameters() if id(p) in latent_ids and p.requires_grad]
@@ -162,7 +162,7 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     total = int(epochs if epochs is not None else params.epochs)
     model.to(device)
-    opt = _optimizer(model, params)
+    opt = make_optimizer(model, params)
     sched = _scheduler(opt, params)
     order_rng = np.random.Generator(np.random.PCG64(seed))
     validation = validation_cases(task.n_cases, params.eval_cases, seed)
@@ -223,14 +223,7 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
             # every rank draws only its share of the cases: the draws are keyed by case, so the
             # K shares are the batch one process would draw (field.sampling._CaseStreams)
             batch = task.batch(_share(idx, rank, world) if world > 1 else idx, epoch)
-            batch = {k: _to_device(v, device) for k, v in batch.items()}
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                loss, parts = task.loss(step_net, batch)
-            loss.backward()  # under DDP the gradients are averaged over ranks here
-            if params.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            opt.step()
+            loss, parts = train_step(task, step_net, model, opt, batch, device, params.grad_clip, use_amp)
             step += 1
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums[k] + v if k in sums else v.float()
@@ -260,6 +253,23 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     if world > 1:
         torch.distributed.barrier()  # the checkpoints are written before any rank reads them
     return FitResult(history, best_score, best_epoch, epoch, resumed_from, time.perf_counter() - started)
+
+
+def train_step(task: FitTask, net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               batch: dict[str, torch.Tensor], device: str, grad_clip: float = 0.0,
+               amp: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step on ``batch`` (moved to ``device``): ``net`` is what runs (the model, or its
+    DDP or compiled wrapper), ``model`` whose gradients are clipped. Returns the loss and its parts,
+    still on the device: nothing here waits for it."""
+    batch = {k: _to_device(v, device) for k, v in batch.items()}
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+        loss, parts = task.loss(net, batch)
+    loss.backward()  # under DDP the gradients are averaged over ranks here
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss, parts
 
 
 EVENTS_LOG = "events.log"
