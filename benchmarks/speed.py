@@ -137,6 +137,8 @@ class StepJob:
     compile: bool
     steps: int  # measured, after WARMUP_STEPS
     device: str
+    latents: int = 0  # the latent table's size (0: ``cases``); a 1,000-case table costs its optimiser state
+    points_per_case: int = 0  # stage 1's points per case (0: the params')
 
 
 WARMUP_STEPS = 3
@@ -203,12 +205,14 @@ def _steps(job: StepJob, queue) -> None:
         sampling = dataclasses.replace(s3.sampling, mined=0, batches=job.batches)
         store = CaseStore(root, ids, StoreSpec(tuple(CARDIAC.indices), sampling.dilation_radius, False))
         task = UnifiedTask(store, CARDIAC, sampling, s3.loss, 0, job.device)
-        model = ImplicitField(job.cases, s3.model, n_heads=len(CARDIAC))
+        model = ImplicitField(job.latents or job.cases, s3.model, n_heads=len(CARDIAC))
         train, points = s3.train, task.sampler.points_per_case
     else:
         s1 = params.stage1.for_class(STEP_STAGE1_CLASS)
+        if job.points_per_case:
+            s1 = dataclasses.replace(s1, sampling=dataclasses.replace(s1.sampling, points_per_case=job.points_per_case))
         task = Stage1Task(CaseStore(root, ids, store_spec(s1.sampling)), s1, 0, job.device)
-        model, train, points = ImplicitField(job.cases, s1.model), s1.train, s1.sampling.points_per_case
+        model, train, points = ImplicitField(job.latents or job.cases, s1.model), s1.train, s1.sampling.points_per_case
     model.to(job.device).train()
     net = torch.compile(model) if job.compile else model
     opt = make_optimizer(model, train)
