@@ -5,8 +5,8 @@ what they extrapolate to for the user's 1,000-case pipeline.
 
 Each measurement runs in its own process (:mod:`benchmarks.speed`'s jobs), on stores written once:
 
-* stage 1: steps of 8 cases x 8,192 points with a 1,000-case latent table, bf16 autocast on CUDA
-  (``train.amp``), without and with ``torch.compile``;
+* stage 1: steps of 8 cases x 8,192 points with a 1,000-case latent table, batches drawn on the
+  device, bf16 autocast on CUDA (``train.amp``), without and with ``torch.compile``;
 * stage 3: steps of 8 real-size cases (the 1.1 mm phantom's heart box at 0.35 x 0.35 x 0.5 mm, a
   128^3 teacher per class), batches drawn on the device, without and with compile;
 * the decodes of :func:`benchmarks.speed.measure_decodes` (dense and coarse to fine, on the case's
@@ -34,7 +34,7 @@ from benchmarks.speed import PROJECT, USER_SPACING, StepJob, StoreJob, measure_d
 STEP_CASES = 8
 STAGE1_POINTS = 8192
 # (stage, variant, batches, compile)
-GPU_VARIANTS = (("stage1", "bf16", "host", False), ("stage1", "bf16_compile", "host", True),
+GPU_VARIANTS = (("stage1", "bf16", "device", False), ("stage1", "bf16_compile", "device", True),
                 ("stage3", "device_batches", "device", False), ("stage3", "device_batches_compile", "device", True))
 
 

@@ -160,3 +160,48 @@ def test_a_fit_with_device_batches_and_mining_resumes_exactly(tmp_path):
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
     assert [r["loss"] for r in first.history][2:] == pytest.approx([r["loss"] for r in result.history][2:], rel=1e-5)
+
+
+def test_stage1_device_batches_put_the_band_share_in_the_band_and_read_targets_at_their_points(tmp_path):
+    from test_train_infer import masks, stage1_params
+
+    from nearfix_lib.core.config import SamplingParams
+    from nearfix_lib.field.sampling import bias_at_epoch
+    from nearfix_lib.stages.stage1 import Stage1Task, write_mask_store
+
+    params = stage1_params()
+    params = dataclasses.replace(params, sampling=SamplingParams(points_per_case=300, batches="device"))
+    shapes = masks(3)
+    task = Stage1Task(write_mask_store(tmp_path, shapes, params.sampling), params, seed=0, device="cpu")
+    assert task.device_sampler is not None
+    b = task.batch(np.array([2, 0]), epoch=150)
+    n_band = int(round(bias_at_epoch(params.sampling, 150) * 300))
+    assert b["points"].shape == (2, 300, 3) and b["target"].dtype == torch.float32
+    for row, case in enumerate((2, 0)):
+        points = b["points"][row].numpy()
+        assert np.array_equal(b["target"][row].numpy(), lookup(shapes[case], points).astype(np.float32))
+        cells = cell_index(points[:n_band], shapes[case].shape)
+        band = boundary_band(shapes[case], params.sampling.sampling_dilation_radius)
+        assert band[cells[:, 0], cells[:, 1], cells[:, 2]].all()
+    alone = task.batch(np.array([0]), epoch=150)
+    assert torch.equal(alone["points"][0], b["points"][1])  # per-case streams
+
+
+def test_a_stage1_fit_with_device_batches_resumes_exactly(tmp_path):
+    from test_train_infer import TINY_MODEL, stage1_params, stage1_task
+
+    params = stage1_params()
+    params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, batches="device"))
+
+    def run(out, seed, epochs=None):
+        torch.manual_seed(seed)
+        model = ImplicitField(4, TINY_MODEL)
+        return model, fit(model, stage1_task(tmp_path / "cases", params), params.train, out, progress=False,
+                          epochs=epochs)
+
+    straight, _ = run(tmp_path / "a", 0)
+    run(tmp_path / "b", 0, epochs=3)
+    resumed, result = run(tmp_path / "b", 99)
+    assert result.resumed_from == 3
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -108,7 +108,28 @@ def _default_bias_schedule() -> list[list[float]]:
 
 
 @dataclass
-class SamplingParams:
+class BatchPlacement:
+    """Where a fit's points, targets (and teacher values) are drawn, for both samplers.
+
+    "host": numpy, from the memory-mapped store; "device": torch on the fit's device
+    (:mod:`nearfix_lib.field.device_batches`), the cases' arrays kept there within ``device_cache_mb``
+    (least recently used leave first; 0 = half the device's free memory on CUDA, 2048 MB elsewhere);
+    "auto": device on CUDA, host otherwise. The draws differ (numpy's and torch's generators), so a
+    fit's points depend on where they are drawn.
+    """
+
+    batches: str = "auto"
+    device_cache_mb: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.batches not in ("auto", "host", "device"):
+            raise ValueError(f"sampling.batches must be auto, host or device, got {self.batches!r}")
+        if self.device_cache_mb < 0:
+            raise ValueError(f"sampling.device_cache_mb must be >= 0, got {self.device_cache_mb}")
+
+
+@dataclass
+class SamplingParams(BatchPlacement):
     """Per-case point budget of a binary (one class) fit and how much of it hugs the surface.
 
     Early epochs need the band to get the surface right; later ones need the uniform points to
@@ -123,6 +144,7 @@ class SamplingParams:
     jitter: bool = True  # band points uniform within their voxel cell, else at the cell centre
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.points_per_case < 1:
             raise ValueError(f"sampling.points_per_case must be >= 1, got {self.points_per_case}")
         _check_ratio(self.sampling_bias_ratio, "sampling.sampling_bias_ratio")
@@ -141,7 +163,7 @@ class SamplingParams:
 
 
 @dataclass
-class BalancedSamplingParams:
+class BalancedSamplingParams(BatchPlacement):
     """Per-case point budget of the unified multi-class fit.
 
     Every class present gets the same number of positives, so a coronary tree of a few thousand
@@ -165,19 +187,9 @@ class BalancedSamplingParams:
     mined: int = 0
     mine_from_epoch: int = 0
     mine_interval: int = 100
-    # Where a step's points, labels and teacher values are drawn: "host" (numpy, from the memory-mapped
-    # store), "device" (torch on the fit's device, field.device_batches), "auto" (device on CUDA, else
-    # host). The draws differ (numpy's and torch's generators), so a fit's points depend on it.
-    batches: str = "auto"
-    # Device batches keep cases' arrays on the device within this budget (least recently used leave
-    # first); 0 = half the device's free memory on CUDA, 2048 MB elsewhere.
-    device_cache_mb: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.batches not in ("auto", "host", "device"):
-            raise ValueError(f"balanced sampling: batches must be auto, host or device, got {self.batches!r}")
-        if self.device_cache_mb < 0:
-            raise ValueError(f"balanced sampling: device_cache_mb must be >= 0, got {self.device_cache_mb}")
+        super().__post_init__()
         if self.jitter_epochs < 0:
             raise ValueError(f"balanced sampling: jitter_epochs must be >= 0, got {self.jitter_epochs}")
         if not 0 <= self.mined <= self.negatives - self.negatives // 2:

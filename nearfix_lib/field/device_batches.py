@@ -1,4 +1,5 @@
-"""Stage-3 batches drawn on the fit's device: class-balanced points, labels and teacher values in torch.
+"""Batches drawn on the fit's device: class-balanced points, labels and teacher values (stage 3) and
+band points with binary targets (stage 1), in torch.
 
 :class:`~nearfix_lib.field.sampling.ClassBalancedSampler` draws on the host in numpy and reads each
 case's arrays from the memory-mapped store; at the real case size that costs ~240 ms of CPU per step
@@ -16,9 +17,9 @@ same draws run as tensor operations on the fit's device:
   so the host only queues work;
 * the layout of a case's points, the label of the cell containing each float32 point and the
   zero-padded trilinear teacher values are those of the host path (:meth:`ClassBalancedSampler.sample`,
-  :func:`~nearfix_lib.field.unified.teacher_values`); only the random numbers differ, since torch's
-  generators are not numpy's. So a fit's points depend on where its batches are built
-  (``stage3.sampling.batches``), and, on the device, on the device's kind (CPU and CUDA generators differ).
+  :meth:`BandSampler.sample`, :func:`~nearfix_lib.field.unified.teacher_values`); only the random
+  numbers differ, since torch's generators are not numpy's. So a fit's points depend on where its batches are built
+  (``sampling.batches``), and, on the device, on the device's kind (CPU and CUDA generators differ).
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nearfix_lib.core.config import BalancedSamplingParams
-from nearfix_lib.field.sampling import _JITTER_MARGIN, ClassBalancedSampler
+from nearfix_lib.core.config import BatchPlacement
+from nearfix_lib.field.sampling import _JITTER_MARGIN, BandSampler, ClassBalancedSampler, bias_at_epoch
 from nearfix_lib.field.store import PROBABILITY_LEVELS, CaseStore
 
 
-def device_batches(params: BalancedSamplingParams, device: str | torch.device) -> bool:
+def device_batches(params: BatchPlacement, device: str | torch.device) -> bool:
     """Whether a fit on ``device`` draws its batches there (``batches``: "auto" means on CUDA)."""
     return params.batches == "device" or (params.batches == "auto" and torch.device(device).type == "cuda")
 
 
-def device_cache_mb(params: BalancedSamplingParams, device: str | torch.device) -> float:
+def device_cache_mb(params: BatchPlacement, device: str | torch.device) -> float:
     """The cache budget: ``device_cache_mb``, else half the device's free memory (CUDA) or 2048 MB."""
     if params.device_cache_mb > 0:
         return float(params.device_cache_mb)
@@ -109,6 +110,11 @@ class DeviceCaseCache:
 
     def _load(self, case: int) -> DeviceCase:
         self.loads += 1
+        if self.store.spec.binary:  # stage 1's: the foreground as 0/1 labels, no class counts, no teachers
+            foreground = _to_device(self.store.foreground(case).view(np.uint8), self.device)
+            return DeviceCase(self.store.shape(case), foreground,
+                              torch.zeros((0, 0), dtype=torch.int64, device=self.device),
+                              _to_device(self.store.band(case), self.device, torch.int64), [])
         teachers = [DeviceTeacher(t.channel, _to_device(t.prob, self.device),
                                   torch.as_tensor(t.from_heart, dtype=torch.float64, device=self.device))
                     for t in self.store.teachers(case)]
@@ -244,3 +250,36 @@ class DeviceBalancedSampler:
         cells = cell_index(points, entry.shape)
         labels = self._lut[entry.labels[cells[:, 0], cells[:, 1], cells[:, 2]].to(torch.int64)]
         return points, labels, entry
+
+
+class DeviceBandSampler:
+    """:class:`~nearfix_lib.field.sampling.BandSampler`'s draws (stage 1: band and uniform points, binary
+    targets), made on ``device`` from the cases' cached foreground and band."""
+
+    def __init__(self, host: BandSampler, store: CaseStore, device: str | torch.device, cache_mb: float):
+        self.host = host
+        self.cache = DeviceCaseCache(store, device, cache_mb)
+        self.device = torch.device(device)
+
+    def sample(self, case_indices: Sequence[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points (B, N, 3) float32 and targets (B, N) float32, in the host sampler's layout: per case
+        the band points first (``bias_at_epoch`` of them; none for an empty band), then uniform ones."""
+        p = self.host.params
+        n = p.points_per_case
+        n_band = int(round(bias_at_epoch(p, epoch) * n))
+        points, targets = [], []
+        for case in case_indices:
+            entry = self.cache[int(case)]
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(case_seed(self.host.seed, epoch, int(case)))
+            shape = torch.tensor(entry.shape, dtype=torch.float64, device=self.device)
+            band_size = self.host.store.band_size(int(case))
+            k = n_band if band_size else 0
+            rows = torch.randint(0, max(band_size, 1), (k,), generator=gen, device=self.device)
+            band = _cell_points(_unravel(entry.band[rows], entry.shape), shape, gen, p.jitter)
+            uniform = torch.rand((n - k, 3), generator=gen, device=self.device, dtype=torch.float64) * 2.0 - 1.0
+            case_points = torch.cat([band, uniform]).to(torch.float32)
+            cells = cell_index(case_points, entry.shape)
+            points.append(case_points)
+            targets.append(entry.labels[cells[:, 0], cells[:, 1], cells[:, 2]].to(torch.float32))
+        return torch.stack(points), torch.stack(targets)

@@ -54,6 +54,7 @@ from nearfix_lib.core.workspace import (
     stage1_probabilities,
 )
 from nearfix_lib.field.decide import labels_on_grid, threshold_decision
+from nearfix_lib.field.device_batches import DeviceBandSampler, device_batches, device_cache_mb
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
 from nearfix_lib.field.models import ImplicitField
@@ -97,6 +98,8 @@ class Stage1Task:
                  images: CaseImages | None = None):
         self.n_cases = len(store)
         self.sampler = BandSampler(store, params.sampling, seed)
+        self.device_sampler = (DeviceBandSampler(self.sampler, store, device, device_cache_mb(params.sampling, device))
+                               if device_batches(params.sampling, device) else None)
         self.data_loss = build_loss(params.loss)
         self.latent_weight = params.loss.latent_weight
         self.decision = threshold_decision(params.threshold)
@@ -106,9 +109,15 @@ class Stage1Task:
         self.images = images
 
     def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
-        points, targets = self.sampler.sample(list(case_idx), epoch)
-        out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long),
-               "points": torch.from_numpy(points), "target": torch.from_numpy(targets)}
+        """The step's points and binary targets: drawn on the host, or on the fit's device
+        (``sampling.batches``, :class:`~nearfix_lib.field.device_batches.DeviceBandSampler`)."""
+        if self.device_sampler is not None:
+            points, targets = self.device_sampler.sample(list(case_idx), epoch)
+        else:
+            host_points, host_targets = self.sampler.sample(list(case_idx), epoch)
+            points, targets = torch.from_numpy(host_points), torch.from_numpy(host_targets)
+        out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long, device=points.device),
+               "points": points, "target": targets}
         if self.images is not None:
             out["image"] = self.images.batch(case_idx)
         return out
