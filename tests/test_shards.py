@@ -18,7 +18,7 @@ import pytest
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.io import InputError
-from nearfix_lib.core.workspace import Run
+from nearfix_lib.core.workspace import Run, open_run
 from nearfix_lib.field.unified import UnifiedModel, fit_thresholds
 from nearfix_lib.stages import cli, prepare, report, shards, stage1, stage2, stage3
 from nearfix_lib.stages.runs import start_run
@@ -388,3 +388,15 @@ def test_the_comparison_fit_decodes_into_its_own_folder_and_writes_no_maps(fitte
     assert sorted(p.name for p in (run.dir / "stage3" / "no_distill" / "parts").iterdir()) == [
         "1.json", "2.json", "3.json"]
     assert not (run.dir / "stage3" / "labels").exists() and not (run.dir / "stage3" / "parts").exists()
+
+
+def test_the_agreement_benchmark_decodes_every_case_and_field_both_ways(fitted3, tmp_path):
+    from benchmarks import agreement
+
+    assert agreement.main([str(fitted3), "--out", str(tmp_path), "--device", "cpu"]) == 0
+    table = pd.read_csv(tmp_path / "agreement.csv")
+    run = open_run(fitted3)
+    assert table["case"].nunique() == 3
+    assert set(table["field"]) == {"stage1:Cor"} | {f"stage3:{k}" for k in run.table.keys}
+    assert table["identical"].between(0.99, 1.0).all() and table["evaluated"].between(0.0, 1.5).all()
+    assert (table["components_dense"] >= 0).all() and "99.99%" in (tmp_path / "agreement.md").read_text()

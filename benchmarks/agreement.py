@@ -1,0 +1,151 @@
+"""Agreement of coarse-to-fine with dense decoding on a fitted run (not a test): every case, every
+stage-1 class field and every stage-3 head, as the run decodes them.
+
+    python -m benchmarks.agreement RUN --out DIR [--params P] [--cases N] [--device auto]
+
+For each case of the run folder and each field a label map is made of (each stage-1 class on its
+class box, with that class's threshold and ``stage1.decode``; the unified model on the heart box,
+with its thresholds and ``stage3.decode``), both decodes run on the same voxels: the share of voxels
+identical, the 26-connected components per class of each, the share of voxels evaluated and the
+seconds. Writes ``DIR/agreement.csv`` (``case,field,voxels,identical,evaluated,components_dense,
+components_coarse_to_fine,components_equal,dense_s,coarse_to_fine_s``; one row per case and stage-1
+class, one per case and stage-3 head) and ``DIR/agreement.md`` with the worst case per field and whether
+the issue's bar holds: >= 99.99 % of voxels identical and the same component count everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+IDENTICAL_BAR = 0.9999
+
+
+def _both(model, index, grid, box, decision, params, device, chunk):
+    """(dense labels, seconds), (coarse-to-fine labels, seconds, points evaluated)."""
+    from nearfix_lib.field.decide import decode_counted
+
+    t0 = time.perf_counter()
+    dense, _ = decode_counted(model, index, grid, box, decision, dataclasses.replace(params, mode="dense"), device,
+                              chunk)
+    t1 = time.perf_counter()
+    fine, evaluated = decode_counted(model, index, grid, box, decision,
+                                     dataclasses.replace(params, mode="coarse_to_fine"), device, chunk)
+    return (dense, t1 - t0), (fine, time.perf_counter() - t1, evaluated)
+
+
+def _rows(case_id: str, prefix: str, dense, fine, classes, table) -> list[dict]:
+    """One row per class of ``classes`` (a label map's values, for :func:`component_counts` of ``table``)."""
+    from nearfix_lib.core.metrics import component_counts
+
+    (d, d_s), (f, f_s, evaluated) = dense, fine
+    comps = [component_counts(m, table) for m in (d, f)]
+    return [{"case": case_id, "field": f"{prefix}:{cls.key}", "voxels": int(d.size),
+             "identical": float(np.mean((d == cls.index) == (f == cls.index))), "evaluated": evaluated / d.size,
+             "components_dense": comps[0][cls.key], "components_coarse_to_fine": comps[1][cls.key],
+             "components_equal": comps[0][cls.key] == comps[1][cls.key], "dense_s": d_s, "coarse_to_fine_s": f_s}
+            for cls in classes]
+
+
+def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict]:
+    """The rows of every case (the first ``cases``; 0: all) of a run with stage 1 and stage 3 fitted,
+    decoded as ``decoding``'s ``stage1`` and ``stage3`` sections say (a :class:`Params`; the run's own
+    when None)."""
+    decoding = decoding or run.params
+    from nearfix_lib.core.workspace import prepared_dir
+    from nearfix_lib.field.decide import threshold_decision
+    from nearfix_lib.field.infer import original_box_grid
+    from nearfix_lib.field.unified import UnifiedModel, priority_decision
+    from nearfix_lib.stages.prepare import load_crops_index
+    from nearfix_lib.stages.stage1 import load_stage1_fields
+    from nearfix_lib.stages.stage3 import artifact_path
+
+    index = load_crops_index(prepared_dir(run))
+    ids = list(index)[:cases] if cases else list(index)
+    fields = load_stage1_fields(run, device)
+    unified = UnifiedModel.load(artifact_path(run), device=device) if artifact_path(run).is_file() else None
+    rows = []
+    for cid in ids:
+        crops = index[cid]
+        for key, field in fields.items():
+            if cid not in field.index_of or key not in crops.class_boxes:
+                continue
+            p = decoding.stage1.for_class(key)
+            box = crops.class_boxes[key]
+            cls = run.table[key]
+            (dense, dense_s), (fine, fine_s, evaluated) = _both(
+                field.model, field.index_of[cid], original_box_grid(box), box, threshold_decision(p.threshold),
+                p.decode, device, p.chunk_points)  # 0/1 maps, given the class's value for its components
+            rows += _rows(cid, "stage1", (dense * cls.index, dense_s), (fine * cls.index, fine_s, evaluated), [cls],
+                          run.table)
+            print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
+        if unified is not None and cid in unified.case_ids:
+            box = unified.geometry[cid].heart_box
+            both = _both(unified.model, unified.case_ids.index(cid), original_box_grid(box), box,
+                         priority_decision(unified.table, unified.thresholds), decoding.stage3.decode, device,
+                         decoding.stage3.chunk_points)
+            rows += _rows(cid, "stage3", *both, list(unified.table), unified.table)
+            print(f"{cid} stage3: identical {min(r['identical'] for r in rows[-len(unified.table):]):.6f} (worst head)",
+                  flush=True)
+    return rows
+
+
+def agreement_page(table, conditions: str) -> str:
+    """Per field the worst case: the lowest share identical, component mismatches, and the bar."""
+    worst = table.groupby("field", sort=False).agg(
+        cases=("case", "count"), min_identical=("identical", "min"),
+        component_mismatches=("components_equal", lambda s: int((~s.astype(bool)).sum())),
+        mean_evaluated=("evaluated", "mean"), dense_s=("dense_s", "sum"), coarse_to_fine_s=("coarse_to_fine_s", "sum"))
+    held = bool((table["identical"] >= IDENTICAL_BAR).all() and table["components_equal"].astype(bool).all())
+    lines = ["# Agreement: coarse-to-fine against dense decoding", "", conditions, "",
+             f"Every case and field >= {IDENTICAL_BAR:.2%} identical with equal component counts: "
+             f"**{'yes' if held else 'no'}** ({len(table)} rows).", "",
+             "| field | cases | min identical | component mismatches | mean evaluated | dense s | coarse-to-fine s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {f} | {r.cases} | {r.min_identical:.6f} | {r.component_mismatches} | {r.mean_evaluated:.1%} | "
+              f"{r.dense_s:.1f} | {r.coarse_to_fine_s:.1f} |" for f, r in worst.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+
+    from nearfix_lib.core.config import load_params
+    from nearfix_lib.core.io import write_text
+    from nearfix_lib.core.workspace import open_run
+    from nearfix_lib.stages.runs import code_version, resolve_device
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a run folder with stage 1 (and stage 3) fitted")
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench/agreement"))
+    ap.add_argument("--cases", type=int, default=0, help="the first N cases (0: every case)")
+    ap.add_argument("--params", type=Path, help="decode as this params file says (default: the run's params.yaml)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    run = open_run(args.run)
+    decoding = load_params(args.params) if args.params else None
+    rows = agreement_rows(run, resolve_device(args.device), args.cases, decoding)
+    if not rows:
+        print(f"{args.run}: no fitted stage-1 field or stage-3 model", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "agreement.csv", index=False)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    source = f"`{args.params.name}`" if args.params else "its `params.yaml`"
+    conditions = (f"Run folder `{args.run.name}` ({table['case'].nunique()} cases); decoding as {source} "
+                  f"says (`stage1.decode` per class, `stage3.decode`); code {code_version()}; "
+                  f"`python -m benchmarks.agreement {command}`.")
+    page = agreement_page(table, conditions)
+    write_text(args.out / "agreement.md", page)
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
