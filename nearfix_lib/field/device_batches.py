@@ -72,8 +72,8 @@ class DeviceCase:
 
     shape: tuple[int, int, int]
     labels: torch.Tensor  # uint8 (I, J, K)
-    cumulative: torch.Tensor  # int64 (C, I*J)
-    band: torch.Tensor  # int64 (band_size,) flat indices
+    cumulative: torch.Tensor  # int32 (C, I*J), as stored
+    band: torch.Tensor  # int32 (band_size,) flat indices, as stored
     teachers: list[DeviceTeacher]
 
     @property
@@ -82,11 +82,9 @@ class DeviceCase:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A (memory-mapped) array copied to ``device``: through pinned memory and without blocking on CUDA."""
     host = torch.from_numpy(np.array(array, copy=True))
-    if dtype is not None:
-        host = host.to(dtype)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
@@ -113,14 +111,14 @@ class DeviceCaseCache:
         if self.store.spec.binary:  # stage 1's: the foreground as 0/1 labels, no class counts, no teachers
             foreground = _to_device(self.store.foreground(case).view(np.uint8), self.device)
             return DeviceCase(self.store.shape(case), foreground,
-                              torch.zeros((0, 0), dtype=torch.int64, device=self.device),
-                              _to_device(self.store.band(case), self.device, torch.int64), [])
+                              torch.zeros((0, 0), dtype=torch.int32, device=self.device),
+                              _to_device(self.store.band(case), self.device), [])
         teachers = [DeviceTeacher(t.channel, _to_device(t.prob, self.device),
                                   torch.as_tensor(t.from_heart, dtype=torch.float64, device=self.device))
                     for t in self.store.teachers(case)]
         return DeviceCase(self.store.shape(case), _to_device(self.store.labels(case), self.device),
-                          _to_device(self.store.cumulative(case), self.device, torch.int64),
-                          _to_device(self.store.band(case), self.device, torch.int64), teachers)
+                          _to_device(self.store.cumulative(case), self.device),
+                          _to_device(self.store.band(case), self.device), teachers)
 
     def __getitem__(self, case: int) -> DeviceCase:
         case = int(case)
@@ -157,12 +155,12 @@ def _draw_class(case: DeviceCase, k: int, c: int, voxels: int, n: int, gen: torc
     of them, known on the host: no read-back): a rank among the class's voxels, its (i, j) row by binary
     search in the counts, its k by scanning that row (:func:`nearfix_lib.field.sampling._draw_class`)."""
     cumulative = case.cumulative[k]
-    rank = torch.randint(0, voxels, (n,), generator=gen, device=cumulative.device)
+    rank = torch.randint(0, voxels, (n,), generator=gen, device=cumulative.device, dtype=cumulative.dtype)
     row = torch.searchsorted(cumulative, rank, right=True)
     before = torch.where(row > 0, cumulative[(row - 1).clamp(min=0)], torch.zeros_like(row))
     hits = (case.labels.reshape(-1, case.shape[2])[row] == c).to(torch.int32)
     kk = torch.argmax((torch.cumsum(hits, dim=1) > (rank - before)[:, None]).to(torch.int8), dim=1)
-    return torch.stack([row // case.shape[1], row % case.shape[1], kk], dim=1)
+    return torch.stack([row // case.shape[1], row % case.shape[1], kk], dim=1).to(torch.int64)
 
 
 def cell_index(points: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -239,7 +237,7 @@ class DeviceBalancedSampler:
         n_mined = min(p.mined, n_band) if len(mined) else 0
         if n_band - n_mined:
             rows = torch.randint(0, band_size, (n_band - n_mined,), generator=gen, device=self.device)
-            parts.append(_cell_points(_unravel(entry.band[rows], entry.shape), shape, gen, jitter))
+            parts.append(_cell_points(_unravel(entry.band[rows].to(torch.int64), entry.shape), shape, gen, jitter))
         if n_mined:
             coords = torch.from_numpy(np.asarray(mined, dtype=np.int64)).to(self.device)
             rows = torch.randint(0, len(mined), (n_mined,), generator=gen, device=self.device)
@@ -276,7 +274,7 @@ class DeviceBandSampler:
             band_size = self.host.store.band_size(int(case))
             k = n_band if band_size else 0
             rows = torch.randint(0, max(band_size, 1), (k,), generator=gen, device=self.device)
-            band = _cell_points(_unravel(entry.band[rows], entry.shape), shape, gen, p.jitter)
+            band = _cell_points(_unravel(entry.band[rows].to(torch.int64), entry.shape), shape, gen, p.jitter)
             uniform = torch.rand((n - k, 3), generator=gen, device=self.device, dtype=torch.float64) * 2.0 - 1.0
             case_points = torch.cat([band, uniform]).to(torch.float32)
             cells = cell_index(case_points, entry.shape)
