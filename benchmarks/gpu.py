@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/gpu"))
     ap.add_argument("--params", type=Path, default=PROJECT / "params/phantom_1mm.yaml")
+    ap.add_argument("--step-params", type=Path, default=PROJECT / "params/default.yaml",
+                    help="the stage1 and stage3 sections (model, sampling, train) of the steps and the extrapolation")
     ap.add_argument("--cases", type=int, default=1000, help="the latent table, and the pipeline extrapolated")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=400, help="steps of the decodes' one-case fit")
@@ -80,19 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = time.perf_counter()
     device = resolve_device(args.device)
-    params = load_params(args.params)
+    params = load_params(args.step_params)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="nearfix-gpu-") as tmp:
-        made = _run_isolated(StoreJob(str(args.params), tuple(args.realsize_spacing), STEP_CASES, tmp, device),
-                             600, target=_stores)
+        made = _run_isolated(StoreJob(str(args.params), str(args.step_params), tuple(args.realsize_spacing),
+                                      STEP_CASES, tmp, device), 600, target=_stores)
         if "shape" not in made:
             print(f"the stores failed: {made}", file=sys.stderr)
             return 1
         for stage, variant, batches, compiled in GPU_VARIANTS:
             if compiled and args.skip_compile:
                 continue
-            job = StepJob(str(args.params), tmp, STEP_CASES, stage, batches, compiled, args.steps, device,
+            job = StepJob(str(args.step_params), tmp, STEP_CASES, stage, batches, compiled, args.steps, device,
                           latents=args.cases, points_per_case=STAGE1_POINTS if stage == "stage1" else 0)
             res = _run_isolated(job, 600, target=_steps)
             if "step_ms" not in res:

@@ -120,7 +120,8 @@ def _decode(job: DecodeJob, queue) -> None:
 
 @dataclass
 class StoreJob:
-    params: str
+    params: str  # the phantom (its case 1) and the heart box's margin
+    step_params: str  # the class grids' resolution and the samplers' band radius
     grid_spacing: tuple[float, float, float]  # mm of the label crop: the real case size's voxels
     cases: int  # the batch: this many case folders, links to one stored case
     root: str  # where the stores are written
@@ -129,7 +130,7 @@ class StoreJob:
 
 @dataclass
 class StepJob:
-    params: str
+    params: str  # the model, sampling and train sections of the steps (production: params/default.yaml)
     root: str  # StoreJob.root
     cases: int
     stage: str  # stage1 | stage3
@@ -159,7 +160,7 @@ def _stores(job: StoreJob, queue) -> None:
     from nearfix_lib.phantom.dataset import make_case
     from nearfix_lib.stages.stage1 import write_mask_store
 
-    params = load_params(job.params)
+    params, steps = load_params(job.params), load_params(job.step_params)
     case = make_case(0, params.data.phantom)
     spacing = voxel_spacing(case.affine)
     p = params.prepare
@@ -171,18 +172,19 @@ def _stores(job: StoreJob, queue) -> None:
         cls_box = roi_box(case.truth == cls.index, p.class_margin, spacing, p.margin_unit)
         if cls_box is None:
             continue
-        prob = resample((case.truth == cls.index).astype(np.float32), roi_grid(cls_box, p.class_resolution), order=1)
+        prob = resample((case.truth == cls.index).astype(np.float32),
+                        roi_grid(cls_box, steps.prepare.class_resolution), order=1)
         teachers.append(Teacher(k, prob, teacher_affine(box, cls_box)))
         masks[cls.key] = prob >= 0.5
     root = Path(job.root)
-    s3 = params.stage3.sampling
+    s3 = steps.stage3.sampling
     write_store(root / "stage3", [heart], StoreSpec(tuple(CARDIAC.indices), s3.dilation_radius, False), [teachers])
-    write_mask_store(root / "stage1", [masks[STEP_STAGE1_CLASS]], params.stage1.sampling)
+    write_mask_store(root / "stage1", [masks[STEP_STAGE1_CLASS]], steps.stage1.for_class(STEP_STAGE1_CLASS).sampling)
     for sub in ("stage3", "stage1"):
         for i in range(1, job.cases):
             if not (root / sub / str(i)).exists():
                 os.symlink("0", root / sub / str(i))
-    queue.put({"shape": list(shape), "voxels": int(heart.size)})
+    queue.put({"shape": list(shape), "voxels": int(heart.size), "class_resolution": steps.prepare.class_resolution})
 
 
 def _steps(job: StepJob, queue) -> None:
@@ -233,7 +235,7 @@ def _steps(job: StepJob, queue) -> None:
             host.append(t1 - t0)
             step.append(t2 - t0)
     queue.put({"host_ms": 1e3 * float(np.median(host)), "step_ms": 1e3 * float(np.median(step)),
-               "points": int(job.cases * points), "first_step_s": first, "loss": float(loss),
+               "points": int(job.cases * points), "first_step_s": first, "loss": float(loss.detach()),
                "threads": torch.get_num_threads()})
 
 
@@ -259,15 +261,15 @@ def measure_steps(args, tmp: str, device: str) -> tuple[list[dict], dict]:
     from benchmarks.bench import _run_isolated
 
     spacing = tuple(args.realsize_spacing)
-    made = _run_isolated(StoreJob(str(args.params), spacing, args.step_cases, tmp, device), args.timeout_s,
-                         target=_stores)
+    made = _run_isolated(StoreJob(str(args.params), str(args.step_params), spacing, args.step_cases, tmp, device),
+                         args.timeout_s, target=_stores)
     if "shape" not in made:
         raise RuntimeError(f"the step stores failed: {made}")
     rows = []
     for stage, variant, batches, compiled in STEP_VARIANTS:
         if compiled and args.skip_compile:
             continue
-        job = StepJob(str(args.params), tmp, args.step_cases, stage, batches, compiled, args.steps, device)
+        job = StepJob(str(args.step_params), tmp, args.step_cases, stage, batches, compiled, args.steps, device)
         res = _run_isolated(job, args.timeout_s, target=_steps)
         if "step_ms" not in res:
             print(f"{stage} {variant} failed: {res}", file=sys.stderr)
@@ -368,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="training steps (host against device batches), decodes (dense against coarse to fine)")
     ap.add_argument("--steps", type=int, default=10, help="training steps measured per variant (after 3 warm-up)")
     ap.add_argument("--step-cases", type=int, default=8, help="cases per training step")
+    ap.add_argument("--step-params", type=Path, default=PROJECT / "params/default.yaml",
+                    help="the stage1 and stage3 sections (model, sampling, train) of the training steps")
     ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variants")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="per process")
@@ -379,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="nearfix-steps-") as tmp:
             step_table, made = measure_steps(args, tmp, device)
         rows += step_table
-        conditions.append(f"Training steps: {args.step_cases} cases per step, the median of {args.steps} steps after "
-                          f"{WARMUP_STEPS}; stage 3 on a label crop of {made['shape']} voxels (the 1.1 mm case's "
-                          f"heart box at {list(args.realsize_spacing)} mm) with a 128^3 teacher per class, stage 1 "
-                          f"on a 128^3 {STEP_STAGE1_CLASS} mask; host ms: building the batch, ms: the whole step.")
+        res = made["class_resolution"]
+        conditions.append(f"Training steps: `{args.step_params.name}`'s model, sampling and train sections, "
+                          f"{args.step_cases} cases per step, the median of {args.steps} steps after {WARMUP_STEPS}; "
+                          f"stage 3 on a label crop of {made['shape']} voxels (the case's heart box at "
+                          f"{list(args.realsize_spacing)} mm) with a {res}^3 teacher per class, stage 1 on a {res}^3 "
+                          f"{STEP_STAGE1_CLASS} mask; host ms: building the batch, ms: the whole step.")
     if "decode" in args.parts:
         decoded, text = measure_decodes(args, device)
         rows += decoded

@@ -8,7 +8,8 @@ from nearfix_lib.core.config import load_params
 
 
 def test_the_gpu_script_runs_its_steps_and_extrapolates(tmp_path):
-    code = main(["--out", str(tmp_path), "--params", "params/test.yaml", "--device", "cpu", "--cases", "16",
+    code = main(["--out", str(tmp_path), "--params", "params/test.yaml", "--step-params", "params/test.yaml",
+                 "--device", "cpu", "--cases", "16",
                  "--steps", "1", "--realsize-spacing", "1.5", "1.5", "2.0", "--budget-s", "0",
                  "--skip-compile"])
     assert code == 0

@@ -20,7 +20,8 @@ def tiny_speed(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     readme = out / "README.md"
     readme.write_text(f"# x\n\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
-    code = main(["--out", str(out), "--params", "params/test.yaml", "--epochs", "5",
+    code = main(["--out", str(out), "--params", "params/test.yaml", "--step-params", "params/test.yaml",
+                 "--epochs", "5",
                  "--realsize-spacing", "1.5", "1.5", "2.0", "--readme", str(readme),
                  "--steps", "2", "--step-cases", "2", "--skip-compile"])
     return out, code, pd.read_csv(out / "speed.csv"), readme.read_text()
