@@ -8,8 +8,9 @@ class box, with that class's threshold and ``stage1.decode``; the unified model 
 with its thresholds and ``stage3.decode``), both decodes run on the same voxels: the share of voxels
 identical, the 26-connected components per class of each, the share of voxels evaluated and the
 seconds. Writes ``DIR/agreement.csv`` (``case,field,voxels,identical,evaluated,components_dense,
-components_coarse_to_fine,components_equal,dense_s,coarse_to_fine_s``; one row per case and stage-1
-class, one per case and stage-3 head) and ``DIR/agreement.md`` with the worst case per field and whether
+components_coarse_to_fine,components_equal,dense_s,coarse_to_fine_s``, and for stage 1
+``mref_identical,mref_components_equal``: the same after the repair's clean-up; one row per case and
+stage-1 class, one per case and stage-3 head) and ``DIR/agreement.md`` with the worst case per field and whether
 the issue's bar holds: >= 99.99 % of voxels identical and the same component count everywhere.
 """
 
@@ -52,6 +53,17 @@ def _rows(case_id: str, prefix: str, dense, fine, classes, table) -> list[dict]:
             for cls in classes]
 
 
+def _mref_agreement(dense: np.ndarray, fine: np.ndarray, cls, spacing, cleanup, table) -> dict:
+    """Stage 1's output from both decodes: each cleaned as the repair cleans it (``clean_mask`` with the
+    class's ``cleanup`` and expected components), then compared like the raw maps."""
+    from nearfix_lib.core.metrics import component_counts
+    from nearfix_lib.repair.cleanup import clean_mask
+
+    a, b = (clean_mask(m > 0, cls.expected_components, spacing, cleanup)[0] for m in (dense, fine))
+    comps = [component_counts(m.astype(np.uint8) * cls.index, table)[cls.key] for m in (a, b)]
+    return {"mref_identical": float(np.mean(a == b)), "mref_components_equal": comps[0] == comps[1]}
+
+
 def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict]:
     """The rows of every case (the first ``cases``; 0: all) of a run with stage 1 and stage 3 fitted,
     decoded as ``decoding``'s ``stage1`` and ``stage3`` sections say (a :class:`Params`; the run's own
@@ -83,6 +95,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
                 p.decode, device, p.chunk_points)  # 0/1 maps, given the class's value for its components
             rows += _rows(cid, "stage1", (dense * cls.index, dense_s), (fine * cls.index, fine_s, evaluated), [cls],
                           run.table)
+            rows[-1].update(_mref_agreement(dense, fine, cls, crops.spacing, p.cleanup, run.table))
             print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
         if unified is not None and cid in unified.case_ids:
             box = unified.geometry[cid].heart_box
@@ -104,11 +117,28 @@ def agreement_page(table, conditions: str) -> str:
     held = bool((table["identical"] >= IDENTICAL_BAR).all() and table["components_equal"].astype(bool).all())
     lines = ["# Agreement: coarse-to-fine against dense decoding", "", conditions, "",
              f"Every case and field >= {IDENTICAL_BAR:.2%} identical with equal component counts: "
-             f"**{'yes' if held else 'no'}** ({len(table)} rows).", "",
-             "| field | cases | min identical | component mismatches | mean evaluated | dense s | coarse-to-fine s |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {f} | {r.cases} | {r.min_identical:.6f} | {r.component_mismatches} | {r.mean_evaluated:.1%} | "
-              f"{r.dense_s:.1f} | {r.coarse_to_fine_s:.1f} |" for f, r in worst.iterrows()]
+             f"**{'yes' if held else 'no'}** ({len(table)} rows)."]
+    columns = "| field | cases | min identical | component mismatches |"
+    if "mref_identical" in table:  # stage 1's M^ref: both decodes cleaned as the repair cleans them
+        mref = table.dropna(subset=["mref_identical"])
+        kept = bool((mref["mref_identical"] >= IDENTICAL_BAR).all()
+                    and mref["mref_components_equal"].astype(bool).all())
+        lines.append(f"Stage 1's M^ref (both decodes cleaned as the repair cleans them), every case and class: "
+                     f"**{'yes' if kept else 'no'}** ({len(mref)} rows).")
+        worst = worst.join(mref.groupby("field").agg(
+            mref_min_identical=("mref_identical", "min"),
+            mref_mismatches=("mref_components_equal", lambda s: int((~s.astype(bool)).sum()))))
+        columns += " M^ref min identical | M^ref component mismatches |"
+    columns += " mean evaluated | dense s | coarse-to-fine s |"
+    lines += ["", columns, "|---" * (columns.count("|") - 1) + "|"]
+    with_mref = "mref_min_identical" in worst
+    for r in worst.reset_index().itertuples():
+        mref_cells = ""
+        if with_mref:
+            mref_cells = (" | |" if np.isnan(r.mref_min_identical)
+                          else f" {r.mref_min_identical:.6f} | {int(r.mref_mismatches)} |")
+        lines.append(f"| {r.field} | {r.cases} | {r.min_identical:.6f} | {r.component_mismatches} |{mref_cells} "
+                     f"{r.mean_evaluated:.1%} | {r.dense_s:.1f} | {r.coarse_to_fine_s:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -400,3 +400,6 @@ def test_the_agreement_benchmark_decodes_every_case_and_field_both_ways(fitted3,
     assert set(table["field"]) == {"stage1:Cor"} | {f"stage3:{k}" for k in run.table.keys}
     assert table["identical"].between(0.99, 1.0).all() and table["evaluated"].between(0.0, 1.5).all()
     assert (table["components_dense"] >= 0).all() and "99.99%" in (tmp_path / "agreement.md").read_text()
+    stage1_rows = table["field"].str.startswith("stage1:")
+    assert table.loc[stage1_rows, "mref_identical"].between(0.99, 1.0).all()  # M^ref: the cleaned maps
+    assert table.loc[~stage1_rows, "mref_identical"].isna().all()
