@@ -107,7 +107,7 @@ def _default_bias_schedule() -> list[list[float]]:
     return [[100, 0.5], [200, 0.3], [300, 0.1]]
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only: the samplers' own fields keep their positions
 class BatchPlacement:
     """Where a fit's points, targets (and teacher values) are drawn, for both samplers.
 
