@@ -324,7 +324,11 @@ def scale(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
 
     out = Path(args.out).resolve()
     make_data(out / "data", max(args.sizes), args.shape, args.spacing)
-    rows: list[dict] = []
+    again = [stage for stage in STAGES if stage in args.again]  # in pipeline order
+    # with --again, the earlier run's rows of the other stages stay (scale.csv in --out)
+    kept = pd.read_csv(out / "scale.csv") if again else pd.DataFrame(columns=SCALE_COLUMNS)
+    kept = kept[~(kept["stage"].isin(again) & kept["n_cases"].isin(args.sizes))] if again else kept
+    rows: list[dict] = kept.to_dict("records")
     params = None
 
     def keep(n: int, row: dict) -> None:  # scale.csv holds every row so far: a run of hours cut short keeps them
@@ -337,11 +341,15 @@ def scale(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
         run_dir = out / "runs" / f"n{n}"
         overrides = run_overrides(out / "data", n, run_dir, args.device, args.overrides)
         params = write_params(out / "params" / f"n{n}.yaml", args.params, overrides)
-        run_stages(run_dir, out / "params" / f"n{n}.yaml", out / "logs", args.timeout_s,
+        run_stages(run_dir, out / "params" / f"n{n}.yaml", out / "logs", args.timeout_s, again,
                    on_row=lambda row, n=n: keep(n, row))
     table = pd.DataFrame(rows).reindex(columns=SCALE_COLUMNS)
+    table["order"] = table["stage"].map(STAGES.index)
+    table = table.sort_values(["n_cases", "order"], kind="stable").drop(columns="order").reset_index(drop=True)
     growth = slopes(table)
-    _write(out, "scale", table, scale_page(table, growth, _conditions(params, args.shape, args.spacing)), argv)
+    note = (f"Measured again with this code version, on the run folders of the earlier run: {', '.join(again)}; "
+            "the other rows are that run's.\n\n") if again else ""
+    _write(out, "scale", table, scale_page(table, growth, _conditions(params, args.shape, args.spacing) + note), argv)
     print_growth(growth)
     return table
 
@@ -437,9 +445,8 @@ def _parser() -> argparse.ArgumentParser:
                                       f"of {' x '.join(map(str, shape))} voxels")
         if name == "scale":
             p.add_argument("--sizes", type=int, nargs="+", default=[8, 32], help="numbers of cases")
-        else:
-            p.add_argument("--again", nargs="+", choices=STAGES, default=[],
-                           help="measure only these stages again, on the run folder and realsize.csv in --out")
+        p.add_argument("--again", nargs="+", choices=STAGES, default=[],
+                       help=f"measure only these stages again, on the run folders and {name}.csv in --out")
         p.add_argument("--shape", type=int, nargs=3, default=shape, help="voxels per case")
         p.add_argument("--spacing", type=float, nargs=3, default=spacing, help="voxel size in mm")
         p.add_argument("--out", default=out)

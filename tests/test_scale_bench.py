@@ -117,3 +117,17 @@ def test_scale_csv_holds_every_row_measured_so_far(tmp_path, monkeypatch):
     assert main(["scale", "--sizes", "1", "2", "--out", str(tmp_path), *TINY[:8]]) == 0
     assert seen == list(range(2 * len(STAGES)))
     assert len(pd.read_csv(tmp_path / "scale.csv")) == 2 * len(STAGES)
+
+
+def test_scale_measures_named_stages_again_and_keeps_the_other_rows(tiny_scale):
+    """Last in this file: it re-measures the fixture's report rows."""
+    out, _, first = tiny_scale
+    assert main(["scale", "--sizes", "1", "2", "--out", str(out), "--again", "report", *TINY]) == 0
+    again = pd.read_csv(out / "scale.csv")
+    assert sorted(zip(again["stage"], again["n_cases"])) == sorted((s, n) for s in STAGES for n in (1, 2))
+    key = ["stage", "n_cases"]
+    others = first[first["stage"] != "report"].set_index(key).sort_index()
+    assert again[again["stage"] != "report"].set_index(key).sort_index().equals(others)
+    report = again[again["stage"] == "report"].set_index("n_cases")["wall_s"]
+    assert (report != first[first["stage"] == "report"].set_index("n_cases")["wall_s"]).all()
+    assert "Measured again with this code version" in (out / "scale.md").read_text()
