@@ -6,9 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_unified import SAMPLING, SMALL_MODEL, T, case_store, heart_maps
+from test_unified import SAMPLING, T, case_store, heart_maps
 
-from nearfix_lib.core.config import BalancedSamplingParams, TrainParams, UnifiedLossParams
+from nearfix_lib.core.config import BalancedSamplingParams, UnifiedLossParams
 from nearfix_lib.core.geometry import Box
 from nearfix_lib.field import device_batches as db
 from nearfix_lib.field.models import ImplicitField
@@ -141,25 +141,6 @@ def test_where_batches_are_drawn():
         BalancedSamplingParams(device_cache_mb=-1)
     seeds = {db.case_seed(0, e, c) for e in range(1, 20) for c in range(50)}
     assert len(seeds) == 19 * 50 and max(seeds) < 2**63
-
-
-def test_a_fit_with_device_batches_and_mining_resumes_exactly(tmp_path):
-    sampling = dataclasses.replace(DEVICE, jitter=False, mined=32, mine_from_epoch=1, mine_interval=1)
-    train = TrainParams(epochs=4, cases_per_batch=2, lr=3e-3, lr_latent=3e-3, eval_interval=4, checkpoint_interval=1)
-
-    def run(out, seed, epochs=None):
-        torch.manual_seed(seed)
-        model = ImplicitField(2, SMALL_MODEL, n_heads=len(T))
-        task = task_for(tmp_path / "cases", sampling=sampling, maps=heart_maps(2))
-        return model, fit(model, task, train, out, progress=False, epochs=epochs)
-
-    straight, first = run(tmp_path / "a", 0)
-    run(tmp_path / "b", 0, epochs=2)
-    resumed, result = run(tmp_path / "b", 7)
-    assert result.resumed_from == 2
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        assert torch.allclose(a, b, atol=1e-6), name
-    assert [r["loss"] for r in first.history][2:] == pytest.approx([r["loss"] for r in result.history][2:], rel=1e-5)
 
 
 def test_stage1_device_batches_put_the_band_share_in_the_band_and_read_targets_at_their_points(tmp_path):

@@ -269,8 +269,10 @@ def test_mining_pass_collects_the_voxels_decoded_wrong_grown_by_one(tmp_path):
         assert expected.any() and np.array_equal(got, expected)
 
 
-def test_a_fit_with_mining_resumes_exactly(tmp_path):
-    sampling = dataclasses.replace(SAMPLING, jitter=False, mined=32, mine_from_epoch=1, mine_interval=1)
+@pytest.mark.parametrize("batches", ["host", "device"])  # drawn by numpy, or in torch (field.device_batches)
+def test_a_fit_with_mining_resumes_exactly(tmp_path, batches):
+    sampling = dataclasses.replace(SAMPLING, jitter=False, mined=32, mine_from_epoch=1, mine_interval=1,
+                                   batches=batches)
     train = TrainParams(epochs=4, cases_per_batch=2, lr=3e-3, lr_latent=3e-3, eval_interval=4, checkpoint_interval=1)
 
     def run(out, seed, epochs=None):
