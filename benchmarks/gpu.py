@@ -42,13 +42,11 @@ def extrapolate(value: dict, params, cases: int, decode_s: float | None) -> list
     """Hours of the ``cases``-case pipeline's GPU work from the fastest measured step of each stage."""
     steps_per_epoch = -(-cases // STEP_CASES)
     rows = []
-    fit_hours = {}
     for stage, epochs, fits in (("stage1", params.stage1.train.epochs, 10), ("stage3", params.stage3.train.epochs, 1)):
         ms = [v for (what, _), v in value.items() if what == f"{stage}_ms_per_step"]
         if ms:
-            fit_hours[stage] = fits * epochs * steps_per_epoch * min(ms) / 3.6e6
-            rows.append({"what": "extrapolated_hours", "variant": f"{stage}_fit", "value": fit_hours[stage],
-                         "unit": "h"})
+            rows.append({"what": "extrapolated_hours", "variant": f"{stage}_fit",
+                         "value": fits * epochs * steps_per_epoch * min(ms) / 3.6e6, "unit": "h"})
     if decode_s is not None:
         rows.append({"what": "extrapolated_hours", "variant": "decodes", "value": 11 * cases * decode_s / 3600,
                      "unit": "h"})

@@ -325,10 +325,10 @@ def scale(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
     out = Path(args.out).resolve()
     make_data(out / "data", max(args.sizes), args.shape, args.spacing)
     again = [stage for stage in STAGES if stage in args.again]  # in pipeline order
-    # with --again, the earlier run's rows of the other stages stay (scale.csv in --out)
-    kept = pd.read_csv(out / "scale.csv") if again else pd.DataFrame(columns=SCALE_COLUMNS)
-    kept = kept[~(kept["stage"].isin(again) & kept["n_cases"].isin(args.sizes))] if again else kept
-    rows: list[dict] = kept.to_dict("records")
+    rows: list[dict] = []
+    if again:  # the earlier run's rows of the other stages stay (scale.csv in --out)
+        earlier = pd.read_csv(out / "scale.csv")
+        rows = earlier[~(earlier["stage"].isin(again) & earlier["n_cases"].isin(args.sizes))].to_dict("records")
     params = None
 
     def keep(n: int, row: dict) -> None:  # scale.csv holds every row so far: a run of hours cut short keeps them

@@ -34,6 +34,7 @@ import torch
 from nearfix_lib.core.config import BatchPlacement
 from nearfix_lib.field.sampling import _JITTER_MARGIN, BandSampler, ClassBalancedSampler, bias_at_epoch
 from nearfix_lib.field.store import PROBABILITY_LEVELS, CaseStore
+from nearfix_lib.field.train import to_device
 
 
 def device_batches(params: BatchPlacement, device: str | torch.device) -> bool:
@@ -83,11 +84,8 @@ class DeviceCase:
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A (memory-mapped) array copied to ``device``: through pinned memory and without blocking on CUDA."""
-    host = torch.from_numpy(np.array(array, copy=True))
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    """A (memory-mapped) array read into memory and copied to ``device`` (:func:`train.to_device`)."""
+    return to_device(torch.from_numpy(np.array(array, copy=True)), device)
 
 
 class DeviceCaseCache:
@@ -104,6 +102,7 @@ class DeviceCaseCache:
         self.device = torch.device(device)
         self.budget = float(budget_mb) * 2**20
         self._cases: OrderedDict[int, DeviceCase] = OrderedDict()
+        self._bytes = 0  # of the cases held
         self.loads = 0  # cases copied to the device so far (a budget too small shows here)
 
     def _load(self, case: int) -> DeviceCase:
@@ -127,12 +126,22 @@ class DeviceCaseCache:
             return self._cases[case]
         entry = self._load(case)
         self._cases[case] = entry
-        while len(self._cases) > 1 and sum(c.nbytes for c in self._cases.values()) > self.budget:
-            self._cases.popitem(last=False)
+        self._bytes += entry.nbytes
+        while len(self._cases) > 1 and self._bytes > self.budget:
+            self._bytes -= self._cases.popitem(last=False)[1].nbytes
         return entry
 
     def __len__(self) -> int:
         return len(self._cases)
+
+
+def _case_stream(cache: DeviceCaseCache, seed: int, epoch: int,
+                 case: int) -> tuple[DeviceCase, torch.Generator, torch.Tensor]:
+    """A case's cached arrays, its (seed, epoch, case) generator on the device and its grid shape (float64)."""
+    entry = cache[case]
+    gen = torch.Generator(device=cache.device)
+    gen.manual_seed(case_seed(seed, epoch, case))
+    return entry, gen, torch.tensor(entry.shape, dtype=torch.float64, device=cache.device)
 
 
 def _cell_points(cells: torch.Tensor, shape: torch.Tensor, gen: torch.Generator, jitter: bool) -> torch.Tensor:
@@ -212,7 +221,7 @@ class DeviceBalancedSampler:
     def __init__(self, host: ClassBalancedSampler, store: CaseStore, device: str | torch.device, cache_mb: float):
         self.host = host
         self.cache = DeviceCaseCache(store, device, cache_mb)
-        self.device = torch.device(device)
+        self.device = self.cache.device
         lut = np.zeros(256, dtype=np.int64)
         lut[host.classes] = host.classes
         self._lut = torch.from_numpy(lut).to(self.device)
@@ -223,10 +232,7 @@ class DeviceBalancedSampler:
         p = self.host.params
         jitter = p.jitter and (p.jitter_epochs == 0 or epoch <= p.jitter_epochs)
         store = self.host.store
-        entry = self.cache[case]
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(case_seed(self.host.seed, epoch, case))
-        shape = torch.tensor(entry.shape, dtype=torch.float64, device=self.device)
+        entry, gen, shape = _case_stream(self.cache, self.host.seed, epoch, case)
         counts = store.histogram(case)
         parts = [_cell_points(_draw_class(entry, k, c, int(counts[c]), p.positives_per_class, gen), shape, gen, jitter)
                  for k, c in enumerate(self.host.classes) if counts[c]]
@@ -257,7 +263,7 @@ class DeviceBandSampler:
     def __init__(self, host: BandSampler, store: CaseStore, device: str | torch.device, cache_mb: float):
         self.host = host
         self.cache = DeviceCaseCache(store, device, cache_mb)
-        self.device = torch.device(device)
+        self.device = self.cache.device
 
     def sample(self, case_indices: Sequence[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Points (B, N, 3) float32 and targets (B, N) float32, in the host sampler's layout: per case
@@ -267,10 +273,7 @@ class DeviceBandSampler:
         n_band = int(round(bias_at_epoch(p, epoch) * n))
         points, targets = [], []
         for case in case_indices:
-            entry = self.cache[int(case)]
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(case_seed(self.host.seed, epoch, int(case)))
-            shape = torch.tensor(entry.shape, dtype=torch.float64, device=self.device)
+            entry, gen, shape = _case_stream(self.cache, self.host.seed, epoch, int(case))
             band_size = self.host.store.band_size(int(case))
             k = n_band if band_size else 0
             rows = torch.randint(0, max(band_size, 1), (k,), generator=gen, device=self.device)

@@ -261,7 +261,7 @@ def train_step(task: FitTask, net: torch.nn.Module, model: torch.nn.Module, opt:
     """One optimiser step on ``batch`` (moved to ``device``): ``net`` is what runs (the model, or its
     DDP or compiled wrapper), ``model`` whose gradients are clipped. Returns the loss and its parts,
     still on the device: nothing here waits for it."""
-    batch = {k: _to_device(v, device) for k, v in batch.items()}
+    batch = {k: to_device(v, device) for k, v in batch.items()}
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
         loss, parts = task.loss(net, batch)
@@ -329,9 +329,9 @@ def _share(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
     return idx[rank * per:(rank + 1) * per]
 
 
-def _to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
-    """A batch tensor on the fit's device: host tensors cross to CUDA from pinned memory without
-    blocking, so the copy overlaps the previous step's work; device-drawn batches are already there."""
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A tensor on ``device``: host tensors cross to CUDA from pinned memory without blocking, so the
+    copy overlaps the device's work; a tensor already there is returned as it is."""
     if tensor.device == torch.device(device):
         return tensor
     if str(device).startswith("cuda"):

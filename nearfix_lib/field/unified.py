@@ -168,6 +168,8 @@ class UnifiedTask:
         self._channel[list(self.indices)] = torch.arange(len(self.indices))
         self.device_sampler = (DeviceBalancedSampler(self.sampler, store, device, device_cache_mb(sampling, device))
                                if device_batches(sampling, device) else None)
+        if self.device_sampler is not None:  # where its labels are: not copied there every step
+            self._channel = self._channel.to(self.device_sampler.device)
 
     def batch(self, case_idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         """The step's points, one-hot targets and teacher values for these cases: drawn on the host
@@ -187,7 +189,7 @@ class UnifiedTask:
             if self.distill:  # each case's teachers mapped while it is looked up
                 teacher = torch.from_numpy(np.stack([teacher_values(self.store.teachers(i), host_points[k], heads)
                                                      for k, i in enumerate(case_idx)]))
-        channel = self._channel.to(labels.device)[labels]
+        channel = self._channel[labels]
         heads_at = torch.arange(heads, device=channel.device)  # one_hot would check its input: a device sync
         out = {"case": torch.as_tensor(case_idx, dtype=torch.long, device=points.device), "points": points,
                "target": (channel.unsqueeze(-1) == heads_at).to(torch.float32)}  # label values off the table: 0
