@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,10 +36,23 @@ from nearfix_lib.core.geometry import Box, roi_box, roi_grid, voxel_spacing
 from nearfix_lib.core.metrics import component_counts
 from nearfix_lib.stages.runs import code_version, resolve_device
 
+if TYPE_CHECKING:
+    from nearfix_lib.core.config import Params, Stage3Params
+    from nearfix_lib.field.store import StoreSpec
+
 PROJECT = Path(__file__).resolve().parents[1]
 USER_SPACING = (0.35, 0.35, 0.5)
 README_BEGIN = "<!-- speed table: begin (python -m benchmarks.speed --readme) -->"
 README_END = "<!-- speed table: end -->"
+
+
+def unmined_stage3(params: Params) -> tuple[Stage3Params, StoreSpec]:
+    """``params.stage3`` without mining (the benchmark's fits and steps draw no mined points) and the
+    spec of the store it reads (:func:`nearfix_lib.stages.stage3.store_spec`)."""
+    from nearfix_lib.stages.stage3 import store_spec
+
+    s3 = dataclasses.replace(params.stage3, sampling=dataclasses.replace(params.stage3.sampling, mined=0))
+    return s3, store_spec(CARDIAC, s3)
 
 
 @dataclass
@@ -64,7 +78,7 @@ def _fit(job: FitJob, queue) -> None:
     import torch
 
     from nearfix_lib.field.models import ImplicitField
-    from nearfix_lib.field.store import StoreSpec, write_store
+    from nearfix_lib.field.store import write_store
     from nearfix_lib.field.train import fit
     from nearfix_lib.field.unified import UnifiedTask
     from nearfix_lib.phantom.dataset import make_case
@@ -73,13 +87,12 @@ def _fit(job: FitJob, queue) -> None:
     case = make_case(0, params.data.phantom)
     spacing = voxel_spacing(case.affine)
     box = roi_box(case.truth > 0, params.prepare.heart_margin, spacing, params.prepare.margin_unit)
-    s3 = params.stage3
+    s3, spec = unmined_stage3(params)
     train = dataclasses.replace(s3.train, epochs=job.epochs, cases_per_batch=1, eval_interval=job.epochs,
                                 checkpoint_interval=job.epochs, lr_step_epochs=0, select="last", amp=False)
-    sampling = dataclasses.replace(s3.sampling, mined=0)
+    sampling = s3.sampling
     work = Path(job.work)
-    store = write_store(work / "cases", [case.truth[box.slices]],
-                        StoreSpec(tuple(CARDIAC.indices), sampling.dilation_radius, interfaces=False))
+    store = write_store(work / "cases", [case.truth[box.slices]], spec)
     torch.manual_seed(0)
     model = ImplicitField(1, s3.model, n_heads=len(CARDIAC))
     task = UnifiedTask(store, CARDIAC, sampling, dataclasses.replace(s3.loss, distill_weight=0.0), 0, job.device)
@@ -155,7 +168,7 @@ def _stores(job: StoreJob, queue) -> None:
     import os
 
     from nearfix_lib.core.geometry import resample
-    from nearfix_lib.field.store import StoreSpec, Teacher, write_store
+    from nearfix_lib.field.store import Teacher, write_store
     from nearfix_lib.field.unified import teacher_affine
     from nearfix_lib.phantom.dataset import make_case
     from nearfix_lib.stages.stage1 import write_mask_store
@@ -177,8 +190,7 @@ def _stores(job: StoreJob, queue) -> None:
         teachers.append(Teacher(k, prob, teacher_affine(box, cls_box)))
         masks[cls.key] = prob >= 0.5
     root = Path(job.root)
-    s3 = steps.stage3.sampling
-    write_store(root / "stage3", [heart], StoreSpec(tuple(CARDIAC.indices), s3.dilation_radius, False), [teachers])
+    write_store(root / "stage3", [heart], unmined_stage3(steps)[1], [teachers])
     write_mask_store(root / "stage1", [masks[STEP_STAGE1_CLASS]], steps.stage1.for_class(STEP_STAGE1_CLASS).sampling)
     for sub in ("stage3", "stage1"):
         for i in range(1, job.cases):
@@ -194,7 +206,7 @@ def _steps(job: StepJob, queue) -> None:
     import torch
 
     from nearfix_lib.field.models import ImplicitField
-    from nearfix_lib.field.store import CaseStore, StoreSpec
+    from nearfix_lib.field.store import CaseStore
     from nearfix_lib.field.train import make_optimizer, train_step
     from nearfix_lib.field.unified import UnifiedTask
     from nearfix_lib.stages.stage1 import Stage1Task, store_spec
@@ -203,9 +215,9 @@ def _steps(job: StepJob, queue) -> None:
     ids = [str(i) for i in range(job.cases)]
     root = Path(job.root) / job.stage
     if job.stage == "stage3":
-        s3 = params.stage3
-        sampling = dataclasses.replace(s3.sampling, mined=0, batches=job.batches)
-        store = CaseStore(root, ids, StoreSpec(tuple(CARDIAC.indices), sampling.dilation_radius, False))
+        s3, spec = unmined_stage3(params)
+        sampling = dataclasses.replace(s3.sampling, batches=job.batches)
+        store = CaseStore(root, ids, spec)
         task = UnifiedTask(store, CARDIAC, sampling, s3.loss, 0, job.device)
         model = ImplicitField(job.latents or job.cases, s3.model, n_heads=len(CARDIAC))
         train, points = s3.train, task.sampler.points_per_case
