@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 
 PROJECT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "stage1", "stage2", "stage3", "report")
-SCALE_COLUMNS = ["stage", "n_cases", "peak_rss_mb", "wall_s", "disk_mb", "base_rss_mb", "status"]
-REALSIZE_COLUMNS = ["stage", "peak_rss_mb", "wall_s", "disk_mb", "base_rss_mb", "status"]
+SCALE_COLUMNS = ["stage", "n_cases", "peak_rss_mb", "wall_s", "disk_mb", "case_disk_mb", "base_rss_mb", "status"]
+REALSIZE_COLUMNS = ["stage", "peak_rss_mb", "wall_s", "disk_mb", "case_disk_mb", "base_rss_mb", "status"]
 RESULT_TAG = "nearfix-scale-result "
 TARGET_CASES = 1000
 # Short fits: every code path of a fit runs (training steps, one evaluation, checkpoints) in a few
@@ -203,11 +203,39 @@ def disk_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
 
 
+def case_disk_mb(folder: Path, case_ids: set[str]) -> float:
+    """Size of the files under ``folder`` that belong to one case: a folder or file of the path is
+    named by a case id (``cases/<case>/``, ``prob/<case>.npy``, ``masks/<case>.nii.gz``). What a
+    thousand cases cost on disk is N times this per case, plus the rest (checkpoints, tables), which
+    does not grow with N: with one case, ``disk_mb`` mixes the two."""
+    def owned(path: Path) -> bool:
+        return any(part.split(".", 1)[0] in case_ids for part in path.relative_to(folder).parts)
+
+    if not folder.exists():
+        return 0.0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and owned(p)) / 2**20
+
+
+def params_case_ids(params_file: Path) -> set[str]:
+    """The case ids of the data a params file names (none where it cannot be read: the stage's row says why)."""
+    from nearfix_lib.core.config import load_params
+    from nearfix_lib.core.io import InputError, discover_cases
+
+    params = load_params(params_file)
+    try:
+        cases = discover_cases(params.data.data_root).cases
+    except InputError:
+        return set()
+    return {c.case_id for c in cases[: params.data.max_cases or None]}
+
+
 def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeout_s: float,
                   project: Path = PROJECT) -> dict:
     """One stage in a fresh process, with the code of the checkout ``project``: its row
-    (``REALSIZE_COLUMNS``); ``disk_mb`` is what the stage added to the run folder."""
-    before, t0 = disk_mb(run_dir), time.perf_counter()
+    (``REALSIZE_COLUMNS``); ``disk_mb`` is what the stage added to the run folder, ``case_disk_mb``
+    the part of it that belongs to cases (:func:`case_disk_mb`)."""
+    cases = params_case_ids(params_file)
+    before, before_cases, t0 = disk_mb(run_dir), case_disk_mb(run_dir, cases), time.perf_counter()
     cmd = [sys.executable, "-m", "benchmarks.scale", "_stage", stage, "--run-dir", str(run_dir),
            "--params", str(params_file)]
     code, rss_mb, expired = _spawn(cmd, log, timeout_s, project)
@@ -216,7 +244,7 @@ def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeo
     if expired:
         row["status"] = f"failed: timed out after {timeout_s:.0f} s"
     row.update(_child_result(log) or {})
-    return {**row, "disk_mb": disk_mb(run_dir) - before}
+    return {**row, "disk_mb": disk_mb(run_dir) - before, "case_disk_mb": case_disk_mb(run_dir, cases) - before_cases}
 
 
 def clear_stages(run_dir: Path, stages: Sequence[str]) -> None:
@@ -229,8 +257,9 @@ def clear_stages(run_dir: Path, stages: Sequence[str]) -> None:
 
 
 def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float,
-               again: Sequence[str] = (), on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Every stage in order on a fresh run folder (a stage that resumes would measure nothing);
+               again: Sequence[str] = (), on_row: Callable[[dict], None] | None = None,
+               stages: Sequence[str] = STAGES) -> list[dict]:
+    """``stages`` in order on a fresh run folder (a stage that resumes would measure nothing);
     a failed stage is recorded and the next ones still run (and fail on what is missing). With
     ``again``: only those stages, on the run folder as it is, their own folders removed first.
     ``on_row`` receives each stage's row as soon as it is measured."""
@@ -240,7 +269,7 @@ def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float,
         shutil.rmtree(run_dir)
     logs.mkdir(parents=True, exist_ok=True)
     rows = []
-    for stage in again or STAGES:
+    for stage in again or stages:
         print(f"{run_dir.name}: {stage} ...", flush=True)
         row = measure_stage(stage, run_dir, params_file, logs / f"{run_dir.name}_{stage}.log", timeout_s)
         print(f"  {row['status']}: peak RSS {row['peak_rss_mb']:.0f} MB, {row['wall_s']:.0f} s, "
@@ -297,6 +326,8 @@ def scale_page(table: pd.DataFrame, growth: pd.DataFrame, conditions: str) -> st
     failed = table[table["status"] != "ok"]
     parts = [conditions, "## Peak RSS (MB)", _pivot(table, "peak_rss_mb"), "## Wall time (s)", _pivot(table, "wall_s"),
              "## Written to the run folder (MB)", _pivot(table, "disk_mb"),
+             "## Of which case files (MB; `cases/<case>/`, `prob/<case>.npy`, ...: what grows with N)",
+             _pivot(table, "case_disk_mb"),
              f"## Growth per case, extrapolated to {TARGET_CASES:,} cases",
              growth.to_markdown(index=False, floatfmt=".1f"),
              "## Failed stages", failed.to_markdown(index=False) if len(failed) else "none"]
@@ -364,11 +395,12 @@ def realsize(args: argparse.Namespace, argv: list[str]) -> pd.DataFrame:
     params = write_params(out / "params.yaml", args.params,
                           run_overrides(out / "data", 1, run_dir, args.device, args.overrides))
     again = [stage for stage in STAGES if stage in args.again]  # in pipeline order
-    rows = run_stages(run_dir, out / "params.yaml", out / "logs", args.timeout_s, again)
+    stages = [stage for stage in STAGES if stage in args.stages]
+    rows = run_stages(run_dir, out / "params.yaml", out / "logs", args.timeout_s, again, stages=stages)
     table = pd.DataFrame(rows).reindex(columns=REALSIZE_COLUMNS)
     note = ""
     if again:  # the other stages' rows as the earlier run measured them
-        earlier = pd.read_csv(out / "realsize.csv").set_index("stage")
+        earlier = pd.read_csv(out / "realsize.csv").set_index("stage").reindex(columns=REALSIZE_COLUMNS[1:])
         earlier.loc[again] = table.set_index("stage").loc[again]
         table = earlier.reindex(list(STAGES)).reset_index()[REALSIZE_COLUMNS]
         note = (f"Measured again with this code version, on the run folder of the earlier run: {', '.join(again)}; "
@@ -447,6 +479,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--sizes", type=int, nargs="+", default=[8, 32], help="numbers of cases")
         p.add_argument("--again", nargs="+", choices=STAGES, default=[],
                        help=f"measure only these stages again, on the run folders and {name}.csv in --out")
+        if name == "realsize":
+            p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                           help="run only these (in pipeline order, each needing the ones before), "
+                                "e.g. 'prepare stage1 stage2' for the disk a case costs before stage 3")
         p.add_argument("--shape", type=int, nargs=3, default=shape, help="voxels per case")
         p.add_argument("--spacing", type=float, nargs=3, default=spacing, help="voxel size in mm")
         p.add_argument("--out", default=out)

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from benchmarks.scale import STAGES, main, measure_stage, slopes, write_params
+from benchmarks.scale import STAGES, case_disk_mb, main, measure_stage, slopes, write_params
 
 # the tests' tiny run; stage 1 on one class, with enough steps that its masks are not empty
 # (stage 3 learns from what stage 1 and 2 produced, and refuses a run without any L^ref)
@@ -33,7 +33,9 @@ def test_every_stage_and_n_is_one_row_measured_in_its_own_process(tiny_scale):
     # RSS that stage 1's imports alone take, although this test process holds torch and more
     prepare, stage1 = (table[table["stage"] == s].set_index("n_cases") for s in ("prepare", "stage1"))
     assert (prepare["peak_rss_mb"] < stage1["base_rss_mb"]).all()
-    assert (table[table["stage"] == "stage1"]["disk_mb"] > 0).all()
+    stage1 = table[table["stage"] == "stage1"].set_index("n_cases")
+    assert (stage1["disk_mb"] > stage1["case_disk_mb"]).all()  # the checkpoints belong to no case
+    assert 1.5 < stage1.loc[2, "case_disk_mb"] / stage1.loc[1, "case_disk_mb"] < 2.5
     assert (out / "logs" / "n2_stage3.log").is_file() and (out / "runs" / "n2" / "stage3" / "unified.pt").is_file()
 
 
@@ -131,3 +133,30 @@ def test_scale_measures_named_stages_again_and_keeps_the_other_rows(tiny_scale):
     report = again[again["stage"] == "report"].set_index("n_cases")["wall_s"]
     assert (report != first[first["stage"] == "report"].set_index("n_cases")["wall_s"]).all()
     assert "Measured again with this code version" in (out / "scale.md").read_text()
+
+
+def test_case_disk_counts_the_files_a_case_id_names(tmp_path):
+    files = {"stage1/LV/cases/7/labels.npy": 3000, "stage1/LV/prob/7.npy": 2000, "stage1/LV/masks/7.nii.gz": 500,
+             "stage1/LV/prob/17.npy": 4000, "stage1/LV/ckpt/last.pt": 9000, "stage7/scores.csv": 100}
+    for name, size in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    assert case_disk_mb(tmp_path, {"7"}) * 2**20 == 5500
+    assert case_disk_mb(tmp_path, {"7", "17"}) * 2**20 == 9500
+    assert case_disk_mb(tmp_path / "absent", {"7"}) == 0.0
+
+
+def test_realsize_runs_only_the_stages_asked_for(tmp_path, monkeypatch):
+    import benchmarks.scale as bench
+
+    ran = []
+
+    def fake_stage(stage, run_dir, params_file, log, timeout_s, project=bench.PROJECT):
+        ran.append(stage)
+        return {"stage": stage, "peak_rss_mb": 1.0, "wall_s": 1.0, "base_rss_mb": 1.0, "status": "ok",
+                "disk_mb": 2.0, "case_disk_mb": 1.0}
+
+    monkeypatch.setattr(bench, "measure_stage", fake_stage)
+    assert main(["realsize", "--out", str(tmp_path), "--stages", "stage1", "prepare", *TINY[:8]]) == 0
+    assert ran == ["prepare", "stage1"]
+    assert list(pd.read_csv(tmp_path / "realsize.csv")["stage"]) == ["prepare", "stage1"]
