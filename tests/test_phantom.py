@@ -18,7 +18,7 @@ import pytest
 from scipy import ndimage
 
 from nearfix_lib.core.classes import CARDIAC, ClassTable
-from nearfix_lib.core.config import NoiseParams, PhantomParams
+from nearfix_lib.core.config import AnatomyParams, NoiseParams, PhantomParams
 from nearfix_lib.core.io import discover_cases, read_image, read_label
 from nearfix_lib.phantom.dataset import make_case, write_dataset
 
@@ -112,6 +112,45 @@ def test_anatomy_is_the_same_in_mm_on_another_grid():
 
 
 # -- clean anatomy ---------------------------------------------------------------------------
+
+# The robustness matrix's families (benchmarks.robustness) vary what the phantom holds fixed.
+FINE = ((140, 132, 120), (140.0, 132.0, 120.0))  # 1 mm: thin coronaries are not clipped at half a voxel diagonal
+
+
+def _family(**anatomy) -> PhantomParams:
+    return PhantomParams(shape=FINE[0], fov_mm=FINE[1], noise=NoiseParams.disabled(),
+                         anatomy=AnatomyParams(**anatomy))
+
+
+def test_anatomy_families_scale_their_structure_and_keep_the_rest():
+    base = make_case(0, _family())
+    thin = make_case(0, _family(cor_radius_scale=0.6, laa_radius_scale=0.7, pv_radius_scale=1.25))
+    thick = make_case(0, _family(cor_radius_scale=1.3, cor_tortuosity=2.5))
+    volume = {name: {k: np.count_nonzero(c.truth == _idx(k)) for k in SMALL}
+              for name, c in (("base", base), ("thin", thin), ("thick", thick))}
+    assert volume["thin"]["Cor"] < 0.6 * volume["base"]["Cor"] < 0.6 * volume["thick"]["Cor"] / 1.4, volume
+    assert volume["thin"]["LAA"] < 0.7 * volume["base"]["LAA"] and volume["thin"]["PV"] > 1.25 * volume["base"]["PV"]
+    for case in (thin, thick):
+        _check_anatomy(case.truth, case.affine)  # still two trees from the aorta, on the epicardium
+    # tortuosity draws another tree (not only a wider one) on the same heart
+    assert _dice(thick.truth == _idx("Cor"), ndimage.binary_dilation(base.truth == _idx("Cor"), BALL)) < 0.9
+    elsewhere = (thick.truth != _idx("Cor")) & (base.truth != _idx("Cor"))
+    assert np.array_equal(thick.truth[elsewhere], base.truth[elsewhere])
+    with pytest.raises(ValueError, match="cor_radius_scale"):
+        AnatomyParams(cor_radius_scale=0.0)
+
+
+def test_noise_in_a_segmenters_voxels_scales_with_the_image_grid():
+    """segmenter_mm: the same segmenter's errors are more image voxels on a finer image."""
+    noise = replace(NoiseParams.disabled(), stair_prob=1.0, stair_all_axes_prob=1.0, stair_factor_max=2,
+                    segmenter_mm=4.4)
+    assert NoiseParams().voxel_scale([0.35, 0.35, 0.5]) == 1.0  # 0: the image's own voxels
+    grid = {"shape": (64, 60, 48), "fov_mm": (140.8, 132.0, 105.6)}  # 2.2 mm voxels
+    assert noise.voxel_scale(PhantomParams(**grid).spacing) == pytest.approx(2.0)
+    assert make_case(0, PhantomParams(**grid, noise=noise)).noise_log == ["stair-case x4 along axis 0, 1, 2"]
+    image_voxels = replace(noise, segmenter_mm=0.0)
+    assert make_case(0, PhantomParams(**grid, noise=image_voxels)).noise_log == ["stair-case x2 along axis 0, 1, 2"]
+
 
 ANATOMY_CASES = [(0, 0), (0, 3), (1, 1), (2, 2), (3, 0), (5, 3), (8, 1), (13, 2)]
 

@@ -396,6 +396,11 @@ class NoiseParams:
     distance of an island from its class).
     The defaults give noisy-vs-truth Dice of roughly 0.85-0.95 for the large classes and
     0.5-0.8 for coronaries, appendage and veins.
+
+    ``segmenter_mm`` > 0 makes the voxel lengths those of a segmenter working on a grid of that
+    spacing, converted to the image's voxels (``voxel_scale``): a 1.5 mm network's stair-casing
+    is 4 voxels deep on a 0.35 mm CT. At 0 they are the image's own voxels (the phantom every
+    table was tuned on), so a finer grid would mean a milder segmenter.
     """
 
     # 1. boundary jitter: labels resampled (nearest) at smoothly displaced coordinates
@@ -432,6 +437,14 @@ class NoiseParams:
     swap_radius_mm: float = 7.0
     # 8. a small class (LAA or PV) absent from the noisy map
     missing_prob: float = 0.07
+    # the voxels of the lengths above: 0 = the image's; > 0 = a segmenter's grid of this spacing (mm)
+    segmenter_mm: float = 0.0
+
+    def voxel_scale(self, spacing) -> float:
+        """Image voxels per voxel length above: ``segmenter_mm`` over the mean spacing (geometric), or 1."""
+        if self.segmenter_mm <= 0.0:
+            return 1.0
+        return float(self.segmenter_mm / np.exp(np.mean(np.log(np.asarray(spacing, dtype=np.float64)))))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -456,6 +469,23 @@ class NoiseParams:
 
 
 @dataclass
+class AnatomyParams:
+    """What the phantom's anatomy holds fixed beyond each case's own jitter. The robustness
+    matrix's families (``benchmarks.robustness``) vary it; the defaults are the phantom every
+    table was tuned on, and leave each case exactly as it was."""
+
+    cor_radius_scale: float = 1.0  # coronary radii (1.4-2.4 mm) x this; never below half a voxel diagonal
+    cor_tortuosity: float = 1.0  # the coronary control points' jitter (1 mm along the LV, 3 degrees around) x this
+    laa_radius_scale: float = 1.0  # the appendage's radius (7.5 mm) x this
+    pv_radius_scale: float = 1.0  # the pulmonary vein trunks' radius (6.5 mm) x this
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) >= (0.0 if f.name == "cor_tortuosity" else 1e-3):
+                raise ValueError(f"anatomy.{f.name} must be positive, got {getattr(self, f.name)}")
+
+
+@dataclass
 class PhantomParams:
     """Size of the data set and of each case's grid; the seed makes it reproducible."""
 
@@ -464,6 +494,7 @@ class PhantomParams:
     fov_mm: tuple[float, float, float] = (140.0, 132.0, 120.0)  # spacing = fov_mm / shape
     seed: int = 0
     noise: NoiseParams = field(default_factory=NoiseParams)
+    anatomy: AnatomyParams = field(default_factory=AnatomyParams)
 
     def __post_init__(self) -> None:
         shape = tuple(int(v) for v in self.shape)

@@ -26,7 +26,7 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
 from nearfix_lib.core.classes import ClassTable
-from nearfix_lib.core.config import PhantomParams
+from nearfix_lib.core.config import AnatomyParams, PhantomParams
 
 REQUIRED_KEYS = ("Myo", "LA", "LV", "RA", "RV", "Ao", "PA", "LAA", "Cor", "PV")
 _COR_SINK = 0.6  # coronary centre line depth below the epicardium, in radii
@@ -274,8 +274,11 @@ class _Anatomy:
     spine: tuple[np.ndarray, float]  # canonical (x, y) of the vertebral column axis, radius
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, cor_radius_min: float) -> _Anatomy:
-        """Draw one heart: adult dimensions (mm) with per-structure size and position jitter."""
+    def sample(cls, rng: np.random.Generator, cor_radius_min: float,
+               family: AnatomyParams | None = None) -> _Anatomy:
+        """Draw one heart: adult dimensions (mm) with per-structure size and position jitter,
+        scaled where ``family`` says (the same draws: a family changes sizes, not the case)."""
+        family = family or AnatomyParams()
 
         def size() -> float:
             return float(rng.uniform(0.92, 1.08))
@@ -347,7 +350,7 @@ class _Anatomy:
         # LAA: a finger from the LA's left-anterior-superior side over the lateral AV groove.
         laa_dir = np.array([-0.7, 0.5, 0.5])
         laa_start = la.surface_point(laa_dir, inset=3.0)
-        laa_r = 7.5 * size()
+        laa_r = 7.5 * family.laa_radius_scale * size()
         laa_tip = frame.surface(-10.0, -160.0 + rng.normal(0.0, 5.0), laa_r + 1.0)[0]
         laa_mid = la.surface_point(laa_dir, inset=-0.8 * laa_r)  # off the LA wall, not along it
         laa = _curve([laa_start, laa_mid, laa_tip], [laa_r, laa_r, 0.75 * laa_r], 1.0)
@@ -357,33 +360,34 @@ class _Anatomy:
         for side in (-1.0, 1.0):
             start = la.surface_point([0.85 * side, -0.45, 0.1], inset=3.0)
             out = _unit(np.array([0.95 * side, -0.2, 0.15]) + rng.normal(0.0, 0.06, 3))
-            r = 6.5 * size()
+            r = 6.5 * family.pv_radius_scale * size()
             pv.append(_curve([start, start + 16.0 * out + shift(1.0), start + 34.0 * out],
                              [r, r, 0.9 * r], 1.0))
 
-        coronaries = cls._coronaries(rng, frame, rv_body, rv_base_t, root, u, ao_r, cor_radius_min)
+        coronaries = cls._coronaries(rng, frame, rv_body, rv_base_t, root, u, ao_r, cor_radius_min, family)
         spine = (np.array([4.0, -82.0]) + rng.normal(0.0, 2.0, 2), 18.0 * size())
         return cls(frame, cavity, rv_body, rv_base_t, rvot, ra, la, [asc, desc],
                    [trunk, lpa, rpa], laa, pv, coronaries, spine)
 
     @staticmethod
     def _coronaries(rng, frame: _LVFrame, rv_body: _Ellipsoid, rv_base_t: float, root: np.ndarray,
-                    u: np.ndarray, ao_r: float, r_min: float) -> list[_Tube]:
+                    u: np.ndarray, ao_r: float, r_min: float, family: AnatomyParams) -> list[_Tube]:
         """Left tree (left main, LAD, LCx) and right coronary (RCA, posterior descending).
 
         Both start inside the aortic root, cross the myocardial rim of the base and then
         follow the epicardium, partly sunk into it (``_COR_SINK``) so that every coronary voxel
         stays within about 3 mm of the myocardium or the aorta even on a 2.5 mm grid. The LAD
         and the posterior descending branch run along the interventricular grooves, found where
-        the RV body leaves the epicardium.
+        the RV body leaves the epicardium. ``family`` scales the radii and the jitter of the control points.
         """
         sink = _COR_SINK
+        wander = family.cor_tortuosity
 
         def jit(theta: float, t: float) -> tuple[float, float]:
-            return t + float(rng.normal(0.0, 1.0)), theta + float(rng.normal(0.0, 3.0))
+            return t + wander * float(rng.normal(0.0, 1.0)), theta + wander * float(rng.normal(0.0, 3.0))
 
         def radii(*r: float) -> list[float]:
-            return [max(v, r_min) for v in r]
+            return [max(v * family.cor_radius_scale, r_min) for v in r]
 
         apex_t = float((frame.outer.centre - frame.base) @ u + frame.outer.semi[0])
         ant, post = _grooves(frame, rv_body, rv_base_t, np.linspace(2.0, 0.7 * apex_t, 8))
@@ -414,7 +418,7 @@ class _Anatomy:
         rim_r = frame.axis_point(3.0)[0] + 22.0 * frame.direction(-25.0)[0]
         over_rim_r = frame.axis_point(0.0)[0] + 21.0 * frame.direction(-12.0)[0]
         rca_root = _curve([ostium_r, over_rim_r, rim_r, rca_surface.points[0]],
-                          [2.4, 2.4, rca_r[0], rca_r[0]])
+                          [max(2.4 * family.cor_radius_scale, min(2.4, r_min))] * 2 + [rca_r[0], rca_r[0]])
         return [left_main, lad, lcx, rca_root, rca_surface]
 
     def masks(self, grid: _Grid) -> dict[str, np.ndarray]:

@@ -4,7 +4,8 @@ The label-noise model applies, each with its own probability and strength in
 :class:`NoiseParams`, the errors automatic cardiac segmenters make: a smooth boundary warp,
 stair-casing from a coarser resolution, spurious islands, holes, broken coronaries,
 detached or leaking appendage/veins, swapped patches at class boundaries and a missing class.
-Every event that happened is written to the case's ``noise_log``.
+Every event that happened is written to the case's ``noise_log``. Lengths in voxels are the
+image's, or those of a segmenter working at ``NoiseParams.segmenter_mm`` (converted here).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class _NoiseState:
     spacing: np.ndarray
     p: NoiseParams
     log: list[str]
+    vox: float = 1.0  # image voxels per voxel length of ``p`` (NoiseParams.voxel_scale)
 
     def idx(self, key: str) -> int:
         return self.table[key].index
@@ -77,7 +79,7 @@ def _noise_stair(s: _NoiseState, rng: np.random.Generator) -> None:
     """2. Labels predicted on a coarser grid and upsampled by nearest neighbour."""
     if s.p.stair_factor_max < 2 or rng.random() >= s.p.stair_prob:
         return
-    factor = int(rng.integers(2, s.p.stair_factor_max + 1))
+    factor = max(int(round(int(rng.integers(2, s.p.stair_factor_max + 1)) * s.vox)), 1)
     axes = [0, 1, 2] if rng.random() < s.p.stair_all_axes_prob else [int(rng.integers(3))]
     for axis in axes:
         n = s.labels.shape[axis]
@@ -94,18 +96,18 @@ def _noise_jitter(s: _NoiseState, rng: np.random.Generator) -> None:
     if s.p.jitter_vox <= 0.0 or rng.random() >= s.p.jitter_prob:
         return
     shape = np.asarray(s.labels.shape)
-    step = max(s.p.jitter_smooth_vox, 1.0)
+    step = max(s.p.jitter_smooth_vox * s.vox, 1.0)
     coarse_shape = tuple(int(v) for v in np.ceil(shape / step).astype(int) + 2)
     index = []
     for axis in range(3):
         coarse = ndimage.gaussian_filter(rng.normal(0.0, 1.0, coarse_shape), 0.7)
         disp = ndimage.zoom(coarse, shape / np.asarray(coarse_shape), order=1)[
             tuple(slice(0, int(n)) for n in shape)]
-        disp *= s.p.jitter_vox / max(float(disp.std()), 1e-6)
+        disp *= s.p.jitter_vox * s.vox / max(float(disp.std()), 1e-6)
         coord = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
         index.append(np.clip(np.rint(coord + disp), 0, shape[axis] - 1).astype(np.intp))
     s.labels = s.labels[tuple(index)]
-    s.log.append(f"boundary jitter (sd {s.p.jitter_vox:g} vox)")
+    s.log.append(f"boundary jitter (sd {s.p.jitter_vox * s.vox:g} vox)")
 
 
 def _noise_swaps(s: _NoiseState, rng: np.random.Generator) -> None:
@@ -137,6 +139,7 @@ def _noise_attached(s: _NoiseState, rng: np.random.Generator) -> None:
         return
     ball26 = np.ones((3, 3, 3), dtype=bool)
     la, cor = s.idx("LA"), s.idx("Cor")
+    gap, leak_vox = (int(round(v * s.vox)) for v in (s.p.detach_gap_vox, s.p.leak_vox))
     for key in _ATTACHED_KEYS:
         mask = s.labels == s.idx(key)
         if not mask.any():
@@ -144,13 +147,12 @@ def _noise_attached(s: _NoiseState, rng: np.random.Generator) -> None:
         comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
         for comp in range(1, n + 1):
             part = comps == comp
-            detach = s.p.detach_gap_vox > 0 and rng.random() < s.p.detach_prob
-            leak = not detach and s.p.leak_vox > 0 and rng.random() < s.p.leak_prob
+            detach = gap > 0 and rng.random() < s.p.detach_prob
+            leak = not detach and leak_vox > 0 and rng.random() < s.p.leak_prob
             if detach:
-                box = _bbox(part, s.p.detach_gap_vox + 1)
+                box = _bbox(part, gap + 1)
                 local = s.labels[box]
-                near_la = ndimage.binary_dilation(local == la, ball26,
-                                                  iterations=s.p.detach_gap_vox)
+                near_la = ndimage.binary_dilation(local == la, ball26, iterations=gap)
                 cut = part[box] & near_la
                 if cut.any():
                     local[cut] = 0
@@ -160,7 +162,7 @@ def _noise_attached(s: _NoiseState, rng: np.random.Generator) -> None:
                 region, ball = _ball(s.labels.shape, _random_voxel(surface, rng),
                                      s.p.leak_radius_mm, s.spacing)
                 local = s.labels[region]
-                grown = ndimage.binary_dilation(part[region], ball26, iterations=s.p.leak_vox)
+                grown = ndimage.binary_dilation(part[region], ball26, iterations=leak_vox)
                 spill = grown & ball & ~part[region] & (local != la) & (local != cor)
                 if spill.any():
                     local[spill] = s.idx(key)
@@ -205,7 +207,7 @@ def _noise_holes(s: _NoiseState, rng: np.random.Generator) -> None:
     for _ in range(int(rng.integers(1, s.p.hole_count + 1)) if keys else 0):
         key = keys[rng.integers(len(keys))]
         mask = s.labels == s.idx(key)
-        radius = float(rng.uniform(*s.p.hole_radius_vox))
+        radius = float(rng.uniform(*s.p.hole_radius_vox)) * s.vox
         for _try in range(_MAX_TRIES):
             centre = _random_voxel(mask, rng)
             region, ball = _ball(s.labels.shape, centre, radius, np.ones(3))
@@ -229,7 +231,7 @@ def _noise_islands(s: _NoiseState, rng: np.random.Generator) -> None:
     made: dict[str, int] = {}
     for _ in range(int(rng.integers(1, s.p.island_count + 1)) if keys else 0):
         key = keys[rng.integers(len(keys))]
-        radius = float(rng.uniform(*s.p.island_radius_vox))
+        radius = float(rng.uniform(*s.p.island_radius_vox)) * s.vox
         for _try in range(_MAX_TRIES):
             centre = rng.integers(lo, hi)
             region, near = _ball(s.labels.shape, centre, s.p.island_min_dist_mm, s.spacing)
@@ -257,7 +259,8 @@ def add_noise(truth: np.ndarray, spacing, params: NoiseParams, seed: np.random.S
     others exactly as they were.
     """
     check_table(table)
-    state = _NoiseState(truth.copy(), table, np.asarray(spacing, dtype=np.float64), params, [])
+    state = _NoiseState(truth.copy(), table, np.asarray(spacing, dtype=np.float64), params, [],
+                        params.voxel_scale(spacing))
     for step, child in zip(_NOISE_STEPS, seed.spawn(len(_NOISE_STEPS))):
         step(state, np.random.default_rng(child))
     return state.labels, state.log

@@ -1,0 +1,263 @@
+"""The robustness matrix (a benchmark, not a test): the repair on phantom families it was not tuned on.
+
+    python -m benchmarks.robustness --out outputs/robustness                 # every family, held-out seeds
+    python -m benchmarks.robustness --out DIR --split tuning --families thin_cor fine
+    python -m benchmarks.robustness --out DIR --overrides '{stage1.classes: [LV, LAA, Cor, PV]}'
+
+Why: every setting of nearfix was chosen on one phantom family (its anatomy, its 1.1 mm grid, its
+noise model), and on an independent phantom the coronaries came out worse than their noisy input.
+A user's data has no ground truth, so a repair that damages a class there looks like success.
+The matrix is the check: families from our own generator that vary what that phantom held fixed
+(voxel size and anisotropy, coronary radius and tree shape, LAA/PV shape, noise strength, errors
+in millimetres of a segmenter's grid), listed with their seeds in ``params/robustness.yaml``. Each
+family has a *tuning* seed set, on which settings may be chosen, and a *held-out* one, fixed before
+any tuning, on which the verdict is read.
+
+For each family the phantom is generated (``--cases`` per family), then prepare, stage 1, stage 2
+and the report run on it with the judging configuration (``--params``, default
+``params/phantom_1mm.yaml``; ``--overrides`` for shorter runs, stated on the page), each stage in
+its own process (``benchmarks.scale``'s machinery: a failing family is a row, not the end). A
+family whose report exists is kept (the matrix takes hours: a rerun resumes); ``--again`` runs it
+anew. It writes ``robustness.csv`` (family, split, class, source: noisy, both baselines, stage 1,
+stage 2; Dice, HD95, components; mean over the family's cases), ``verdicts.csv`` (the targets per
+family and class) and ``robustness.md`` rendered from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from benchmarks.scale import PROJECT, run_stages, write_params
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+FAMILIES_FILE = PROJECT / "params" / "robustness.yaml"
+STAGES = ("prepare", "stage1", "stage2", "report")
+SOURCES = ("noisy", "closing", "gaussian", "stage1", "stage2")
+REPAIRS = ("stage1", "stage2")
+MATRIX_COLUMNS = ["family", "split", "class", "source", "n_cases", "dice", "hd95", "n_comp", "expected", "at_expected"]
+VERDICT_COLUMNS = ["family", "split", "class", "source", "dice_gain", "hd95_gain", "dice_not_worse",
+                   "hd95_not_worse", "cor_gain_share", "ok"]
+COR_GAIN = 0.03  # the coronaries: at least this Dice above the noisy input ...
+COR_SHARE = 0.9  # ... at the expected component count, in this share of the cases
+
+
+@dataclass(frozen=True)
+class Family:
+    """One phantom family: ``data.phantom`` overrides and a seed per split (``tuning``, ``heldout``)."""
+
+    name: str
+    about: str
+    seeds: dict[str, int]
+    phantom: dict
+
+
+def load_families(path: Path = FAMILIES_FILE) -> tuple[int, list[Family]]:
+    """The families file: (cases per family and split, the families in file order)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    families = [Family(name, str(spec.get("about", "")), {k: int(v) for k, v in spec["seeds"].items()},
+                       dict(spec.get("phantom") or {}))
+                for name, spec in (data.get("families") or {}).items()]
+    if not families:
+        raise ValueError(f"{path}: no families")
+    return int(data.get("cases", 4)), families
+
+
+def dotted(prefix: str, tree: dict) -> dict:
+    """Nested overrides as dotted keys (``{noise: {a: 1}}`` -> ``{prefix.noise.a: 1}``)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(dotted(f"{prefix}.{key}", value))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
+def family_overrides(family: Family, split: str, cases: int) -> dict:
+    """The family's phantom, its ``split`` seed and ``cases`` cases, as dotted overrides of a params file."""
+    if split not in family.seeds:
+        raise ValueError(f"family {family.name} has no {split!r} seeds (it has {sorted(family.seeds)})")
+    return {**dotted("data.phantom", family.phantom), "data.phantom.seed": family.seeds[split],
+            "data.phantom.n_cases": cases}
+
+
+def run_family(family: Family, split: str, cases: int, out: Path, params_file: str, overrides: dict,
+               device: str, timeout_s: float, again: bool = False) -> list[dict]:
+    """Generate the family's cases (kept when they exist), then every stage of ``STAGES`` in its own
+    process; a family whose report exists is kept unless ``again``. Returns the stages' rows."""
+    from nearfix_lib.phantom.dataset import write_dataset
+
+    name = f"{family.name}_{split}"
+    run_dir, data_root, params_path = out / "runs" / name, out / "data" / name, out / "params" / f"{name}.yaml"
+    if (run_dir / "report" / "scores.csv").is_file() and not again:
+        print(f"{name}: kept (its report exists; --again runs it anew)", flush=True)
+        return []
+    base = {**family_overrides(family, split, cases), "run.name": name, "run.run_dir": str(run_dir),
+            "run.device": device, **overrides}
+    phantom = write_params(params_path, params_file, base).data.phantom
+    write_dataset(data_root, phantom, progress=True)
+    write_params(params_path, params_file, {**base, "data.data_root": str(data_root)})
+    return run_stages(run_dir, params_path, out / "logs", timeout_s, stages=STAGES)
+
+
+def family_scores(out: Path, family: str, split: str) -> pd.DataFrame:
+    """The family's report scores against the truth, for the matrix's sources (empty when it has none)."""
+    from nearfix_lib.core.scores import read_scores
+
+    scores = read_scores(out / "runs" / f"{family}_{split}" / "report")
+    return scores[(scores["reference"] == "truth") & scores["source"].isin(SOURCES)]
+
+
+def matrix_table(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
+    """Mean over the family's cases per class and source (``MATRIX_COLUMNS``)."""
+    import pandas as pd
+
+    if scores.empty:
+        return pd.DataFrame(columns=MATRIX_COLUMNS)
+    grouped = scores.groupby(["class", "source"], sort=False)
+    table = grouped[["dice", "hd95", "n_comp", "expected", "at_expected"]].mean()
+    table["n_cases"] = grouped["case"].nunique()
+    table = table.reset_index().assign(family=family, split=split)
+    return table[MATRIX_COLUMNS]
+
+
+def verdicts(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
+    """The targets per class and repair, on the cases both the input and the repair have: mean Dice
+    not below the noisy input's, mean HD95 not above it (over the cases where both maps hold the
+    class; a repair that empties a class the input had misses the target); for the coronaries also
+    the share of cases ``COR_GAIN`` Dice above their noisy input at the expected component count
+    (target ``COR_SHARE``)."""
+    import pandas as pd
+
+    rows = []
+    for cls in dict.fromkeys(scores["class"]):
+        sub = scores[scores["class"] == cls].set_index(["case", "source"])
+        present = set(sub.index.get_level_values("source"))
+        if "noisy" not in present:
+            continue
+        noisy = sub.xs("noisy", level="source")
+        for source in (s for s in REPAIRS if s in present):
+            both = noisy.join(sub.xs(source, level="source"), lsuffix="_noisy", rsuffix="_rep", how="inner")
+            dice_gain = float((both["dice_rep"] - both["dice_noisy"]).mean())
+            finite = both["hd95_noisy"].notna() & both["hd95_rep"].notna()
+            emptied = int((both["hd95_noisy"].notna() & both["hd95_rep"].isna()).sum())
+            hd95_gain = float((both["hd95_noisy"] - both["hd95_rep"])[finite].mean())
+            row = {"family": family, "split": split, "class": cls, "source": source, "dice_gain": dice_gain,
+                   "hd95_gain": hd95_gain, "dice_not_worse": dice_gain >= 0.0,
+                   "hd95_not_worse": bool(hd95_gain >= 0.0 and not emptied), "cor_gain_share": float("nan")}
+            ok = row["dice_not_worse"] and row["hd95_not_worse"]
+            if cls == "Cor":
+                gained = (both["dice_rep"] >= both["dice_noisy"] + COR_GAIN) & (both["at_expected_rep"] == 1.0)
+                row["cor_gain_share"] = float(gained.mean())
+                ok = ok and row["cor_gain_share"] >= COR_SHARE
+            rows.append({**row, "ok": bool(ok)})
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+
+
+def _family_section(family: Family, table: pd.DataFrame, verdict: pd.DataFrame) -> str:
+    if table.empty:
+        return f"## {family.name}\n\n{family.about}. No report (see the stage rows below).\n"
+    parts = [f"## {family.name}\n\n{family.about}; {int(table['n_cases'].max())} cases."]
+    metrics = (("dice", "Dice"), ("hd95", "HD95 (mm)"), ("at_expected", "cases at the expected component count"))
+    for metric, label in metrics:
+        wide = table.pivot(index="class", columns="source", values=metric)
+        wide = wide.reindex(index=list(dict.fromkeys(table["class"])), columns=[s for s in SOURCES if s in wide])
+        parts.append(f"**{label}**\n\n" + wide.to_markdown(floatfmt=".3f" if metric != "hd95" else ".2f"))
+    failing = verdict[~verdict["ok"].astype(bool)]
+    parts.append("Targets missed: " + (", ".join(f"{r['class']} {r['source']} (Dice {r['dice_gain']:+.3f}, "
+                                                  f"HD95 {r['hd95_gain']:+.2f} mm"
+                                                  + (f", {r['cor_gain_share']:.0%} of cases gain {COR_GAIN}"
+                                                     if r["class"] == "Cor" else "") + ")"
+                                                  for _, r in failing.iterrows()) or "none") + ".")
+    return "\n\n".join(parts) + "\n"
+
+
+def page(families: list[Family], tables: dict, verdict_tables: dict, split: str, conditions: str,
+         stage_rows: pd.DataFrame) -> str:
+    """``robustness.md``: the verdict summary, then each family's tables, all from the CSVs' rows."""
+    import pandas as pd
+
+    verdict = pd.concat([v for v in verdict_tables.values() if not v.empty] or [pd.DataFrame(columns=VERDICT_COLUMNS)])
+    summary = "no family has a report yet"
+    if not verdict.empty:
+        wide = verdict.pivot_table(index="family", columns=["source", "class"], values="dice_gain", sort=False)
+        wide.columns = [f"{s} {c}" for s, c in wide.columns]
+        missed = verdict[~verdict["ok"].astype(bool)]
+        summary = (f"Mean Dice gain over the noisy input per family (repair - noisy; negative = worse than the "
+                   f"input):\n\n{wide.to_markdown(floatfmt='+.3f')}\n\n"
+                   f"{len(missed)} of {len(verdict)} (family, class, repair) pairs miss a target: mean Dice or HD95 "
+                   f"worse than the noisy input, or, for the coronaries, fewer than {COR_SHARE:.0%} of the cases "
+                   f"{COR_GAIN} Dice above their input at the expected component count.")
+    sections = [_family_section(f, tables[f.name], verdict_tables[f.name]) for f in families]
+    stages = "all kept from earlier runs" if stage_rows.empty else stage_rows.to_markdown(index=False, floatfmt=".1f")
+    return (f"{conditions}\n\n## Verdicts ({split} seeds)\n\n{summary}\n\n" + "\n".join(sections)
+            + f"\n## Stages run by this invocation\n\n{stages}\n")
+
+
+def conditions(params_file: str, overrides: dict, cases: int, split: str, families: list[Family]) -> str:
+    what = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "none"
+    return (f"Families of `params/robustness.yaml` ({', '.join(f.name for f in families)}), {cases} cases each, "
+            f"**{split}** seeds. Each family: its phantom, then prepare, stage 1, stage 2 and the report on "
+            f"`{params_file}`, overrides {what}. Scores against the phantom's truth, mean over the cases; "
+            "`closing` and `gaussian` are the classical baselines of the report.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+
+    from benchmarks.bench import write_report
+    from nearfix_lib.core.config import mapping_parameter
+    from nearfix_lib.core.io import write_text
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="outputs/robustness")
+    ap.add_argument("--families-file", default=str(FAMILIES_FILE))
+    ap.add_argument("--families", nargs="+", default=[], help="a subset, by name (default: every family)")
+    ap.add_argument("--split", choices=("heldout", "tuning"), default="heldout")
+    ap.add_argument("--cases", type=int, default=0, help="cases per family (default: the families file's)")
+    ap.add_argument("--params", default="params/phantom_1mm.yaml")
+    ap.add_argument("--overrides", type=lambda v: mapping_parameter(v, "--overrides"), default={},
+                    help="dotted keys as YAML/JSON, e.g. '{stage1.classes: [LV, LAA, Cor, PV]}'")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--again", action="store_true", help="run families whose report exists anew")
+    ap.add_argument("--timeout-s", type=float, default=12 * 3600, help="per stage")
+    args = ap.parse_args(argv)
+
+    file_cases, families = load_families(Path(args.families_file))
+    unknown = set(args.families) - {f.name for f in families}
+    if unknown:
+        ap.error(f"unknown families {sorted(unknown)} (the file has {[f.name for f in families]})")
+    families = [f for f in families if not args.families or f.name in args.families]
+    cases, out = args.cases or file_cases, Path(args.out).resolve()
+    stage_rows, tables, verdict_tables = [], {}, {}
+    for family in families:
+        rows = run_family(family, args.split, cases, out, args.params, args.overrides, args.device, args.timeout_s,
+                          args.again)
+        stage_rows += [{"family": family.name, **row} for row in rows]
+        scores = family_scores(out, family.name, args.split)
+        tables[family.name] = matrix_table(scores, family.name, args.split)
+        verdict_tables[family.name] = verdicts(scores, family.name, args.split)
+    stages = pd.DataFrame(stage_rows)
+    if not stages.empty:
+        stages = stages[["family", "stage", "peak_rss_mb", "wall_s", "status"]]
+    verdict = pd.concat([v for v in verdict_tables.values() if not v.empty] or [pd.DataFrame(columns=VERDICT_COLUMNS)])
+    write_text(out / "verdicts.csv", verdict.reset_index(drop=True).to_csv(index=False))
+    table = pd.concat([t for t in tables.values() if not t.empty] or [pd.DataFrame(columns=MATRIX_COLUMNS)])
+    text = page(families, tables, verdict_tables, args.split,
+                conditions(args.params, args.overrides, cases, args.split, families), stages)
+    write_report(out, "robustness", table.reset_index(drop=True), text, argv, module="benchmarks.robustness")
+    failed = not stages.empty and (stages["status"] != "ok").any()
+    return 1 if failed or any(t.empty for t in tables.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The robustness matrix's machinery at a tiny size (its numbers are for docs, not asserted here):
+families and their seed sets, one run per family, the tables and the verdicts."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.robustness import (
+    FAMILIES_FILE,
+    MATRIX_COLUMNS,
+    dotted,
+    family_overrides,
+    load_families,
+    main,
+    verdicts,
+)
+from nearfix_lib.core.config import load_params
+
+TINY_FAMILIES = """
+cases: 2
+families:
+  plain:
+    about: the tiny phantom
+    seeds: {tuning: 11, heldout: 21}
+    phantom: {shape: [40, 36, 30], fov_mm: [140, 126, 120]}
+  thin:
+    about: thinner coronaries, a segmenter's errors in mm
+    seeds: {tuning: 12, heldout: 22}
+    phantom: {shape: [40, 36, 30], fov_mm: [140, 126, 120], anatomy: {cor_radius_scale: 0.7},
+              noise: {segmenter_mm: 3.0}}
+"""
+
+
+def test_the_shipped_families_have_disjoint_seed_sets_and_valid_phantoms():
+    cases, families = load_families(FAMILIES_FILE)
+    assert cases >= 2 and len(families) >= 6
+    seeds = [seed for f in families for seed in f.seeds.values()]
+    assert len(seeds) == len(set(seeds))  # no seed is both tuned on and held out, in any family
+    assert all(set(f.seeds) == {"tuning", "heldout"} for f in families)
+    for family in families:  # every family builds a valid phantom on the judging params
+        params = load_params("params/phantom_1mm.yaml", family_overrides(family, "heldout", cases))
+        assert params.data.phantom.seed == family.seeds["heldout"] and params.data.phantom.n_cases == cases
+    spacing = {f.name: load_params("params/phantom_1mm.yaml", family_overrides(f, "heldout", 1)).data.phantom.spacing
+               for f in families}
+    assert spacing["fine"].max() < 0.8 and spacing["coarse_aniso"][2] == pytest.approx(1.2)
+
+
+def test_dotted_overrides_and_unknown_splits():
+    assert dotted("data.phantom", {"shape": [1, 2, 3], "noise": {"jitter_vox": 0.5}}) == {
+        "data.phantom.shape": [1, 2, 3], "data.phantom.noise.jitter_vox": 0.5}
+    _, families = load_families(FAMILIES_FILE)
+    with pytest.raises(ValueError, match="no 'validation' seeds"):
+        family_overrides(families[0], "validation", 2)
+
+
+def _scores(rows):
+    return pd.DataFrame(rows, columns=["case", "class", "source", "reference", "dice", "hd95", "n_comp",
+                                       "expected", "at_expected"])
+
+
+def test_verdicts_compare_each_repair_with_its_noisy_input_case_by_case():
+    rows = []
+    for case, (noisy, stage1, stage2) in enumerate([(0.60, 0.66, 0.58), (0.70, 0.75, 0.69)]):
+        for source, dice, hd95, at in (("noisy", noisy, 4.0, 0.0), ("stage1", stage1, 2.0, 1.0),
+                                       ("stage2", stage2, 5.0, 1.0)):
+            rows.append((str(case), "Cor", source, "truth", dice, hd95, 2, 2, at))
+        rows += [(str(case), "LV", "noisy", "truth", 0.9, 2.0, 1, 1, 1.0),
+                 (str(case), "LV", "stage1", "truth", 0.92, np.nan, 0, 1, 0.0)]  # emptied in one case
+    table = verdicts(_scores(rows), "fam", "heldout").set_index(["class", "source"])
+    cor1, cor2 = table.loc[("Cor", "stage1")], table.loc[("Cor", "stage2")]
+    assert cor1["dice_gain"] == pytest.approx(0.055) and cor1["hd95_gain"] == pytest.approx(2.0)
+    assert cor1["cor_gain_share"] == 1.0 and cor1["ok"]
+    assert cor2["dice_gain"] == pytest.approx(-0.015) and not cor2["dice_not_worse"] and not cor2["ok"]
+    assert cor2["cor_gain_share"] == 0.0
+    lv = table.loc[("LV", "stage1")]
+    assert lv["dice_not_worse"] and not lv["hd95_not_worse"] and not lv["ok"]  # a class the input had is gone
+    assert math.isnan(lv["hd95_gain"]) and math.isnan(lv["cor_gain_share"])
+
+
+@pytest.fixture(scope="module")
+def tiny_matrix(tmp_path_factory):
+    out = tmp_path_factory.mktemp("robustness")
+    (out / "families.yaml").write_text(TINY_FAMILIES)
+    argv = ["--out", str(out), "--families-file", str(out / "families.yaml"), "--params", "params/test.yaml",
+            "--device", "cpu", "--overrides", "{stage1.classes: [LV, Cor], stage1.train.epochs: 20, "
+            "stage1.train.eval_interval: 20, stage1.train.checkpoint_interval: 20}"]
+    return out, argv, main(argv)
+
+
+def test_every_family_is_a_run_on_its_held_out_seed_and_a_table(tiny_matrix):
+    out, _, code = tiny_matrix
+    assert code == 0
+    table = pd.read_csv(out / "robustness.csv")
+    assert list(table.columns) == MATRIX_COLUMNS
+    assert set(table["family"]) == {"plain", "thin"} and set(table["split"]) == {"heldout"}
+    assert set(table["source"]) == {"noisy", "closing", "gaussian", "stage1", "stage2"}
+    assert set(table[table["source"] == "stage1"]["class"]) >= {"LV", "Cor"} and (table["n_cases"] == 2).all()
+    assert table["dice"].between(0.0, 1.0).all()
+    params = load_params(out / "runs" / "thin_heldout" / "params.yaml")
+    assert params.data.phantom.seed == 22 and params.data.phantom.anatomy.cor_radius_scale == 0.7
+    assert params.data.data_root == str(out / "data" / "thin_heldout")
+    verdict = pd.read_csv(out / "verdicts.csv")
+    assert {"dice_gain", "hd95_gain", "cor_gain_share", "ok"} <= set(verdict.columns)
+    assert set(verdict["source"]) == {"stage1", "stage2"}
+    page = (out / "robustness.md").read_text()
+    assert page.startswith("# Benchmark: robustness") and "## plain" in page and "## thin" in page
+    assert "**heldout** seeds" in page and "Targets missed:" in page
+
+
+def test_a_family_with_a_report_is_kept_and_the_page_rebuilt(tiny_matrix):
+    out, argv, _ = tiny_matrix
+    stamp = (out / "runs" / "plain_heldout" / "report" / "scores.csv").stat().st_mtime_ns
+    before = pd.read_csv(out / "robustness.csv")
+    assert main([*argv, "--families", "plain"]) == 0
+    assert (out / "runs" / "plain_heldout" / "report" / "scores.csv").stat().st_mtime_ns == stamp
+    after = pd.read_csv(out / "robustness.csv")
+    assert after.equals(before[before["family"] == "plain"].reset_index(drop=True))
+    assert "all kept from earlier runs" in (out / "robustness.md").read_text()
