@@ -72,3 +72,23 @@ def test_viewer_without_a_display_says_so_in_one_line(tiny_run, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("no display") and "xvfb-run -a" in lines[0]
     assert not (tmp_path / "shot.png").exists()
+
+
+def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
+    """What the text overlay shows, read from stage 1's score rows (no display needed)."""
+    import pandas as pd
+
+    from nearfix_lib.core.workspace import open_run
+    from nearfix_lib.viz.napari_viewer import audit_note
+
+    run = open_run(tiny_run)
+    assert audit_note(run, "1") == ""  # no stage 1 yet: nothing flagged
+    rows = [{"case": "1", "class": key, "source": "stage1", "reference": "noisy", "dice": 0.7, "audit_flagged": flag,
+             "audit_kept_input": flag, "audit_reasons": "centre line kept 0.412 < 0.8" if flag else ""}
+            for key, flag in (("Cor", True), ("LV", False))]
+    for row in rows:
+        folder = run.dir / "stage1" / row["class"]
+        folder.mkdir(parents=True)
+        pd.DataFrame([row]).to_csv(folder / "scores.csv", index=False)
+    assert audit_note(run, "1") == "Cor: repair flagged (centre line kept 0.412 < 0.8); the input was kept"
+    assert audit_note(run, "2") == ""

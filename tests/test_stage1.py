@@ -44,6 +44,8 @@ def test_fit_and_repair_write_masks_on_the_original_grid(tiny_run):
     assert set(table[table.reference == "truth"]["source"]) == {"noisy", "stage1"}
     assert set(table[table.reference == "noisy"]["source"]) == {"stage1"}
     assert table["dice"].between(0, 1).all() and table["class"].nunique() == 1
+    repaired = table[table["source"] == "stage1"]
+    assert repaired["audit_skeleton_kept"].between(0, 1).all()  # the coronaries' centre line is audited
 
 
 def test_finished_fit_is_loaded_not_retrained(tiny_run):
@@ -53,6 +55,40 @@ def test_finished_fit_is_loaded_not_retrained(tiny_run):
     _, _, result = stage1.fit_class(tiny_run, "LA", tiny_run.params.stage1, progress=False)
     epochs = tiny_run.params.stage1.train.epochs
     assert result.resumed_from == epochs and ckpt.stat().st_mtime_ns == stamp
+
+
+def test_every_repair_is_audited_and_a_flagged_case_can_keep_its_input(tiny_run):
+    """The audit's columns on M^ref's rows; ``keep_input`` writes the input mask itself where flagged
+    (a minimum fit Dice no repair reaches flags every case). The fit is reused: only the repair reruns."""
+    import dataclasses
+
+    fit_and_repair(tiny_run, "LA")
+    audited = stage1.repair_class(tiny_run, "LA", progress=False)
+    rows = audited[audited["source"] == "stage1"]
+    assert rows["audit_fit_dice"].between(0, 1).all() and not rows["audit_kept_input"].any()
+    assert rows["audit_skeleton_kept"].isna().all()  # a chamber: no centre line asked for
+    strict = load_test_params({"stage1.overrides.LA.audit": {"min_fit_dice": 0.9999, "action": "keep_input"}},
+                              run_dir=str(tiny_run.dir))
+    run = dataclasses.replace(tiny_run, params=strict)
+    kept = stage1.repair_class(run, "LA", progress=False)
+    rows = kept[kept["source"] == "stage1"]
+    assert rows["audit_flagged"].all() and rows["audit_kept_input"].all()
+    assert rows["audit_reasons"].str.contains("fit Dice").all()
+    for case in run.cases:
+        written = np.asarray(nib.load(str(stage1.stage1_dir(run, "LA") / "masks" / f"{case.case_id}.nii.gz")).dataobj)
+        given = np.asarray(nib.load(str(case.label)).dataobj) == run.table["LA"].index
+        assert np.array_equal(written > 0, given)
+    noisy_rows = kept[(kept["source"] == "stage1") & (kept["reference"] == "noisy")]
+    assert (noisy_rows["dice"] == 1.0).all()
+    # what the report and the viewer read: the audit of the run, or of one case
+    from nearfix_lib.core.workspace import repair_audit
+    from nearfix_lib.stages.report import audit_summary
+
+    per_class, flagged = audit_summary(repair_audit(run))
+    assert per_class.loc["LA", "flagged"] == per_class.loc["LA", "kept_input"] == len(run.cases)
+    assert flagged[flagged["class"] == "LA"]["why"].str.contains("fit Dice").all()
+    one = repair_audit(run, run.cases[0].case_id)
+    assert set(one["case"]) == {run.cases[0].case_id} and "LA" in set(one["class"])
 
 
 def test_per_class_overrides():

@@ -325,6 +325,24 @@ class CleanupParams:
                              f"got {self.min_fraction_of_largest}")
 
 
+@dataclass
+class AuditParams:
+    """The repair's audit against its own input (:mod:`nearfix_lib.repair.audit`): what flags a
+    case, and whether a flagged case keeps its input instead of the repair."""
+
+    skeleton: bool = False  # measure the share of the input's centre line kept (thin classes)
+    min_fit_dice: float = 0.0  # flag below this Dice of the repair against its input (0: never)
+    min_skeleton_kept: float = 0.0  # flag below this share of the input's centre line kept (0: never)
+    action: str = "flag"  # flag: list the case; keep_input: its M^ref is the input mask, unchanged
+
+    def __post_init__(self) -> None:
+        if self.action not in ("flag", "keep_input"):
+            raise ValueError(f"audit.action must be flag or keep_input, got {self.action!r}")
+        for name in ("min_fit_dice", "min_skeleton_kept"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"audit.{name} must lie in [0, 1], got {getattr(self, name)}")
+
+
 # -- parameters of repair.fusion -------------------------------------------------------------------
 
 RULES = ("contact", "bridge", "distance", "holes", "largest")
@@ -568,12 +586,14 @@ class PrepareParams:
 def _coronary_overrides() -> dict:
     """Coronary: 0.7 Dice + 0.3 Focal (gamma 4) as the user asked; a thin tube's probability
     peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold,
-    no expected-count rule (small specks still go), bridges across gaps up to 12 mm, and a finer,
-    more cautious coarse-to-fine decode (at 1.1 mm a vessel is 2-3 voxels wide: docs/method.md)."""
+    no expected-count rule (small specks still go), bridges across gaps up to 12 mm, a finer,
+    more cautious coarse-to-fine decode (at 1.1 mm a vessel is 2-3 voxels wide: docs/method.md), and
+    an audit of the input's centre line kept (flagged below 80 %: repair.audit)."""
     return {"loss": {"kind": "dice_focal", "dice_weight": 0.7, "focal_weight": 0.3, "focal_gamma": 4.0},
             "threshold": 0.3,
             "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": 12.0},
-            "decode": {"coarse_step": 4, "margin": 4.0}}
+            "decode": {"coarse_step": 4, "margin": 4.0},
+            "audit": {"skeleton": True, "min_skeleton_kept": 0.8}}
 
 
 @dataclass
@@ -589,6 +609,7 @@ class Stage1Params:
     cleanup: CleanupParams = field(default_factory=lambda: CleanupParams(min_component_mm3=10.0))
     chunk_points: int = 262_144  # points per inference chunk (bounds memory, not results)
     decode: DecodeParams = field(default_factory=DecodeParams)  # M^ref, the stage-2 ROI masks, validation
+    audit: AuditParams = field(default_factory=AuditParams)  # M^ref against its input: flag, or keep the input
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}

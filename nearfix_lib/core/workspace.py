@@ -35,10 +35,12 @@ from typing import cast
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from nearfix_lib.core.classes import ClassTable, load_table
 from nearfix_lib.core.config import Params, params_from_yaml_text, project_root, resolve_path
 from nearfix_lib.core.io import Case, InputError, LoadedCase, SkipList, discover_cases, load_case
+from nearfix_lib.core.scores import read_scores
 
 SKIPPED_CSV = "skipped.csv"
 
@@ -242,3 +244,19 @@ def case_view(run: Run, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray
     if case.truth is not None:
         maps["truth"] = case.truth.array
     return maps, case.image.array if case.image is not None else None
+
+
+def repair_audit(run: Run, case_id: str | None = None) -> pd.DataFrame:
+    """Stage 1's audit of every repaired class, of one case or all: M^ref's score rows against the
+    input it was fitted to, whose ``audit_*`` columns say how far the repair departs from it and
+    whether it was flagged (:mod:`nearfix_lib.repair.audit`). Needs no ground truth."""
+    frames = []
+    for key in run.table.keys:
+        scores = read_scores(stage1_dir(run, key))
+        if "audit_flagged" in scores.columns:
+            frames.append(scores[(scores["source"] == "stage1") & (scores["reference"] == "noisy")])
+    audit = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case", "class", "audit_flagged"])
+    for flag in ("audit_flagged", "audit_kept_input"):
+        if flag in audit.columns:
+            audit[flag] = audit[flag].astype(bool)
+    return audit if case_id is None else audit[audit["case"] == str(case_id)].reset_index(drop=True)

@@ -32,7 +32,7 @@ from nearfix_lib.core.scores import (
     score_masks,
     scores_frame,
 )
-from nearfix_lib.core.workspace import Run, _read_labels, report_dir, stage1_dir, stage3_dir, stage_labels
+from nearfix_lib.core.workspace import Run, _read_labels, repair_audit, report_dir, stage1_dir, stage3_dir, stage_labels
 from nearfix_lib.repair.baselines import BASELINES, run_baseline
 from nearfix_lib.stages import shards, stage2
 from nearfix_lib.stages.prepare import prepared_cases
@@ -134,8 +134,36 @@ def timings(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "seconds"])
 
 
+AUDIT_MEASURES = {"audit_fit_dice": "fit Dice", "audit_dropped": "dropped", "audit_added": "added",
+                  "audit_skeleton_kept": "centre line kept"}
+
+
+def audit_summary(audit: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 1's audit (:func:`~nearfix_lib.core.workspace.repair_audit`) per class — cases, the
+    measures' means, how many cases were flagged and how many kept their input — and the flagged cases."""
+    if audit.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    per_class = audit.groupby("class", sort=False).agg(
+        cases=("case", "nunique"), **{name: (col, "mean") for col, name in AUDIT_MEASURES.items()},
+        flagged=("audit_flagged", "sum"), kept_input=("audit_kept_input", "sum"))
+    flagged = audit[audit["audit_flagged"]][["class", "case", "audit_reasons", "audit_kept_input"]]
+    return per_class, flagged.rename(columns={"audit_reasons": "why", "audit_kept_input": "input kept"})
+
+
+def _audit_section(run: Run) -> list[str]:
+    per_class, flagged = audit_summary(repair_audit(run))
+    if per_class.empty:
+        return []
+    listed = flagged.to_markdown(index=False) if len(flagged) else "No case was flagged."
+    return ["## Repair audit: stage 1 against its own input (no truth needed)", "",
+            "Means over cases: fit Dice against the input, input voxels dropped and voxels added (shares of "
+            "the input), the input's centre line kept (thin classes); cases flagged by `stage1.audit`.", "",
+            per_class.round(3).to_markdown(), "", listed, ""]
+
+
 def write_summary(run: Run, scores: pd.DataFrame, checks: pd.DataFrame, figures: list[str]) -> Path:
-    """``report/summary.md``: per-class Dice and HD95 by source, check rates, timings, figures."""
+    """``report/summary.md``: per-class Dice and HD95 by source, check rates, stage 1's audit,
+    timings, figures."""
     parts = [f"# nearfix report: {run.params.run.name}", "",
              f"{scores['case'].nunique()} cases with ground truth; mean over cases.", "",
              "## Dice against the truth", "", pivot(scores, "dice").round(3).to_markdown(), "",
@@ -143,6 +171,7 @@ def write_summary(run: Run, scores: pd.DataFrame, checks: pd.DataFrame, figures:
              "## Component-count error (|count - expected|)", "",
              pivot(scores, "comp_error").round(2).to_markdown(), "",
              "## Anatomical checks (share of cases)", "", check_rates(checks).round(2).to_markdown(), "",
+             *_audit_section(run),
              "## Timings", "", timings(run).round(1).to_markdown(index=False), "",
              "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return write_text(report_dir(run) / "summary.md", "\n".join(parts) + "\n")

@@ -77,6 +77,7 @@ from nearfix_lib.field.train import (
     load_for_inference,
     unwrap,
 )
+from nearfix_lib.repair.audit import AUDIT_PREFIX, audit_repair
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
@@ -269,17 +270,21 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
                 expected: int, params: Stage1Params, device: str,
                 image: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
     """Probabilities on the ROI grid (saved: stage 3's teacher, every voxel), then M^ref on the original
-    grid (``stage1.decode``: coarse to fine by default; NIfTI, returned)."""
+    grid (``stage1.decode``: coarse to fine by default; NIfTI, returned), audited against the input
+    (:mod:`~nearfix_lib.repair.audit`; a flagged case keeps its input where ``audit.action`` says so).
+    Returns the mask and a record of the clean-up's counts and the audit's ``audit_*`` columns."""
     box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
     decided = labels_on_grid(model, i, original_box_grid(box), box, threshold_decision(params.threshold),
                              params.decode, device, params.chunk_points, image=image)
     cleaned, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
+    given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
+    audit = audit_repair(given, cleaned, params.audit)
     mask = np.zeros(crops.shape, dtype=bool)
-    mask[box.slices] = cleaned
+    mask[box.slices] = given if audit.kept_input else cleaned
     write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
-    return mask, dataclasses.asdict(report)
+    return mask, {**dataclasses.asdict(report), **audit.columns()}
 
 
 # -- the repair: a per-case stage over the fitted classes ---------------------------------------------
@@ -437,9 +442,11 @@ def repair_run(run: Run, progress: bool = True, *, workers: int = 1,
 
 
 def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, cleanup: dict) -> list[dict]:
-    """M^ref against the noisy input it was fitted to and, where present, it and the input against the truth."""
+    """M^ref against the noisy input it was fitted to and, where present, it and the input against the
+    truth; M^ref's rows carry the clean-up's counts and the audit (``cleanup``: :func:`repair_case`'s record)."""
     only, noisy, spacing = table.subset([key]), case.label.array, case.label.spacing
-    counts = {"cleanup_removed_voxels": cleanup["removed_voxels"], "cleanup_bridged_voxels": cleanup["bridged_voxels"]}
+    counts = {"cleanup_removed_voxels": cleanup["removed_voxels"], "cleanup_bridged_voxels": cleanup["bridged_voxels"],
+              **{k: v for k, v in cleanup.items() if k.startswith(AUDIT_PREFIX)}}
     rows = score_masks(case.case_id, "stage1", "noisy", {key: repaired}, noisy, spacing, only, **counts)
     if case.truth is not None:
         truth = Reference(case.truth.array, spacing, only)

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 
 from nearfix_lib.core.classes import ClassTable
-from nearfix_lib.core.workspace import case_view, open_run
+from nearfix_lib.core.workspace import Run, case_view, open_run, repair_audit
 from nearfix_lib.viz.figures import WINDOWS, Window
 
 
@@ -23,13 +23,24 @@ def napari_label_colormap(table: ClassTable):
     return DirectLabelColormap(color_dict={None: np.zeros(4), 0: np.zeros(4), **colours})
 
 
+def audit_note(run: Run, case_id: str) -> str:
+    """The classes of a case that stage 1's audit flagged, one line each with the reason (what the
+    viewer's text overlay shows: a user without ground truth reads it before trusting the labels);
+    empty when none was."""
+    audit = repair_audit(run, case_id)
+    return "\n".join(f"{r['class']}: repair flagged ({r['audit_reasons']})"
+                     + ("; the input was kept" if r["audit_kept_input"] else "")
+                     for _, r in audit[audit["audit_flagged"]].iterrows())
+
+
 def napari_overlay(run_dir, case_id: str, layout: str = "grid", show: bool = True, opacity: float = 0.6,
                    preset: str | Window = "cardiac"):
     """Open a case of a run in napari: the CT and Labels layers for the noisy, stage2 and stage3
     labels (and the truth, if any) in the class colours, all placed by the NIfTI affine (world mm).
 
     ``layout="grid"`` puts each labels layer over its own copy of the CT, side by side;
-    ``layout="overlay"`` stacks them on one CT, to toggle with the eye icons. Returns the viewer.
+    ``layout="overlay"`` stacks them on one CT, to toggle with the eye icons. Classes stage 1's
+    audit flagged in this case are listed in the text overlay (:func:`audit_note`). Returns the viewer.
     """
     import napari
 
@@ -52,5 +63,8 @@ def napari_overlay(run_dir, case_id: str, layout: str = "grid", show: bool = Tru
         grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid  # napari >= 0.9 / older
         grid.stride = 2 if image is not None else 1
         grid.enabled = True
+    note = audit_note(run, str(case_id))
+    viewer.text_overlay.text = f"stage 1 audit\n{note}" if note else ""
+    viewer.text_overlay.visible = bool(note)
     viewer.reset_view()
     return viewer
