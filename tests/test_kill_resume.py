@@ -169,8 +169,13 @@ def test_a_killed_fit_resumes_to_the_same_checkpoint_bit_for_bit(tmp_path, stage
         assert_identical(comparable(a), comparable(b), f"{stage} {name}")
     final = load_checkpoint(ckpt / "last.pt")
     assert final["epoch"] == EPOCHS and len(final["history"]) == EPOCHS
-    if stage == "stage3":  # mining ran: the mined voxels are part of what must match
-        assert any(len(m) for m in final["task"]["sampler"]["mined"])
+    if stage == "stage3":  # mining ran: the mined voxels (on disk, beside the checkpoints) must match too
+        passes = [sorted((d / "mined").glob("pass_*")) for d in (reference, ckpt)]
+        last = f"pass_{final['task']['sampler']['mined_pass']}"
+        assert [p.name for p in passes[0]] == [p.name for p in passes[1]] == [last]
+        files = sorted(p.name for p in passes[0][0].iterdir())
+        assert len(files) > 1 and files == sorted(p.name for p in passes[1][0].iterdir())
+        assert all(np.array_equal(np.load(passes[0][0] / f), np.load(passes[1][0] / f)) for f in files)
     assert log_rows(reference / "log.csv") == log_rows(ckpt / "log.csv")
 
 

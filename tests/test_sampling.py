@@ -25,7 +25,7 @@ from nearfix_lib.field.sampling import (
     normalised_to_index,
     sparse_coordinates,
 )
-from nearfix_lib.field.store import StoreSpec, write_store
+from nearfix_lib.field.store import MinedVoxels, StoreSpec, write_store
 from nearfix_lib.stages.stage1 import write_mask_store
 
 SHAPE = (20, 14, 9)
@@ -195,10 +195,19 @@ def test_draws_are_keyed_by_seed_epoch_and_case(tmp_path):
         resumed.load_state_dict({"bit_generator": np.random.PCG64(7).state})
 
 
-def balanced(tmp_path, maps, classes, params, seed):
-    """A ClassBalancedSampler over ``maps``, written to a fresh store under ``tmp_path`` (how it reads cases)."""
+def balanced(tmp_path, maps, classes, params, seed, mining=None):
+    """A ClassBalancedSampler over ``maps``, written to a fresh store under ``tmp_path`` (how it reads
+    cases); with ``params.mined``, its mining passes in ``mining`` (a folder; default: a fresh one)."""
     spec = StoreSpec(tuple(classes), params.dilation_radius, interfaces=False)
-    return ClassBalancedSampler(write_store(Path(tempfile.mkdtemp(dir=tmp_path)), maps, spec), params, seed)
+    store = write_store(Path(tempfile.mkdtemp(dir=tmp_path)), maps, spec)
+    mined = MinedVoxels(mining or tempfile.mkdtemp(dir=tmp_path), store.case_ids) if params.mined else None
+    return ClassBalancedSampler(store, params, seed, mined)
+
+
+def flat_pass(maps, per_case):
+    """Each case's (i, j, k) voxel rows as the flat indices a mining pass writes."""
+    return [np.ravel_multi_index(np.asarray(c, dtype=np.int64).reshape(-1, 3).T, m.shape)
+            for m, c in zip(maps, per_case)]
 
 
 def label_maps():
@@ -334,7 +343,7 @@ def test_mined_voxels_replace_band_negatives_only_once_there_are_some(tmp_path):
     # no mined voxels yet: the very same points as without mining
     assert all(np.array_equal(x, y) for x, y in zip(plain.sample([0, 1], 1), mining.sample([0, 1], 1)))
     cells = np.array([[0, 13, 8], [11, 5, 3]])  # background and a voxel of class 8
-    mining.set_mined(0, cells)
+    mining.mined_voxels.write_pass(1, flat_pass(maps, [cells, np.zeros((0, 3))]))
     pts, lab = mining.sample([0, 1], 2)
     n_before = 20 * 3 + (30 - 30 // 2) - 10  # positives and what is left of the band negatives of case 0
     got = cell_index(pts[0], maps[0].shape)
@@ -348,23 +357,30 @@ def test_mined_voxels_replace_band_negatives_only_once_there_are_some(tmp_path):
     assert len(uniform) == 30 // 2 and not from_mined[n_before + 10:].all()  # the uniform half stays
     assert np.abs(normalised_to_index(uniform, maps[0].shape) - cell_index(uniform, maps[0].shape)).max() > 0.1
     assert mining.mined_count(0) == 2 and mining.mined_count(1) == 0
-    with pytest.raises(ValueError, match="outside"):
-        mining.set_mined(1, np.array([[17, 0, 0]]))
+    with pytest.raises(ValueError, match="needs a MinedVoxels"):
+        ClassBalancedSampler(mining.store, p, 5)
 
 
-def test_mined_voxels_survive_a_checkpoint(tmp_path):
+def test_mined_voxels_live_on_disk_and_a_checkpoint_names_their_pass(tmp_path):
     maps = label_maps()
     p = BalancedSamplingParams(positives_per_class=20, negatives=30, mined=10)
-    a = balanced(tmp_path, maps, [2, 3, 8], p, seed=5)
-    a.set_mined(1, np.array([[3, 2, 4], [16, 10, 12]]))
+    folder = tmp_path / "mined"
+    a = balanced(tmp_path, maps, [2, 3, 8], p, seed=5, mining=folder)
+    a.mined_voxels.write_pass(4, flat_pass(maps, [np.zeros((0, 3)), [[3, 2, 4], [16, 10, 12]]]))
     state = pickle.dumps(a.state_dict())
+    assert len(state) < 1000 and pickle.loads(state)["mined_pass"] == 4  # the voxels are not in it
     expected = a.sample([1, 0], 7)
-    b = balanced(tmp_path, maps, [2, 3, 8], p, seed=5)
-    b.load_state_dict(pickle.loads(state))
+    a.mined_voxels.write_pass(8, flat_pass(maps, [[[1, 1, 1]], [[3, 2, 4]]]))  # a later pass, not yet checkpointed
+    b = balanced(tmp_path, maps, [2, 3, 8], p, seed=5, mining=folder)
+    b.load_state_dict(pickle.loads(state))  # a resume from the checkpoint: its pass, not the latest
     assert b.mined_count(1) == 2 and b.mined_count(0) == 0
     assert all(np.array_equal(x, y) for x, y in zip(expected, b.sample([1, 0], 7)))
+    a.mined_voxels.checkpointed()  # a checkpoint now holds pass 8: pass 4 goes
+    assert sorted(f.name for f in folder.iterdir()) == ["pass_8"]
     old = pickle.loads(state)
-    del old["mined"]  # a checkpoint written before mining existed
-    c = balanced(tmp_path, maps, [2, 3, 8], p, seed=5)
+    del old["mined_pass"]  # a checkpoint written before the first mining pass
+    c = balanced(tmp_path, maps, [2, 3, 8], p, seed=5, mining=folder)
     c.load_state_dict(old)
     assert c.mined_count(1) == 0
+    with pytest.raises(FileNotFoundError, match="mined voxels this checkpoint drew from are missing"):
+        c.load_state_dict(pickle.loads(state))

@@ -250,7 +250,7 @@ def test_head_weights_follow_the_tempered_inverse_frequency_and_cover_absent_cla
 def test_mining_pass_collects_the_voxels_decoded_wrong_grown_by_one(tmp_path):
     from scipy import ndimage
 
-    from nearfix_lib.field.sampling import dense_from_sparse, interface_band
+    from nearfix_lib.field.sampling import interface_band
 
     maps = heart_maps(2)
     sampling = dataclasses.replace(SAMPLING, mined=16, mine_from_epoch=2, mine_interval=3)
@@ -265,8 +265,10 @@ def test_mining_pass_collects_the_voxels_decoded_wrong_grown_by_one(tmp_path):
         # the same decision on the whole grid, restricted to the band where the pass decodes
         labels = decode_priority(task.probabilities(model, i), T, task.thresholds)
         expected = ndimage.binary_dilation((labels != ref) & interface_band(ref, sampling.dilation_radius))
-        got = dense_from_sparse(task.sampler.state_dict()["mined"][i], ref.shape)
+        got = np.zeros(ref.shape, bool)
+        got.flat[task.sampler.mined_voxels.flat(i)] = True
         assert expected.any() and np.array_equal(got, expected)
+    assert task.sampler.state_dict()["mined_pass"] == 2
 
 
 @pytest.mark.parametrize("batches", ["host", "device"])  # drawn by numpy, or in torch (field.device_batches)
@@ -279,7 +281,7 @@ def test_a_fit_with_mining_resumes_exactly(tmp_path, batches):
         torch.manual_seed(seed)
         model = ImplicitField(2, SMALL_MODEL, n_heads=len(T))
         task = UnifiedTask(case_store(tmp_path / "cases", heart_maps(2), sampling), T, sampling,
-                           UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu")
+                           UnifiedLossParams(distill_weight=0.0), seed=0, device="cpu", mining_dir=out / "mined")
         return model, task, fit(model, task, train, out, progress=False, epochs=epochs)
 
     straight, straight_task, _ = run(tmp_path / "a", 0)
@@ -288,5 +290,6 @@ def test_a_fit_with_mining_resumes_exactly(tmp_path, batches):
     assert result.resumed_from == 2 and straight_task.sampler.mined_count(0) > 0
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
-    assert all(np.array_equal(x, y) for x, y in zip(straight_task.sampler.state_dict()["mined"],
-                                                    resumed_task.sampler.state_dict()["mined"]))
+    a, b = straight_task.sampler.mined_voxels, resumed_task.sampler.mined_voxels
+    assert a.epoch == b.epoch == 3 and all(np.array_equal(a.flat(i), b.flat(i)) for i in range(2))
+    assert a.root != b.root and sorted(p.name for p in b.root.iterdir()) == ["pass_3"]  # older passes went

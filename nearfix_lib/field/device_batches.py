@@ -239,15 +239,15 @@ class DeviceBalancedSampler:
         n_neg = self.host.points_per_case - p.positives_per_class * len(parts)
         band_size = store.band_size(case)
         n_band = (n_neg - n_neg // 2) if band_size else 0
-        mined = self.host.mined(case)
-        n_mined = min(p.mined, n_band) if len(mined) else 0
+        found = self.host.mined_count(case)
+        n_mined = min(p.mined, n_band) if found else 0
         if n_band - n_mined:
             rows = torch.randint(0, band_size, (n_band - n_mined,), generator=gen, device=self.device)
             parts.append(_cell_points(_unravel(entry.band[rows].to(torch.int64), entry.shape), shape, gen, jitter))
-        if n_mined:
-            coords = torch.from_numpy(np.asarray(mined, dtype=np.int64)).to(self.device)
-            rows = torch.randint(0, len(mined), (n_mined,), generator=gen, device=self.device)
-            parts.append(_cell_points(coords[rows], shape, gen, jitter))
+        if n_mined:  # the pass's flat indices, mapped on the host and copied (int32: 4 bytes a voxel)
+            flat = torch.from_numpy(np.array(self.host.mined_voxels.flat(case))).to(self.device)
+            rows = torch.randint(0, found, (n_mined,), generator=gen, device=self.device)
+            parts.append(_cell_points(_unravel(flat[rows].to(torch.int64), entry.shape), shape, gen, jitter))
         uniform = torch.rand((n_neg - n_band, 3), generator=gen, device=self.device, dtype=torch.float64)
         parts.append(uniform * 2.0 - 1.0)
         points = torch.cat(parts).to(torch.float32)

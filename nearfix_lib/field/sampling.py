@@ -31,13 +31,16 @@ resumes with exactly the points it would have drawn.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from scipy import ndimage
 
 from nearfix_lib.core.config import BalancedSamplingParams, SamplingParams
 from nearfix_lib.core.geometry import bounding_box
+
+if TYPE_CHECKING:
+    from nearfix_lib.field.store import MinedVoxels
 
 # Jittered points stay this fraction of a cell away from the cell's faces: a point exactly on a
 # face (or rounded onto it when cast to float32) would belong to the neighbouring voxel, and its
@@ -335,17 +338,21 @@ class BandSampler(_CaseStreams):
 class ClassBalancedSampler(_CaseStreams):
     """Class-balanced points and integer labels for the unified multi-class fit.
 
-    The cases live in a :class:`LabelStore`: per case the sampler keeps nothing but its mined
-    voxels; a batch maps the label crop, the cumulative class counts and the band of each of its
-    cases while it draws from them, and lets them go. ``store.classes`` are the label values the
+    The cases live in a :class:`LabelStore`, their mined voxels in ``mined``
+    (:class:`~nearfix_lib.field.store.MinedVoxels`, on disk; needed when ``params.mined`` > 0): a
+    batch maps the label crop, the cumulative class counts, the band and the mined voxels of each
+    of its cases while it draws from them, and lets them go. ``store.classes`` are the label values the
     model learns; label values not listed read as 0 (background). Labels are label-map values, not
     channel numbers: the caller maps them onto its output channels through :attr:`classes`.
     """
 
-    def __init__(self, store: LabelStore, params: BalancedSamplingParams, seed: int):
+    def __init__(self, store: LabelStore, params: BalancedSamplingParams, seed: int,
+                 mined: MinedVoxels | None = None):
         super().__init__(seed)
         if len(store) == 0:
             raise ValueError("ClassBalancedSampler needs at least one case")
+        if params.mined and mined is None:
+            raise ValueError("sampling.mined > 0 needs a MinedVoxels folder for the mining passes")
         self.classes = [int(c) for c in store.classes]
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must be a non-empty list of distinct labels, got {self.classes}")
@@ -358,30 +365,20 @@ class ClassBalancedSampler(_CaseStreams):
         self.store = store
         self._lut = np.zeros(256, dtype=np.int64)
         self._lut[self.classes] = self.classes
-        self._mined = [np.zeros((0, 3), dtype=np.int32) for _ in range(len(store))]
-
-    def set_mined(self, case: int, coords: np.ndarray) -> None:
-        """The voxels (M, 3) of case ``case`` that ``params.mined`` points per step come from (M = 0: none)."""
-        self._mined[case] = _within(np.asarray(coords).reshape(-1, 3), self.store.shape(case)).astype(np.int32)
-
-    def mined(self, case: int) -> np.ndarray:
-        """int32 (M, 3): the case's mined voxels (none before a mining pass)."""
-        return self._mined[case]
+        self.mined_voxels = mined
 
     def mined_count(self, case: int) -> int:
-        return len(self._mined[case])
+        """How many voxels of case ``case`` the last mining pass found (0 before one)."""
+        return self.mined_voxels.count(case) if self.mined_voxels is not None else 0
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "mined": list(self._mined)}  # set_mined replaces, never mutates
+        """The streams' seed and which mining pass the draws come from (its voxels stay on disk)."""
+        return {**super().state_dict(), **(self.mined_voxels.state() if self.mined_voxels is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        if "mined" in state:  # checkpoints from before mining have none
-            if len(state["mined"]) != len(self):
-                raise ValueError(f"sampler state has mined voxels for {len(state['mined'])} cases, "
-                                 f"not {len(self)}")
-            for case, coords in enumerate(state["mined"]):
-                self.set_mined(case, coords)
+        if self.mined_voxels is not None:
+            self.mined_voxels.load_state(state)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -419,14 +416,14 @@ class ClassBalancedSampler(_CaseStreams):
             n_neg = n - p.positives_per_class * len(parts)
             band_size = self.store.band_size(case)
             n_band = (n_neg - n_neg // 2) if band_size else 0
-            mined = self._mined[case]
-            n_mined = min(p.mined, n_band) if len(mined) else 0
+            found = self.mined_count(case)
+            n_mined = min(p.mined, n_band) if found else 0
             if n_band - n_mined:
                 picked = self.store.band_at(case, rng.integers(0, band_size, n_band - n_mined))
                 parts.append(_cell_points(picked, shape, rng, jitter))
-            if n_mined:
-                picked = mined[rng.integers(0, len(mined), n_mined)]
-                parts.append(_cell_points(picked, shape, rng, jitter))
+            if n_mined:  # mapped for this case only, like the store's arrays
+                flat = self.mined_voxels.flat(case)[rng.integers(0, found, n_mined)]
+                parts.append(_cell_points(np.stack(np.unravel_index(flat, shape), axis=-1), shape, rng, jitter))
             parts.append(rng.uniform(-1.0, 1.0, (n_neg - n_band, 3)))
             points[b] = np.concatenate(parts, axis=0)
             cells = cell_index(points[b], shape)

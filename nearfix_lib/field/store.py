@@ -35,7 +35,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -330,3 +331,77 @@ def write_store(root: str | Path, label_maps: Sequence[np.ndarray], spec: StoreS
         if not is_complete(Path(root) / cid, spec, source):
             write_case(Path(root) / cid, lab, spec, own, source)
     return CaseStore(root, ids, spec)
+
+
+class MinedVoxels:
+    """The voxels of each case that stage 3's last mining pass decoded wrong, on disk.
+
+    A mining pass lists, per case, a few percent of its interface band; at a thousand real cases
+    that is gigabytes, which in memory every rank would hold and every checkpoint would copy. Here
+    each pass is a folder ``<root>/pass_<epoch>/`` of ``<case id>.npy`` files (int32 flat C-order
+    indices into the case's label crop, ascending) and a ``counts.npy`` written last, which marks
+    the pass complete. In memory: the current pass's epoch and one count per case; a batch maps
+    the file of the case it draws from. A checkpoint holds the epoch of the pass (:meth:`state`),
+    so a resumed fit reads the very voxels the interrupted one drew from. Passes no checkpoint can
+    refer to any more are removed (:meth:`checkpointed`).
+    """
+
+    def __init__(self, root: str | Path, case_ids: Sequence[str]):
+        self.root = Path(root)
+        self.case_ids = [str(c) for c in case_ids]
+        self.n_cases = len(self.case_ids)
+        self.epoch: int | None = None  # the pass the sampler draws from (None: no pass yet)
+        self._counts = np.zeros(self.n_cases, dtype=np.int64)
+
+    def _folder(self, epoch: int) -> Path:
+        return self.root / f"pass_{int(epoch)}"
+
+    def write_pass(self, epoch: int, flat_indices: Iterable[np.ndarray]) -> None:
+        """Write pass ``epoch`` from each case's flat indices (in case order, consumed one at a time)
+        and make it the current one."""
+        folder = self._folder(epoch)
+        counts = np.zeros(self.n_cases, dtype=np.int64)
+        for case, flat in enumerate(flat_indices):
+            flat = np.asarray(flat, dtype=np.int32).ravel()
+            write_npy(folder / f"{self.case_ids[case]}.npy", flat)
+            counts[case] = len(flat)
+        write_npy(folder / "counts.npy", counts)
+        self.epoch, self._counts = int(epoch), counts
+
+    def count(self, case: int) -> int:
+        return int(self._counts[case])
+
+    def flat(self, case: int) -> np.ndarray:
+        """Case ``case``'s mined voxels as flat indices (mapped, not read; empty before a pass)."""
+        if self.epoch is None or not self._counts[case]:
+            return np.zeros(0, dtype=np.int32)
+        return np.load(self._folder(self.epoch) / f"{self.case_ids[case]}.npy", mmap_mode="r")
+
+    def state(self) -> dict:
+        return {"mined_pass": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        """Return to the pass a checkpoint drew from (none: before the first pass)."""
+        epoch = state.get("mined_pass")
+        if epoch is None:
+            self.epoch, self._counts = None, np.zeros(self.n_cases, dtype=np.int64)
+            return
+        counts_file = self._folder(epoch) / "counts.npy"
+        if not counts_file.is_file():
+            raise FileNotFoundError(f"{counts_file}: the mined voxels this checkpoint drew from are missing "
+                                    "(the mining folder was removed or moved apart from its checkpoints)")
+        counts = np.load(counts_file)
+        if len(counts) != self.n_cases:
+            raise ValueError(f"{counts_file}: mined voxels of {len(counts)} cases, not {self.n_cases}")
+        self.epoch, self._counts = int(epoch), counts
+
+    def checkpointed(self) -> None:
+        """The checkpoint a resume starts from now holds :meth:`state`: the passes before it go. (A
+        newer pass may be another rank's, already mining the next epoch; one left by a run killed
+        between a pass and its checkpoint is written again when the resumed fit gets there.)"""
+        if self.epoch is None:
+            return
+        for folder in self.root.glob("pass_*"):
+            older = folder.name.removeprefix("pass_").isdigit() and int(folder.name.removeprefix("pass_")) < self.epoch
+            if older:
+                shutil.rmtree(folder, ignore_errors=True)

@@ -43,7 +43,9 @@ class FitTask(Protocol):
     A task may also define ``before_epoch(model, epoch)``: the loop calls it on every rank at the
     start of each epoch (the unwrapped model), e.g. to choose where the epoch's points come from.
     Work that belongs after epoch e runs there before epoch e + 1, so a fit resumed from epoch e's
-    checkpoint does it too.
+    checkpoint does it too. And ``checkpointed()``: called (on the rank that writes them) once
+    ``last.pt`` holds the task's current :meth:`state_dict`, so that files only older states
+    referred to (stage 3's mining passes) can go.
     """
 
     n_cases: int
@@ -211,6 +213,7 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
     bar = tqdm(range(epoch + 1, total + 1), initial=epoch, total=total, desc="fit", unit="epoch",
                disable=not (progress and lead), file=sys.stdout, mininterval=2.0)
     before_epoch = getattr(task, "before_epoch", None)
+    checkpointed = getattr(task, "checkpointed", None)
     for epoch in bar:
         t0 = time.perf_counter()
         if before_epoch is not None:  # every rank (stage 3's mining passes)
@@ -249,6 +252,8 @@ def fit(model: torch.nn.Module, task: FitTask, params: TrainParams, out_dir: Pat
         if lead and (epoch % params.checkpoint_interval == 0 or epoch == total):
             save_checkpoint(last_path, payload())
             write_history_csv(out_dir / "log.csv", history)
+            if checkpointed is not None:  # what only older states referred to may go now
+                checkpointed()
     bar.close()
     if world > 1:
         torch.distributed.barrier()  # the checkpoints are written before any rank reads them

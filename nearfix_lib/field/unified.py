@@ -51,7 +51,7 @@ from nearfix_lib.field.sampling import (
     mining_due,
     sparse_coordinates,
 )
-from nearfix_lib.field.store import PROBABILITY_LEVELS, CaseStore, StoreSpec, Teacher, write_store
+from nearfix_lib.field.store import PROBABILITY_LEVELS, CaseStore, MinedVoxels, StoreSpec, Teacher, write_store
 from nearfix_lib.field.train import fit, unwrap
 
 ARTIFACT_FORMAT = "nearfix-unified"
@@ -142,7 +142,8 @@ class UnifiedTask:
 
     def __init__(self, store: CaseStore, table: ClassTable, sampling: BalancedSamplingParams,
                  loss: UnifiedLossParams, seed: int, device: str, chunk_points: int = 262_144,
-                 thresholds: Sequence[float] | None = None, decoding: DecodeParams | None = None):
+                 thresholds: Sequence[float] | None = None, decoding: DecodeParams | None = None,
+                 mining_dir: str | Path | None = None):
         if list(store.classes) != list(table.indices):
             raise ValueError(f"the store holds classes {list(store.classes)}, the table {table.indices}")
         if sampling.mined and not store.spec.interfaces:
@@ -151,7 +152,10 @@ class UnifiedTask:
         self.n_cases = len(store)
         self.table = table
         self.indices = table.indices
-        self.sampler = ClassBalancedSampler(store, sampling, seed)
+        # the mining passes' voxels, on disk: beside the checkpoints (stage 3) or beside the store
+        mining_dir = Path(mining_dir) if mining_dir is not None else store.root.with_name(store.root.name + "_mined")
+        mined = MinedVoxels(mining_dir, store.case_ids) if sampling.mined else None
+        self.sampler = ClassBalancedSampler(store, sampling, seed, mined)
         self.loss_params = loss
         self.alpha = head_weights(class_fractions((store.histogram(i) for i in range(self.n_cases)), self.indices),
                                   loss)
@@ -221,7 +225,8 @@ class UnifiedTask:
         """
         if not mining_due(self.sampler.params, epoch - 1):
             return
-        for i in range(self.n_cases):
+
+        def wrong_grown(i: int) -> np.ndarray:
             coords = sparse_coordinates(self.store.interfaces(i))
             shape = self.store.shape(i)
             prob = field_at_points(model, i, index_to_normalised(coords, shape), self.device, self.chunk)
@@ -229,7 +234,14 @@ class UnifiedTask:
             ref = self.store.labels(i)  # mapped for this case only
             wrong = coords[labels != ref[coords[:, 0], coords[:, 1], coords[:, 2]]]
             del ref
-            self.sampler.set_mined(i, sparse_coordinates(ndimage.binary_dilation(dense_from_sparse(wrong, shape))))
+            return np.flatnonzero(ndimage.binary_dilation(dense_from_sparse(wrong, shape)))
+
+        self.sampler.mined_voxels.write_pass(epoch - 1, (wrong_grown(i) for i in range(self.n_cases)))
+
+    def checkpointed(self) -> None:
+        """The fit loop wrote the checkpoint a resume starts from: mining passes before it go."""
+        if self.sampler.mined_voxels is not None:
+            self.sampler.mined_voxels.checkpointed()
 
     def _grid(self, i: int) -> tuple[Grid, Box]:
         """Case i's supervision grid (its stored label crop's voxels) and the box it spans."""

@@ -170,10 +170,11 @@ def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
 
 
 def build_task(data: Stage3Data, table: ClassTable, params: Stage3Params, seed: int, device: str,
-               distill: bool = True) -> UnifiedTask:
+               distill: bool = True, mining_dir: Path | None = None) -> UnifiedTask:
+    """The fit's task; ``mining_dir``: where its mining passes go (the fit's checkpoint folder's ``mined/``)."""
     loss = params.loss if distill else _no_distill(params).loss
     return UnifiedTask(data.store, table, params.sampling, loss, seed, device, chunk_points=params.chunk_points,
-                       decoding=params.decode)
+                       decoding=params.decode, mining_dir=mining_dir)
 
 
 def _no_distill(params: Stage3Params) -> Stage3Params:
@@ -189,7 +190,8 @@ def fit_unified(run: Run, data: Stage3Data, params: Stage3Params | None = None, 
     device = init_distributed_from_env(resolve_device(run.params.run.device))
     torch.manual_seed(run.params.run.seed)
     model = ImplicitField(len(data.case_ids), params.model, n_heads=len(run.table))
-    task = build_task(data, run.table, params, run.params.run.seed, device, distill)
+    task = build_task(data, run.table, params, run.params.run.seed, device, distill,
+                      mining_dir=stage3_dir(run) / name / "mined")
     extra = {"case_ids": data.case_ids, "params": run.params.to_dict(), "distill": distill}
     result = fit(model, task, params.train, stage3_dir(run) / name, device=device, seed=run.params.run.seed,
                  progress=progress, extra=extra)
