@@ -27,8 +27,9 @@ import numpy as np
 IDENTICAL_BAR = 0.9999
 
 
-def _both(model, index, grid, box, decision, params, device, chunk):
-    """(dense labels, seconds), (coarse-to-fine labels, seconds, points evaluated)."""
+def _both(model, index, grid, box, decision, params, device, chunk, seed):
+    """(dense labels, seconds), (coarse-to-fine labels, seconds, points evaluated); the coarse-to-fine
+    decode seeded as the pipeline seeds it (``seed``: the boundaries of the labels the field was fitted to)."""
     from nearfix_lib.field.decide import decode_counted
 
     t0 = time.perf_counter()
@@ -36,7 +37,7 @@ def _both(model, index, grid, box, decision, params, device, chunk):
                               chunk)
     t1 = time.perf_counter()
     fine, evaluated = decode_counted(model, index, grid, box, decision,
-                                     dataclasses.replace(params, mode="coarse_to_fine"), device, chunk)
+                                     dataclasses.replace(params, mode="coarse_to_fine"), device, chunk, seed=seed)
     return (dense, t1 - t0), (fine, time.perf_counter() - t1, evaluated)
 
 
@@ -69,8 +70,9 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     decoded as ``decoding``'s ``stage1`` and ``stage3`` sections say (a :class:`Params`; the run's own
     when None)."""
     decoding = decoding or run.params
-    from nearfix_lib.core.workspace import prepared_dir
-    from nearfix_lib.field.decide import threshold_decision
+    from nearfix_lib.core.io import read_label
+    from nearfix_lib.core.workspace import prepared_dir, stage_labels
+    from nearfix_lib.field.decide import boundary_seed, threshold_decision
     from nearfix_lib.field.infer import original_box_grid
     from nearfix_lib.field.unified import UnifiedModel, priority_decision
     from nearfix_lib.stages.prepare import load_crops_index
@@ -84,6 +86,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     rows = []
     for cid in ids:
         crops = index[cid]
+        given = run.load(cid, with_image=False, with_truth=False).label.array if fields else None
         for key, field in fields.items():
             if cid not in field.index_of or key not in crops.class_boxes:
                 continue
@@ -92,16 +95,17 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             cls = run.table[key]
             (dense, dense_s), (fine, fine_s, evaluated) = _both(
                 field.model, field.index_of[cid], original_box_grid(box), box, threshold_decision(p.threshold),
-                p.decode, device, p.chunk_points)  # 0/1 maps, given the class's value for its components
+                p.decode, device, p.chunk_points, boundary_seed(given[box.slices] == cls.index))  # 0/1 maps
             rows += _rows(cid, "stage1", (dense * cls.index, dense_s), (fine * cls.index, fine_s, evaluated), [cls],
                           run.table)
             rows[-1].update(_mref_agreement(dense, fine, cls, crops.spacing, p.cleanup, run.table))
             print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
         if unified is not None and cid in unified.case_ids:
             box = unified.geometry[cid].heart_box
+            lref = read_label(stage_labels(run, "stage2", cid), run.table).array
             both = _both(unified.model, unified.case_ids.index(cid), original_box_grid(box), box,
                          priority_decision(unified.table, unified.thresholds), decoding.stage3.decode, device,
-                         decoding.stage3.chunk_points)
+                         decoding.stage3.chunk_points, boundary_seed(lref[box.slices]))
             rows += _rows(cid, "stage3", *both, list(unified.table), unified.table)
             print(f"{cid} stage3: identical {min(r['identical'] for r in rows[-len(unified.table):]):.6f} (worst head)",
                   flush=True)

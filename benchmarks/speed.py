@@ -99,7 +99,8 @@ def _fit(job: FitJob, queue) -> None:
     t0 = time.perf_counter()
     fit(model, task, train, work / "fit", device=job.device, progress=False)
     torch.save({"state_dict": model.state_dict(), "box": box.to_dict(), "spacing": [float(v) for v in spacing],
-                "model_params": dataclasses.asdict(s3.model), "decode": dataclasses.asdict(s3.decode)},
+                "model_params": dataclasses.asdict(s3.model), "decode": dataclasses.asdict(s3.decode),
+                "labels": torch.from_numpy(np.ascontiguousarray(case.truth[box.slices]))},  # what it was fitted to
                job.field)
     queue.put({"fit_s": time.perf_counter() - t0, "box_shape": [int(v) for v in box.shape],
                "spacing": [float(v) for v in spacing]})
@@ -110,7 +111,8 @@ def _decode(job: DecodeJob, queue) -> None:
     import torch
 
     from nearfix_lib.core.config import ModelParams
-    from nearfix_lib.field.decide import decode_counted
+    from nearfix_lib.core.geometry import resample
+    from nearfix_lib.field.decide import boundary_seed, decode_counted
     from nearfix_lib.field.infer import original_box_grid
     from nearfix_lib.field.models import ImplicitField
     from nearfix_lib.field.unified import priority_decision
@@ -123,8 +125,11 @@ def _decode(job: DecodeJob, queue) -> None:
     grid = original_box_grid(box) if job.grid_shape is None else roi_grid(box, job.grid_shape)
     decision = priority_decision(CARDIAC, [0.5] * len(CARDIAC))
     params = DecodeParams(**{**saved["decode"], "mode": job.mode})
+    fitted = saved["labels"].numpy()  # seeded as the pipeline seeds: by the labels the field was fitted to
+    near = fitted if job.grid_shape is None else resample(fitted, roi_grid(Box((0, 0, 0), fitted.shape),
+                                                                         job.grid_shape), order=0)
     t0 = time.perf_counter()
-    labels, evaluated = decode_counted(model, 0, grid, box, decision, params, job.device)
+    labels, evaluated = decode_counted(model, 0, grid, box, decision, params, job.device, seed=boundary_seed(near))
     seconds = time.perf_counter() - t0
     np.save(job.out, labels)
     queue.put({"seconds": seconds, "evaluated": evaluated / labels.size, "voxels": int(labels.size),

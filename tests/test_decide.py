@@ -7,7 +7,14 @@ import torch
 
 from nearfix_lib.core.config import DecodeParams
 from nearfix_lib.core.geometry import Box, Grid, apply_affine, normalised_to_original, roi_grid
-from nearfix_lib.field.decide import Decision, decode_counted, labels_in_box, labels_on_grid, threshold_decision
+from nearfix_lib.field.decide import (
+    Decision,
+    boundary_seed,
+    decode_counted,
+    labels_in_box,
+    labels_on_grid,
+    threshold_decision,
+)
 from nearfix_lib.field.infer import field_on_grid
 from nearfix_lib.field.models import ImplicitField
 from tests.test_train_infer import TINY_MODEL
@@ -82,6 +89,34 @@ def test_a_tube_finer_than_the_coarse_lattice_and_its_margin_is_lost_and_the_gua
     blind = decode(AnalyticField(**steep), DecodeParams(coarse_step=16, margin=0.0, guard_from_step=32))
     assert np.count_nonzero(blind == 2) < np.count_nonzero(dense == 2)
     np.testing.assert_array_equal(decode(AnalyticField(**steep), DecodeParams(coarse_step=4)), dense)
+
+
+def test_the_input_boundaries_as_a_seed_keep_a_structure_confident_cells_would_hide():
+    """A small, steep ball and a thin tube between the points of a blind lattice (16 voxels, no margin,
+    no guard) are lost; seeded with the boundaries of the labels the field was fitted to, every cell
+    they cross is refined and the decode equals the dense one (how stage 1's small boxes are decoded)."""
+    steep = dict(ball=((30.0, 21.0, 17.0), 2.6), tube=((5.0, 3.0, 4.0), (0.8, 0.5, 0.33), 1.0), slope=4.0)
+    dense = decode(AnalyticField(**steep), DecodeParams(mode="dense"))
+    blind = DecodeParams(coarse_step=16, margin=0.0, guard_from_step=32)
+    lost = decode(AnalyticField(**steep), blind)
+    assert np.count_nonzero(lost == 1) < np.count_nonzero(dense == 1) and np.count_nonzero(lost != dense) > 20
+    field = AnalyticField(**steep)
+    seeded = labels_on_grid(field, 0, GRID, BOX, PRIORITY, blind, seed=boundary_seed(dense))
+    np.testing.assert_array_equal(seeded, dense)
+    assert field.points < 0.5 * np.prod(SHAPE)  # still far fewer points than the dense decode
+    with pytest.raises(ValueError, match="seed of shape"):
+        labels_on_grid(AnalyticField(), 0, GRID, BOX, PRIORITY, blind, seed=np.zeros(SHAPE[::-1], bool))
+
+
+def test_boundary_seed_marks_both_sides_of_every_label_change():
+    lab = np.zeros((5, 4, 6), np.uint8)
+    lab[1:3, 1:3, 2:4] = 2
+    lab[3, 1:3, 2:4] = 5
+    seed = boundary_seed(lab)
+    assert seed[lab > 0].all()  # every voxel of these thin blocks touches another label
+    assert seed[0, 1, 2] and seed[1, 0, 2] and seed[1, 1, 1] and seed[4, 1, 2]  # their outer neighbours
+    assert not seed[0, 0, 0] and not seed[4, 3, 5] and seed.sum() == 12 + 2 * (4 + 6 + 6)  # the block and its faces
+    assert not boundary_seed(np.ones((3, 3, 3))).any()
 
 
 def test_a_grid_smaller_than_the_coarse_step_and_a_one_voxel_axis():

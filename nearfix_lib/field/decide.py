@@ -14,7 +14,11 @@ cost follows the surface area, not the volume.
 The result is a heuristic of the dense decode, not a proof: a structure that fits inside one
 cell and leaves every corner of it and of its neighbours confident is lost. ``coarse_step``
 and ``margin`` bound that risk (``tests/test_decide.py`` measures thin tubes against dense),
-and ``mode: dense`` keeps the exact decode.
+and ``mode: dense`` keeps the exact decode. Where the caller knows where structures are
+expected (the input labels the field was fitted to), it passes their boundaries as ``seed``:
+every cell holding a seed voxel is refined at every level and its voxels evaluated, so no
+structure of the input can hide inside confident cells, however small its box (at the demo's 2.2 mm an appendage is a
+16 x 13 x 11 box, two coarse cells across, and without a seed whole appendages were lost).
 
 Evaluated points are the voxel centres the dense decode uses, through the same affine in the
 same precision, so every voxel evaluated here carries the dense decode's own label.
@@ -54,6 +58,20 @@ class Decision:
         return np.min(np.abs(_logit(prob) - _logit(np.asarray(self.thresholds))), axis=-1)
 
 
+def boundary_seed(labels: np.ndarray) -> np.ndarray:
+    """The voxels of a label map (or mask) with a 6-neighbour of another value: where its structures'
+    surfaces are, as a ``seed`` for the coarse-to-fine decode (every structure has some)."""
+    lab = np.asarray(labels)
+    seed = np.zeros(lab.shape, dtype=bool)
+    for axis in range(lab.ndim):
+        lo, hi = [slice(None)] * lab.ndim, [slice(None)] * lab.ndim
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        change = lab[tuple(lo)] != lab[tuple(hi)]
+        seed[tuple(lo)] |= change
+        seed[tuple(hi)] |= change
+    return seed
+
+
 def threshold_decision(threshold: float) -> Decision:
     """One head: label 1 where P >= threshold (a stage-1 class field)."""
     return Decision(lambda prob: (prob[:, 0] >= threshold).astype(np.uint8), (float(threshold),))
@@ -61,35 +79,44 @@ def threshold_decision(threshold: float) -> Decision:
 
 def labels_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,
                    params: DecodeParams, device: str = "cpu", chunk_points: int = 262_144,
-                   image: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> np.ndarray:
+                   image: torch.Tensor | None = None, latent: torch.Tensor | None = None,
+                   seed: np.ndarray | None = None) -> np.ndarray:
     """``decision`` at every voxel centre of ``grid`` (uint8, ``grid.shape``), dense or coarse to fine
     (``params.mode``). ``box`` is the ROI the model's normalised space refers to; ``latent`` (1, D)
-    replaces the table entry, ``image`` feeds an appearance model."""
-    return decode_counted(model, case_index, grid, box, decision, params, device, chunk_points, image, latent)[0]
+    replaces the table entry, ``image`` feeds an appearance model; ``seed`` (bool, ``grid.shape``,
+    e.g. :func:`boundary_seed` of the input labels) marks voxels whose cells are always refined."""
+    return decode_counted(model, case_index, grid, box, decision, params, device, chunk_points, image, latent,
+                          seed)[0]
 
 
 def decode_counted(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,
                    params: DecodeParams, device: str = "cpu", chunk_points: int = 262_144,
-                   image: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
+                   image: torch.Tensor | None = None, latent: torch.Tensor | None = None,
+                   seed: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """:func:`labels_on_grid` and the number of points the model was run on (every voxel, dense)."""
     if params.mode == "dense":
         labels = reduced_on_grid(model, case_index, grid, box, decision.labels, np.uint8, device, chunk_points,
                                  image=image, latent=latent)
         return labels, labels.size
-    runner = _CoarseToFine(model, case_index, grid, box, decision, params, device, chunk_points, image, latent)
+    if seed is not None and np.shape(seed) != tuple(grid.shape):
+        raise ValueError(f"decode seed of shape {np.shape(seed)} for a grid of {tuple(grid.shape)}")
+    runner = _CoarseToFine(model, case_index, grid, box, decision, params, device, chunk_points, image, latent,
+                           seed)
     return runner.run(), runner.evaluated
 
 
 def labels_in_box(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,
-                  params: DecodeParams, device: str = "cpu", chunk_points: int = 262_144) -> np.ndarray:
+                  params: DecodeParams, device: str = "cpu", chunk_points: int = 262_144,
+                  seed: np.ndarray | None = None) -> np.ndarray:
     """:func:`labels_on_grid` on an axis-aligned ``grid``, evaluated only where it lies inside ``box``
-    (a class field knows nothing outside its ROI); 0 elsewhere."""
+    (a class field knows nothing outside its ROI); 0 elsewhere. ``seed`` is on the whole ``grid``."""
     out = np.zeros(grid.shape, dtype=np.uint8)
     sub = grid_within_box(grid, box)
     if sub is not None:
         lo, sub_grid = sub
-        out[tuple(slice(a, a + n) for a, n in zip(lo, sub_grid.shape))] = labels_on_grid(
-            model, case_index, sub_grid, box, decision, params, device, chunk_points)
+        inside = tuple(slice(a, a + n) for a, n in zip(lo, sub_grid.shape))
+        out[inside] = labels_on_grid(model, case_index, sub_grid, box, decision, params, device, chunk_points,
+                                     seed=None if seed is None else np.asarray(seed)[inside])
     return out
 
 
@@ -111,7 +138,7 @@ class _CoarseToFine:
     axis (so cells tile it evenly); a virtual voxel past the grid's end is evaluated at the last
     real voxel of its row, so every evaluated value is a real voxel's."""
 
-    def __init__(self, model, case_index, grid, box, decision, params, device, chunk_points, image, latent):
+    def __init__(self, model, case_index, grid, box, decision, params, device, chunk_points, image, latent, seed):
         self.model, self.decision, self.params = model, decision, params
         self.device, self.chunk = device, chunk_points
         self.shape = np.asarray(grid.shape)
@@ -124,6 +151,10 @@ class _CoarseToFine:
         self.distance = np.zeros(lattice, dtype=np.float16)  # logits from the nearest threshold
         self.known = np.zeros(lattice, dtype=bool)
         self.painted = np.zeros(tuple(int(v) for v in self.cells * self.step), dtype=np.uint8)
+        self.seed = None  # the seed voxels, on the painted (virtual) grid
+        if seed is not None and np.any(seed):
+            self.seed = np.zeros(self.painted.shape, dtype=bool)
+            self.seed[tuple(slice(0, int(n)) for n in self.shape)] = seed
         self.evaluated = 0  # points the model was run on
 
     def _evaluate(self, points: np.ndarray, spacing: int) -> None:
@@ -160,6 +191,13 @@ class _CoarseToFine:
         as the change a field with bounded slope can make across it does; a constant one would
         refine a band of the same width in millimetres at every voxel size."""
         return self.distance[at] >= self.params.margin * step / self.step
+
+    def _seeded(self, step: int) -> np.ndarray | bool:
+        """Which cells of ``step`` voxels hold a seed voxel (False: no seed)."""
+        if self.seed is None:
+            return False
+        c0, c1, c2 = (n // step for n in self.seed.shape)
+        return self.seed.reshape(c0, step, c1, step, c2, step).any(axis=(1, 3, 5))
 
     def _paint(self, settled: np.ndarray, labels: np.ndarray, step: int) -> None:
         """Give every voxel of the ``settled`` cells (half-open, ``step`` wide) its cell's label."""
@@ -201,7 +239,8 @@ class _CoarseToFine:
             agree = np.ones_like(active)
             for view in corners:
                 agree &= (label[view] == first) & sure[view]
-            unsure = active & ~agree
+            seeded = active & self._seeded(step)
+            unsure = active & ~agree | seeded
             # and the neighbours, every new point evaluated: a thin structure can pass between the
             # confident corners of one coarse cell
             reopen = unsure
@@ -209,7 +248,7 @@ class _CoarseToFine:
                 reopen = ndimage.maximum_filter(unsure, size=3, mode="constant")
             self._paint(active & ~reopen, first, step)
             active = _children(reopen)
-            self._refine(step, active, _children(reopen & ~unsure))
+            self._refine(step, active, _children(reopen & ~unsure | seeded))  # seeded: every voxel evaluated
             step //= 2
         n0, n1, n2 = (int(v) for v in self.shape)
         return np.where(self.known[:n0, :n1, :n2], self.label[:n0, :n1, :n2], self.painted[:n0, :n1, :n2])

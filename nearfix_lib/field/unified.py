@@ -34,11 +34,12 @@ from nearfix_lib.core.geometry import (
     apply_affine,
     normalised_to_original,
     original_to_normalised,
+    resample,
     roi_grid,
 )
 from nearfix_lib.core.io import atomic_path
 from nearfix_lib.core.metrics import dice
-from nearfix_lib.field.decide import Decision, labels_on_grid
+from nearfix_lib.field.decide import Decision, boundary_seed, labels_on_grid
 from nearfix_lib.field.device_batches import DeviceBalancedSampler, device_batches, device_cache_mb
 from nearfix_lib.field.device_batches import teacher_values as device_teacher_values
 from nearfix_lib.field.infer import field_at_points, field_on_grid, grid_chunks, original_box_grid
@@ -262,8 +263,9 @@ class UnifiedTask:
     def evaluate(self, model, cases: Sequence[int]) -> dict[str, float]:
         scores, decision = [], priority_decision(self.table, self.thresholds)
         for i in cases:
-            labels = labels_on_grid(model, i, *self._grid(i), decision, self.decoding, self.device, self.chunk)
-            ref = self.store.labels(i)  # mapped for this case only
+            ref = self.store.labels(i)  # mapped for this case only; its boundaries seed the decode
+            labels = labels_on_grid(model, i, *self._grid(i), decision, self.decoding, self.device, self.chunk,
+                                    seed=boundary_seed(ref))
             scores += [dice(labels == c, ref == c) for c in self.indices if self.store.present(i, c)]
             del ref
         return {"dice": float(np.mean(scores))}
@@ -424,13 +426,20 @@ class UnifiedModel:
         index, latent, geo, on = self._decoding(case_id, grid)
         return field_on_grid(self.model, index, on, geo.heart_box, self.device, self.chunk_points, latent=latent)
 
-    def decode(self, case_id: str, grid: str = "original") -> np.ndarray:
+    def decode(self, case_id: str, grid: str = "original", seed_labels: np.ndarray | None = None) -> np.ndarray:
         """The case's label map (uint8, class indices of :attr:`table`) on the ROI grid or on the case's
         original grid (background outside the heart box), decided chunk by chunk: no probability
-        map of the box is held (ten float32 heads: 2 GB for a real case's box)."""
+        map of the box is held (ten float32 heads: 2 GB for a real case's box). ``seed_labels``, a label
+        map of the case on its original grid (its L^ref, or the labels a new case was fitted to): the
+        coarse-to-fine decode refines every cell its class boundaries cross (``field.decide``)."""
         index, latent, geo, on = self._decoding(case_id, grid)
+        seed = None
+        if seed_labels is not None:
+            near = (np.asarray(seed_labels)[geo.heart_box.slices] if grid == "original"
+                    else resample(np.asarray(seed_labels), geo.heart_grid, order=0))
+            seed = boundary_seed(near)
         labels = labels_on_grid(self.model, index, on, geo.heart_box, priority_decision(self.table, self.thresholds),
-                                self.decoding, self.device, self.chunk_points, latent=latent)
+                                self.decoding, self.device, self.chunk_points, latent=latent, seed=seed)
         if grid == "roi":
             return labels
         out = np.zeros(geo.shape, dtype=np.uint8)

@@ -53,7 +53,7 @@ from nearfix_lib.core.workspace import (
     stage1_dir,
     stage1_probabilities,
 )
-from nearfix_lib.field.decide import labels_on_grid, threshold_decision
+from nearfix_lib.field.decide import boundary_seed, labels_on_grid, threshold_decision
 from nearfix_lib.field.device_batches import DeviceBandSampler, device_batches, device_cache_mb
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
@@ -139,7 +139,7 @@ class Stage1Task:
             mask = self.sampler.mask(i)
             box = Box((0, 0, 0), mask.shape)
             decided = labels_on_grid(model, i, roi_grid(box, mask.shape), box, self.decision, self.decoding,
-                                     self.device, self.chunk, image=self.image_of(i))
+                                     self.device, self.chunk, image=self.image_of(i), seed=boundary_seed(mask))
             scores.append(dice(decided > 0, mask))
         return {"dice": float(np.mean(scores))}
 
@@ -276,10 +276,10 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
-    decided = labels_on_grid(model, i, original_box_grid(box), box, threshold_decision(params.threshold),
-                             params.decode, device, params.chunk_points, image=image)
-    cleaned, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
+    decided = labels_on_grid(model, i, original_box_grid(box), box, threshold_decision(params.threshold),
+                             params.decode, device, params.chunk_points, image=image, seed=boundary_seed(given))
+    cleaned, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
     audit = audit_repair(given, cleaned, params.audit)
     mask = np.zeros(crops.shape, dtype=bool)
     mask[box.slices] = given if audit.kept_input else cleaned

@@ -32,11 +32,12 @@ import numpy as np
 import pandas as pd
 
 from nearfix_lib.core.classes import ClassTable
+from nearfix_lib.core.geometry import resample
 from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz
 from nearfix_lib.core.metrics import Reference
 from nearfix_lib.core.scores import anatomy_checks, component_counts_of, score_labels, score_masks, scores_frame
 from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
-from nearfix_lib.field.decide import labels_in_box, threshold_decision
+from nearfix_lib.field.decide import boundary_seed, labels_in_box, threshold_decision
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.repair.fusion import FusionResult, fuse_case
 from nearfix_lib.stages import shards
@@ -59,8 +60,10 @@ def original_masks(run: Run, case_id: str, shape: tuple[int, ...]) -> dict[str, 
     return masks
 
 
-def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device: str) -> dict[str, np.ndarray]:
-    """Each class's stage-1 field on the whole-heart ROI grid: thresholded and cleaned like M^ref."""
+def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device: str,
+              heart_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Each class's stage-1 field on the whole-heart ROI grid: thresholded and cleaned like M^ref
+    (``heart_labels``: the input on that grid, whose class boundaries seed the decode)."""
     spacing = crops.heart_spacing
     masks = {}
     for key, f in fields.items():
@@ -68,7 +71,8 @@ def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device:
             continue
         p = run.params.stage1.for_class(key)
         decided = labels_in_box(f.model, f.index_of[crops.case_id], crops.heart_grid, crops.class_boxes[key],
-                                threshold_decision(p.threshold), p.decode, device, p.chunk_points)
+                                threshold_decision(p.threshold), p.decode, device, p.chunk_points,
+                                seed=boundary_seed(heart_labels == run.table[key].index))
         masks[key], _ = clean_mask(decided > 0, run.table[key].expected_components, spacing, p.cleanup)
     return masks
 
@@ -96,7 +100,8 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
     grids = [("original", result)]
     if fields is not None:
-        roi_result = fuse_case(roi_masks(run, fields, crops, device), run.table,
+        heart_labels = resample(case.label.array, crops.heart_grid, order=0)
+        roi_result = fuse_case(roi_masks(run, fields, crops, device, heart_labels), run.table,
                                crops.heart_spacing, params,
                                shape=crops.heart_grid.shape)
         _write_roi(out, crops, roi_result)

@@ -266,7 +266,7 @@ def decode_case(run: Run, case_id: str, unified: UnifiedModel, source: str) -> s
     if lref.shape != case.label.shape:
         raise InputError(lref_path, f"shape {lref.shape} differs from the case's {case.label.shape}")
     t0 = time.perf_counter()
-    decoded = unified.decode(case_id, grid="original")
+    decoded = unified.decode(case_id, grid="original", seed_labels=lref)
     seconds = time.perf_counter() - t0
     if source == "stage3":
         write_nifti(stage_labels(run, "stage3", case_id), decoded, case.label.affine, case.label.header)
@@ -358,7 +358,7 @@ def fit_new_case(run: Run, unified: UnifiedModel, case_id: str, labels: np.ndarr
     p = run.params.stage3
     unified.fit_case(case_id, heart, geometry, p.sampling, p.loss, p.new_case_train,
                      stage3_dir(run) / "new_cases" / str(case_id), seed=run.params.run.seed, progress=progress)
-    return unified.decode(case_id, grid="original")
+    return unified.decode(case_id, grid="original", seed_labels=labels)
 
 
 def phantom_holdout(run: Run):
