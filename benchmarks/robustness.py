@@ -13,6 +13,10 @@ in millimetres of a segmenter's grid), listed with their seeds in ``params/robus
 family has a *tuning* seed set, on which settings may be chosen, and a *held-out* one, fixed before
 any tuning, on which the verdict is read.
 
+``--roundtrip R1 R2 ...`` measures instead, without any fit, what the class ROI grid alone keeps of
+each thin class: its mask resampled to R^3 (as ``prepare`` does) and back onto the original voxels,
+against the mask itself (``roundtrip.csv``): a field fitted on that grid can do no better.
+
 For each family the phantom is generated (``--cases`` per family), then prepare, stage 1, stage 2
 and the report run on it with the judging configuration (``--params``, default
 ``params/phantom_1mm.yaml``; ``--overrides`` for shorter runs, stated on the page), each stage in
@@ -210,6 +214,69 @@ def conditions(params_file: str, overrides: dict, cases: int, split: str, famili
             "`closing` and `gaussian` are the classical baselines of the report.")
 
 
+ROUNDTRIP_CLASSES = ("Cor", "LAA", "PV")
+ROUNDTRIP_COLUMNS = ["family", "split", "case", "class", "source", "resolution", "box_voxels", "dice",
+                     "components", "components_before"]
+
+
+def roundtrip_rows(family: Family, split: str, cases: int, params_file: str, resolutions: list[int]) -> list[dict]:
+    """Each case's thin classes (noisy and true masks) through the class ROI grid of each resolution
+    and back: ``prepare``'s resampling (linear, >= 0.5) there, the same back onto the original voxels."""
+    import cc3d
+    import numpy as np
+
+    from nearfix_lib.core.classes import CARDIAC
+    from nearfix_lib.core.config import load_params
+    from nearfix_lib.core.geometry import paste_back, resample_mask, roi_box, roi_grid
+    from nearfix_lib.core.metrics import dice
+    from nearfix_lib.phantom.dataset import make_case
+
+    params = load_params(params_file, family_overrides(family, split, cases))
+    phantom, margin = params.data.phantom, params.prepare.class_margin
+    rows = []
+    for index in range(cases):
+        case = make_case(index, phantom)
+        for key in ROUNDTRIP_CLASSES:
+            for source in ("noisy", "truth"):
+                mask = getattr(case, source) == CARDIAC[key].index  # the phantom's own table
+                box = roi_box(mask, margin, phantom.spacing, params.prepare.margin_unit)
+                if box is None:
+                    continue
+                before = cc3d.connected_components(mask, connectivity=26, return_N=True)[1]
+                for r in resolutions:
+                    grid = roi_grid(box, r)
+                    roi = resample_mask(mask, grid).astype(np.float32)
+                    back = paste_back(roi, grid, box, mask.shape, order=1) >= 0.5
+                    rows.append({"family": family.name, "split": split, "case": case.case_id, "class": key,
+                                 "source": source, "resolution": r, "box_voxels": max(box.shape),
+                                 "dice": dice(back, mask),
+                                 "components": cc3d.connected_components(back, connectivity=26, return_N=True)[1],
+                                 "components_before": before})
+        print(f"{family.name} {split}: case {case.case_id} through the ROI grids", flush=True)
+    return rows
+
+
+def roundtrip_page(table: pd.DataFrame, conditions: str) -> str:
+    mean = table.groupby(["family", "class", "source", "resolution"], sort=False)[
+        ["box_voxels", "dice", "components", "components_before"]].mean().reset_index()
+    parts = [conditions]
+    for key in dict.fromkeys(mean["class"]):
+        wide = mean[mean["class"] == key].pivot_table(index=["family", "source"], columns="resolution",
+                                                       values="dice", sort=False)
+        wide.columns = [f"R = {c}" for c in wide.columns]
+        boxes = mean[mean["class"] == key].groupby(["family", "source"], sort=False)["box_voxels"].first()
+        wide.insert(0, "box (voxels)", boxes)
+        parts.append(f"## {key}: Dice of the round trip against the mask\n\n" + wide.to_markdown(floatfmt=".3f"))
+        comps = mean[mean["class"] == key].pivot_table(index=["family", "source"], columns="resolution",
+                                                        values="components", sort=False)
+        comps.columns = [f"R = {c}" for c in comps.columns]
+        comps.insert(0, "before", mean[mean["class"] == key].groupby(["family", "source"], sort=False)[
+            "components_before"].first())
+        parts.append(f"**{key}: components after the round trip (mean over cases)**\n\n"
+                     + comps.to_markdown(floatfmt=".2f"))
+    return "\n\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
@@ -230,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--again", action="store_true", help="run families whose report exists anew")
     ap.add_argument("--timeout-s", type=float, default=12 * 3600, help="per stage")
+    ap.add_argument("--roundtrip", type=int, nargs="+", default=[],
+                    help="no fits: the thin classes through class ROI grids of these resolutions and back")
     args = ap.parse_args(argv)
 
     file_cases, families = load_families(Path(args.families_file))
@@ -238,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown families {sorted(unknown)} (the file has {[f.name for f in families]})")
     families = [f for f in families if not args.families or f.name in args.families]
     cases, out = args.cases or file_cases, Path(args.out).resolve()
+    if args.roundtrip:
+        rows = [r for f in families for r in roundtrip_rows(f, args.split, cases, args.params, args.roundtrip)]
+        table = pd.DataFrame(rows, columns=ROUNDTRIP_COLUMNS)
+        conditions = (f"Families of `params/robustness.yaml` ({', '.join(f.name for f in families)}), {cases} cases "
+                      f"each, **{args.split}** seeds; `{args.params}`'s class margin. No fit: each thin class's mask "
+                      "(the noisy input and the truth) resampled onto its class ROI grid of R^3 voxels as `prepare` "
+                      "does (linear, >= 0.5) and back onto the original voxels the same way, against itself. A "
+                      "stage-1 field fitted on that grid can do no better than this.")
+        write_report(out, "roundtrip", table, roundtrip_page(table, conditions), argv, module="benchmarks.robustness")
+        return 0
     stage_rows, tables, verdict_tables = [], {}, {}
     for family in families:
         rows = run_family(family, args.split, cases, out, args.params, args.overrides, args.device, args.timeout_s,

@@ -119,3 +119,17 @@ def test_a_family_with_a_report_is_kept_and_the_page_rebuilt(tiny_matrix):
     assert "all kept from earlier runs" in (out / "robustness.md").read_text()
     with pytest.raises(SystemExit):  # a family the file does not have
         main([*argv[:-2], "--families", "absent"])
+
+
+def test_the_roundtrip_through_the_class_roi_grid_needs_no_fit(tmp_path):
+    """A coarse class grid breaks a thin tree that a grid as fine as the image keeps."""
+    (tmp_path / "families.yaml").write_text(TINY_FAMILIES)
+    argv = ["--out", str(tmp_path), "--families-file", str(tmp_path / "families.yaml"), "--families", "thin",
+            "--cases", "1", "--roundtrip", "8", "64"]
+    assert main(argv) == 0
+    table = pd.read_csv(tmp_path / "roundtrip.csv")
+    assert set(table["class"]) == {"Cor", "LAA", "PV"} and set(table["resolution"]) == {8, 64}
+    cor = table[(table["class"] == "Cor") & (table["source"] == "truth")].set_index("resolution")
+    assert cor.loc[64, "dice"] > 0.95 > cor.loc[8, "dice"]
+    assert not (tmp_path / "runs").exists()  # nothing was fitted
+    assert "## Cor: Dice of the round trip" in (tmp_path / "roundtrip.md").read_text()
