@@ -304,12 +304,13 @@ def slopes(table: pd.DataFrame, target: int = TARGET_CASES) -> pd.DataFrame:
 
 def _conditions(params: Params, shape: list[int], spacing: list[float]) -> str:
     """What the numbers were measured on, for the pages."""
-    classes = ", ".join(params.stage1.classes) or "every class"
+    classes = (f"{', '.join(params.stage1.classes)} only (to bound the time; L^ref then holds only these)"
+               if params.stage1.classes else "every class")
     mb = math.prod(shape) * 4 / 2**20  # int16 CT + two uint8 label maps
     source = os.path.relpath(params.source, PROJECT)
     return (f"Phantom cases of {' x '.join(map(str, shape))} voxels at {' x '.join(map(str, spacing))} mm "
             f"({mb:.1f} MB per case in memory: int16 CT, noisy and true labels). `{source}` with short fits: "
-            f"stage 1 on {classes} only (to bound the time; L^ref then holds only these), "
+            f"stage 1 on {classes}, "
             f"{params.stage1.train.epochs} epochs; stage 3 "
             f"{params.stage3.train.epochs} epochs, no fit without distillation, no new-case fit. Device "
             f"`{params.run.device}`, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. "
