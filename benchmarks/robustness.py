@@ -113,11 +113,18 @@ def run_family(family: Family, split: str, cases: int, out: Path, params_file: s
 
 
 def family_scores(out: Path, family: str, split: str) -> pd.DataFrame:
-    """The family's report scores against the truth, for the matrix's sources (empty when it has none)."""
+    """The family's report scores against the truth, for the matrix's sources and the classes its stage 1
+    repaired (``stage1.classes``; the report scores an unrepaired class as empty), empty when it has none."""
     from nearfix_lib.core.scores import read_scores
+    from nearfix_lib.core.workspace import open_run
 
-    scores = read_scores(out / "runs" / f"{family}_{split}" / "report")
-    return scores[(scores["reference"] == "truth") & scores["source"].isin(SOURCES)]
+    run_dir = out / "runs" / f"{family}_{split}"
+    scores = read_scores(run_dir / "report")
+    if scores.empty:
+        return scores
+    run = open_run(run_dir, discover=False)
+    repaired = run.params.stage1.classes or list(run.table.keys)
+    return scores[(scores["reference"] == "truth") & scores["source"].isin(SOURCES) & scores["class"].isin(repaired)]
 
 
 def matrix_table(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
@@ -310,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.roundtrip:
         rows = [r for f in families for r in roundtrip_rows(f, args.split, cases, args.params, args.roundtrip)]
         table = pd.DataFrame(rows, columns=ROUNDTRIP_COLUMNS)
-        conditions = (f"Families of `params/robustness.yaml` ({', '.join(f.name for f in families)}), {cases} cases "
+        about = (f"Families of `params/robustness.yaml` ({', '.join(f.name for f in families)}), {cases} cases "
                       f"each, **{args.split}** seeds; `{args.params}`'s class margin. No fit: each thin class's mask "
                       "(the noisy input and the truth) resampled onto its class ROI grid of R^3 voxels as `prepare` "
                       "does (linear, >= 0.5) and back onto the original voxels the same way, against itself. A "
                       "stage-1 field fitted on that grid can do no better than this.")
-        write_report(out, "roundtrip", table, roundtrip_page(table, conditions), argv, module="benchmarks.robustness")
+        write_report(out, "roundtrip", table, roundtrip_page(table, about), argv, module="benchmarks.robustness")
         return 0
     stage_rows, tables, verdict_tables = [], {}, {}
     for family in families:
