@@ -21,8 +21,8 @@ For each family the phantom is generated (``--cases`` per family), then prepare,
 and the report run on it with the judging configuration (``--params``, default
 ``params/phantom_1mm.yaml``; ``--overrides`` for shorter runs, stated on the page), each stage in
 its own process (``benchmarks.scale``'s machinery: a failing family is a row, not the end). A
-family whose report exists is kept (the matrix takes hours: a rerun resumes); ``--again`` runs it
-anew. It writes ``robustness.csv`` (family, split, class, source: noisy, both baselines, stage 1,
+family whose report exists is kept and an interrupted one resumes, its fits from their checkpoints
+(the matrix takes hours); ``--again`` runs it anew. It writes ``robustness.csv`` (family, split, class, source: noisy, both baselines, stage 1,
 stage 2; Dice, HD95, components; mean over the family's cases), ``verdicts.csv`` (the targets per
 family and class) and ``robustness.md`` rendered from them.
 """
@@ -30,6 +30,7 @@ family and class) and ``robustness.md`` rendered from them.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,8 @@ def family_overrides(family: Family, split: str, cases: int) -> dict:
 def run_family(family: Family, split: str, cases: int, out: Path, params_file: str, overrides: dict,
                device: str, timeout_s: float, again: bool = False) -> list[dict]:
     """Generate the family's cases (kept when they exist), then every stage of ``STAGES`` in its own
-    process; a family whose report exists is kept unless ``again``. Returns the stages' rows."""
+    process, resuming what an interrupted run left; a family whose report exists is kept unless
+    ``again`` (which starts it anew). Returns the stages' rows."""
     from nearfix_lib.phantom.dataset import write_dataset
 
     name = f"{family.name}_{split}"
@@ -109,7 +111,10 @@ def run_family(family: Family, split: str, cases: int, out: Path, params_file: s
     phantom = write_params(params_path, params_file, base).data.phantom
     write_dataset(data_root, phantom, progress=True)
     write_params(params_path, params_file, {**base, "data.data_root": str(data_root)})
-    return run_stages(run_dir, params_path, out / "logs", timeout_s, stages=STAGES)
+    if again:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    # an interrupted family resumes (its fits from their checkpoints): the matrix takes hours
+    return run_stages(run_dir, params_path, out / "logs", timeout_s, stages=STAGES, fresh=False)
 
 
 def family_scores(out: Path, family: str, split: str) -> pd.DataFrame:

@@ -258,14 +258,15 @@ def clear_stages(run_dir: Path, stages: Sequence[str]) -> None:
 
 def run_stages(run_dir: Path, params_file: Path, logs: Path, timeout_s: float,
                again: Sequence[str] = (), on_row: Callable[[dict], None] | None = None,
-               stages: Sequence[str] = STAGES) -> list[dict]:
-    """``stages`` in order on a fresh run folder (a stage that resumes would measure nothing);
-    a failed stage is recorded and the next ones still run (and fail on what is missing). With
-    ``again``: only those stages, on the run folder as it is, their own folders removed first.
-    ``on_row`` receives each stage's row as soon as it is measured."""
+               stages: Sequence[str] = STAGES, fresh: bool = True) -> list[dict]:
+    """``stages`` in order on a fresh run folder (a stage that resumes would measure nothing; with
+    ``fresh=False`` the folder is kept and the stages resume, for runs whose results, not costs,
+    are wanted); a failed stage is recorded and the next ones still run (and fail on what is
+    missing). With ``again``: only those stages, on the run folder as it is, their own folders
+    removed first. ``on_row`` receives each stage's row as soon as it is measured."""
     if again:
         clear_stages(run_dir, again)
-    elif run_dir.exists():
+    elif fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     logs.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -109,6 +109,27 @@ def test_every_family_is_a_run_on_its_held_out_seed_and_a_table(tiny_matrix):
     assert "**heldout** seeds" in page and "Targets missed:" in page
 
 
+def test_an_interrupted_family_resumes_and_again_starts_it_anew(tmp_path, monkeypatch):
+    """Without a report the family's folder is kept and its stages resume (its fits from their
+    checkpoints: tests/test_kill_resume.py); ``--again`` removes it first; with a report it is kept."""
+    import benchmarks.robustness as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "run_stages",
+                        lambda run_dir, *a, **k: seen.append((run_dir.exists(), k["fresh"])) or [])
+    (tmp_path / "families.yaml").write_text(TINY_FAMILIES)
+    _, families = load_families(tmp_path / "families.yaml")
+    run = tmp_path / "runs" / "thin_heldout"
+    (run / "stage1").mkdir(parents=True)  # what an interrupted run left
+    args = (families[0], "heldout", 1, tmp_path, "params/test.yaml", {}, "cpu", 60.0)
+    bench.run_family(*args)
+    bench.run_family(*args, again=True)
+    assert seen == [(True, False), (False, False)]
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "scores.csv").write_text("case\n")
+    assert bench.run_family(*args) == [] and len(seen) == 2  # kept: its report exists
+
+
 def test_a_family_with_a_report_is_kept_and_the_page_rebuilt(tiny_matrix):
     out, argv, _ = tiny_matrix
     stamp = (out / "runs" / "thin_heldout" / "report" / "scores.csv").stat().st_mtime_ns
