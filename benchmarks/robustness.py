@@ -22,9 +22,10 @@ and the report run on it with the judging configuration (``--params``, default
 ``params/phantom_1mm.yaml``; ``--overrides`` for shorter runs, stated on the page), each stage in
 its own process (``benchmarks.scale``'s machinery: a failing family is a row, not the end). A
 family whose report exists is kept and an interrupted one resumes, its fits from their checkpoints
-(the matrix takes hours); ``--again`` runs it anew. It writes ``robustness.csv`` (family, split, class, source: noisy, both baselines, stage 1,
-stage 2; Dice, HD95, components; mean over the family's cases), ``verdicts.csv`` (the targets per
-family and class) and ``robustness.md`` rendered from them.
+(the matrix takes hours); ``--again`` runs it anew. It writes ``robustness.csv`` (family, split,
+class, source: noisy, both baselines, stage 1, stage 2; Dice, HD95, components; mean over the
+family's cases), ``verdicts.csv`` (the targets per family and class) and ``robustness.md``
+rendered from them.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def _family_section(family: Family, table: pd.DataFrame, verdict: pd.DataFrame) 
         parts.append(f"**{label}**\n\n" + wide.to_markdown(floatfmt=".3f" if metric != "hd95" else ".2f"))
     failing = verdict[~verdict["ok"].astype(bool)]
     parts.append("Targets missed: " + (", ".join(f"{r['class']} {r['source']} (Dice {r['dice_gain']:+.3f}, "
-                                                  f"HD95 {r['hd95_gain']:+.2f} mm"
+                                                  f"HD95 {-r['hd95_gain']:+.2f} mm against the input"
                                                   + (f", {r['cor_gain_share']:.0%} of cases gain {COR_GAIN}"
                                                      if r["class"] == "Cor" else "") + ")"
                                                   for _, r in failing.iterrows()) or "none") + ".")
@@ -218,12 +219,15 @@ def page(families: list[Family], tables: dict, verdict_tables: dict, split: str,
             + f"\n## Stages run by this invocation\n\n{stages}\n")
 
 
-def conditions(params_file: str, overrides: dict, cases: int, split: str, families: list[Family]) -> str:
+def conditions(params_file: str, overrides: dict, cases: int, split: str, families: list[Family], out: Path) -> str:
     what = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "none"
+    versions = {f.name: out / "runs" / f"{f.name}_{split}" / "version.txt" for f in families}
+    ran = ", ".join(f"{name} `{path.read_text().strip()}`" for name, path in versions.items() if path.is_file())
     return (f"Families of `params/robustness.yaml` ({', '.join(f.name for f in families)}), {cases} cases each, "
             f"**{split}** seeds. Each family: its phantom, then prepare, stage 1, stage 2 and the report on "
             f"`{params_file}`, overrides {what}. Scores against the phantom's truth, mean over the cases; "
-            "`closing` and `gaussian` are the classical baselines of the report.")
+            "`closing` and `gaussian` are the classical baselines of the report; verdicts.csv's `hd95_gain` is "
+            f"noisy minus repair (positive: better). Code version of each family's run: {ran or 'none ran'}.")
 
 
 ROUNDTRIP_CLASSES = ("Cor", "LAA", "PV")
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "verdicts.csv", verdict.reset_index(drop=True).to_csv(index=False))
     table = pd.concat([t for t in tables.values() if not t.empty] or [pd.DataFrame(columns=MATRIX_COLUMNS)])
     text = page(families, tables, verdict_tables, args.split,
-                conditions(args.params, args.overrides, cases, args.split, families), stages)
+                conditions(args.params, args.overrides, cases, args.split, families, out), stages)
     write_report(out, "robustness", table.reset_index(drop=True), text, argv, module="benchmarks.robustness")
     failed = not stages.empty and (stages["status"] != "ok").any()
     return 1 if failed or any(t.empty for t in tables.values()) else 0
