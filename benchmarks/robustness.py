@@ -162,7 +162,8 @@ def verdicts(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
             continue
         noisy = sub.xs("noisy", level="source")
         for source in (s for s in REPAIRS if s in present):
-            both = noisy.join(sub.xs(source, level="source"), lsuffix="_noisy", rsuffix="_rep", how="inner")
+            both = noisy.merge(sub.xs(source, level="source"), left_index=True, right_index=True,
+                               suffixes=("_noisy", "_rep"))
             dice_gain = float((both["dice_rep"] - both["dice_noisy"]).mean())
             finite = both["hd95_noisy"].notna() & both["hd95_rep"].notna()
             emptied = int((both["hd95_noisy"].notna() & both["hd95_rep"].isna()).sum())

@@ -31,16 +31,13 @@ resumes with exactly the points it would have drawn.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
 
 from nearfix_lib.core.config import BalancedSamplingParams, SamplingParams
 from nearfix_lib.core.geometry import bounding_box
-
-if TYPE_CHECKING:
-    from nearfix_lib.field.store import MinedVoxels
 
 # Jittered points stay this fraction of a cell away from the cell's faces: a point exactly on a
 # face (or rounded onto it when cast to float32) would belong to the neighbouring voxel, and its
@@ -335,6 +332,19 @@ class BandSampler(_CaseStreams):
         return points, targets
 
 
+class MinedCases(Protocol):
+    """Where a mining pass's voxels are kept (:class:`~nearfix_lib.field.store.MinedVoxels`, on disk):
+    per case a count and the flat indices, and the pass a checkpoint names."""
+
+    def count(self, case: int) -> int: ...
+
+    def flat(self, case: int) -> np.ndarray: ...
+
+    def state(self) -> dict: ...
+
+    def load_state(self, state: dict) -> None: ...
+
+
 class ClassBalancedSampler(_CaseStreams):
     """Class-balanced points and integer labels for the unified multi-class fit.
 
@@ -347,7 +357,7 @@ class ClassBalancedSampler(_CaseStreams):
     """
 
     def __init__(self, store: LabelStore, params: BalancedSamplingParams, seed: int,
-                 mined: MinedVoxels | None = None):
+                 mined: MinedCases | None = None):
         super().__init__(seed)
         if len(store) == 0:
             raise ValueError("ClassBalancedSampler needs at least one case")
