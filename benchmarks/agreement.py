@@ -72,8 +72,9 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     decoding = decoding or run.params
     from nearfix_lib.core.io import read_label
     from nearfix_lib.core.workspace import prepared_dir, stage_labels
-    from nearfix_lib.field.decide import boundary_seed, threshold_decision
+    from nearfix_lib.field.decide import threshold_decision
     from nearfix_lib.field.infer import original_box_grid
+    from nearfix_lib.field.sampling import interface_band
     from nearfix_lib.field.unified import UnifiedModel, priority_decision
     from nearfix_lib.stages.prepare import load_crops_index
     from nearfix_lib.stages.stage1 import load_stage1_fields
@@ -95,7 +96,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             cls = run.table[key]
             (dense, dense_s), (fine, fine_s, evaluated) = _both(
                 field.model, field.index_of[cid], original_box_grid(box), box, threshold_decision(p.threshold),
-                p.decode, device, p.chunk_points, boundary_seed(given[box.slices] == cls.index))  # 0/1 maps
+                p.decode, device, p.chunk_points, interface_band(given[box.slices] == cls.index, 1))
             rows += _rows(cid, "stage1", (dense * cls.index, dense_s), (fine * cls.index, fine_s, evaluated), [cls],
                           run.table)
             rows[-1].update(_mref_agreement(dense, fine, cls, crops.spacing, p.cleanup, run.table))
@@ -105,7 +106,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             lref = read_label(stage_labels(run, "stage2", cid), run.table).array
             both = _both(unified.model, unified.case_ids.index(cid), original_box_grid(box), box,
                          priority_decision(unified.table, unified.thresholds), decoding.stage3.decode, device,
-                         decoding.stage3.chunk_points, boundary_seed(lref[box.slices]))
+                         decoding.stage3.chunk_points, interface_band(lref[box.slices], 1))
             rows += _rows(cid, "stage3", *both, list(unified.table), unified.table)
             print(f"{cid} stage3: identical {min(r['identical'] for r in rows[-len(unified.table):]):.6f} (worst head)",
                   flush=True)

@@ -112,9 +112,10 @@ def _decode(job: DecodeJob, queue) -> None:
 
     from nearfix_lib.core.config import ModelParams
     from nearfix_lib.core.geometry import resample
-    from nearfix_lib.field.decide import boundary_seed, decode_counted
+    from nearfix_lib.field.decide import decode_counted
     from nearfix_lib.field.infer import original_box_grid
     from nearfix_lib.field.models import ImplicitField
+    from nearfix_lib.field.sampling import interface_band
     from nearfix_lib.field.unified import priority_decision
 
     saved = torch.load(job.field, weights_only=True)
@@ -128,8 +129,9 @@ def _decode(job: DecodeJob, queue) -> None:
     fitted = saved["labels"].numpy()  # seeded as the pipeline seeds: by the labels the field was fitted to
     near = fitted if job.grid_shape is None else resample(fitted, roi_grid(Box((0, 0, 0), fitted.shape),
                                                                          job.grid_shape), order=0)
-    t0 = time.perf_counter()
-    labels, evaluated = decode_counted(model, 0, grid, box, decision, params, job.device, seed=boundary_seed(near))
+    t0 = time.perf_counter()  # the seed is part of what a decode costs
+    labels, evaluated = decode_counted(model, 0, grid, box, decision, params, job.device,
+                                       seed=interface_band(near, 1))
     seconds = time.perf_counter() - t0
     np.save(job.out, labels)
     queue.put({"seconds": seconds, "evaluated": evaluated / labels.size, "voxels": int(labels.size),

@@ -9,7 +9,6 @@ from nearfix_lib.core.config import DecodeParams
 from nearfix_lib.core.geometry import Box, Grid, apply_affine, normalised_to_original, roi_grid
 from nearfix_lib.field.decide import (
     Decision,
-    boundary_seed,
     decode_counted,
     labels_in_box,
     labels_on_grid,
@@ -17,6 +16,7 @@ from nearfix_lib.field.decide import (
 )
 from nearfix_lib.field.infer import field_on_grid
 from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.sampling import interface_band
 from tests.test_train_infer import TINY_MODEL
 
 SHAPE = (61, 47, 38)  # asymmetric, no axis a multiple of the coarse step
@@ -101,22 +101,22 @@ def test_the_input_boundaries_as_a_seed_keep_a_structure_confident_cells_would_h
     lost = decode(AnalyticField(**steep), blind)
     assert np.count_nonzero(lost == 1) < np.count_nonzero(dense == 1) and np.count_nonzero(lost != dense) > 20
     field = AnalyticField(**steep)
-    seeded = labels_on_grid(field, 0, GRID, BOX, PRIORITY, blind, seed=boundary_seed(dense))
+    seeded = labels_on_grid(field, 0, GRID, BOX, PRIORITY, blind, seed=interface_band(dense, 1))
     np.testing.assert_array_equal(seeded, dense)
     assert field.points < 0.5 * np.prod(SHAPE)  # still far fewer points than the dense decode
     with pytest.raises(ValueError, match="seed of shape"):
         labels_on_grid(AnalyticField(), 0, GRID, BOX, PRIORITY, blind, seed=np.zeros(SHAPE[::-1], bool))
 
 
-def test_boundary_seed_marks_both_sides_of_every_label_change():
+def test_the_seed_marks_both_sides_of_every_label_change():
     lab = np.zeros((5, 4, 6), np.uint8)
     lab[1:3, 1:3, 2:4] = 2
     lab[3, 1:3, 2:4] = 5
-    seed = boundary_seed(lab)
+    seed = interface_band(lab, 1)
     assert seed[lab > 0].all()  # every voxel of these thin blocks touches another label
     assert seed[0, 1, 2] and seed[1, 0, 2] and seed[1, 1, 1] and seed[4, 1, 2]  # their outer neighbours
     assert not seed[0, 0, 0] and not seed[4, 3, 5] and seed.sum() == 12 + 2 * (4 + 6 + 6)  # the block and its faces
-    assert not boundary_seed(np.ones((3, 3, 3))).any()
+    assert not interface_band(np.ones((3, 3, 3)), 1).any()
 
 
 def test_a_grid_smaller_than_the_coarse_step_and_a_one_voxel_axis():

@@ -402,6 +402,12 @@ def _class_rows(pred_labels: np.ndarray, boxes_p: dict[str, tuple[slice, ...] | 
 # components and attachment
 # --------------------------------------------------------------------------------------------
 
+def mask_components(mask: np.ndarray) -> int:
+    """Number of 26-connected components of a binary mask (0 for an empty one)."""
+    mask = np.asarray(mask, dtype=bool)
+    return int(cc3d.connected_components(mask, connectivity=26, return_N=True)[1]) if mask.any() else 0
+
+
 def component_counts(labels: np.ndarray, table: ClassTable) -> dict[str, int]:
     """Number of 26-connected components of every class of ``table``.
 

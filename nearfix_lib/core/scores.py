@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import cc3d
 import numpy as np
 import pandas as pd
 
@@ -35,6 +34,7 @@ from nearfix_lib.core.metrics import (
     case_report,
     component_counts,
     mask_box,
+    mask_components,
     union_box,
 )
 
@@ -70,7 +70,7 @@ def score_masks(case_id: str, source: str, reference: str, masks: Mapping[str, n
         box = union_box(mask_box(mask), truth.boxes[cls.key]) or (slice(0, 1),) * 3
         own = mask[box]
         record = {**truth.class_scores(own, box, cls.key),
-                  "n_comp": int(cc3d.connected_components(own, connectivity=26, return_N=True)[1]) if own.any() else 0,
+                  "n_comp": mask_components(own),
                   "n_comp_ref": truth.components[cls.key], "expected": cls.expected_components}
         rows.append(_row(case_id, source, reference, record, extra))
     return rows

@@ -58,20 +58,6 @@ class Decision:
         return np.min(np.abs(_logit(prob) - _logit(np.asarray(self.thresholds))), axis=-1)
 
 
-def boundary_seed(labels: np.ndarray) -> np.ndarray:
-    """The voxels of a label map (or mask) with a 6-neighbour of another value: where its structures'
-    surfaces are, as a ``seed`` for the coarse-to-fine decode (every structure has some)."""
-    lab = np.asarray(labels)
-    seed = np.zeros(lab.shape, dtype=bool)
-    for axis in range(lab.ndim):
-        lo, hi = [slice(None)] * lab.ndim, [slice(None)] * lab.ndim
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        change = lab[tuple(lo)] != lab[tuple(hi)]
-        seed[tuple(lo)] |= change
-        seed[tuple(hi)] |= change
-    return seed
-
-
 def threshold_decision(threshold: float) -> Decision:
     """One head: label 1 where P >= threshold (a stage-1 class field)."""
     return Decision(lambda prob: (prob[:, 0] >= threshold).astype(np.uint8), (float(threshold),))
@@ -84,7 +70,8 @@ def labels_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box
     """``decision`` at every voxel centre of ``grid`` (uint8, ``grid.shape``), dense or coarse to fine
     (``params.mode``). ``box`` is the ROI the model's normalised space refers to; ``latent`` (1, D)
     replaces the table entry, ``image`` feeds an appearance model; ``seed`` (bool, ``grid.shape``,
-    e.g. :func:`boundary_seed` of the input labels) marks voxels whose cells are always refined."""
+    e.g. ``sampling.interface_band(input_labels, 1)``: where its labels change) marks voxels whose
+    cells are always refined."""
     return decode_counted(model, case_index, grid, box, decision, params, device, chunk_points, image, latent,
                           seed)[0]
 

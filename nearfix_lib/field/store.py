@@ -402,6 +402,6 @@ class MinedVoxels:
         if self.epoch is None:
             return
         for folder in self.root.glob("pass_*"):
-            older = folder.name.removeprefix("pass_").isdigit() and int(folder.name.removeprefix("pass_")) < self.epoch
-            if older:
+            epoch = folder.name.removeprefix("pass_")
+            if epoch.isdigit() and int(epoch) < self.epoch:
                 shutil.rmtree(folder, ignore_errors=True)

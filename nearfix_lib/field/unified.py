@@ -39,7 +39,7 @@ from nearfix_lib.core.geometry import (
 )
 from nearfix_lib.core.io import atomic_path
 from nearfix_lib.core.metrics import dice
-from nearfix_lib.field.decide import Decision, boundary_seed, labels_on_grid
+from nearfix_lib.field.decide import Decision, labels_on_grid
 from nearfix_lib.field.device_batches import DeviceBalancedSampler, device_batches, device_cache_mb
 from nearfix_lib.field.device_batches import teacher_values as device_teacher_values
 from nearfix_lib.field.infer import field_at_points, field_on_grid, grid_chunks, original_box_grid
@@ -49,6 +49,7 @@ from nearfix_lib.field.sampling import (
     ClassBalancedSampler,
     dense_from_sparse,
     index_to_normalised,
+    interface_band,
     mining_due,
     sparse_coordinates,
 )
@@ -265,7 +266,7 @@ class UnifiedTask:
         for i in cases:
             ref = self.store.labels(i)  # mapped for this case only; its boundaries seed the decode
             labels = labels_on_grid(model, i, *self._grid(i), decision, self.decoding, self.device, self.chunk,
-                                    seed=boundary_seed(ref))
+                                    seed=interface_band(ref, 1))
             scores += [dice(labels == c, ref == c) for c in self.indices if self.store.present(i, c)]
             del ref
         return {"dice": float(np.mean(scores))}
@@ -437,7 +438,7 @@ class UnifiedModel:
         if seed_labels is not None:
             near = (np.asarray(seed_labels)[geo.heart_box.slices] if grid == "original"
                     else resample(np.asarray(seed_labels), geo.heart_grid, order=0))
-            seed = boundary_seed(near)
+            seed = interface_band(near, 1)
         labels = labels_on_grid(self.model, index, on, geo.heart_box, priority_decision(self.table, self.thresholds),
                                 self.decoding, self.device, self.chunk_points, latent=latent, seed=seed)
         if grid == "roi":

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import cc3d
 import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
 from nearfix_lib.core.config import AuditParams
+from nearfix_lib.core.metrics import mask_components
 
 AUDIT_PREFIX = "audit_"
 
@@ -57,10 +57,6 @@ class Audit:
     def columns(self) -> dict:
         """The audit as score-row columns (``audit_*``)."""
         return {AUDIT_PREFIX + k: v for k, v in asdict(self).items()}
-
-
-def _components(mask: np.ndarray) -> int:
-    return int(cc3d.connected_components(mask, connectivity=26, return_N=True)[1]) if mask.any() else 0
 
 
 def skeleton_kept(inp: np.ndarray, repair: np.ndarray) -> float:
@@ -92,5 +88,5 @@ def audit_repair(inp: np.ndarray, repair: np.ndarray, params: AuditParams) -> Au
         reasons.append(f"centre line kept {kept:.3f} < {params.min_skeleton_kept:g}")
     flagged = bool(reasons)
     return Audit(n_in, n_rep, fit, (n_in - both) / n_in if n_in else 0.0, (n_rep - both) / n_in if n_in else 0.0,
-                 _components(inp), _components(repair), kept, flagged,
+                 mask_components(inp), mask_components(repair), kept, flagged,
                  flagged and params.action == "keep_input", "; ".join(reasons))

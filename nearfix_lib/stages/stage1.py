@@ -53,12 +53,12 @@ from nearfix_lib.core.workspace import (
     stage1_dir,
     stage1_probabilities,
 )
-from nearfix_lib.field.decide import boundary_seed, labels_on_grid, threshold_decision
+from nearfix_lib.field.decide import labels_on_grid, threshold_decision
 from nearfix_lib.field.device_batches import DeviceBandSampler, device_batches, device_cache_mb
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
 from nearfix_lib.field.models import ImplicitField
-from nearfix_lib.field.sampling import BandSampler, MaskStore
+from nearfix_lib.field.sampling import BandSampler, MaskStore, interface_band
 from nearfix_lib.field.store import (
     CaseStore,
     StoreSpec,
@@ -139,7 +139,8 @@ class Stage1Task:
             mask = self.sampler.mask(i)
             box = Box((0, 0, 0), mask.shape)
             decided = labels_on_grid(model, i, roi_grid(box, mask.shape), box, self.decision, self.decoding,
-                                     self.device, self.chunk, image=self.image_of(i), seed=boundary_seed(mask))
+                                     self.device, self.chunk, image=self.image_of(i),
+                                     seed=interface_band(mask, 1))
             scores.append(dice(decided > 0, mask))
         return {"dice": float(np.mean(scores))}
 
@@ -278,7 +279,7 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
     decided = labels_on_grid(model, i, original_box_grid(box), box, threshold_decision(params.threshold),
-                             params.decode, device, params.chunk_points, image=image, seed=boundary_seed(given))
+                             params.decode, device, params.chunk_points, image=image, seed=interface_band(given, 1))
     cleaned, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
     audit = audit_repair(given, cleaned, params.audit)
     mask = np.zeros(crops.shape, dtype=bool)

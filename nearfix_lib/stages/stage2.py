@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 
 from nearfix_lib.core.classes import ClassTable
-from nearfix_lib.core.geometry import resample
 from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz
 from nearfix_lib.core.metrics import Reference
 from nearfix_lib.core.scores import anatomy_checks, component_counts_of, score_labels, score_masks, scores_frame
-from nearfix_lib.core.workspace import Run, prepared_dir, stage1_dir, stage2_dir
-from nearfix_lib.field.decide import boundary_seed, labels_in_box, threshold_decision
+from nearfix_lib.core.workspace import Run, case_dir, prepared_dir, stage1_dir, stage2_dir
+from nearfix_lib.field.decide import labels_in_box, threshold_decision
+from nearfix_lib.field.sampling import interface_band
 from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.repair.fusion import FusionResult, fuse_case
 from nearfix_lib.stages import shards
@@ -72,7 +72,7 @@ def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device:
         p = run.params.stage1.for_class(key)
         decided = labels_in_box(f.model, f.index_of[crops.case_id], crops.heart_grid, crops.class_boxes[key],
                                 threshold_decision(p.threshold), p.decode, device, p.chunk_points,
-                                seed=boundary_seed(heart_labels == run.table[key].index))
+                                seed=interface_band(heart_labels == run.table[key].index, 1))
         masks[key], _ = clean_mask(decided > 0, run.table[key].expected_components, spacing, p.cleanup)
     return masks
 
@@ -100,7 +100,8 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
     grids = [("original", result)]
     if fields is not None:
-        heart_labels = resample(case.label.array, crops.heart_grid, order=0)
+        with np.load(case_dir(prepared_dir(run), case.case_id) / "heart.npz") as z:
+            heart_labels = z["labels"]  # the input on the heart grid, as prepare resampled it
         roi_result = fuse_case(roi_masks(run, fields, crops, device, heart_labels), run.table,
                                crops.heart_spacing, params,
                                shape=crops.heart_grid.shape)
