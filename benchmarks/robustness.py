@@ -198,12 +198,10 @@ def _family_section(family: Family, table: pd.DataFrame, verdict: pd.DataFrame) 
     return "\n\n".join(parts) + "\n"
 
 
-def page(families: list[Family], tables: dict, verdict_tables: dict, split: str, conditions: str,
-         stage_rows: pd.DataFrame) -> str:
+def page(families: list[Family], tables: dict, verdict_tables: dict, verdict: pd.DataFrame, split: str,
+         conditions: str, stage_rows: pd.DataFrame) -> str:
     """``robustness.md``: the verdict summary, then each family's tables, all from the CSVs' rows."""
-    import pandas as pd
 
-    verdict = pd.concat([v for v in verdict_tables.values() if not v.empty] or [pd.DataFrame(columns=VERDICT_COLUMNS)])
     summary = "no family has a report yet"
     if not verdict.empty:
         wide = verdict.pivot_table(index="family", columns=["source", "class"], values="dice_gain", sort=False)
@@ -348,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = pd.concat([v for v in verdict_tables.values() if not v.empty] or [pd.DataFrame(columns=VERDICT_COLUMNS)])
     write_text(out / "verdicts.csv", verdict.reset_index(drop=True).to_csv(index=False))
     table = pd.concat([t for t in tables.values() if not t.empty] or [pd.DataFrame(columns=MATRIX_COLUMNS)])
-    text = page(families, tables, verdict_tables, args.split,
+    text = page(families, tables, verdict_tables, verdict, args.split,
                 conditions(args.params, args.overrides, cases, args.split, families, out), stages)
     write_report(out, "robustness", table.reset_index(drop=True), text, argv, module="benchmarks.robustness")
     failed = not stages.empty and (stages["status"] != "ok").any()

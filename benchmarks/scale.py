@@ -198,22 +198,20 @@ def _child_result(log: Path) -> dict | None:
     return json.loads(lines[-1][len(RESULT_TAG):]) if lines else None
 
 
-def disk_mb(folder: Path) -> float:
-    """Size of the files under ``folder`` (0 when it does not exist)."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
-
-
-def case_disk_mb(folder: Path, case_ids: set[str]) -> float:
-    """Size of the files under ``folder`` that belong to one case: a folder or file of the path is
-    named by a case id (``cases/<case>/``, ``prob/<case>.npy``, ``masks/<case>.nii.gz``). What a
-    thousand cases cost on disk is N times this per case, plus the rest (checkpoints, tables), which
-    does not grow with N: with one case, ``disk_mb`` mixes the two."""
-    def owned(path: Path) -> bool:
-        return any(part.split(".", 1)[0] in case_ids for part in path.relative_to(folder).parts)
-
-    if not folder.exists():
-        return 0.0
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and owned(p)) / 2**20
+def folder_mb(folder: Path, case_ids: set[str]) -> tuple[float, float]:
+    """Size of the files under ``folder`` (0 when it does not exist), in one walk: all of them, and
+    those that belong to one case, a folder or file of their path named by a case id
+    (``cases/<case>/``, ``prob/<case>.npy``, ``masks/<case>.nii.gz``). What a thousand cases cost
+    on disk is N times the second per case, plus the rest (checkpoints, tables), which does not grow
+    with N: with one case, the first mixes the two."""
+    total = owned = 0
+    for path in folder.rglob("*") if folder.exists() else ():
+        if path.is_file():
+            size = path.stat().st_size
+            total += size
+            if any(part.split(".", 1)[0] in case_ids for part in path.relative_to(folder).parts):
+                owned += size
+    return total / 2**20, owned / 2**20
 
 
 def params_case_ids(params_file: Path) -> set[str]:
@@ -233,9 +231,9 @@ def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeo
                   project: Path = PROJECT) -> dict:
     """One stage in a fresh process, with the code of the checkout ``project``: its row
     (``REALSIZE_COLUMNS``); ``disk_mb`` is what the stage added to the run folder, ``case_disk_mb``
-    the part of it that belongs to cases (:func:`case_disk_mb`)."""
+    the part of it that belongs to cases (:func:`folder_mb`)."""
     cases = params_case_ids(params_file)
-    before, before_cases, t0 = disk_mb(run_dir), case_disk_mb(run_dir, cases), time.perf_counter()
+    before, t0 = folder_mb(run_dir, cases), time.perf_counter()
     cmd = [sys.executable, "-m", "benchmarks.scale", "_stage", stage, "--run-dir", str(run_dir),
            "--params", str(params_file)]
     code, rss_mb, expired = _spawn(cmd, log, timeout_s, project)
@@ -244,7 +242,8 @@ def measure_stage(stage: str, run_dir: Path, params_file: Path, log: Path, timeo
     if expired:
         row["status"] = f"failed: timed out after {timeout_s:.0f} s"
     row.update(_child_result(log) or {})
-    return {**row, "disk_mb": disk_mb(run_dir) - before, "case_disk_mb": case_disk_mb(run_dir, cases) - before_cases}
+    after = folder_mb(run_dir, cases)
+    return {**row, "disk_mb": after[0] - before[0], "case_disk_mb": after[1] - before[1]}
 
 
 def clear_stages(run_dir: Path, stages: Sequence[str]) -> None:

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from benchmarks.scale import STAGES, case_disk_mb, main, measure_stage, slopes, write_params
+from benchmarks.scale import STAGES, folder_mb, main, measure_stage, slopes, write_params
 
 # the tests' tiny run; stage 1 on one class, with enough steps that its masks are not empty
 # (stage 3 learns from what stage 1 and 2 produced, and refuses a run without any L^ref)
@@ -144,9 +144,9 @@ def test_case_disk_counts_the_files_a_case_id_names(tmp_path):
     for name, size in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x" * size)
-    assert case_disk_mb(tmp_path, {"7"}) * 2**20 == 5500
-    assert case_disk_mb(tmp_path, {"7", "17"}) * 2**20 == 9500
-    assert case_disk_mb(tmp_path / "absent", {"7"}) == 0.0
+    assert folder_mb(tmp_path, {"7"})[1] * 2**20 == 5500
+    assert folder_mb(tmp_path, {"7", "17"})[1] * 2**20 == 9500
+    assert folder_mb(tmp_path / "absent", {"7"}) == (0.0, 0.0)
 
 
 def test_realsize_runs_only_the_stages_asked_for(tmp_path, monkeypatch):
