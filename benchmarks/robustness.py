@@ -201,7 +201,6 @@ def _family_section(family: Family, table: pd.DataFrame, verdict: pd.DataFrame) 
 def page(families: list[Family], tables: dict, verdict_tables: dict, verdict: pd.DataFrame, split: str,
          conditions: str, stage_rows: pd.DataFrame) -> str:
     """``robustness.md``: the verdict summary, then each family's tables, all from the CSVs' rows."""
-
     summary = "no family has a report yet"
     if not verdict.empty:
         wide = verdict.pivot_table(index="family", columns=["source", "class"], values="dice_gain", sort=False)
