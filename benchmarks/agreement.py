@@ -83,7 +83,8 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     index = load_crops_index(prepared_dir(run))
     ids = list(index)[:cases] if cases else list(index)
     fields = load_stage1_fields(run, device)
-    unified = UnifiedModel.load(artifact_path(run), device=device) if artifact_path(run).is_file() else None
+    artifact = artifact_path(run)
+    unified = UnifiedModel.load(artifact, device=device, edits=False) if artifact.is_file() else None
     rows = []
     for cid in ids:
         crops = index[cid]

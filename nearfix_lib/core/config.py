@@ -678,6 +678,37 @@ class Stage3Params:
 
 
 @dataclass
+class RefineParams:
+    """An interactive edit (``field.refine``): how far a click reaches, how hard it pulls, how much of
+    the case the labels shown before it hold in place, and how much is decoded again."""
+
+    click_radius_mm: float = 2.0  # a click constrains a ball this wide around its point
+    click_points: int = 48  # points drawn in each click's ball (its centre first)
+    click_weight: float = 20.0  # against the prior's weight of 1
+    prior_points: int = 3000  # voxels of the labels shown, half along their class boundaries
+    prior_clearance_mm: float = 6.0  # no prior voxel this close to a click: the click decides there
+    anchor_weight: float = 1e-3  # times ||z - z_start||^2: the latent stays near where it started
+    steps: int = 12  # at most this many Adam steps on z per click ...
+    min_steps: int = 3  # ... and at least this many
+    stop_fraction: float = 0.9  # stop once this share of the click points decide as asked
+    lr: float = 0.05  # Adam on the latent (the new-case fit uses 1e-2 over 150 steps; a click has ~10)
+    window_mm: float = 16.0  # half-width of the box around the click decoded again and pasted
+
+    def __post_init__(self) -> None:
+        for name in ("click_radius_mm", "window_mm", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"refine.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("click_points", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"refine.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("click_weight", "prior_points", "prior_clearance_mm", "anchor_weight", "min_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"refine.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.stop_fraction <= 1:
+            raise ValueError(f"refine.stop_fraction must be in (0, 1], got {self.stop_fraction}")
+
+
+@dataclass
 class Params:
     run: RunParams = field(default_factory=RunParams)
     data: DataParams = field(default_factory=DataParams)
@@ -686,6 +717,7 @@ class Params:
     stage2: Stage2Params = field(default_factory=Stage2Params)
     stage3: Stage3Params = field(default_factory=Stage3Params)
     baselines: BaselineParams = field(default_factory=BaselineParams)
+    refine: RefineParams = field(default_factory=RefineParams)  # interactive edits (napari)
     source: str = ""  # the YAML file these came from (informational)
 
     def to_dict(self) -> dict:
@@ -697,7 +729,7 @@ class Params:
 
 __all__ = ["Params", "RunParams", "DataParams", "PrepareParams", "Stage1Params", "Stage3Params", "ModelParams",
            "SamplingParams", "BalancedSamplingParams", "TrainParams", "LossParams", "LOSS_KINDS", "UnifiedLossParams",
-           "CleanupParams", "Stage2Params", "RULES", "BaselineParams", "PhantomParams", "NoiseParams",
+           "CleanupParams", "RefineParams", "Stage2Params", "RULES", "BaselineParams", "PhantomParams", "NoiseParams",
            "SUPERVISION_GRIDS",
            "load_params", "params_from_yaml_text", "mapping_parameter", "project_root", "resolve_path"]
 

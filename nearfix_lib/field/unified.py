@@ -45,6 +45,7 @@ from nearfix_lib.field.device_batches import teacher_values as device_teacher_va
 from nearfix_lib.field.infer import field_at_points, field_on_grid, grid_chunks, original_box_grid
 from nearfix_lib.field.losses import distillation, inverse_frequency_weights, latent_l2, per_head_weighted_bce
 from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.refine import CaseField, read_edited_latents
 from nearfix_lib.field.sampling import (
     ClassBalancedSampler,
     dense_from_sparse,
@@ -58,6 +59,13 @@ from nearfix_lib.field.train import fit, unwrap
 
 ARTIFACT_FORMAT = "nearfix-unified"
 ARTIFACT_VERSION = 1
+
+
+def edits_path(artifact: str | Path) -> Path:
+    """The edits file beside an artifact (``unified.pt`` -> ``unified.edits.pt``): the latents a
+    person edited, kept apart so that the artifact (and every result stamped with it) stays as fitted."""
+    artifact = Path(artifact)
+    return artifact.with_name(f"{artifact.stem}.edits{artifact.suffix}")
 
 
 def teacher_affine(heart_box: Box, class_box: Box) -> np.ndarray:
@@ -371,6 +379,9 @@ class UnifiedModel:
     chunk_points: int = 262_144
     extra_latents: dict[str, torch.Tensor] = field(default_factory=dict)  # cases fitted after training
     decoding: DecodeParams = field(default_factory=DecodeParams)  # how decode() makes its label maps
+    # latents a person edited (field.refine), read from the artifact's edits file; they decode instead
+    # of the fitted ones, which stay in the artifact untouched (an edit can always be undone)
+    edited_latents: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -388,7 +399,9 @@ class UnifiedModel:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> UnifiedModel:
+    def load(cls, path: str | Path, device: str = "cpu", edits: bool = True) -> UnifiedModel:
+        """The artifact at ``path``, with the latents edited in napari (:func:`edits_path`) unless
+        ``edits=False`` (the decoding stage: its maps are the model's own)."""
         # the artifact is tensors and plain types only (see save), so the safe loader reads it
         d = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(d, dict) or d.get("format") != ARTIFACT_FORMAT:
@@ -398,17 +411,20 @@ class UnifiedModel:
         model = ImplicitField(len(d["case_ids"]), params, n_heads=len(table))
         model.load_state_dict(d["state_dict"])
         model.to(device).eval()
+        edited = read_edited_latents(edits_path(path)) if edits else {}
         return cls(model, params, table, [str(c) for c in d["case_ids"]],
                    np.asarray([d["thresholds"][c.key] for c in table]),
                    {cid: CaseGeometry.from_dict(g) for cid, g in d["geometry"].items()}, device,
                    extra_latents=dict(d.get("extra_latents", {})),
-                   decoding=DecodeParams(**d.get("decoding", {})))  # artifacts before 2026-12 hold none
+                   decoding=DecodeParams(**d.get("decoding", {})),  # artifacts before 2026-12 hold none
+                   edited_latents={cid: e["latent"] for cid, e in edited.items()})
 
     # -- decoding ----------------------------------------------------------------------------
     def _latent(self, case_id: str) -> tuple[int, torch.Tensor | None]:
         case_id = str(case_id)
-        if case_id in self.extra_latents:
-            return 0, self.extra_latents[case_id].to(self.device)
+        for latents in (self.edited_latents, self.extra_latents):
+            if case_id in latents:
+                return 0, latents[case_id].to(self.device)
         if case_id not in self.case_ids:
             raise KeyError(f"case {case_id!r} is not in the model (known: {self.case_ids + list(self.extra_latents)})")
         return self.case_ids.index(case_id), None
@@ -446,6 +462,21 @@ class UnifiedModel:
         out = np.zeros(geo.shape, dtype=np.uint8)
         out[geo.heart_box.slices] = labels
         return out
+
+    def latent(self, case_id: str) -> torch.Tensor:
+        """The case's code (1, D) as it decodes now: edited, fitted after training, or from the table."""
+        index, latent = self._latent(case_id)
+        if latent is None:
+            latent = self.model.latents.embedding.weight[index:index + 1]
+        return latent.detach().cpu().float().clone()
+
+    def case_field(self, case_id: str) -> CaseField:
+        """The case as an interactive edit sees it (:mod:`~nearfix_lib.field.refine`): F_Θ frozen, its
+        code free, on its original voxels inside the heart box."""
+        geo = self.geometry[str(case_id)]
+        return CaseField(self.model, self.latent(case_id), geo.heart_box, geo.affine, tuple(geo.shape),  # type: ignore[arg-type]
+                         priority_decision(self.table, self.thresholds), tuple(self.table.indices), self.decoding,
+                         self.device, self.chunk_points)
 
     # -- new cases ---------------------------------------------------------------------------
     def fit_case(self, case_id: str, heart_labels: np.ndarray, geometry: CaseGeometry, sampling: BalancedSamplingParams,

@@ -248,7 +248,7 @@ def artifact_path(run: Run, source: str = "stage3") -> Path:
 
 def decode_setup(run: Run, source: str) -> UnifiedModel:
     """Once per process: the artifact, on the run's device, decoding as the run's ``stage3.decode`` says."""
-    unified = UnifiedModel.load(artifact_path(run, source), device=resolve_device(run.params.run.device))
+    unified = UnifiedModel.load(artifact_path(run, source), device=resolve_device(run.params.run.device), edits=False)
     unified.decoding = run.params.stage3.decode
     return unified
 
