@@ -51,6 +51,7 @@ from nearfix_lib.field.train import fit
 from nearfix_lib.field.unified import CaseGeometry, UnifiedModel, UnifiedTask
 from nearfix_lib.phantom.dataset import make_case
 from nearfix_lib.stages.runs import code_version, resolve_device
+from nearfix_lib.stages.stage3 import store_spec
 
 PROJECT = Path(__file__).resolve().parents[1]
 SESSIONS = (("1", "LAA", "injected"), ("1", "Cor", "injected"),
@@ -91,8 +92,6 @@ def build_model(params_file: Path, n_cases: int, epochs: int, work: Path, device
         fitted.append(case.noisy if cid == "holdout" else given)
     sampling = dataclasses.replace(s3.sampling, mined=0)
     loss = dataclasses.replace(s3.loss, distill_weight=0.0)
-    from nearfix_lib.stages.stage3 import store_spec
-
     store = write_store(work / "cases", [fitted[i][geometry[c].heart_box.slices] for i, c in enumerate(ids)],
                         store_spec(CARDIAC, dataclasses.replace(s3, sampling=sampling)), case_ids=ids)
     torch.manual_seed(params.run.seed)

@@ -14,7 +14,7 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 from nearfix_lib.core.geometry import apply_affine
-from nearfix_lib.viz.edit_widget import LABELS_LAYER, open_editor
+from nearfix_lib.stages.edit_panel import LABELS_LAYER, open_editor
 
 
 def main(run_dir: str, case: str, i: str, j: str, k: str, shot: str) -> int:
@@ -22,7 +22,7 @@ def main(run_dir: str, case: str, i: str, j: str, k: str, shot: str) -> int:
     voxel = np.array([[int(i), int(j), int(k)]], float)
     layer = viewer.layers[LABELS_LAYER]
     before = np.asarray(layer.data).copy()
-    widget.label_class.setCurrentText("LV")
+    widget.label_class.value = "LV"
     point = apply_affine(widget.edit.affine, voxel)
     viewer.layers["positive"].add(point)  # what clicking with the points tool does
     QApplication.processEvents()
@@ -40,6 +40,9 @@ def main(run_dir: str, case: str, i: str, j: str, k: str, shot: str) -> int:
     import nibabel as nib
 
     assert np.array_equal(np.asarray(nib.load(str(saved)).dataobj), np.asarray(layer.data)), "save"
+    dock, plugin_panel = viewer.window.add_plugin_dock_widget("nearfix", "Interactive repair")  # the Plugins menu
+    assert plugin_panel is not None, "the npe2 manifest's panel did not open"
+    viewer.window.remove_dock_widget(dock)
     viewer.window.resize(1400, 1000)
     QApplication.processEvents()
     viewer.screenshot(shot, canvas_only=False, flash=False)

@@ -210,3 +210,15 @@ def test_the_napari_widget_turns_a_point_into_a_click_under_xvfb(edit_run, tmp_p
     assert proc.stdout.strip().splitlines()[-1].startswith("ok:")
     assert shot.stat().st_size > 10_000
     assert (edit_run.dir / "edits" / "1.nii.gz").is_file() and (edit_run.dir / "edits" / "1.json").is_file()
+
+
+def test_napari_finds_the_panel_through_the_npe2_manifest():
+    npe2 = pytest.importorskip("npe2", reason="npe2 comes with napari (pip install -e .[viewer])")
+    manager = npe2.PluginManager.instance()
+    manager.discover()
+    manifest = next((m for m in manager.iter_manifests() if m.name == "nearfix"), None)
+    assert manifest is not None, "nearfix's napari.yaml is not registered: pip install -e . again"
+    (widget,) = manifest.contributions.widgets
+    (command,) = [c for c in manifest.contributions.commands if c.id == widget.command]
+    assert widget.display_name == "Interactive repair"
+    assert command.python_name == "nearfix_lib.stages.napari_plugin:InteractiveRepair"

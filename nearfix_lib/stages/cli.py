@@ -9,6 +9,7 @@
     nearfix stage1 --params P --class KEY [--run-dir D]  # = python -m nearfix_lib.stages.stage1
     nearfix stage3 --params P [--run-dir D]              # = python -m nearfix_lib.stages.stage3
     nearfix view RUN CASE [--layout overlay ...]         # = python -m nearfix_lib.viz.view
+    nearfix edit RUN CASE [--source stage1:KEY]          # = python -m nearfix_lib.stages.edit_panel
     nearfix page RUN [--out docs/experiments/NAME.md]    # an experiment page from a run's CSVs
 
 Every subcommand hands the rest of the command line to that module's ``main``, so the options and
@@ -44,7 +45,7 @@ from nearfix_lib import __version__
 from nearfix_lib.core.config import load_params, resolve_path
 from nearfix_lib.core.workspace import open_run, stage_dir
 from nearfix_lib.phantom import dataset
-from nearfix_lib.stages import pages, pipeline, prepare, report, shards, stage1, stage2, stage3
+from nearfix_lib.stages import edit_panel, pages, pipeline, prepare, report, shards, stage1, stage2, stage3
 from nearfix_lib.stages.runs import start_run
 from nearfix_lib.viz import view
 
@@ -112,6 +113,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], str]] = {
     "stage1": (stage1.main, "fit one class's field and write its masks (the module form runs under torchrun)"),
     "stage3": (stage3.main, "fit the unified model (the module form runs under torchrun)"),
     "view": (view.main, "open a case of a run in napari"),
+    "edit": (edit_panel.main, "repair a case of a run in napari by clicking (its latent re-fitted per click)"),
     "page": (pages.main, "write a run's experiment page (Markdown) from its CSVs"),
 }
 

@@ -29,7 +29,10 @@ from nearfix_lib.core.workspace import Run, open_run, prepared_dir, stage1_dir, 
 from nearfix_lib.field.decide import threshold_decision
 from nearfix_lib.field.refine import CaseField, EditSession, read_edited_latents, write_edited_latent
 from nearfix_lib.field.unified import UnifiedModel, edits_path
+from nearfix_lib.stages.prepare import load_crops_index
 from nearfix_lib.stages.runs import code_version, resolve_device
+from nearfix_lib.stages.stage1 import load_stage1_fields
+from nearfix_lib.stages.stage3 import artifact_path
 
 
 @dataclass
@@ -62,8 +65,6 @@ def _class_of(source: str) -> str:
 def edit_sources(run: Run) -> list[str]:
     """What a case of this run can be edited with: ``stage3`` where the artifact exists, else (and
     also) ``stage1:KEY`` for every class whose stage-1 fit finished."""
-    from nearfix_lib.stages.stage3 import artifact_path
-
     out = ["stage3"] if artifact_path(run).is_file() else []
     return out + [f"stage1:{k}" for k in run.table.keys if (stage1_dir(run, k) / "ckpt" / "last.pt").is_file()]
 
@@ -103,8 +104,6 @@ def open_edit(run_dir: str | Path | Run, case_id: str, source: str = "auto",
 
 
 def _stage3_field(run: Run, case_id: str) -> tuple[CaseField, Path, Path]:
-    from nearfix_lib.stages.stage3 import artifact_path
-
     artifact = artifact_path(run)
     if not artifact.is_file():
         raise ValueError(f"{artifact}: no stage-3 artifact; fit stage 3 first, or edit with a stage-1 class")
@@ -116,9 +115,6 @@ def _stage3_field(run: Run, case_id: str) -> tuple[CaseField, Path, Path]:
 
 
 def _stage1_field(run: Run, case_id: str, key: str) -> tuple[CaseField, Path, Path]:
-    from nearfix_lib.stages.prepare import load_crops_index
-    from nearfix_lib.stages.stage1 import load_stage1_fields
-
     device = resolve_device(run.params.run.device)
     fields = load_stage1_fields(run, device, [key])
     if key not in fields:

@@ -2,10 +2,8 @@
 
 The CT and the noisy, stage2 and stage3 labels (and the truth, for the phantom) in the class
 colours, side by side (``--layout grid``, default) or stacked to toggle (``--layout overlay``).
-``--edit`` docks the interactive repair widget with the case open (``viz.edit_widget``: points
-added to its ``positive``/``negative`` layers re-fit the case's latent). ``--screenshot out.png``
-saves the canvas (with ``--edit``, the whole window) and exits instead of opening a window
-(headless nodes: run it under ``xvfb-run -a``).
+``--screenshot out.png`` saves the canvas and exits instead of opening a window (headless nodes:
+run it under ``xvfb-run -a``).
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("case", help="case id, e.g. 1")
     ap.add_argument("--layout", choices=["grid", "overlay"], default="grid")
     ap.add_argument("--opacity", type=float, default=0.6, help="labels opacity")
-    ap.add_argument("--edit", action="store_true", help="dock the interactive repair widget (click to re-fit)")
-    ap.add_argument("--source", default="auto", help="with --edit: the model, 'stage3' or 'stage1:KEY'")
     ap.add_argument("--screenshot", default="", help="save the canvas to this PNG and exit")
     args = ap.parse_args(argv)
     if not display_available():
@@ -47,25 +43,26 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     import napari
 
-    if args.edit:
-        from nearfix_lib.viz.edit_widget import open_editor
-
-        viewer, _ = open_editor(args.run_dir, args.case, args.source)
-    else:
-        viewer = napari_overlay(args.run_dir, args.case, layout=args.layout, show=True, opacity=args.opacity)
+    viewer = napari_overlay(args.run_dir, args.case, layout=args.layout, show=True, opacity=args.opacity)
     if args.screenshot:
-        from qtpy.QtWidgets import QApplication
-
-        viewer.window.resize(1400, 1000)
-        QApplication.processEvents()  # let the canvas take its size before framing the data
-        viewer.reset_view()
-        QApplication.processEvents()
-        viewer.screenshot(args.screenshot, canvas_only=not args.edit, flash=False)
-        viewer.close()
-        print(f"wrote {args.screenshot}")
+        save_screenshot(viewer, args.screenshot)
         return 0
     napari.run()
     return 0
+
+
+def save_screenshot(viewer, path: str, canvas_only: bool = True) -> None:
+    """Frame the data, write the canvas (or, ``canvas_only=False``, the whole window with its docks) to
+    ``path`` and close the viewer: the ``--screenshot`` of the napari commands."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer.window.resize(1400, 1000)
+    QApplication.processEvents()  # let the canvas take its size before framing the data
+    viewer.reset_view()
+    QApplication.processEvents()
+    viewer.screenshot(path, canvas_only=canvas_only, flash=False)
+    viewer.close()
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
