@@ -54,6 +54,8 @@ from nearfix_lib.stages.runs import code_version, resolve_device
 from nearfix_lib.stages.stage3 import store_spec
 
 PROJECT = Path(__file__).resolve().parents[1]
+README_BEGIN = "<!-- clicks table: begin (python -m benchmarks.clicks --readme) -->"
+README_END = "<!-- clicks table: end -->"
 SESSIONS = (("1", "LAA", "injected"), ("1", "Cor", "injected"),
             ("holdout", "LAA", "held_out"), ("holdout", "Cor", "held_out"), ("holdout", "PV", "held_out"))
 
@@ -126,7 +128,7 @@ def next_click(shown: np.ndarray, truth: np.ndarray, label: int, affine: np.ndar
         return None
     _, positive, comp = best
     depth = edt.edt(comp, anisotropy=tuple(float(v) for v in voxel_spacing(affine)))
-    voxel = np.asarray(np.unravel_index(int(np.argmax(depth)), comp.shape)) + [s.start for s in region]
+    voxel = np.asarray(np.unravel_index(int(np.argmax(depth)), comp.shape)) + [s.start or 0 for s in region]
     return Click(tuple(apply_affine(affine, voxel[None].astype(float))[0]), label, positive)  # type: ignore[arg-type]
 
 
@@ -188,6 +190,29 @@ def summary(clicks: pd.DataFrame, finals: pd.DataFrame, conditions: str) -> str:
     return "\n".join(lines)
 
 
+def readme_table(clicks: pd.DataFrame) -> str:
+    """The README's table: Dice of the corrected class before and after 1, 3 and the last click, and
+    the latency, from ``clicks.csv``."""
+    dice_at = clicks.pivot_table(index=["case", "class", "kind"], columns="click", values="dice").ffill(axis=1)
+    last = int(dice_at.columns.max())
+    shown = list(dict.fromkeys([0, 1, min(3, last), last]))
+    lines = ["| case | class | error | " + " | ".join(f"{c} clicks" for c in shown) + " |",
+             "|---|---|---|" + "---|" * len(shown)]
+    for (case, key, kind), row in dice_at.iterrows():
+        values = " | ".join(f"{row[c]:.3f}" for c in shown)
+        lines.append(f"| {case} | {key} | {kind.replace('_', '-')} | {values} |")
+    timed = clicks.loc[clicks["click"] > 0, "seconds"]
+    lines += ["", f"Click to updated map: median {timed.median():.2f} s, p95 {timed.quantile(0.95):.2f} s "
+              f"({len(timed)} clicks)."]
+    return "\n".join(lines)
+
+
+def with_readme_table(text: str, clicks: pd.DataFrame) -> str:
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_BEGIN}\n{readme_table(clicks)}\n{README_END}{tail}"
+
+
 def plot(clicks: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -218,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the latency target is for 2 CPU cores)")
     ap.add_argument("--refit", action="store_true", help="fit the model again even if DIR/model holds one")
+    ap.add_argument("--readme", type=Path, help="only rewrite this file's clicks table from DIR/clicks.csv")
     args = ap.parse_args(argv)
+    if args.readme:
+        args.readme.write_text(with_readme_table(args.readme.read_text(), pd.read_csv(args.out / "clicks.csv")))
+        print(f"rewrote the clicks table of {args.readme}")
+        return 0
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
