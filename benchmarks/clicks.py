@@ -37,6 +37,7 @@ import edt
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from nearfix_lib.core.classes import CARDIAC
 from nearfix_lib.core.config import load_params
@@ -161,6 +162,7 @@ def run_session(unified: UnifiedModel, case_id: str, key: str, kind: str, truth:
                      "other_min_delta": min(now[k] - before[k] for k in now if k != key)})
         print(f"  {case_id} {key} click {n} ({'+' if click.positive else '-'}): Dice {now[key]:.3f} "
               f"({seconds:.2f} s, {done.steps} steps)", flush=True)
+    session.consolidate()  # what a save does
     final = class_scores(session.decode_all(), truth)
     finals = [{"case": case_id, "session": key, "class": k, "start": before[k], "final": final[k],
                "delta": final[k] - before[k]} for k in final]
@@ -180,6 +182,10 @@ def summary(clicks: pd.DataFrame, finals: pd.DataFrame, conditions: str) -> str:
         lines.append(f"- {kind}: mean Dice gain after {min(3, part.columns.max())} clicks **{after3.mean():+.3f}** "
                      f"over {len(part)} sessions")
     others = finals[finals["class"] != finals["session"]]
+    own = finals[finals["class"] == finals["session"]].set_index(["case", "session"])
+    last = clicks.sort_values("click").groupby(["case", "class"]).last()["dice"]
+    saved = pd.DataFrame({"start": own["start"], "shown after the last click": last.reindex(own.index).values,
+                          "saved (consolidated, decoded whole)": own["final"]})
     lines += [f"- latency from click to updated map: median **{timed.median():.2f} s**, p95 "
               f"**{timed.quantile(0.95):.2f} s** over {len(timed)} clicks",
               f"- the other classes, the map shown: worst change {clicks['other_min_delta'].min():+.4f} Dice",
@@ -187,6 +193,8 @@ def summary(clicks: pd.DataFrame, finals: pd.DataFrame, conditions: str) -> str:
               f"{others['delta'].min():+.4f} Dice ({others.loc[others['delta'].idxmin(), 'class']} in the "
               f"{others.loc[others['delta'].idxmin(), 'session']} session of case "
               f"{others.loc[others['delta'].idxmin(), 'case']})", ""]
+    lines += ["", "The clicked class after Save (the latent fitted once more to the whole map shown, the box "
+              "decoded with it):", "", saved.round(3).reset_index().to_markdown(index=False), ""]
     return "\n".join(lines)
 
 
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the latency target is for 2 CPU cores)")
     ap.add_argument("--refit", action="store_true", help="fit the model again even if DIR/model holds one")
     ap.add_argument("--readme", type=Path, help="only rewrite this file's clicks table from DIR/clicks.csv")
+    ap.add_argument("--refine", default="", help="refine parameters to change, YAML: '{anchor_weight: 3, steps: 20}'")
+    ap.add_argument("--csv-dir", type=Path, help="write the tables here instead of DIR (another variant, same model)")
     args = ap.parse_args(argv)
     if args.readme:
         args.readme.write_text(with_readme_table(args.readme.read_text(), pd.read_csv(args.out / "clicks.csv")))
@@ -251,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
-    params = load_params(args.params)
+    changes = {f"refine.{k}": v for k, v in (yaml.safe_load(args.refine) or {}).items()} if args.refine else None
+    params = load_params(args.params, changes)
     work = args.out / "model"
     artifact = work / "unified.pt"
     if args.refit or not artifact.is_file():
@@ -271,17 +282,22 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
         finals += f
     clicks, final = pd.DataFrame(rows), pd.DataFrame(finals)
-    args.out.mkdir(parents=True, exist_ok=True)
-    clicks.to_csv(args.out / "clicks.csv", index=False)
-    final.to_csv(args.out / "final.csv", index=False)
-    plot(clicks, args.out / "clicks.png")
+    out = args.csv_dir or args.out
+    out.mkdir(parents=True, exist_ok=True)
+    clicks.to_csv(out / "clicks.csv", index=False)
+    final.to_csv(out / "final.csv", index=False)
+    plot(clicks, out / "clicks.png")
     r = params.refine
     conditions = (f"F_Θ fitted {args.epochs} epochs on {args.cases} cases of `{args.params.name}`'s phantom "
-                  f"({'x'.join(str(v) for v in params.data.phantom.shape)} voxels); refine: {r.steps} steps at most, "
-                  f"lr {r.lr}, click radius {r.click_radius_mm} mm, window {r.window_mm} mm; device {device}, "
-                  f"{args.threads} threads; code {code_version()}; `python -m benchmarks.clicks --out {args.out}`.")
+                  f"({'x'.join(str(v) for v in params.data.phantom.shape)} voxels); refine: L-BFGS, {r.steps} "
+                  "evaluations, "
+                  f"anchor {r.anchor_weight}, click radius {r.click_radius_mm} mm, click weight {r.click_weight}, "
+                  f"{r.prior_points} prior voxels ({r.prior_window_share:.0%} in the window), window {r.window_mm} mm, "
+                  f"paste {r.paste}; device {device}, "
+                  f"{args.threads} threads; code {code_version()}; `python -m benchmarks.clicks --out {args.out}"
+                  f"{f' --refine {chr(39)}{args.refine}{chr(39)}' if args.refine else ''}`.")
     page = summary(clicks, final, conditions)
-    write_text(args.out / "clicks.md", page + "\n")
+    write_text(out / "clicks.md", page + "\n")
     print(page)
     return 0
 

@@ -137,9 +137,11 @@ def _stage1_field(run: Run, case_id: str, key: str) -> tuple[CaseField, Path, Pa
 
 
 def save_edit(edit: CaseEdit) -> dict[str, Path]:
-    """Write the edited case (labels, record, latent) and return where; the shown map becomes the full
-    decode of the edited latent (what the model alone decodes from now on)."""
+    """Write the edited case (labels, record, latent) and return where: the latent is fitted once more to
+    the whole map shown (:meth:`EditSession.consolidate`) and the box decoded with it; the shown map
+    becomes that decode (what the model alone decodes from now on)."""
     session = edit.session
+    session.consolidate()
     decoded = session.decode_all()
     source = edit.run.load(edit.case_id, with_image=False, with_truth=False).label
     labels_path = write_nifti(edit.labels_path, decoded, source.affine, source.header)
