@@ -192,7 +192,7 @@ def summary(clicks: pd.DataFrame, finals: pd.DataFrame, conditions: str) -> str:
               f"- the other classes, the whole box decoded with the edited latent (what is saved): worst change "
               f"{others['delta'].min():+.4f} Dice ({others.loc[others['delta'].idxmin(), 'class']} in the "
               f"{others.loc[others['delta'].idxmin(), 'session']} session of case "
-              f"{others.loc[others['delta'].idxmin(), 'case']})", ""]
+              f"{others.loc[others['delta'].idxmin(), 'case']})"]
     lines += ["", "The clicked class after Save (the latent fitted once more to the whole map shown, the box "
               "decoded with it):", "", saved.round(3).reset_index().to_markdown(index=False), ""]
     return "\n".join(lines)
