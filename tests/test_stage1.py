@@ -192,3 +192,34 @@ def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):
     assert data.case_ids == ["1"] and data.absent == ["2"]
     assert data.store.case_ids == ["1"]
     assert sorted(f.name for f in data.store.folder(0).iterdir()) == ["band.npy", "foreground.npy", "meta.json"]
+
+
+def test_a_run_without_stage3_edits_one_class_with_its_stage1_model(tiny_run):
+    """The interactive repair's stage-1 path: the class's M^ref shown in the class's index, a click
+    re-fits the case's code of F_c, Save writes edits/stage1_KEY/ and the latent beside the fit."""
+    from scipy import ndimage
+
+    from nearfix_lib.core.geometry import apply_affine
+    from nearfix_lib.field.refine import Click, read_edited_latents
+    from nearfix_lib.stages.edits import edit_sources, open_edit, save_edit
+
+    fit_and_repair(tiny_run, "LA")  # loads the finished fit when an earlier test made it
+    assert "stage1:LA" in edit_sources(tiny_run) and "stage3" not in edit_sources(tiny_run)
+    la = tiny_run.table["LA"].index
+    edit = open_edit(tiny_run, "1", "stage1:LA", with_image=False)
+    shown = edit.session.labels
+    mask = nib.load(str(stage1.stage1_dir(tiny_run, "LA") / "masks" / "1.nii.gz"))
+    assert np.array_equal(shown > 0, np.asarray(mask.dataobj) > 0) and set(np.unique(shown)) <= {0, la}
+    rim = ndimage.binary_dilation(shown == la) & (shown != la)
+    box = np.zeros_like(rim)
+    box[edit.session.field.box.slices] = True
+    target = np.argwhere(rim & box)[0]
+    done = edit.session.click(Click(tuple(apply_affine(edit.affine, target[None].astype(float))[0]), la))
+    assert done.steps >= 1 and not np.array_equal(edit.session.labels, shown)
+    with pytest.raises(ValueError, match="no head"):
+        edit.session.click(Click(tuple(apply_affine(edit.affine, target[None].astype(float))[0]), 3))
+    written = save_edit(edit)
+    assert written["labels"] == tiny_run.dir / "edits" / "stage1_LA" / "1.nii.gz"
+    assert "1" in read_edited_latents(stage1.stage1_dir(tiny_run, "LA") / "edits.pt")
+    again = open_edit(tiny_run, "1", "stage1:LA", with_image=False)
+    assert np.array_equal(again.session.labels, edit.session.labels)
