@@ -57,8 +57,8 @@ from nearfix_lib.stages.stage3 import store_spec
 PROJECT = Path(__file__).resolve().parents[1]
 README_BEGIN = "<!-- clicks table: begin (python -m benchmarks.clicks --readme) -->"
 README_END = "<!-- clicks table: end -->"
-SESSIONS = (("1", "LAA", "injected"), ("1", "Cor", "injected"),
-            ("holdout", "LAA", "held_out"), ("holdout", "Cor", "held_out"), ("holdout", "PV", "held_out"))
+SESSIONS = (("1", "LAA", "injected"), ("holdout", "LAA", "held_out"), ("1", "Cor", "injected"),
+            ("holdout", "Cor", "held_out"), ("holdout", "PV", "held_out"))
 
 
 def cut_distal(labels: np.ndarray, key: str, anchor: str, fraction: float, largest_only: bool = False) -> np.ndarray:
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, default=4, help="training cases of F_Θ (case 1 with the injected errors)")
     ap.add_argument("--epochs", type=int, default=1200)
     ap.add_argument("--clicks", type=int, default=5)
+    ap.add_argument("--sessions", type=int, default=len(SESSIONS), help="the first N sessions only")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the latency target is for 2 CPU cores)")
     ap.add_argument("--refit", action="store_true", help="fit the model again even if DIR/model holds one")
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = {cid: (d["truth"].numpy(), d["affine"].numpy(), d["fitted"].numpy())
              for cid, d in torch.load(work / "cases.pt", weights_only=True).items()}
     rows, finals = [], []
-    for case_id, key, kind in SESSIONS:
+    for case_id, key, kind in SESSIONS[:args.sessions]:
         truth, affine, fitted = cases[case_id]
         r, f = run_session(unified, case_id, key, kind, truth, affine, fitted, args.clicks, params)
         rows += r

@@ -4,6 +4,7 @@ per-class overrides, metrics against input and truth, and a real repair on a cle
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import PROJECT
 from params_for_tests import load_test_params
 
@@ -199,23 +200,37 @@ def test_a_run_without_stage3_edits_one_class_with_its_stage1_model(tiny_run):
     re-fits the case's code of F_c, Save writes edits/stage1_KEY/ and the latent beside the fit."""
     from scipy import ndimage
 
+    from nearfix_lib.core.config import RefineParams
     from nearfix_lib.core.geometry import apply_affine
+    from nearfix_lib.field.infer import encode_case, probabilities_at
     from nearfix_lib.field.refine import Click, read_edited_latents
     from nearfix_lib.stages.edits import edit_sources, open_edit, save_edit
 
     fit_and_repair(tiny_run, "LA")  # loads the finished fit when an earlier test made it
     assert "stage1:LA" in edit_sources(tiny_run) and "stage3" not in edit_sources(tiny_run)
     la = tiny_run.table["LA"].index
-    edit = open_edit(tiny_run, "1", "stage1:LA", with_image=False)
-    shown = edit.session.labels
-    mask = nib.load(str(stage1.stage1_dir(tiny_run, "LA") / "masks" / "1.nii.gz"))
+    # a strong click (the defaults are cautious): this test is about the path, test_refine about the fit
+    edit = open_edit(tiny_run, "1", "stage1:LA", params=RefineParams(click_weight=30, steps=20), with_image=False)
+    shown = edit.session.labels.copy()
+    mask = nib.load(str(stage1.stage1_dir(tiny_run, "LA") / "masks" / "1.nii.gz"))  # may be empty: shown too
     assert np.array_equal(shown > 0, np.asarray(mask.dataobj) > 0) and set(np.unique(shown)) <= {0, la}
-    rim = ndimage.binary_dilation(shown == la) & (shown != la)
-    box = np.zeros_like(rim)
-    box[edit.session.field.box.slices] = True
-    target = np.argwhere(rim & box)[0]
-    done = edit.session.click(Click(tuple(apply_affine(edit.affine, target[None].astype(float))[0]), la))
-    assert done.steps >= 1 and not np.array_equal(edit.session.labels, shown)
+    box = edit.session.field.box
+    target = np.asarray([(a + b) // 2 for a, b in zip(box.lo, box.hi)])  # the class box's centre
+    if shown[tuple(target)] == la:  # then a voxel just outside the class, inside its box
+        rim = ndimage.binary_dilation(shown == la) & (shown != la)
+        inside = np.zeros_like(rim)
+        inside[box.slices] = True
+        target = np.argwhere(rim & inside)[0]
+    at = apply_affine(edit.affine, target[None].astype(float))
+    field = edit.session.field
+
+    def p_la(latent):
+        with torch.no_grad():
+            encoded = encode_case(field.model, 0, "cpu", latent=latent)
+            return float(probabilities_at(field.model, encoded, field.normalised(at), "cpu")[0, 0])
+
+    done = edit.session.click(Click(tuple(at[0]), la))
+    assert done.steps >= 1 and p_la(edit.session.latent) > p_la(edit.session.start_latent)
     with pytest.raises(ValueError, match="no head"):
         edit.session.click(Click(tuple(apply_affine(edit.affine, target[None].astype(float))[0]), 3))
     written = save_edit(edit)

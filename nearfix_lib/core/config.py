@@ -691,7 +691,9 @@ class RefineParams:
     prior_clearance_mm: float = 2.5  # no prior voxel this close to a click: the click decides there
     prior_window_share: float = 0.75  # of the prior's voxels, this share inside the window decoded again
     anchor_weight: float = 1.0  # times ||z - z_start||^2: the latent stays near where it started
-    steps: int = 8  # evaluations of the loss by L-BFGS per click (each ~0.09 s at 1.1 mm on 2 cores)
+    # evaluations of the loss by L-BFGS per click (each ~0.09 s at 1.1 mm on 2 cores); a line search
+    # under way when they are spent finishes (the benchmark saw one more now and then)
+    steps: int = 8
     window_mm: float = 16.0  # half-width of the box around the click decoded again and pasted
     save_prior_points: int = 30000  # a save fits the latent once more to the whole map shown, at this many voxels
     save_steps: int = 30  # ... in this many L-BFGS evaluations

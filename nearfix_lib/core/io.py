@@ -198,8 +198,9 @@ def _read_array(path: Path, img) -> np.ndarray:
     return data
 
 
-def read_label(path: str | Path, table: ClassTable) -> Volume:
-    """Integer label map; fails on non-integer values, values outside the table, empty maps."""
+def read_label(path: str | Path, table: ClassTable, allow_empty: bool = False) -> Volume:
+    """Integer label map; fails on non-integer values, values outside the table, and empty maps unless
+    ``allow_empty`` (an output such as a class repaired to nothing, not an input)."""
     path = Path(path)
     img = _load_nifti(path)
     data = _read_array(path, img)
@@ -214,7 +215,7 @@ def read_label(path: str | Path, table: ClassTable) -> Volume:
     if bad.size:
         shown = ", ".join(str(int(v)) for v in bad[:8])
         raise InputError(path, f"label values outside the class table: {shown} (table has {table.indices})")
-    if values.size == 1 and values[0] == 0:
+    if values.size == 1 and values[0] == 0 and not allow_empty:
         raise InputError(path, "empty label map (no foreground voxel)")
     dtype = np.uint8 if table.max_index <= 255 else np.int16
     return Volume(np.ascontiguousarray(data.astype(dtype)), img.affine.copy(), img.header.copy(), path)

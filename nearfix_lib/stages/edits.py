@@ -88,9 +88,9 @@ def open_edit(run_dir: str | Path | Run, case_id: str, source: str = "auto",
     saved = edit_dir(run, source) / f"{case_id}.nii.gz"
     edited = case_id in read_edited_latents(latents_file)
     if edited and saved.is_file():
-        labels = read_label(saved, run.table).array
+        labels = read_label(saved, run.table, allow_empty=True).array
     elif start.is_file():
-        labels = read_label(start, run.table).array
+        labels = read_label(start, run.table, allow_empty=True).array  # a class repaired to nothing is shown too
         if source != "stage3":
             labels = np.where(labels > 0, run.table[_class_of(source)].index, 0).astype(np.uint8)
     else:
