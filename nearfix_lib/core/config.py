@@ -697,6 +697,7 @@ class RefineParams:
     window_mm: float = 16.0  # half-width of the box around the click decoded again and pasted
     save_prior_points: int = 30000  # a save fits the latent once more to the whole map shown, at this many voxels
     save_steps: int = 30  # ... in this many L-BFGS evaluations
+    save_rounds: int = 2  # fits at a save; each after the first adds the voxels the last one decodes differently
     # what of the window is pasted: "class", only the voxels that become or stop being the clicked class
     # (a click on the LAA edits the LAA); "window", every voxel of the window as decoded
     paste: str = "class"
@@ -705,7 +706,7 @@ class RefineParams:
         for name in ("click_radius_mm", "window_mm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"refine.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("click_points", "steps", "save_steps"):
+        for name in ("click_points", "steps", "save_steps", "save_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"refine.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("click_weight", "prior_points", "prior_clearance_mm", "anchor_weight", "save_prior_points"):

@@ -335,18 +335,29 @@ class EditSession:
     def consolidate(self) -> int:
         """Before a save: fit the latent once more, to the clicks and to the whole map shown (whose
         changes are only the clicked classes' in the windows), with ``save_prior_points`` voxels of the
-        box and ``save_steps`` evaluations. A click's fit sees a few thousand voxels, mostly near it,
-        and can move the case elsewhere; this makes the saved decode what was shown. Returns the
-        evaluations made (no clicks: nothing to do, 0)."""
+        box and ``save_steps`` evaluations; then, ``save_rounds - 1`` times, decode the box, add the
+        voxels that decode differently from the map shown to the prior and fit again. A click's fit
+        sees a few thousand voxels, mostly near it, and can move the case elsewhere; this brings the
+        saved decode back toward what was shown. Returns the evaluations made (no clicks: 0)."""
         if not self.clicks:
             return 0
         rng = np.random.default_rng(self.seed)
+        box = self.field.box
         prior = _prior_voxels(self.field, self.labels, self.clicks, self.params.save_prior_points, 0.0, self.params,
-                              rng, prior_candidates(self.field, self.labels), self.field.box)
-        start = dataclasses.replace(self.field, latent=self.latent)
-        self.latent, evaluations = fit_latent(start, self.labels, self.clicks, prior, self.params,
-                                              self.params.save_steps, rng)
-        self.latent = self.latent.cpu()
+                              rng, prior_candidates(self.field, self.labels), box)
+        evaluations = 0
+        for round_ in range(self.params.save_rounds):
+            if round_:
+                with torch.no_grad():
+                    decoded = self.field.decode(self.latent, seed=interface_band(self.labels[box.slices], 1))
+                differ = np.flatnonzero(decoded != self.labels[box.slices])
+                if not len(differ):
+                    break
+                take = rng.choice(differ, min(len(differ), self.params.save_prior_points), replace=False)
+                prior = np.union1d(prior, take)
+            start = dataclasses.replace(self.field, latent=self.latent)
+            latent, made = fit_latent(start, self.labels, self.clicks, prior, self.params, self.params.save_steps, rng)
+            self.latent, evaluations = latent.cpu(), evaluations + made
         return evaluations
 
     def decode_all(self, max_rounds: int = 3) -> np.ndarray:
