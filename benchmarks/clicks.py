@@ -1,6 +1,7 @@
 """Clicks: how far interactive repair (``field.refine``) corrects a decoded case, and how fast.
 
     python -m benchmarks.clicks --out DIR [--params params/phantom_1mm.yaml] [--cases 4] [--epochs 1200]
+    python -m benchmarks.clicks --out DIR --run outputs/phantom_1mm [--classes LAA Cor PV] [--cases 8]
 
 The protocol of interactive segmentation evaluation: a simulated user looks at the decoded map
 against the truth, finds the largest connected error region of the class being corrected, and clicks
@@ -22,6 +23,8 @@ other_min_delta``: one row per session and click, click 0 the map before any), `
 (every class of every session's case after its last click, decoded whole with the edited latent as
 the saved artifact decodes it, against the start), ``DIR/clicks.png`` (Dice against clicks) and
 ``DIR/clicks.md``. The fitted model is kept in ``DIR/model/`` and reused (``--refit`` to fit again).
+With ``--run``, a finished run with ground truth (the phantom's) is used instead: its stage-3 model,
+each case started from its decode seeded by its L^ref, each of ``--classes`` it holds clicked.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ import yaml
 from nearfix_lib.core.classes import CARDIAC
 from nearfix_lib.core.config import load_params
 from nearfix_lib.core.geometry import apply_affine, roi_box, voxel_spacing
-from nearfix_lib.core.io import write_text
+from nearfix_lib.core.io import read_label, write_text
 from nearfix_lib.core.metrics import dice, hd95
+from nearfix_lib.core.workspace import open_run, stage_labels
 from nearfix_lib.field.infer import original_box_grid
 from nearfix_lib.field.models import ImplicitField
 from nearfix_lib.field.refine import Click, EditSession
@@ -52,7 +56,7 @@ from nearfix_lib.field.train import fit
 from nearfix_lib.field.unified import CaseGeometry, UnifiedModel, UnifiedTask
 from nearfix_lib.phantom.dataset import make_case
 from nearfix_lib.stages.runs import code_version, resolve_device
-from nearfix_lib.stages.stage3 import store_spec
+from nearfix_lib.stages.stage3 import artifact_path, store_spec
 
 PROJECT = Path(__file__).resolve().parents[1]
 README_BEGIN = "<!-- clicks table: begin (python -m benchmarks.clicks --readme) -->"
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, help="only rewrite this file's clicks table from DIR/clicks.csv")
     ap.add_argument("--refine", default="", help="refine parameters to change, YAML: '{anchor_weight: 3, steps: 20}'")
     ap.add_argument("--csv-dir", type=Path, help="write the tables here instead of DIR (another variant, same model)")
+    ap.add_argument("--run", type=Path, help="a finished run with ground truth (its stage-3 model, its decoded maps) "
+                                             "instead of the benchmark's own model")
+    ap.add_argument("--classes", nargs="+", default=["LAA", "Cor", "PV"], help="with --run: the classes clicked")
     args = ap.parse_args(argv)
     if args.readme:
         args.readme.write_text(with_readme_table(args.readme.read_text(), pd.read_csv(args.out / "clicks.csv")))
@@ -263,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     changes = {f"refine.{k}": v for k, v in (yaml.safe_load(args.refine) or {}).items()} if args.refine else None
+    if args.run:
+        return clicks_on_run(args, changes, device)
     params = load_params(args.params, changes)
     work = args.out / "model"
     artifact = work / "unified.pt"
@@ -282,21 +291,54 @@ def main(argv: list[str] | None = None) -> int:
         r, f = run_session(unified, case_id, key, kind, truth, affine, fitted, args.clicks, params)
         rows += r
         finals += f
+    conditions = (f"F_Θ fitted {args.epochs} epochs on {args.cases} cases of `{args.params.name}`'s phantom "
+                  f"({'x'.join(str(v) for v in params.data.phantom.shape)} voxels); {_refine_text(params.refine)}; "
+                  f"device {device}, "
+                  f"{args.threads} threads; code {code_version()}; `python -m benchmarks.clicks --out {args.out}"
+                  f"{f' --refine {chr(39)}{args.refine}{chr(39)}' if args.refine else ''}`.")
+    return write_tables(args, rows, finals, conditions)
+
+
+def _refine_text(r) -> str:
+    return (f"refine: L-BFGS, {r.steps} evaluations, anchor {r.anchor_weight}, click radius {r.click_radius_mm} mm, "
+            f"click weight {r.click_weight}, {r.prior_points} prior voxels ({r.prior_window_share:.0%} in the window), "
+            f"window {r.window_mm} mm, paste {r.paste}")
+
+
+def clicks_on_run(args, changes: dict | None, device: str) -> int:
+    """The sessions on a finished run: its stage-3 artifact, every case with ground truth (the first
+    ``--cases``), each of ``--classes`` it holds, started from the decode seeded by its L^ref."""
+    run = open_run(args.run)
+    params = load_params(run.dir / "params.yaml", changes)
+    unified = UnifiedModel.load(artifact_path(run), device=device, edits=False)
+    rows, finals = [], []
+    for case_id in [c for c in unified.case_ids if c in {x.case_id for x in run.cases}][:args.cases]:
+        case = run.load(case_id, with_image=False)
+        if case.truth is None:
+            continue
+        lref_path = stage_labels(run, "stage2", case_id)
+        lref = read_label(lref_path, run.table).array if lref_path.is_file() else case.label.array
+        for key in args.classes:
+            if np.any(case.truth.array == run.table[key].index):
+                r, f = run_session(unified, case_id, key, "run", case.truth.array, case.label.affine, lref,
+                                   args.clicks, params)
+                rows += r
+                finals += f
+    if not rows:
+        raise SystemExit(f"{run.dir}: no case with ground truth and a stage-3 latent")
+    conditions = (f"The stage-3 model of run `{run.dir.name}` ({len(unified.case_ids)} cases); "
+                  f"{_refine_text(params.refine)}; device {device}, {args.threads} threads; code {code_version()}; "
+                  f"`python -m benchmarks.clicks --out {args.out} --run {args.run}`.")
+    return write_tables(args, rows, finals, conditions)
+
+
+def write_tables(args, rows: list[dict], finals: list[dict], conditions: str) -> int:
     clicks, final = pd.DataFrame(rows), pd.DataFrame(finals)
     out = args.csv_dir or args.out
     out.mkdir(parents=True, exist_ok=True)
     clicks.to_csv(out / "clicks.csv", index=False)
     final.to_csv(out / "final.csv", index=False)
     plot(clicks, out / "clicks.png")
-    r = params.refine
-    conditions = (f"F_Θ fitted {args.epochs} epochs on {args.cases} cases of `{args.params.name}`'s phantom "
-                  f"({'x'.join(str(v) for v in params.data.phantom.shape)} voxels); refine: L-BFGS, {r.steps} "
-                  "evaluations, "
-                  f"anchor {r.anchor_weight}, click radius {r.click_radius_mm} mm, click weight {r.click_weight}, "
-                  f"{r.prior_points} prior voxels ({r.prior_window_share:.0%} in the window), window {r.window_mm} mm, "
-                  f"paste {r.paste}; device {device}, "
-                  f"{args.threads} threads; code {code_version()}; `python -m benchmarks.clicks --out {args.out}"
-                  f"{f' --refine {chr(39)}{args.refine}{chr(39)}' if args.refine else ''}`.")
     page = summary(clicks, final, conditions)
     write_text(out / "clicks.md", page + "\n")
     print(page)

@@ -254,3 +254,17 @@ def test_napari_finds_the_panel_through_the_npe2_manifest():
     (command,) = [c for c in manifest.contributions.commands if c.id == widget.command]
     assert widget.display_name == "Interactive repair"
     assert command.python_name == "nearfix_lib.stages.napari_plugin:InteractiveRepair"
+
+
+def test_the_click_benchmark_runs_on_a_finished_run(edit_run, tmp_path):
+    """``benchmarks.clicks --run``: the run's own model and truth, one session per class it holds."""
+    import pandas as pd
+
+    from benchmarks.clicks import main
+
+    out = tmp_path / "clicks"
+    assert main(["--out", str(out), "--run", str(edit_run.dir), "--classes", "LV", "--clicks", "1", "--threads", "1",
+                 "--refine", "{steps: 2, save_steps: 2, save_prior_points: 2000}"]) == 0
+    clicks = pd.read_csv(out / "clicks.csv")
+    assert set(clicks["class"]) == {"LV"} and set(clicks["kind"]) == {"run"} and clicks["click"].max() <= 1
+    assert f"run `{edit_run.dir.name}`" in (out / "clicks.md").read_text()
