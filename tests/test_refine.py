@@ -29,6 +29,9 @@ T = CARDIAC
 SMALL = ModelParams(latent_dim=16, grid_channels=(16, 8), grid_sizes=(4, 8))
 SAMPLING = BalancedSamplingParams(positives_per_class=48, negatives=192)
 LV, MYO = T["LV"].index, T["Myo"].index
+# a lighter Save than the defaults' 30,000 voxels x 30 evaluations x 2 rounds: the suite's time (what is
+# tested, the consolidated map as a fixed point and closer to the map shown, does not depend on them)
+LIGHT_SAVE = RefineParams(save_prior_points=5000, save_steps=10)
 
 
 def fitted_unified(case, root) -> UnifiedModel:
@@ -154,7 +157,7 @@ def test_undo_restores_the_exact_labels_and_latent_and_reset_the_start(phantom_m
 def test_the_saved_map_is_what_the_model_with_the_edited_latent_decodes(phantom_model, tmp_path):
     case, unified = phantom_model
     field = unified.case_field("1")
-    session = EditSession(field, unified.decode("1"), RefineParams(steps=10))
+    session = EditSession(field, unified.decode("1"), LIGHT_SAVE)
     session.click(Click(world(case, boundary_voxel(session.labels, LV, False, field.box)), LV))
     session.click(Click(world(case, boundary_voxel(session.labels, MYO, True, field.box)), MYO, positive=False))
     drift = np.count_nonzero(session.decode_all() != session.labels)  # the latent of the clicks, decoded whole
@@ -182,7 +185,9 @@ def edit_run(tmp_path, phantom_model):
     from nearfix_lib.stages.runs import start_run
     from nearfix_lib.stages.stage3 import artifact_path
 
-    params = load_test_params({"data.phantom.n_cases": 1}, run_dir=str(tmp_path / "run"))  # one case is enough
+    params = load_test_params({"data.phantom.n_cases": 1,  # one case is enough
+                               "refine.save_prior_points": LIGHT_SAVE.save_prior_points,  # the suite's time
+                               "refine.save_steps": LIGHT_SAVE.save_steps}, run_dir=str(tmp_path / "run"))
     run = start_run(params, progress=False)
     _, unified = phantom_model
     unified.save(artifact_path(run))
