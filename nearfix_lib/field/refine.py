@@ -117,6 +117,7 @@ class CaseField:
         return apply_affine(np.linalg.inv(np.asarray(self.affine, dtype=np.float64)),
                             np.asarray(world, float)[None])[0]
 
+    @torch.no_grad()
     def decode(self, latent: torch.Tensor, window: Box | None = None, seed: np.ndarray | None = None) -> np.ndarray:
         """Class indices on the original voxels of ``window`` (default: the whole box) for ``latent``."""
         return labels_on_grid(self.model, 0, original_box_grid(window or self.box), self.box, self.decision,
@@ -181,8 +182,7 @@ def refine(field: CaseField, labels: np.ndarray, clicks: Sequence[Click], params
     latent, steps = fit_latent(field, labels, clicks, prior, params, params.steps, rng)
     shown = labels[window.slices]
     seed_mask = interface_band(shown, 1) | _ball_mask(field, window, clicks[-1], params.click_radius_mm)
-    with torch.no_grad():
-        new = field.decode(latent, window, seed=seed_mask)
+    new = field.decode(latent, window, seed=seed_mask)
     if params.paste == "class":
         label = clicks[-1].label
         keep = (new == label) == (shown == label)  # neither became nor stopped being the clicked class
@@ -348,8 +348,7 @@ class EditSession:
         evaluations = 0
         for round_ in range(self.params.save_rounds):
             if round_:
-                with torch.no_grad():
-                    decoded = self.field.decode(self.latent, seed=interface_band(self.labels[box.slices], 1))
+                decoded = self.field.decode(self.latent, seed=interface_band(self.labels[box.slices], 1))
                 differ = np.flatnonzero(decoded != self.labels[box.slices])
                 if not len(differ):
                     break
@@ -368,13 +367,12 @@ class EditSession:
         out = self.labels.copy()
         box = self.field.box
         seed_from = self.labels[box.slices]
-        with torch.no_grad():
-            for _ in range(max_rounds):
-                decoded = self.field.decode(self.latent, seed=interface_band(seed_from, 1))
-                settled = np.array_equal(decoded, seed_from)
-                seed_from = decoded
-                if settled:
-                    break
+        for _ in range(max_rounds):
+            decoded = self.field.decode(self.latent, seed=interface_band(seed_from, 1))
+            settled = np.array_equal(decoded, seed_from)
+            seed_from = decoded
+            if settled:
+                break
         out[box.slices] = seed_from
         return out
 

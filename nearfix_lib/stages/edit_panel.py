@@ -25,7 +25,7 @@ import numpy as np
 
 from nearfix_lib.core.workspace import open_run
 from nearfix_lib.field.refine import Click
-from nearfix_lib.stages.edits import CaseEdit, edit_sources, open_edit, save_edit
+from nearfix_lib.stages.edits import CaseEdit, open_edit, save_edit, source_class
 from nearfix_lib.viz.figures import WINDOWS
 from nearfix_lib.viz.napari_viewer import napari_label_colormap
 from nearfix_lib.viz.view import NO_DISPLAY, display_available, save_screenshot
@@ -65,11 +65,8 @@ class EditPanel:
     def open(self) -> None:
         """Open the case the fields name; replaces the layers of a case opened before."""
         run = open_run(Path(self.run_dir.value))
-        source = self.source.value.strip() or "auto"
-        if source == "auto":
-            sources = edit_sources(run)
-            source = sources[0] if sources else "stage3"
-        self.edit = open_edit(run, self.case.value.strip(), source)
+        self.edit = open_edit(run, self.case.value.strip(), self.source.value.strip() or "auto")
+        source = self.edit.source
         self.label_class.reset_choices()
         self.label_class.value = self._class_choices()[1]
         self.viewer.layers.clear()
@@ -95,7 +92,7 @@ class EditPanel:
         if self.edit is None:
             return ["background"]
         source = self.edit.source
-        return ["background", *(self.edit.run.table.keys if source == "stage3" else [source.split(":", 1)[1]])]
+        return ["background", *(self.edit.run.table.keys if source == "stage3" else [source_class(source)])]
 
     # -- clicks --------------------------------------------------------------------------------
     @property

@@ -53,10 +53,11 @@ class CaseEdit:
 
 
 def edit_dir(run: Run, source: str) -> Path:
-    return run.path("edits") if source == "stage3" else run.path("edits", f"stage1_{_class_of(source)}")
+    return run.path("edits") if source == "stage3" else run.path("edits", f"stage1_{source_class(source)}")
 
 
-def _class_of(source: str) -> str:
+def source_class(source: str) -> str:
+    """The class a ``stage1:KEY`` source edits."""
     if not source.startswith("stage1:") or not source[len("stage1:"):]:
         raise ValueError(f"source must be 'stage3' or 'stage1:KEY', got {source!r}")
     return source[len("stage1:"):]
@@ -84,7 +85,7 @@ def open_edit(run_dir: str | Path | Run, case_id: str, source: str = "auto",
     case = run.load(case_id, with_image=with_image, with_truth=False)
     affine = np.asarray(case.label.affine, dtype=np.float64)
     field, latents_file, start = (_stage3_field(run, case_id) if source == "stage3"
-                                  else _stage1_field(run, case_id, _class_of(source)))
+                                  else _stage1_field(run, case_id, source_class(source)))
     saved = edit_dir(run, source) / f"{case_id}.nii.gz"
     edited = case_id in read_edited_latents(latents_file)
     if edited and saved.is_file():
@@ -92,9 +93,10 @@ def open_edit(run_dir: str | Path | Run, case_id: str, source: str = "auto",
     elif start.is_file():
         labels = read_label(start, run.table, allow_empty=True).array  # a class repaired to nothing is shown too
         if source != "stage3":
-            labels = np.where(labels > 0, run.table[_class_of(source)].index, 0).astype(np.uint8)
-    else:
-        labels = EditSession(field, np.zeros(field.shape, np.uint8), params).decode_all()
+            labels = np.where(labels > 0, run.table[source_class(source)].index, 0).astype(np.uint8)
+    else:  # nothing decoded on disk: the model's own map of the box
+        labels = np.zeros(field.shape, np.uint8)
+        labels[field.box.slices] = field.decode(field.latent)
     if labels.shape != case.label.shape:
         raise ValueError(f"{saved if edited else start}: shape {labels.shape} differs from the case's "
                          f"{case.label.shape}")
