@@ -9,6 +9,7 @@ from conftest import PROJECT
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.config import load_params
+from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.stages import prepare, stage1
 from nearfix_lib.stages.runs import start_run
 
@@ -90,6 +91,23 @@ def test_every_repair_is_audited_and_a_flagged_case_can_keep_its_input(tiny_run)
     assert flagged[flagged["class"] == "LA"]["why"].str.contains("fit Dice").all()
     one = repair_audit(run, run.cases[0].case_id)
     assert set(one["case"]) == {run.cases[0].case_id} and "LA" in set(one["class"])
+    # clean_input: the input through the class's own clean-up rules, not the field's mask: the
+    # coronaries' (pieces bridged, small ones removed) change their broken noisy input
+    fit_and_repair(tiny_run, "Cor")  # resumes the fit when an earlier test made it
+    cleaning = load_test_params({"stage1.overrides.Cor.audit": {"min_fit_dice": 0.9999, "action": "clean_input"}},
+                                run_dir=str(tiny_run.dir))
+    run = dataclasses.replace(tiny_run, params=cleaning)
+    cleaned_rows = stage1.repair_class(run, "Cor", progress=False)
+    assert cleaned_rows[cleaned_rows["source"] == "stage1"]["audit_kept_input"].all()
+    p, cor, changed = run.params.stage1.for_class("Cor"), run.table["Cor"], 0
+    for case in run.cases:
+        written = np.asarray(nib.load(str(stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz")).dataobj)
+        label = nib.load(str(case.label))
+        given = np.asarray(label.dataobj) == cor.index
+        expected, _ = clean_mask(given, cor.expected_components, label.header.get_zooms()[:3], p.cleanup)
+        assert np.array_equal(written > 0, expected)
+        changed += int((expected != given).sum())
+    assert changed > 0
 
 
 def test_per_class_overrides():

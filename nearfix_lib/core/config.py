@@ -325,6 +325,9 @@ class CleanupParams:
                              f"got {self.min_fraction_of_largest}")
 
 
+AUDIT_ACTIONS = ("flag", "keep_input", "clean_input")
+
+
 @dataclass
 class AuditParams:
     """The repair's audit against its own input (:mod:`nearfix_lib.repair.audit`): what flags a
@@ -333,11 +336,13 @@ class AuditParams:
     skeleton: bool = False  # measure the share of the input's centre line kept (thin classes)
     min_fit_dice: float = 0.0  # flag below this Dice of the repair against its input (0: never)
     min_skeleton_kept: float = 0.0  # flag below this share of the input's centre line kept (0: never)
-    action: str = "flag"  # flag: list the case; keep_input: its M^ref is the input mask, unchanged
+    # flag: list the case; keep_input: its M^ref is the input mask, unchanged; clean_input: the input
+    # mask through the class's own clean-up rules (islands removed, gaps bridged), without the field
+    action: str = "flag"
 
     def __post_init__(self) -> None:
-        if self.action not in ("flag", "keep_input"):
-            raise ValueError(f"audit.action must be flag or keep_input, got {self.action!r}")
+        if self.action not in AUDIT_ACTIONS:
+            raise ValueError(f"audit.action must be one of {list(AUDIT_ACTIONS)}, got {self.action!r}")
         for name in ("min_fit_dice", "min_skeleton_kept"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"audit.{name} must lie in [0, 1], got {getattr(self, name)}")

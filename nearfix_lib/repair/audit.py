@@ -19,8 +19,10 @@ Everything here is computed from the input and the repair alone, per case and cl
 
 The policy (:class:`~nearfix_lib.core.config.AuditParams`, per class through ``stage1.overrides``):
 a case whose ``fit_dice`` or ``skeleton_kept`` falls below the class's minimum is ``flagged``; with
-``action: keep_input`` its M^ref is the input mask, unchanged (``kept_input``), so that the
-repair is never the thing that lost a structure. Stage 1 writes the audit as columns of its score
+``action: keep_input`` its M^ref is the input mask, unchanged, and with ``action: clean_input``
+the input mask through the class's clean-up rules (islands removed, gaps bridged: what the repair
+does that needs no field), both ``kept_input``, so that the field is never the thing that lost a
+structure. Stage 1 writes the audit as columns of its score
 rows; the report and the napari view show the flagged cases.
 """
 
@@ -51,7 +53,7 @@ class Audit:
     comp_repair: int
     skeleton_kept: float  # NaN where the class has no skeleton audit or the input no centre line
     flagged: bool
-    kept_input: bool
+    kept_input: bool  # flagged, and the action puts the input (as it is, or cleaned) in the repair's place
     reasons: str  # why it was flagged, "" when it was not
 
     def columns(self) -> dict:
@@ -89,4 +91,4 @@ def audit_repair(inp: np.ndarray, repair: np.ndarray, params: AuditParams) -> Au
     flagged = bool(reasons)
     return Audit(n_in, n_rep, fit, (n_in - both) / n_in if n_in else 0.0, (n_rep - both) / n_in if n_in else 0.0,
                  mask_components(inp), mask_components(repair), kept, flagged,
-                 flagged and params.action == "keep_input", "; ".join(reasons))
+                 flagged and params.action != "flag", "; ".join(reasons))

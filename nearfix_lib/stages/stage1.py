@@ -282,8 +282,12 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
                              params.decode, device, params.chunk_points, image=image, seed=interface_band(given, 1))
     cleaned, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
     audit = audit_repair(given, cleaned, params.audit)
+    if audit.kept_input:
+        cleaned = given
+        if params.audit.action == "clean_input":
+            cleaned, report = clean_mask(given, expected, crops.spacing, params.cleanup)
     mask = np.zeros(crops.shape, dtype=bool)
-    mask[box.slices] = given if audit.kept_input else cleaned
+    mask[box.slices] = cleaned
     write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
     return mask, {**dataclasses.asdict(report), **audit.columns()}
 
