@@ -66,10 +66,21 @@ def test_fit_dice_added_voxels_and_components(tree):
     assert set(audit.columns()) >= {"audit_fit_dice", "audit_flagged", "audit_kept_input", "audit_skeleton_kept"}
 
 
+def test_a_repair_that_leaves_out_too_much_of_its_input_is_flagged(tree):
+    """``max_dropped``: the share of the input's voxels the repair left out (a field that cannot hold
+    a thin vessel), independent of what it adds."""
+    given, trunk = tree
+    share = 1 - trunk.sum() / given.sum()
+    assert audit_repair(given, trunk, AuditParams(max_dropped=share + 0.01)).flagged is False
+    lost = audit_repair(given, trunk | ~given, AuditParams(max_dropped=share - 0.01))
+    assert lost.flagged and "input dropped" in lost.reasons and lost.dropped == pytest.approx(share)
+    assert not audit_repair(given, given | ~given, AuditParams(max_dropped=0.0)).flagged  # adding drops nothing
+
+
 def test_an_empty_input_is_never_flagged():
     empty = np.zeros(SHAPE, bool)
     audit = audit_repair(empty, empty, AuditParams(skeleton=True, min_fit_dice=1.0, min_skeleton_kept=1.0,
-                                                   action="keep_input"))
+                                                   max_dropped=0.0, action="keep_input"))
     assert not audit.flagged and audit.dropped == 0.0 and math.isnan(audit.skeleton_kept)
 
 
@@ -80,3 +91,5 @@ def test_bad_input_and_parameters_are_refused():
         AuditParams(action="drop")
     with pytest.raises(ValueError, match="min_skeleton_kept"):
         AuditParams(min_skeleton_kept=1.5)
+    with pytest.raises(ValueError, match="max_dropped"):
+        AuditParams(max_dropped=-0.1)

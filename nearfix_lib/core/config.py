@@ -336,6 +336,7 @@ class AuditParams:
     skeleton: bool = False  # measure the share of the input's centre line kept (thin classes)
     min_fit_dice: float = 0.0  # flag below this Dice of the repair against its input (0: never)
     min_skeleton_kept: float = 0.0  # flag below this share of the input's centre line kept (0: never)
+    max_dropped: float = 1.0  # flag above this share of the input's voxels left out of the repair (1: never)
     # flag: list the case; keep_input: its M^ref is the input mask, unchanged; clean_input: the input
     # mask through the class's own clean-up rules (islands removed, gaps bridged), without the field
     action: str = "flag"
@@ -343,7 +344,7 @@ class AuditParams:
     def __post_init__(self) -> None:
         if self.action not in AUDIT_ACTIONS:
             raise ValueError(f"audit.action must be one of {list(AUDIT_ACTIONS)}, got {self.action!r}")
-        for name in ("min_fit_dice", "min_skeleton_kept"):
+        for name in ("min_fit_dice", "min_skeleton_kept", "max_dropped"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"audit.{name} must lie in [0, 1], got {getattr(self, name)}")
 

@@ -18,7 +18,8 @@ Everything here is computed from the input and the repair alone, per case and cl
   the Dice of a thin class, dominated by its boundary voxels, hides.
 
 The policy (:class:`~nearfix_lib.core.config.AuditParams`, per class through ``stage1.overrides``):
-a case whose ``fit_dice`` or ``skeleton_kept`` falls below the class's minimum is ``flagged``; with
+a case whose ``fit_dice`` or ``skeleton_kept`` falls below the class's minimum, or whose ``dropped``
+exceeds its maximum, is ``flagged``; with
 ``action: keep_input`` its M^ref is the input mask, unchanged, and with ``action: clean_input``
 the input mask through the class's clean-up rules (islands removed, gaps bridged: what the repair
 does that needs no field), both ``kept_input``, so that the field is never the thing that lost a
@@ -88,7 +89,10 @@ def audit_repair(inp: np.ndarray, repair: np.ndarray, params: AuditParams) -> Au
         reasons.append(f"fit Dice {fit:.3f} < {params.min_fit_dice:g}")
     if n_in and not np.isnan(kept) and kept < params.min_skeleton_kept:
         reasons.append(f"centre line kept {kept:.3f} < {params.min_skeleton_kept:g}")
+    dropped = (n_in - both) / n_in if n_in else 0.0
+    if dropped > params.max_dropped:
+        reasons.append(f"input dropped {dropped:.3f} > {params.max_dropped:g}")
     flagged = bool(reasons)
-    return Audit(n_in, n_rep, fit, (n_in - both) / n_in if n_in else 0.0, (n_rep - both) / n_in if n_in else 0.0,
+    return Audit(n_in, n_rep, fit, dropped, (n_rep - both) / n_in if n_in else 0.0,
                  mask_components(inp), mask_components(repair), kept, flagged,
                  flagged and params.action != "flag", "; ".join(reasons))
