@@ -90,5 +90,6 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
         folder = run.dir / "stage1" / row["class"]
         folder.mkdir(parents=True)
         pd.DataFrame([row]).to_csv(folder / "scores.csv", index=False)
-    assert audit_note(run, "1") == "Cor: repair flagged (centre line kept 0.412 < 0.8); the input was kept"
+    # the coronaries' action is clean_input by default
+    assert audit_note(run, "1") == "Cor: repair flagged (centre line kept 0.412 < 0.8); M^ref is its input, cleaned"
     assert audit_note(run, "2") == ""

@@ -280,14 +280,14 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
     decided = labels_on_grid(model, i, original_box_grid(box), box, threshold_decision(params.threshold),
                              params.decode, device, params.chunk_points, image=image, seed=interface_band(given, 1))
-    cleaned, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
-    audit = audit_repair(given, cleaned, params.audit)
-    if audit.kept_input:
-        cleaned = given
+    repaired, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
+    audit = audit_repair(given, repaired, params.audit)
+    if audit.kept_input:  # the input, as it is or through the same clean-up, in the field's place
+        repaired = given
         if params.audit.action == "clean_input":
-            cleaned, report = clean_mask(given, expected, crops.spacing, params.cleanup)
+            repaired, report = clean_mask(given, expected, crops.spacing, params.cleanup)
     mask = np.zeros(crops.shape, dtype=bool)
-    mask[box.slices] = cleaned
+    mask[box.slices] = repaired
     write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
     return mask, {**dataclasses.asdict(report), **audit.columns()}
 

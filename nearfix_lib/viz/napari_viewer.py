@@ -27,9 +27,13 @@ def audit_note(run: Run, case_id: str) -> str:
     """The classes of a case that stage 1's audit flagged, one line each with the reason (what the
     viewer's text overlay shows: a user without ground truth reads it before trusting the labels);
     empty when none was."""
+    def replaced(key: str) -> str:
+        cleaned = run.params.stage1.for_class(key).audit.action == "clean_input"
+        return "; M^ref is its input" + (", cleaned" if cleaned else "")
+
     audit = repair_audit(run, case_id)
     return "\n".join(f"{r['class']}: repair flagged ({r['audit_reasons']})"
-                     + ("; the input was kept" if r["audit_kept_input"] else "")
+                     + (replaced(r["class"]) if r["audit_kept_input"] else "")
                      for _, r in audit[audit["audit_flagged"]].iterrows())
 
 
