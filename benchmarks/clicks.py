@@ -312,7 +312,8 @@ def clicks_on_run(args, changes: dict | None, device: str) -> int:
     params = load_params(run.dir / "params.yaml", changes)
     unified = UnifiedModel.load(artifact_path(run), device=device, edits=False)
     rows, finals = [], []
-    for case_id in [c for c in unified.case_ids if c in {x.case_id for x in run.cases}][:args.cases]:
+    in_run = {c.case_id for c in run.cases}
+    for case_id in [c for c in unified.case_ids if c in in_run][:args.cases]:
         case = run.load(case_id, with_image=False)
         if case.truth is None:
             continue

@@ -342,14 +342,15 @@ class EditSession:
         if not self.clicks:
             return 0
         rng = np.random.default_rng(self.seed)
-        box = self.field.box
+        shown = self.labels[self.field.box.slices]
         prior = _prior_voxels(self.field, self.labels, self.clicks, self.params.save_prior_points, 0.0, self.params,
-                              rng, prior_candidates(self.field, self.labels), box)
+                              rng, prior_candidates(self.field, self.labels), self.field.box)
+        seed = interface_band(shown, 1) if self.params.save_rounds > 1 else None
         evaluations = 0
         for round_ in range(self.params.save_rounds):
             if round_:
-                decoded = self.field.decode(self.latent, seed=interface_band(self.labels[box.slices], 1))
-                differ = np.flatnonzero(decoded != self.labels[box.slices])
+                decoded = self.field.decode(self.latent, seed=seed)
+                differ = np.flatnonzero(decoded != shown)
                 if not len(differ):
                     break
                 take = rng.choice(differ, min(len(differ), self.params.save_prior_points), replace=False)

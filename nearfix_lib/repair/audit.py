@@ -19,12 +19,11 @@ Everything here is computed from the input and the repair alone, per case and cl
 
 The policy (:class:`~nearfix_lib.core.config.AuditParams`, per class through ``stage1.overrides``):
 a case whose ``fit_dice`` or ``skeleton_kept`` falls below the class's minimum, or whose ``dropped``
-exceeds its maximum, is ``flagged``; with
-``action: keep_input`` its M^ref is the input mask, unchanged, and with ``action: clean_input``
-the input mask through the class's clean-up rules (islands removed, gaps bridged: what the repair
-does that needs no field), both ``kept_input``, so that the field is never the thing that lost a
-structure. Stage 1 writes the audit as columns of its score
-rows; the report and the napari view show the flagged cases.
+exceeds its maximum, is ``flagged``. With ``action: keep_input`` its M^ref is the input mask,
+unchanged; with ``action: clean_input`` the input mask through the class's clean-up rules (islands
+removed, gaps bridged: what the repair does that needs no field); both are ``kept_input``, so that
+the field is never the thing that lost a structure. Stage 1 writes the audit as columns of its
+score rows; the report and the napari view show the flagged cases.
 """
 
 from __future__ import annotations
