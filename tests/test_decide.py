@@ -12,6 +12,7 @@ from nearfix_lib.field.decide import (
     decode_counted,
     labels_in_box,
     labels_on_grid,
+    threshold_bits_decision,
     threshold_decision,
 )
 from nearfix_lib.field.infer import field_on_grid
@@ -165,3 +166,28 @@ def test_an_implicit_field_decodes_the_same_coarse_to_fine():
 def test_decode_params_are_checked(bad):
     with pytest.raises(ValueError, match="decode"):
         DecodeParams(**bad)
+
+
+def test_several_thresholds_on_one_head_decode_together():
+    """threshold_bits_decision: bit i where P >= thresholds[i], coarse to fine as dense (all three
+    surfaces refined), and one threshold gives threshold_decision's labels."""
+    torch.manual_seed(0)
+    model = ImplicitField(2, TINY_MODEL)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    box = Box((0, 0, 0), (14, 11, 9))
+    grid = roi_grid(box, (41, 36, 29))
+    prob = field_on_grid(model, 1, grid, box)[..., 0]
+    cuts = [float(np.quantile(prob, q)) for q in (0.6, 0.3, 0.9)]  # in any order
+    bits = labels_on_grid(model, 1, grid, box, threshold_bits_decision(cuts), DecodeParams(mode="dense"))
+    for i, cut in enumerate(cuts):
+        np.testing.assert_array_equal(bits & (1 << i) > 0, prob >= np.float32(cut))
+    coronary = DecodeParams(coarse_step=4, margin=4.0)  # the decode stage 1 anchors the coronaries with
+    fine = labels_on_grid(model, 1, grid, box, threshold_bits_decision(cuts), coronary)
+    assert np.mean(fine == bits) >= 0.9999
+    one = labels_on_grid(model, 1, grid, box, threshold_bits_decision([0.7]), DecodeParams(mode="dense"))
+    np.testing.assert_array_equal(one, labels_on_grid(model, 1, grid, box, threshold_decision(0.7),
+                                                      DecodeParams(mode="dense")))
+    with pytest.raises(ValueError, match="1 to 8"):
+        threshold_bits_decision([])

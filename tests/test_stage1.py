@@ -110,6 +110,44 @@ def test_every_repair_is_audited_and_a_flagged_case_can_keep_its_input(tiny_run)
     assert changed > 0
 
 
+def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
+    """``stage1.anchor``: M^ref is the input where P >= keep_above plus the voxels where P >= add_above,
+    through the clean-up, checked against the field's own probabilities (dense decode, so exactly);
+    the audit still reads the field's own decision (P >= threshold)."""
+    import dataclasses
+
+    from nearfix_lib.core.workspace import prepared_dir
+    from nearfix_lib.field.infer import field_on_grid, original_box_grid
+
+    fit_and_repair(tiny_run, "Cor")  # resumes the fit when an earlier test made it
+    # the audit only flags (a replaced case would not show the anchor), dense: exact comparisons
+    params = load_test_params({"stage1.overrides.Cor.anchor": {"enabled": True, "keep_above": 0.1, "add_above": 0.8},
+                               "stage1.overrides.Cor.decode": {"mode": "dense"},
+                               "stage1.overrides.Cor.audit": {"action": "flag"}}, run_dir=str(tiny_run.dir))
+    run = dataclasses.replace(tiny_run, params=params)
+    rows = stage1.repair_class(run, "Cor", progress=False)
+    rows = rows[(rows["source"] == "stage1") & (rows["reference"] == "noisy")].set_index("case")
+    p, cor = run.params.stage1.for_class("Cor"), run.table["Cor"]
+    field = stage1.load_stage1_fields(run, "cpu", ["Cor"])["Cor"]
+    index = prepare.load_crops_index(prepared_dir(run))
+    differs = 0
+    for case in run.cases:
+        box = index[case.case_id].class_boxes["Cor"]
+        prob = field_on_grid(field.model, field.index_of[case.case_id], original_box_grid(box), box, "cpu")[..., 0]
+        label = nib.load(str(case.label))
+        given = (np.asarray(label.dataobj) == cor.index)[box.slices]
+        spacing = label.header.get_zooms()[:3]
+        def cleaned(mask):
+            return clean_mask(mask, cor.expected_components, spacing, p.cleanup)[0]
+        anchored = cleaned((given & (prob >= np.float32(0.1))) | (prob >= np.float32(0.8)))
+        own = cleaned(prob >= np.float32(p.threshold))
+        written = np.asarray(nib.load(str(stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz")).dataobj)
+        assert np.array_equal(written[box.slices] > 0, anchored) and not written.sum() - anchored.sum()
+        assert rows.loc[case.case_id, "audit_repair_voxels"] == own.sum()  # the audit: the field's decision
+        differs += int((anchored != own).sum())
+    assert differs > 0  # the anchor changed M^ref
+
+
 def test_per_class_overrides():
     p = load_params(PROJECT / "params/default.yaml").stage1
     cor, lv = p.for_class("Cor"), p.for_class("LV")

@@ -50,13 +50,15 @@ def _logit(p: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Decision:
     """How head probabilities become labels: ``labels`` maps (n, heads) to (n,) uint8, and
-    ``thresholds`` are the heads' thresholds, which a confident point keeps its distance from."""
+    ``thresholds`` are the values a confident point keeps its distance from: one per head, or
+    several on a single head (:func:`threshold_bits_decision`)."""
 
     labels: Callable[[np.ndarray], np.ndarray]
     thresholds: tuple[float, ...]
 
     def distance(self, prob: np.ndarray) -> np.ndarray:
-        """(n,) how far, in logits, the head nearest to its threshold lies from it."""
+        """(n,) how far, in logits, the head nearest to its threshold lies from it (a single head: from
+        the nearest of its thresholds)."""
         return np.min(np.abs(_logit(prob) - _logit(np.asarray(self.thresholds))), axis=-1)
 
 
@@ -64,6 +66,22 @@ def threshold_decision(threshold: float, value: int = 1) -> Decision:
     """One head: label ``value`` where P >= threshold, else 0 (a stage-1 class field; ``value`` its
     class index where the labels are shown among the other classes)."""
     return Decision(lambda prob: np.where(prob[:, 0] >= threshold, value, 0).astype(np.uint8), (float(threshold),))
+
+
+def threshold_bits_decision(thresholds: Sequence[float]) -> Decision:
+    """One head cut at several thresholds in one decode: bit ``i`` of a voxel's label is set where
+    P >= ``thresholds[i]`` (up to eight). Stage 1 reads its field at its threshold and, for a repair
+    anchored to its input, at the anchor's two; a cell is settled only far from all of them."""
+    cuts = np.asarray(thresholds, dtype=np.float64)
+    if not 1 <= cuts.size <= 8:
+        raise ValueError(f"threshold_bits_decision: 1 to 8 thresholds, got {cuts.size}")
+    weights = (1 << np.arange(cuts.size)).astype(np.uint8)
+
+    def labels(prob: np.ndarray) -> np.ndarray:
+        # compared in the probabilities' precision, as threshold_decision's scalar is
+        return ((prob[:, :1] >= cuts.astype(prob.dtype)) * weights).sum(axis=1).astype(np.uint8)
+
+    return Decision(labels, tuple(float(t) for t in cuts))
 
 
 def labels_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,

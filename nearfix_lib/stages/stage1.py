@@ -53,7 +53,7 @@ from nearfix_lib.core.workspace import (
     stage1_dir,
     stage1_probabilities,
 )
-from nearfix_lib.field.decide import labels_on_grid, threshold_decision
+from nearfix_lib.field.decide import labels_on_grid, threshold_bits_decision, threshold_decision
 from nearfix_lib.field.device_batches import DeviceBandSampler, device_batches, device_cache_mb
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
@@ -272,20 +272,25 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
                 image: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
     """Probabilities on the ROI grid (saved: stage 3's teacher, every voxel), then M^ref on the original
     grid (``stage1.decode``: coarse to fine by default; NIfTI, returned), audited against the input
-    (:mod:`~nearfix_lib.repair.audit`; a flagged case keeps its input where ``audit.action`` says so).
-    Returns the mask and a record of the clean-up's counts and the audit's ``audit_*`` columns."""
+    (:mod:`~nearfix_lib.repair.audit`; a flagged case keeps its input where ``audit.action`` says so)
+    and, where ``stage1.anchor`` is on, held to the input where the field is unsure. Returns the mask and a record of the clean-up's counts and the audit's ``audit_*`` columns."""
     box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
-    decided = labels_on_grid(model, i, original_box_grid(box), box, threshold_decision(params.threshold),
-                             params.decode, device, params.chunk_points, image=image, seed=interface_band(given, 1))
-    repaired, report = clean_mask(decided > 0, expected, crops.spacing, params.cleanup)
-    audit = audit_repair(given, repaired, params.audit)
+    anchor = params.anchor
+    cuts = (params.threshold, anchor.keep_above, anchor.add_above) if anchor.enabled else (params.threshold,)
+    bits = labels_on_grid(model, i, original_box_grid(box), box, threshold_bits_decision(cuts),
+                          params.decode, device, params.chunk_points, image=image, seed=interface_band(given, 1))
+    repaired, report = clean_mask(bits & 1 > 0, expected, crops.spacing, params.cleanup)
+    audit = audit_repair(given, repaired, params.audit)  # the field's own decision: can it hold the input?
     if audit.kept_input:  # the input, as it is or through the same clean-up, in the field's place
         repaired = given
         if params.audit.action == "clean_input":
             repaired, report = clean_mask(given, expected, crops.spacing, params.cleanup)
+    elif anchor.enabled:  # the input where the field is unsure, the field where it is sure
+        repaired, report = clean_mask((given & (bits & 2 > 0)) | (bits & 4 > 0), expected, crops.spacing,
+                                      params.cleanup)
     mask = np.zeros(crops.shape, dtype=bool)
     mask[box.slices] = repaired
     write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
