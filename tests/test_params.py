@@ -93,6 +93,7 @@ def test_a_typo_in_a_class_override_fails_when_the_params_load():
 
 def test_an_anchor_whose_thresholds_cross_fails_when_the_params_load():
     with pytest.raises(ValueError, match=r"stage1\.overrides\.Cor.*keep_above < add_above"):
-        load_params(PROJECT / "params/demo.yaml", {"stage1.overrides.Cor.anchor": {"keep_above": 0.8, "add_above": 0.5}})
+        load_params(PROJECT / "params/demo.yaml",
+                    {"stage1.overrides.Cor.anchor": {"keep_above": 0.8, "add_above": 0.5}})
     cor = load_params(PROJECT / "params/default.yaml").stage1.for_class("Cor").anchor
     assert cor.enabled and cor.keep_above < 0.3 < cor.add_above  # around the coronaries' threshold

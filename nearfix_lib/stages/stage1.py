@@ -273,7 +273,8 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     """Probabilities on the ROI grid (saved: stage 3's teacher, every voxel), then M^ref on the original
     grid (``stage1.decode``: coarse to fine by default; NIfTI, returned), audited against the input
     (:mod:`~nearfix_lib.repair.audit`; a flagged case keeps its input where ``audit.action`` says so)
-    and, where ``stage1.anchor`` is on, held to the input where the field is unsure. Returns the mask and a record of the clean-up's counts and the audit's ``audit_*`` columns."""
+    and, where ``stage1.anchor`` is on, held to the input where the field is unsure. Returns the mask
+    and a record of the clean-up's counts and the audit's ``audit_*`` columns."""
     box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
