@@ -137,10 +137,9 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
         label = nib.load(str(case.label))
         given = (np.asarray(label.dataobj) == cor.index)[box.slices]
         spacing = label.header.get_zooms()[:3]
-        def cleaned(mask):
-            return clean_mask(mask, cor.expected_components, spacing, p.cleanup)[0]
-        anchored = cleaned((given & (prob >= np.float32(0.1))) | (prob >= np.float32(0.8)))
-        own = cleaned(prob >= np.float32(p.threshold))
+        anchored, _ = clean_mask((given & (prob >= np.float32(0.1))) | (prob >= np.float32(0.8)),
+                                 cor.expected_components, spacing, p.cleanup)
+        own, _ = clean_mask(prob >= np.float32(p.threshold), cor.expected_components, spacing, p.cleanup)
         written = np.asarray(nib.load(str(stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz")).dataobj)
         assert np.array_equal(written[box.slices] > 0, anchored) and not written.sum() - anchored.sum()
         assert rows.loc[case.case_id, "audit_repair_voxels"] == own.sum()  # the audit: the field's decision
