@@ -9,7 +9,8 @@ with its thresholds and ``stage3.decode``), both decodes run on the same voxels:
 identical, the 26-connected components per class of each, the share of voxels evaluated and the
 seconds. Writes ``DIR/agreement.csv`` (``case,field,voxels,identical,evaluated,components_dense,
 components_coarse_to_fine,components_equal,dense_s,coarse_to_fine_s``, and for stage 1
-``mref_identical,mref_components_equal``: the same after the repair's clean-up; one row per case and
+``mref_identical,mref_components_equal``: the same for M^ref, made as the repair makes it (clean-up, audit,
+anchor); one row per case and
 stage-1 class, one per case and stage-3 head) and ``DIR/agreement.md`` with the worst case per field and whether
 the issue's bar holds: >= 99.99 % of voxels identical and the same component count everywhere.
 """
@@ -54,13 +55,14 @@ def _rows(case_id: str, prefix: str, dense, fine, classes, table) -> list[dict]:
             for cls in classes]
 
 
-def _mref_agreement(dense: np.ndarray, fine: np.ndarray, cls, spacing, cleanup, table) -> dict:
-    """Stage 1's output from both decodes: each cleaned as the repair cleans it (``clean_mask`` with the
-    class's ``cleanup`` and expected components), then compared like the raw maps."""
+def _mref_agreement(given: np.ndarray, dense: np.ndarray, fine: np.ndarray, cls, spacing, params, table) -> dict:
+    """Stage 1's output from both decodes (:func:`~nearfix_lib.stages.stage1.repair_decision`'s cuts): each
+    made into M^ref as the repair makes it (clean-up, audit, anchor: ``stage1.mref_of``), then compared
+    like the raw maps."""
     from nearfix_lib.core.metrics import component_counts
-    from nearfix_lib.repair.cleanup import clean_mask
+    from nearfix_lib.stages.stage1 import mref_of
 
-    a, b = (clean_mask(m > 0, cls.expected_components, spacing, cleanup)[0] for m in (dense, fine))
+    a, b = (mref_of(given, m, cls.expected_components, spacing, params)[0] for m in (dense, fine))
     comps = [component_counts(m.astype(np.uint8) * cls.index, table)[cls.key] for m in (a, b)]
     return {"mref_identical": float(np.mean(a == b)), "mref_components_equal": comps[0] == comps[1]}
 
@@ -72,12 +74,11 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     decoding = decoding or run.params
     from nearfix_lib.core.io import read_label
     from nearfix_lib.core.workspace import prepared_dir, stage_labels
-    from nearfix_lib.field.decide import threshold_decision
     from nearfix_lib.field.infer import original_box_grid
     from nearfix_lib.field.sampling import interface_band
     from nearfix_lib.field.unified import UnifiedModel, priority_decision
     from nearfix_lib.stages.prepare import load_crops_index
-    from nearfix_lib.stages.stage1 import load_stage1_fields
+    from nearfix_lib.stages.stage1 import load_stage1_fields, repair_decision
     from nearfix_lib.stages.stage3 import artifact_path
 
     index = load_crops_index(prepared_dir(run))
@@ -95,12 +96,13 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             p = decoding.stage1.for_class(key)
             box = crops.class_boxes[key]
             cls = run.table[key]
+            inside = given[box.slices] == cls.index
             (dense, dense_s), (fine, fine_s, evaluated) = _both(
-                field.model, field.index_of[cid], original_box_grid(box), box, threshold_decision(p.threshold),
-                p.decode, device, p.chunk_points, interface_band(given[box.slices] == cls.index, 1))
-            rows += _rows(cid, "stage1", (dense * cls.index, dense_s), (fine * cls.index, fine_s, evaluated), [cls],
-                          run.table)
-            rows[-1].update(_mref_agreement(dense, fine, cls, crops.spacing, p.cleanup, run.table))
+                field.model, field.index_of[cid], original_box_grid(box), box, repair_decision(p), p.decode, device,
+                p.chunk_points, interface_band(inside, 1))
+            own = [(bits & 1) * cls.index for bits in (dense, fine)]  # the field's own decision, P >= threshold
+            rows += _rows(cid, "stage1", (own[0], dense_s), (own[1], fine_s, evaluated), [cls], run.table)
+            rows[-1].update(_mref_agreement(inside, dense, fine, cls, crops.spacing, p, run.table))
             print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
         if unified is not None and cid in unified.case_ids:
             box = unified.geometry[cid].heart_box

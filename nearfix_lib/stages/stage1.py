@@ -53,7 +53,7 @@ from nearfix_lib.core.workspace import (
     stage1_dir,
     stage1_probabilities,
 )
-from nearfix_lib.field.decide import labels_on_grid, threshold_bits_decision, threshold_decision
+from nearfix_lib.field.decide import Decision, labels_on_grid, threshold_bits_decision, threshold_decision
 from nearfix_lib.field.device_batches import DeviceBandSampler, device_batches, device_cache_mb
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
@@ -77,8 +77,8 @@ from nearfix_lib.field.train import (
     load_for_inference,
     unwrap,
 )
-from nearfix_lib.repair.audit import AUDIT_PREFIX, audit_repair
-from nearfix_lib.repair.cleanup import clean_mask
+from nearfix_lib.repair.audit import AUDIT_PREFIX, Audit, audit_repair
+from nearfix_lib.repair.cleanup import CleanupReport, clean_mask
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device, start_run
@@ -267,6 +267,31 @@ def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
     return model, data, result
 
 
+def repair_decision(params: Stage1Params) -> Decision:
+    """The cuts of a class field the repair reads, in one decode: bit 0 P >= ``threshold`` (the field's
+    own decision) and, with ``anchor`` on, bit 1 P >= ``keep_above`` and bit 2 P >= ``add_above``."""
+    anchor = params.anchor
+    return threshold_bits_decision((params.threshold, anchor.keep_above, anchor.add_above) if anchor.enabled
+                                   else (params.threshold,))
+
+
+def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequence[float],
+            params: Stage1Params) -> tuple[np.ndarray, CleanupReport, Audit]:
+    """M^ref of a class box from its input mask ``given`` and the field's decode ``bits``
+    (:func:`repair_decision`): the field's own decision, cleaned and audited against the input; a
+    flagged case takes ``audit.action``, the others the anchor where it is on. Returns the mask, the
+    clean-up's report of the mask returned, and the audit (of the field's own decision)."""
+    repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
+    audit = audit_repair(given, repaired, params.audit)  # can the field hold its input at all?
+    if audit.kept_input:  # the input, as it is or through the same clean-up, in the field's place
+        repaired = given
+        if params.audit.action == "clean_input":
+            repaired, report = clean_mask(given, expected, spacing, params.cleanup)
+    elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
+        repaired, report = clean_mask((given & (bits & 2 > 0)) | (bits & 4 > 0), expected, spacing, params.cleanup)
+    return repaired, report, audit
+
+
 def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, run: Run, key: str,
                 expected: int, params: Stage1Params, device: str,
                 image: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
@@ -279,19 +304,9 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
-    anchor = params.anchor
-    cuts = (params.threshold, anchor.keep_above, anchor.add_above) if anchor.enabled else (params.threshold,)
-    bits = labels_on_grid(model, i, original_box_grid(box), box, threshold_bits_decision(cuts),
-                          params.decode, device, params.chunk_points, image=image, seed=interface_band(given, 1))
-    repaired, report = clean_mask(bits & 1 > 0, expected, crops.spacing, params.cleanup)
-    audit = audit_repair(given, repaired, params.audit)  # the field's own decision: can it hold the input?
-    if audit.kept_input:  # the input, as it is or through the same clean-up, in the field's place
-        repaired = given
-        if params.audit.action == "clean_input":
-            repaired, report = clean_mask(given, expected, crops.spacing, params.cleanup)
-    elif anchor.enabled:  # the input where the field is unsure, the field where it is sure
-        repaired, report = clean_mask((given & (bits & 2 > 0)) | (bits & 4 > 0), expected, crops.spacing,
-                                      params.cleanup)
+    bits = labels_on_grid(model, i, original_box_grid(box), box, repair_decision(params), params.decode, device,
+                          params.chunk_points, image=image, seed=interface_band(given, 1))
+    repaired, report, audit = mref_of(given, bits, expected, crops.spacing, params)
     mask = np.zeros(crops.shape, dtype=bool)
     mask[box.slices] = repaired
     write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
