@@ -18,7 +18,7 @@ import pytest
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.io import InputError
-from nearfix_lib.core.workspace import Run, open_run
+from nearfix_lib.core.workspace import Run, case_dir, open_run, prepared_dir
 from nearfix_lib.field.unified import UnifiedModel, fit_thresholds
 from nearfix_lib.stages import cli, prepare, report, shards, stage1, stage2, stage3
 from nearfix_lib.stages.runs import start_run
@@ -114,12 +114,35 @@ def test_stage2_fuses_on_the_roi_grid_only_for_roi_supervision(fitted, unsharded
     stage2.run_stage2(run, progress=False)
     res = run.params.prepare.heart_resolution
     for cid in ("1", "2", "3"):
-        with np.load(run.dir / "stage2" / "roi" / f"{cid}.npz") as z:
-            assert z["labels"].shape == (res,) * 3 and set(np.unique(z["labels"])) == {0, 9}
+        with np.load(run.dir / "stage2" / "roi" / f"{cid}.npz") as z, \
+                np.load(case_dir(prepared_dir(run), cid) / "heart.npz") as heart:
+            # every class stage 1 did not repair comes from the input (the coronaries, from their field,
+            # may lose their pieces to the distance rule on this 24^3 grid)
+            assert z["labels"].shape == (res,) * 3
+            assert set(np.unique(z["labels"])) - {9} == set(np.unique(heart["labels"])) - {9}
     audit = pd.read_csv(run.dir / "stage2" / "audit.csv")
     assert set(audit["grid"]) == {"original", "roi"} and ((audit["grid"] == "roi") & (audit["key"] == "Cor")).any()
     original = ["stage2/labels/1.nii.gz", "stage2/scores.csv"]  # the original grid is the same either way
     assert all((run.dir / f).read_bytes() == (fitted.parent / "unsharded" / f).read_bytes() for f in original)
+
+
+def test_stage2_fuses_the_classes_stage1_left_unrepaired_as_the_input_gives_them(fitted, unsharded):
+    """Only the coronaries were repaired: every other class of L^ref is the input's (through the rules, which
+    now have the neighbours they test: atria, myocardium, aorta), and audit.csv says where each came from."""
+    from nearfix_lib.core.metrics import dice
+
+    run = open_run(fitted.parent / "unsharded")
+    audit = pd.read_csv(run.dir / "stage2" / "audit.csv", dtype={"case": str})
+    taken = audit[audit["rule"] == "input"]
+    assert "Cor" not in set(taken["key"]) and {"LV", "LA", "LAA", "Myo"} <= set(taken["key"])
+    for case in run.cases:
+        fused = np.asarray(nib.load(str(run.dir / "stage2" / "labels" / f"{case.case_id}.nii.gz")).dataobj)
+        given = np.asarray(nib.load(str(case.label)).dataobj)
+        for key in ("LV", "LA", "RA", "Myo"):  # the chambers: the input's, give or take the rules
+            index = run.table[key].index
+            assert dice(fused == index, given == index) > 0.9
+        assert set(taken[taken["case"] == case.case_id]["key"]) == {
+            c.key for c in run.table if c.key != "Cor" and (given == c.index).any()}
 
 
 def test_report_takes_stage2s_rows_or_scores_them_itself_alike(fitted, unsharded, tmp_path, monkeypatch):

@@ -13,6 +13,10 @@ Two grids per case, the same fusion on both (:func:`fusion.fuse_case`):
   is ten fields on up to 256^3 points: nine tenths of the stage's time on a real case, for a map
   nothing else reads.
 
+A class the case has but stage 1 left without M^ref (``stage1.classes`` repairing a few classes,
+or a case stage 1 skipped) is fused as the input gives it, on both grids, so that the repaired
+classes keep the neighbours their rules need (``audit.csv`` rule ``input``).
+
 Also written: ``stage2/audit.csv`` (case × rule × class: components removed, voxels changed,
 counts before/after), ``stage2/checks.csv`` (per case and class: components, at expected count,
 attachment) and, when the truth exists, ``stage2/scores.csv`` (noisy, stage 1 and stage 2 against
@@ -77,6 +81,20 @@ def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device:
     return masks
 
 
+def unrepaired_inputs(table: ClassTable, masks: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The input's mask of every class the case has but stage 1 left without an M^ref (a run whose
+    ``stage1.classes`` repairs a few classes, or a case stage 1 skipped): fused as it is, so that
+    the repaired classes keep the neighbours their rules need (the appendage and the veins must
+    touch the atrium, the coronaries lie near the myocardium and aorta)."""
+    given = {}
+    for cls in table:
+        if cls.key not in masks:
+            mask = labels == cls.index
+            if mask.any():
+                given[cls.key] = mask
+    return given
+
+
 # -- the stage -----------------------------------------------------------------------------------
 
 def _write_roi(out: Path, crops: CaseCrops, result: FusionResult) -> None:
@@ -96,20 +114,22 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     out = stage2_dir(run)
     params = run.params.stage2
     masks = original_masks(run, case.case_id, case.label.shape)
-    result = fuse_case(masks, run.table, case.label.spacing, params, shape=case.label.shape)
+    unrepaired = unrepaired_inputs(run.table, masks, case.label.array)
+    result = fuse_case({**masks, **unrepaired}, run.table, case.label.spacing, params, shape=case.label.shape)
     write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
     grids = [("original", result)]
     if fields is not None:
         with np.load(case_dir(prepared_dir(run), case.case_id) / "heart.npz") as z:
             heart_labels = z["labels"]  # the input on the heart grid, as prepare resampled it
-        roi_result = fuse_case(roi_masks(run, fields, crops, device, heart_labels), run.table,
-                               crops.heart_spacing, params,
-                               shape=crops.heart_grid.shape)
+        roi = roi_masks(run, fields, crops, device, heart_labels)
+        roi_result = fuse_case({**roi, **unrepaired_inputs(run.table, roi, heart_labels)}, run.table,
+                               crops.heart_spacing, params, shape=crops.heart_grid.shape)
         _write_roi(out, crops, roi_result)
         grids.append(("roi", roi_result))
     audit = [{"case": case.case_id, "grid": grid, **row} for grid, res in grids for row in res.audit_records()]
     audit += [{"case": case.case_id, "grid": "original", "rule": "absent", "key": k, "components_before": 0,
                "components_after": 0} for k in result.absent]
+    audit += [{"case": case.case_id, "grid": "original", "rule": "input", "key": k} for k in unrepaired]
     return result.labels, masks, audit
 
 
@@ -185,7 +205,7 @@ def score_against_truth(case: LoadedCase, masks: dict[str, np.ndarray], fused: n
 
 def audit_summary(audit: pd.DataFrame) -> pd.DataFrame:
     """Per grid, rule and class: cases touched, components removed and voxels changed in total."""
-    a = audit[audit["rule"] != "absent"]
+    a = audit[~audit["rule"].isin(["absent", "input"])]  # not rules: classes without a mask, or from the input
     touched = a.assign(touched=(a["voxels_changed"] > 0).astype(int))
     counted = ["touched", "components_removed", "voxels_changed"]
     return touched.groupby(["grid", "rule", "key"], sort=False)[counted].sum()
