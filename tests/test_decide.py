@@ -142,15 +142,21 @@ def test_labels_in_box_decide_inside_the_class_box_only():
     assert field.points == np.prod(inner.shape)  # dense evaluated the box, nothing outside
 
 
-def test_an_implicit_field_decodes_the_same_coarse_to_fine():
-    """The package's own decoder (random weights and latents: a smooth field of blobs with no
-    analytic form), cut at the 70th percentile, on an asymmetric grid finer than its feature grids."""
+def random_field(n_cases: int) -> tuple[ImplicitField, Box]:
+    """The package's own decoder with seeded random weights and latents (a smooth field of blobs with
+    no analytic form) and the class box it lives in."""
     torch.manual_seed(0)
-    model = ImplicitField(3, TINY_MODEL)
+    model = ImplicitField(n_cases, TINY_MODEL)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
-    box = Box((0, 0, 0), (14, 11, 9))
+    return model, Box((0, 0, 0), (14, 11, 9))
+
+
+def test_an_implicit_field_decodes_the_same_coarse_to_fine():
+    """The package's own decoder (random weights and latents: a smooth field of blobs with no
+    analytic form), cut at the 70th percentile, on an asymmetric grid finer than its feature grids."""
+    model, box = random_field(3)
     grid = roi_grid(box, (43, 34, 27))
     for i in range(3):
         prob = field_on_grid(model, i, grid, box)[..., 0]
@@ -171,12 +177,7 @@ def test_decode_params_are_checked(bad):
 def test_several_thresholds_on_one_head_decode_together():
     """threshold_bits_decision: bit i where P >= thresholds[i], coarse to fine as dense (all three
     surfaces refined), and one threshold gives threshold_decision's labels."""
-    torch.manual_seed(0)
-    model = ImplicitField(2, TINY_MODEL)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    box = Box((0, 0, 0), (14, 11, 9))
+    model, box = random_field(2)
     grid = roi_grid(box, (41, 36, 29))
     prob = field_on_grid(model, 1, grid, box)[..., 0]
     cuts = [float(np.quantile(prob, q)) for q in (0.6, 0.3, 0.9)]  # in any order
