@@ -126,7 +126,7 @@ def test_stage2_fuses_on_the_roi_grid_only_for_roi_supervision(fitted, unsharded
     assert all((run.dir / f).read_bytes() == (fitted.parent / "unsharded" / f).read_bytes() for f in original)
 
 
-def test_stage2_fuses_the_classes_stage1_left_unrepaired_as_the_input_gives_them(fitted, unsharded):
+def test_stage2_fuses_the_classes_stage1_left_unrepaired_as_the_input_gives_them(fitted, unsharded, tmp_path):
     """Only the coronaries were repaired: every other class of L^ref is the input's (through the rules, which
     now have the neighbours they test: atria, myocardium, aorta), and audit.csv says where each came from."""
     from nearfix_lib.core.metrics import dice
@@ -143,6 +143,12 @@ def test_stage2_fuses_the_classes_stage1_left_unrepaired_as_the_input_gives_them
             assert dice(fused == index, given == index) > 0.9
         assert set(taken[taken["case"] == case.case_id]["key"]) == {
             c.key for c in run.table if c.key != "Cor" and (given == c.index).any()}
+    # stage2.unrepaired: absent leaves them out (what the scale benchmark's two-class runs measure)
+    alone = open_copy(fitted, tmp_path / "absent", {"stage2.unrepaired": "absent"})
+    stage2.run_stage2(alone, progress=False)
+    fused = np.asarray(nib.load(str(alone.dir / "stage2" / "labels" / "1.nii.gz")).dataobj)
+    assert set(np.unique(fused)) <= {0, 9} and 9 in fused
+    assert "input" not in set(pd.read_csv(alone.dir / "stage2" / "audit.csv")["rule"])
 
 
 def test_report_takes_stage2s_rows_or_scores_them_itself_alike(fitted, unsharded, tmp_path, monkeypatch):

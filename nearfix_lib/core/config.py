@@ -369,6 +369,7 @@ class AnchorParams:
 # -- parameters of repair.fusion -------------------------------------------------------------------
 
 RULES = ("contact", "bridge", "distance", "holes", "largest")
+UNREPAIRED = ("input", "absent")  # what stage 2 fuses for a class stage 1 left without M^ref
 
 
 @dataclass
@@ -383,11 +384,16 @@ class Stage2Params:
     hole_max_mm3: float = 500.0  # larger cavities are anatomy (a chamber), not a labelling hole
     hole_min_share: float = 0.5  # fraction of the cavity's shell the class must make up
     keep_largest: list[str] = field(default_factory=lambda: ["LA", "LV", "RA", "RV", "Ao", "PA", "Myo"])
+    # a class stage 1 left without M^ref (a run repairing a few classes, a skipped case): fused as the
+    # input gives it, so that the rules of the repaired ones have their neighbours; or absent
+    unrepaired: str = "input"
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.rules if r not in RULES]
         if unknown:
             raise ValueError(f"stage2.rules: unknown rules {unknown}; known: {list(RULES)}")
+        if self.unrepaired not in UNREPAIRED:
+            raise ValueError(f"stage2.unrepaired must be one of {list(UNREPAIRED)}, got {self.unrepaired!r}")
         for name in ("bridge_gap_mm", "min_piece_mm3", "hole_max_mm3", "bridge_radius_vox"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stage2.{name} must be >= 0, got {getattr(self, name)}")

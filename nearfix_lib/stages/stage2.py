@@ -15,7 +15,9 @@ Two grids per case, the same fusion on both (:func:`fusion.fuse_case`):
 
 A class the case has but stage 1 left without M^ref (``stage1.classes`` repairing a few classes,
 or a case stage 1 skipped) is fused as the input gives it, on both grids, so that the repaired
-classes keep the neighbours their rules need (``audit.csv`` rule ``input``).
+classes keep the neighbours their rules need (``audit.csv`` rule ``input``); with
+``stage2.unrepaired: absent`` it is left out (the scale benchmark's short runs: their stage 2
+measures the repaired classes alone).
 
 Also written: ``stage2/audit.csv`` (case × rule × class: components removed, voxels changed,
 counts before/after), ``stage2/checks.csv`` (per case and class: components, at expected count,
@@ -114,7 +116,7 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     out = stage2_dir(run)
     params = run.params.stage2
     masks = original_masks(run, case.case_id, case.label.shape)
-    unrepaired = unrepaired_inputs(run.table, masks, case.label.array)
+    unrepaired = unrepaired_inputs(run.table, masks, case.label.array) if params.unrepaired == "input" else {}
     result = fuse_case({**masks, **unrepaired}, run.table, case.label.spacing, params, shape=case.label.shape)
     write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
     grids = [("original", result)]
@@ -122,8 +124,9 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
         with np.load(case_dir(prepared_dir(run), case.case_id) / "heart.npz") as z:
             heart_labels = z["labels"]  # the input on the heart grid, as prepare resampled it
         roi = roi_masks(run, fields, crops, device, heart_labels)
-        roi_result = fuse_case({**roi, **unrepaired_inputs(run.table, roi, heart_labels)}, run.table,
-                               crops.heart_spacing, params, shape=crops.heart_grid.shape)
+        if params.unrepaired == "input":
+            roi.update(unrepaired_inputs(run.table, roi, heart_labels))
+        roi_result = fuse_case(roi, run.table, crops.heart_spacing, params, shape=crops.heart_grid.shape)
         _write_roi(out, crops, roi_result)
         grids.append(("roi", roi_result))
     audit = [{"case": case.case_id, "grid": grid, **row} for grid, res in grids for row in res.audit_records()]
