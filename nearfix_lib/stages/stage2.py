@@ -83,12 +83,16 @@ def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device:
     return masks
 
 
-def unrepaired_inputs(table: ClassTable, masks: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+def unrepaired_inputs(table: ClassTable, masks: dict[str, np.ndarray], labels: np.ndarray,
+                      unrepaired: str = "input") -> dict[str, np.ndarray]:
     """The input's mask of every class the case has but stage 1 left without an M^ref (a run whose
     ``stage1.classes`` repairs a few classes, or a case stage 1 skipped): fused as it is, so that
     the repaired classes keep the neighbours their rules need (the appendage and the veins must
-    touch the atrium, the coronaries lie near the myocardium and aorta)."""
-    given = {}
+    touch the atrium, the coronaries lie near the myocardium and aorta). None with ``unrepaired``
+    ``absent`` (``stage2.unrepaired``)."""
+    given: dict[str, np.ndarray] = {}
+    if unrepaired == "absent":
+        return given
     for cls in table:
         if cls.key not in masks:
             mask = labels == cls.index
@@ -116,7 +120,7 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     out = stage2_dir(run)
     params = run.params.stage2
     masks = original_masks(run, case.case_id, case.label.shape)
-    unrepaired = unrepaired_inputs(run.table, masks, case.label.array) if params.unrepaired == "input" else {}
+    unrepaired = unrepaired_inputs(run.table, masks, case.label.array, params.unrepaired)
     result = fuse_case({**masks, **unrepaired}, run.table, case.label.spacing, params, shape=case.label.shape)
     write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
     grids = [("original", result)]
@@ -124,9 +128,8 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
         with np.load(case_dir(prepared_dir(run), case.case_id) / "heart.npz") as z:
             heart_labels = z["labels"]  # the input on the heart grid, as prepare resampled it
         roi = roi_masks(run, fields, crops, device, heart_labels)
-        if params.unrepaired == "input":
-            roi.update(unrepaired_inputs(run.table, roi, heart_labels))
-        roi_result = fuse_case(roi, run.table, crops.heart_spacing, params, shape=crops.heart_grid.shape)
+        roi_result = fuse_case({**roi, **unrepaired_inputs(run.table, roi, heart_labels, params.unrepaired)},
+                               run.table, crops.heart_spacing, params, shape=crops.heart_grid.shape)
         _write_roi(out, crops, roi_result)
         grids.append(("roi", roi_result))
     audit = [{"case": case.case_id, "grid": grid, **row} for grid, res in grids for row in res.audit_records()]
