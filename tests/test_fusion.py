@@ -86,6 +86,16 @@ def test_contact_counts_diagonal_touch_and_keeps_a_class_without_targets_untouch
     assert row.components_removed == 1 and not (labels == T["PV"].index).any()
 
 
+def test_contact_reach_keeps_a_piece_two_voxels_from_its_target():
+    la = box((2, 2, 2), (6, 6, 6))
+    near = box((7, 2, 2), (9, 6, 6))  # one background voxel between it and the LA: two steps away
+    for reach, removed in ((1, 1), (2, 0)):
+        labels = fuse_priority({"LA": la, "PV": near}, T, SHAPE)
+        assert rule_contact(labels, T["PV"], {"LA": la, "PV": near}, T, reach).components_removed == removed
+    with pytest.raises(ValueError, match="contact_reach_vox"):
+        Stage2Params(contact_reach_vox=0)
+
+
 def test_distance_rule_is_spacing_aware_and_drops_small_pieces():
     myo = box((2, 2, 2), (8, 17, 11))
     near = box((10, 3, 3), (14, 5, 5))  # 2 voxels from Myo along i

@@ -136,15 +136,17 @@ def _class_components(labels: np.ndarray, cls: LabelClass, region: Box) -> tuple
 # -- the rules ---------------------------------------------------------------------------------
 
 def rule_contact(labels: np.ndarray, cls: LabelClass, masks: Mapping[str, np.ndarray],
-                 table: ClassTable) -> AuditRow:
-    """Remove components of ``cls`` that do not touch (26-neighbours) any of its attachment targets."""
+                 table: ClassTable, reach_vox: int = 1) -> AuditRow:
+    """Remove components of ``cls`` that come no closer than ``reach_vox`` voxels (26-neighbour
+    steps; 1: touching) to any of its attachment targets."""
     targets = [table[t].index for t in cls.attachment.targets]
     box = bounding_box(labels == cls.index)
     if box is None:
         return AuditRow("contact", cls.key, 0, 0)
-    region = _grow(box, 1, labels.shape)
+    region = _grow(box, reach_vox, labels.shape)
     cc, n = _class_components(labels, cls, region)
-    near_target = ndimage.binary_dilation(np.isin(labels[region.slices], targets), structure=np.ones((3, 3, 3)))
+    near_target = ndimage.binary_dilation(np.isin(labels[region.slices], targets), structure=np.ones((3, 3, 3)),
+                                          iterations=reach_vox)
     touching = np.zeros(n + 1, dtype=bool)
     touching[np.unique(cc[near_target])] = True
     return _remove_components(labels, cls, region, cc, ~touching[1:], masks, table, "contact")
@@ -291,7 +293,7 @@ def fuse_case(masks: Mapping[str, np.ndarray], table: ClassTable, spacing: Seque
     present = [c for c in order if c.key in masks]
     active = set(params.rules)
     if "contact" in active:
-        audit += [rule_contact(labels, c, masks, table) for c in present
+        audit += [rule_contact(labels, c, masks, table, params.contact_reach_vox) for c in present
                   if c.attachment is not None and c.attachment.max_mm == 0]
     distance_classes = [c for c in present if c.attachment is not None and c.attachment.max_mm > 0]
     if "bridge" in active:
