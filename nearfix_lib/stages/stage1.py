@@ -280,7 +280,8 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     """M^ref of a class box from its input mask ``given`` and the field's decode ``bits``
     (:func:`repair_decision`): the field's own decision, cleaned and audited against the input; a
     flagged case takes ``audit.action``, the others the anchor where it is on. Returns the mask, the
-    clean-up's report of the mask returned, and the audit (of the field's own decision)."""
+    clean-up's report (of the mask returned; ``keep_input`` cleans nothing and keeps the field's), and
+    the audit (of the field's own decision)."""
     repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
     audit = audit_repair(given, repaired, params.audit)  # can the field hold its input at all?
     if audit.kept_input:  # the input, as it is or through the same clean-up, in the field's place

@@ -90,15 +90,10 @@ def unrepaired_inputs(table: ClassTable, masks: dict[str, np.ndarray], labels: n
     the repaired classes keep the neighbours their rules need (the appendage and the veins must
     touch the atrium, the coronaries lie near the myocardium and aorta). None with ``unrepaired``
     ``absent`` (``stage2.unrepaired``)."""
-    given: dict[str, np.ndarray] = {}
     if unrepaired == "absent":
-        return given
-    for cls in table:
-        if cls.key not in masks:
-            mask = labels == cls.index
-            if mask.any():
-                given[cls.key] = mask
-    return given
+        return {}
+    given = ((cls.key, labels == cls.index) for cls in table if cls.key not in masks)
+    return {key: mask for key, mask in given if mask.any()}
 
 
 # -- the stage -----------------------------------------------------------------------------------
