@@ -255,16 +255,36 @@ def _steps(job: StepJob, queue) -> None:
             step.append(t2 - t0)
     queue.put({"host_ms": 1e3 * float(np.median(host)), "step_ms": 1e3 * float(np.median(step)),
                "points": int(job.cases * points), "first_step_s": first, "loss": float(loss.detach()),
-               "threads": torch.get_num_threads()})
+               "threads": torch.get_num_threads(), "batch_ops": batch_ops(task, cases, WARMUP_STEPS + job.steps + 1)})
+
+
+def batch_ops(task, cases: np.ndarray, epoch: int) -> int:
+    """Torch operations dispatched while ``task`` builds one batch of ``cases`` (views included). On a
+    GPU each of the others is a kernel launch of several microseconds of host time, so this count,
+    measurable on any device, bounds how long the GPU waits for its batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        task.batch(cases, epoch=epoch)
+    return Count.ops
 
 
 def step_rows(stage: str, variant: str, res: dict) -> list[dict]:
-    """One step measurement as rows: host ms, ms and points per second of a step, the first step's seconds."""
+    """One step measurement as rows: host ms, ms and points per second of a step, the first step's seconds,
+    the torch operations that build a batch."""
     return [{"what": f"{stage}_host_ms_per_step", "variant": variant, "value": res["host_ms"], "unit": "ms"},
             {"what": f"{stage}_ms_per_step", "variant": variant, "value": res["step_ms"], "unit": "ms"},
             {"what": f"{stage}_points_per_s", "variant": variant, "value": res["points"] / res["step_ms"] * 1e3,
              "unit": "points/s"},
-            {"what": f"{stage}_first_step", "variant": variant, "value": res["first_step_s"], "unit": "s"}]
+            {"what": f"{stage}_first_step", "variant": variant, "value": res["first_step_s"], "unit": "s"},
+            {"what": f"{stage}_batch_ops", "variant": variant, "value": res["batch_ops"], "unit": "ops"}]
 
 
 # (stage, variant, batches, compile): current-main-style host batches against device batches, and
@@ -341,14 +361,17 @@ def speed_page(table, conditions: str) -> str:
 
 def readme_table(table) -> str:
     """The README's performance tables, from what the CSV holds: the training steps (ms per step, host
-    and whole) and the decodes (seconds, ratio, agreement)."""
+    and whole, and the torch operations that build a batch: a GPU's kernel launches) and the decodes
+    (seconds, ratio, agreement)."""
     value = table.set_index(["what", "variant"])["value"]
     lines = []
     steps = [(stage, variant) for stage, variant, _, _ in STEP_VARIANTS
              if (f"{stage}_ms_per_step", variant) in value.index]
     if steps:
-        lines += ["| training step | batches built (ms) | whole step (ms) | points/s |", "|---|---|---|---|"]
+        lines += ["| training step | batches built (ms) | torch operations per batch | whole step (ms) | points/s |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {stage} {variant} | {value[(f'{stage}_host_ms_per_step', variant)]:.0f} | "
+                  f"{value.get((f'{stage}_batch_ops', variant), float('nan')):,.0f} | "
                   f"{value[(f'{stage}_ms_per_step', variant)]:.0f} | {value[(f'{stage}_points_per_s', variant)]:,.0f} |"
                   for stage, variant in steps]
     names = [n for n in ("decode_1mm", "decode_realsize") if (n, "dense") in value.index]

@@ -88,6 +88,23 @@ def test_class_draws_reach_every_voxel_of_a_thin_class_and_only_those(tmp_path):
     assert (labels[k * 400:(k + 1) * 400] == cor).all()
 
 
+def test_class_draws_are_uniform_over_a_class_whose_rows_hold_one_to_nine_of_its_voxels(tmp_path):
+    lab = np.zeros((6, 5, 9), dtype=np.uint8)
+    lv, cor = T["LV"].index, T["Cor"].index  # Myo and LA absent: classes before LV take no ranks
+    lab[1, 1, 4] = lv
+    lab[3, 2, :] = lv
+    lab[4, 0, 2:5] = lv
+    lab[2, 3, [1, 7]] = cor
+    n = 13_000  # 1,000 per LV voxel expected, a standard deviation of ~28
+    task = task_for(tmp_path, sampling=dataclasses.replace(DEVICE, positives_per_class=n, jitter=False), maps=[lab])
+    points, labels, _ = task.device_sampler.sample_case(0, epoch=1)
+    cells, hits = np.unique(cell_index(points[:n].numpy(), lab.shape), axis=0, return_counts=True)
+    assert np.array_equal(cells, np.argwhere(lab == lv))  # every LV voxel, nothing else
+    assert np.abs(hits - n / 13).max() < 150, hits  # uniform over voxels, not over rows (1 in a row: 2,167)
+    cor_cells = np.unique(cell_index(points[n:2 * n].numpy(), lab.shape), axis=0)
+    assert np.array_equal(cor_cells, np.argwhere(lab == cor)) and (labels[n:2 * n] == cor).all()
+
+
 def test_teacher_values_on_the_device_equal_the_host_look_up(tmp_path):
     maps = heart_maps()
     teachers = teachers_for(maps)

@@ -33,7 +33,7 @@ import torch
 
 from nearfix_lib.core.config import BatchPlacement
 from nearfix_lib.field.sampling import _JITTER_MARGIN, BandSampler, ClassBalancedSampler, bias_at_epoch
-from nearfix_lib.field.store import PROBABILITY_LEVELS, CaseStore
+from nearfix_lib.field.store import PROBABILITY_LEVELS, CaseStore, Teacher
 from nearfix_lib.field.train import to_device
 
 
@@ -61,25 +61,73 @@ def case_seed(seed: int, epoch: int, case: int) -> int:
 
 
 @dataclass
-class DeviceTeacher:
-    channel: int
-    prob: torch.Tensor  # uint8 (R_i, R_j, R_k)
-    from_heart: torch.Tensor  # float64 4x4
+class DeviceTeachers:
+    """A case's stage-1 teachers on the device, stacked so that one look-up reads them all: their uint8
+    maps flattened one after another (``start`` where each begins, ``size`` its (i, j, k) shape), the
+    affines from whole-heart-normalised to each ROI's normalised space, and the heads they teach."""
+
+    channels: torch.Tensor  # int64 (T,)
+    maps: torch.Tensor  # uint8 (sum of the maps' voxels,)
+    start: torch.Tensor  # int64 (T,)
+    size: torch.Tensor  # int64 (T, 3)
+    from_heart: torch.Tensor  # float64 (T, 4, 4)
+
+    @classmethod
+    def stack(cls, teachers: Sequence[Teacher], device: torch.device) -> DeviceTeachers:
+        """From the store's (memory-mapped) teachers, read once and copied to the device once."""
+        sizes = np.array([t.prob.size for t in teachers], dtype=np.int64)
+        parts = (np.array([t.channel for t in teachers], dtype=np.int64),
+                 np.concatenate([np.asarray(t.prob).reshape(-1) for t in teachers]),
+                 np.concatenate([[0], np.cumsum(sizes)[:-1]]),
+                 np.array([t.prob.shape for t in teachers], dtype=np.int64),
+                 np.array([t.from_heart for t in teachers], dtype=np.float64))
+        return cls(*(to_device(torch.from_numpy(part), device) for part in parts))
+
+
+@dataclass
+class DeviceClasses:
+    """What a case's class-balanced draws read, laid out so that one binary search serves all classes:
+    ``ranks`` holds 0 and then, class after class, the class's cumulative voxel counts over the (i, j)
+    rows (:meth:`CaseStore.cumulative`) plus the voxels of the classes before it, so that a rank among
+    all classes' voxels finds its class's row. Per present class (store order): its store row, label
+    value, voxels before it and voxel count."""
+
+    ranks: torch.Tensor  # int32 (1 + C * I * J,)
+    row: torch.Tensor  # int64 (P,)
+    value: torch.Tensor  # int64 (P,)
+    before: torch.Tensor  # int64 (P,)
+    voxels: torch.Tensor  # float64 (P,)
+
+    @classmethod
+    def of(cls, cumulative: np.ndarray, classes: Sequence[int], device: torch.device) -> DeviceClasses:
+        counts = np.asarray(cumulative[:, -1], dtype=np.int64)
+        before = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        if counts.sum() >= 2**31:
+            raise ValueError(f"a case of {counts.sum()} labelled voxels: more than int32 counts hold")
+        ranks = np.concatenate([[0], (np.asarray(cumulative, dtype=np.int64) + before[:, None]).reshape(-1)])
+        present = np.nonzero(counts)[0]
+        parts = (torch.from_numpy(ranks.astype(np.int32)), torch.from_numpy(present),
+                 torch.as_tensor(np.asarray(classes, dtype=np.int64)[present]), torch.from_numpy(before[present]),
+                 torch.from_numpy(counts[present].astype(np.float64)))
+        return cls(*(to_device(part, device) for part in parts))
 
 
 @dataclass
 class DeviceCase:
-    """One case's arrays on the device (see :class:`CaseStore` for their meaning)."""
+    """One case's arrays on the device (see :class:`CaseStore` for their meaning) and its grid's extent
+    (float64, (3,)), kept there so that a step copies nothing to the device."""
 
     shape: tuple[int, int, int]
+    extent: torch.Tensor
     labels: torch.Tensor  # uint8 (I, J, K)
-    cumulative: torch.Tensor  # int32 (C, I*J), as stored
     band: torch.Tensor  # int32 (band_size,) flat indices, as stored
-    teachers: list[DeviceTeacher]
+    classes: DeviceClasses | None  # None: a binary store (stage 1's), no class draws
+    teachers: DeviceTeachers | None  # None: no teachers (stage 1, or a case without any)
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.labels, self.cumulative, self.band] + [t.prob for t in self.teachers]
+        tensors = [self.labels, self.band] + ([self.classes.ranks] if self.classes else []) + (
+            [self.teachers.maps] if self.teachers else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -107,17 +155,16 @@ class DeviceCaseCache:
 
     def _load(self, case: int) -> DeviceCase:
         self.loads += 1
+        shape = self.store.shape(case)
+        extent = to_device(torch.tensor(shape, dtype=torch.float64), self.device)
+        band = _to_device(self.store.band(case), self.device)
         if self.store.spec.binary:  # stage 1's: the foreground as 0/1 labels, no class counts, no teachers
             foreground = _to_device(self.store.foreground(case).view(np.uint8), self.device)
-            return DeviceCase(self.store.shape(case), foreground,
-                              torch.zeros((0, 0), dtype=torch.int32, device=self.device),
-                              _to_device(self.store.band(case), self.device), [])
-        teachers = [DeviceTeacher(t.channel, _to_device(t.prob, self.device),
-                                  torch.as_tensor(t.from_heart, dtype=torch.float64, device=self.device))
-                    for t in self.store.teachers(case)]
-        return DeviceCase(self.store.shape(case), _to_device(self.store.labels(case), self.device),
-                          _to_device(self.store.cumulative(case), self.device),
-                          _to_device(self.store.band(case), self.device), teachers)
+            return DeviceCase(shape, extent, foreground, band, None, None)
+        stored = self.store.teachers(case)
+        return DeviceCase(shape, extent, _to_device(self.store.labels(case), self.device), band,
+                          DeviceClasses.of(self.store.cumulative(case), self.store.spec.classes, self.device),
+                          DeviceTeachers.stack(stored, self.device) if stored else None)
 
     def __getitem__(self, case: int) -> DeviceCase:
         case = int(case)
@@ -135,13 +182,12 @@ class DeviceCaseCache:
         return len(self._cases)
 
 
-def _case_stream(cache: DeviceCaseCache, seed: int, epoch: int,
-                 case: int) -> tuple[DeviceCase, torch.Generator, torch.Tensor]:
-    """A case's cached arrays, its (seed, epoch, case) generator on the device and its grid shape (float64)."""
+def _case_stream(cache: DeviceCaseCache, seed: int, epoch: int, case: int) -> tuple[DeviceCase, torch.Generator]:
+    """A case's cached arrays and its (seed, epoch, case) generator on the device."""
     entry = cache[case]
     gen = torch.Generator(device=cache.device)
     gen.manual_seed(case_seed(seed, epoch, case))
-    return entry, gen, torch.tensor(entry.shape, dtype=torch.float64, device=cache.device)
+    return entry, gen
 
 
 def _cell_points(cells: torch.Tensor, shape: torch.Tensor, gen: torch.Generator, jitter: bool) -> torch.Tensor:
@@ -159,55 +205,81 @@ def _unravel(flat: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.stack([flat // jk, (flat % jk) // shape[2], flat % shape[2]], dim=1)
 
 
-def _draw_class(case: DeviceCase, k: int, c: int, voxels: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    """(n, 3) int64 cells drawn uniformly with replacement from class ``c`` (store row ``k``, ``voxels``
-    of them, known on the host: no read-back): a rank among the class's voxels, its (i, j) row by binary
-    search in the counts, its k by scanning that row (:func:`nearfix_lib.field.sampling._draw_class`)."""
-    cumulative = case.cumulative[k]
-    rank = torch.randint(0, voxels, (n,), generator=gen, device=cumulative.device, dtype=cumulative.dtype)
-    row = torch.searchsorted(cumulative, rank, right=True)
-    before = torch.where(row > 0, cumulative[(row - 1).clamp(min=0)], torch.zeros_like(row))
-    hits = (case.labels.reshape(-1, case.shape[2])[row] == c).to(torch.int32)
-    kk = torch.argmax((torch.cumsum(hits, dim=1) > (rank - before)[:, None]).to(torch.int8), dim=1)
-    return torch.stack([row // case.shape[1], row % case.shape[1], kk], dim=1).to(torch.int64)
+def _draw_classes(classes: DeviceClasses, labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(P * n, 3) int64 cells, ``n`` per present class in store order, each drawn uniformly with
+    replacement from its class in the (I, J, K) ``labels``: a rank among the class's voxels, its (i, j)
+    row by one binary search for all classes (:class:`DeviceClasses`), its k by scanning that row
+    (:func:`nearfix_lib.field.sampling._draw_class`, one class at a time)."""
+    _, n_j, n_k = labels.shape
+    if n_k > torch.iinfo(torch.int16).max:
+        raise ValueError(f"class draws count rows of up to 32,767 voxels in int16, got rows of {n_k}")
+    draws = torch.rand((len(classes.voxels), n), generator=gen, device=labels.device, dtype=torch.float64)
+    rank = ((draws * classes.voxels[:, None]).to(torch.int64) + classes.before[:, None]).reshape(-1)
+    # ranks[at] <= rank < ranks[at + 1]: ``at`` is (store row) * I*J + the (i, j) row holding the voxel
+    at = torch.searchsorted(classes.ranks, rank.to(torch.int32), right=True) - 1
+    row = at - (classes.row * (labels.numel() // n_k)).repeat_interleave(n)
+    within = rank - classes.ranks[at]  # its rank among the class's voxels of that row
+    value = classes.value.repeat_interleave(n)
+    # the first voxel where the row's running count of the class passes ``within``, by a binary search
+    # per row (int16 counts: rows of up to 32,767 voxels; half the time of comparing whole rows)
+    counts = torch.cumsum(labels.reshape(-1, n_k)[row] == value[:, None], dim=1, dtype=torch.int16)
+    kk = torch.searchsorted(counts, within[:, None].to(torch.int16), right=True)[:, 0]
+    return torch.stack([row // n_j, row % n_j, kk], dim=1)
 
 
-def cell_index(points: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(n, 3) int64 cells containing float32 normalised points, in float64 and clipped onto the grid
-    (:func:`nearfix_lib.field.sampling.cell_index`)."""
-    res = torch.tensor(shape, dtype=torch.float64, device=points.device)
-    cells = torch.floor((points.to(torch.float64) + 1.0) * 0.5 * res).to(torch.int64)
-    return torch.minimum(cells.clamp(min=0), res.to(torch.int64) - 1)
-
-
-_CORNERS = torch.tensor([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=torch.int64)
+def cell_index(points: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """(n, 3) int64 cells containing float32 normalised points, in float64 and clipped onto a grid of
+    ``extent`` (float64 (3,)) cells (:func:`nearfix_lib.field.sampling.cell_index`)."""
+    cells = torch.floor((points.to(torch.float64) + 1.0) * 0.5 * extent).to(torch.int64)
+    return torch.minimum(cells.clamp(min=0), extent.to(torch.int64) - 1)
 
 
 def trilinear_zero_padded(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Values (N,) float32 of a 3-D uint8 or float ``grid`` at normalised (i, j, k) float32 points: the
-    8 corners of each point only, zero outside, in the float32 arithmetic of ``grid_sample``'s CPU kernel
-    (:func:`nearfix_lib.field.unified.trilinear_zero_padded`, which this matches to float32 rounding:
-    the corners are summed in another order). All 8 corners at once: a few large operations, not 8 x 12
-    small ones, which is what a device (and the CPU's per-operation overhead) wants."""
-    size = torch.tensor(grid.shape, dtype=torch.int64, device=points.device)
-    x = ((points + 1.0) * size.to(torch.float32) - 1.0) / 2.0
+    """Values (N,) float32 of a 3-D uint8 or float ``grid`` at normalised (i, j, k) float32 points (N, 3):
+    the 8 corners of each point only, zero outside (:func:`stacked_trilinear` with one grid)."""
+    size = torch.tensor([grid.shape], dtype=torch.int64, device=points.device)
+    start = torch.zeros(1, dtype=torch.int64, device=points.device)
+    return stacked_trilinear(grid.reshape(-1), start, size, points.T[None])[0]
+
+
+def stacked_trilinear(maps: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
+                      points: torch.Tensor) -> torch.Tensor:
+    """Values (T, N) float32 of T grids stored flat one after another in ``maps`` (grid t begins at
+    ``start[t]`` and has the (i, j, k) shape ``size[t]``), each at its own normalised float32 points
+    (T, 3, N): the 8 corners of each point only, zero outside, in the float32 arithmetic of
+    ``grid_sample``'s CPU kernel (:func:`nearfix_lib.field.unified.trilinear_zero_padded`, which this
+    matches to float32 rounding: the corners are summed in another order).
+
+    All grids and all 8 corners in a few large operations, laid out with the points last so that
+    every operation runs over contiguous rows: on a GPU the host only launches them (a case's ten
+    teachers one by one took ten times the launches), and on the CPU the contiguous layout ran ~2x
+    faster than a point-major one with broadcast corner axes."""
+    shape = size[:, :, None]  # (T, 3, 1)
+    x = ((points + 1.0) * shape.to(torch.float32) - 1.0) / 2.0
     lower = torch.floor(x)
-    upper_w, lower_w = lower + 1.0 - x, x - lower  # weights of the lower and of the upper corner
-    w = torch.stack([upper_w, lower_w], dim=1)  # (N, 2 corners, 3 axes)
-    weights = (w[:, None, None, :, 2] * w[:, None, :, None, 1]) * w[:, :, None, None, 0]  # (N, 2, 2, 2): i, j, k
-    idx = lower.to(torch.int64)[:, None, :] + _CORNERS.to(points.device)  # (N, 8, 3)
-    inside = ((idx >= 0) & (idx < size)).all(dim=2)
-    idx = torch.where(inside[..., None], idx, 0)
-    values = grid.reshape(-1)[(idx[..., 0] * size[1] + idx[..., 1]) * size[2] + idx[..., 2]].to(torch.float32)
-    return (values * weights.reshape(-1, 8) * inside).sum(dim=1)
+    lo = lower.to(torch.int64)
+    # per axis the lower and the upper corner (T, 2, 3, N) and their weights, 0 for a corner off the
+    # grid: a product with one off-grid axis is then 0, as grid_sample's zero padding wants
+    corner = torch.stack([lo, lo + 1], dim=1)
+    w = torch.stack([lower + 1.0 - x, x - lower], dim=1) * ((corner >= 0) & (corner < shape[:, None]))
+    corner = torch.minimum(corner.clamp(min=0), shape[:, None] - 1)  # a readable voxel where the weight is 0
+    weights = (w[:, None, None, :, 2] * w[:, None, :, None, 1]) * w[:, :, None, None, 0]  # (T, 2, 2, 2, N): i, j, k
+    # each axis's share of the flat index first (T, 2, N), then two broadcast sums over all 8 corners
+    stride_j = size[:, 2, None, None]
+    along_i = start[:, None, None] + corner[:, :, 0] * (size[:, 1, None, None] * stride_j)
+    flat = along_i[:, :, None, None] + (corner[:, :, 1] * stride_j)[:, None, :, None] + corner[:, None, None, :, 2]
+    values = maps[flat].to(torch.float32)
+    return (values * weights).reshape(len(size), 8, -1).sum(dim=1)
 
 
-def teacher_values(teachers: Sequence[DeviceTeacher], points: torch.Tensor, n_heads: int) -> torch.Tensor:
+def teacher_values(teachers: DeviceTeachers | None, points: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Soft targets (N, n_heads) at whole-heart-normalised float32 points; 0 outside a class ROI."""
     out = torch.zeros((len(points), n_heads), dtype=torch.float32, device=points.device)
-    for t in teachers:
-        inside = (points.to(torch.float64) @ t.from_heart[:3, :3].T + t.from_heart[:3, 3]).to(torch.float32)
-        out[:, t.channel] = trilinear_zero_padded(t.prob, inside) * (1.0 / PROBABILITY_LEVELS)
+    if teachers is not None:
+        affine = teachers.from_heart
+        inside = (affine[:, :3, :3] @ points.T.to(torch.float64) + affine[:, :3, 3:]).to(torch.float32)  # (T, 3, N)
+        values = stacked_trilinear(teachers.maps, teachers.start, teachers.size, inside)
+        out[:, teachers.channels] = values.T * (1.0 / PROBABILITY_LEVELS)
     return out
 
 
@@ -232,11 +304,15 @@ class DeviceBalancedSampler:
         p = self.host.params
         jitter = p.jitter and (p.jitter_epochs == 0 or epoch <= p.jitter_epochs)
         store = self.host.store
-        entry, gen, shape = _case_stream(self.cache, self.host.seed, epoch, case)
+        entry, gen = _case_stream(self.cache, self.host.seed, epoch, case)
+        shape = entry.extent
         counts = store.histogram(case)
-        parts = [_cell_points(_draw_class(entry, k, c, int(counts[c]), p.positives_per_class, gen), shape, gen, jitter)
-                 for k, c in enumerate(self.host.classes) if counts[c]]
-        n_neg = self.host.points_per_case - p.positives_per_class * len(parts)
+        present = sum(1 for c in self.host.classes if counts[c])  # known on the host: no read-back
+        parts = []
+        if present and entry.classes is not None:
+            parts.append(_cell_points(_draw_classes(entry.classes, entry.labels, p.positives_per_class, gen),
+                                      shape, gen, jitter))
+        n_neg = self.host.points_per_case - p.positives_per_class * present
         band_size = store.band_size(case)
         n_band = (n_neg - n_neg // 2) if band_size else 0
         found = self.host.mined_count(case)
@@ -251,7 +327,7 @@ class DeviceBalancedSampler:
         uniform = torch.rand((n_neg - n_band, 3), generator=gen, device=self.device, dtype=torch.float64)
         parts.append(uniform * 2.0 - 1.0)
         points = torch.cat(parts).to(torch.float32)
-        cells = cell_index(points, entry.shape)
+        cells = cell_index(points, shape)
         labels = self._lut[entry.labels[cells[:, 0], cells[:, 1], cells[:, 2]].to(torch.int64)]
         return points, labels, entry
 
@@ -273,14 +349,15 @@ class DeviceBandSampler:
         n_band = int(round(bias_at_epoch(p, epoch) * n))
         points, targets = [], []
         for case in case_indices:
-            entry, gen, shape = _case_stream(self.cache, self.host.seed, epoch, int(case))
+            entry, gen = _case_stream(self.cache, self.host.seed, epoch, int(case))
+            shape = entry.extent
             band_size = self.host.store.band_size(int(case))
             k = n_band if band_size else 0
             rows = torch.randint(0, max(band_size, 1), (k,), generator=gen, device=self.device)
             band = _cell_points(_unravel(entry.band[rows].to(torch.int64), entry.shape), shape, gen, p.jitter)
             uniform = torch.rand((n - k, 3), generator=gen, device=self.device, dtype=torch.float64) * 2.0 - 1.0
             case_points = torch.cat([band, uniform]).to(torch.float32)
-            cells = cell_index(case_points, entry.shape)
+            cells = cell_index(case_points, shape)
             points.append(case_points)
             targets.append(entry.labels[cells[:, 0], cells[:, 1], cells[:, 2]].to(torch.float32))
         return torch.stack(points), torch.stack(targets)
