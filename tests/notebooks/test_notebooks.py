@@ -116,3 +116,33 @@ def test_experiment_page_is_generated_from_the_runs_csvs(run_dir, tmp_path):
     shutil.copytree(run_dir, plain, ignore=shutil.ignore_patterns("no_distill"))
     assert main(["page", str(plain), "--out", str(out)]) == 0
     assert "## Stage 3: distillation" not in out.read_text() and "## Stage 3: the unified model" in out.read_text()
+
+
+@pytest.mark.notebook
+def test_many_cases_fits_each_size_on_its_first_cases_and_scores_the_same_unseen_case(run_dir, tmp_path):
+    """After the notebooks: `benchmarks.many_cases` fits F_Θ on the run's first 1 and on both cases,
+    each in its own folder beside the run's shared outputs, and the same held-out case in both."""
+    import pandas as pd
+
+    from benchmarks.many_cases import COLUMNS, main
+
+    out = tmp_path / "many"
+    assert main(["--run", str(run_dir), "--sizes", "1", "2", "--holdouts", "1", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "many_cases.csv", dtype={"case": str})
+    assert list(table.columns) == COLUMNS and set(table["n_train"]) == {1, 2}
+    assert set(table["source"]) == {"noisy", "stage3"} and set(table["case"]) == {"holdout0"}
+    assert table["dice"].between(0, 1).all()
+    noisy = table[table["source"] == "noisy"].pivot(index="class", columns="n_train", values="dice")
+    assert noisy[1].equals(noisy[2])  # the same unseen case, whatever F_Θ learned from
+    assert sorted(p.name for p in (out / "n1" / "stage2" / "labels").iterdir()) == ["1.nii.gz"]
+    assert "no usable stage-2 L^ref" in (out / "n1" / "skipped.csv").read_text()
+    assert trained_case_ids(out / "n1") == ["1"] and trained_case_ids(out / "n2") == ["1", "2"]
+    assert (run_dir / "stage3" / "unified.pt").stat().st_mtime < (out / "n1" / "stage3" / "unified.pt").stat().st_mtime
+    page = (out / "many_cases.md").read_text()
+    assert "| Cor |" in page and "N = 2 Dice" in page
+
+
+def trained_case_ids(run):
+    from nearfix_lib.field.unified import UnifiedModel
+
+    return list(UnifiedModel.load(run / "stage3" / "unified.pt").case_ids)
