@@ -167,8 +167,9 @@ class UnifiedTask:
         mined = MinedVoxels(mining_dir, store.case_ids) if sampling.mined else None
         self.sampler = ClassBalancedSampler(store, sampling, seed, mined)
         self.loss_params = loss
+        # on the fit's device once: a host tensor would cross (and block) at every step
         self.alpha = head_weights(class_fractions((store.histogram(i) for i in range(self.n_cases)), self.indices),
-                                  loss)
+                                  loss).to(device)
         # per case, which heads have a teacher (fixed, so not rebuilt every step)
         self._has_teacher = np.zeros((self.n_cases, len(self.indices)), dtype=bool)
         for i in range(self.n_cases):
@@ -205,11 +206,13 @@ class UnifiedTask:
                                                      for k, i in enumerate(case_idx)]))
         channel = self._channel[labels]
         heads_at = torch.arange(heads, device=channel.device)  # one_hot would check its input: a device sync
-        out = {"case": torch.as_tensor(case_idx, dtype=torch.long, device=points.device), "points": points,
+        # the case indices and teacher flags stay host tensors: the step moves them without blocking
+        # (train.to_device), where a host array put on a GPU here would wait for the device's queue
+        out = {"case": torch.as_tensor(case_idx, dtype=torch.long), "points": points,
                "target": (channel.unsqueeze(-1) == heads_at).to(torch.float32)}  # label values off the table: 0
         if teacher is not None:
             out["teacher"] = teacher
-            out["has_teacher"] = torch.from_numpy(self._has_teacher[case_idx]).to(points.device)
+            out["has_teacher"] = torch.from_numpy(self._has_teacher[case_idx])
         return out
 
     def loss(self, model, batch):
@@ -219,7 +222,7 @@ class UnifiedTask:
         total = data + self.loss_params.latent_weight * lat
         parts = {"data": data.detach(), "latent": lat.detach()}
         if self.distill:
-            weight = batch["has_teacher"][:, None, :].float() * self.alpha.to(logits)
+            weight = batch["has_teacher"][:, None, :].float() * self.alpha
             dist = distillation(logits, batch["teacher"], weight)
             total = total + self.loss_params.distill_weight * dist
             parts["distill"] = dist.detach()

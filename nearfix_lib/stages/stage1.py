@@ -117,7 +117,7 @@ class Stage1Task:
         else:
             host_points, host_targets = self.sampler.sample(list(case_idx), epoch)
             points, targets = torch.from_numpy(host_points), torch.from_numpy(host_targets)
-        out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long, device=points.device),
+        out = {"case": torch.as_tensor(np.asarray(case_idx), dtype=torch.long),  # moved by the step, unblocking
                "points": points, "target": targets}
         if self.images is not None:
             out["image"] = self.images.batch(case_idx)
