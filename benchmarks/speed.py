@@ -395,6 +395,36 @@ def with_readme_table(text: str, table) -> str:
     return f"{head}{README_BEGIN}\n{readme_table(table)}\n{README_END}{rest.split(README_END, 1)[1]}"
 
 
+PART_LEADS = {"steps": "Training steps:", "decode": "Decodes:"}  # each part's sentence on the page
+
+
+def part_of(what: str) -> str:
+    return "steps" if what.startswith(("stage1_", "stage3_")) else "decode"
+
+
+def kept_parts(folder: Path, parts: list[str]) -> tuple[list[dict], list[str]]:
+    """The rows of ``parts`` in an earlier run's ``speed.csv`` and their conditions from its page, each
+    followed by that run's device, code and command (once: a part kept again keeps its first origin),
+    so that a page mixing two runs says which rows are whose."""
+    import pandas as pd
+
+    table = pd.read_csv(folder / "speed.csv")
+    rows = [r for r in table.to_dict("records") if part_of(r["what"]) in parts]
+    paragraph = (folder / "speed.md").read_text().split("\n\n")[1]
+    own = paragraph.find("Device ")  # the earlier run's own sentence (a kept part quotes it as "device")
+    quoted = paragraph[own:].strip().rstrip(".").replace("Device ", "device ")
+    origin = f"These rows are kept from an earlier run ({quoted})."
+    texts = []
+    for part in parts:
+        start = paragraph.find(PART_LEADS[part])
+        if start < 0:
+            continue
+        ends = [i for i in (paragraph.find(lead, start + 1) for lead in (*PART_LEADS.values(), "Device ")) if i > start]
+        text = paragraph[start:min(ends)].strip()
+        texts.append(text if "kept from an earlier run" in text else f"{text} {origin}")
+    return rows, texts
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
@@ -415,12 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-params", type=Path, default=PROJECT / "params/default.yaml",
                     help="the stage1 and stage3 sections (model, sampling, train) of the training steps")
     ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variants")
+    ap.add_argument("--keep", type=Path,
+                    help="an earlier run's folder: the rows of the parts not measured now come from its speed.csv, "
+                         "their conditions from its page")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="per process")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, conditions = [], []
+    if args.keep:  # read before anything is written: it may be this run's own folder
+        rows, conditions = kept_parts(args.keep, [part for part in PART_LEADS if part not in args.parts])
     if "steps" in args.parts:
         with tempfile.TemporaryDirectory(prefix="nearfix-steps-") as tmp:
             step_table, made = measure_steps(args, tmp, device)

@@ -56,3 +56,19 @@ def test_the_readme_table_is_rewritten_between_its_markers_only(tiny_speed):
     assert "old table" not in readme and readme_table(table) in readme
     with pytest.raises(ValueError, match="markers"):
         with_readme_table("no markers here", table)
+
+
+def test_a_partial_rerun_keeps_the_other_parts_rows_and_says_whose_they_are(tiny_speed, tmp_path):
+    out, _, table, _ = tiny_speed
+    again = tmp_path / "again"
+    code = main(["--out", str(again), "--params", "params/test.yaml", "--step-params", "params/test.yaml",
+                 "--parts", "steps", "--steps", "1", "--step-cases", "2", "--skip-compile", "--keep", str(out)])
+    assert code == 0
+    rerun = pd.read_csv(again / "speed.csv")
+    decode = table[~table["what"].str.startswith(("stage1_", "stage3_"))]
+    assert rerun[rerun["what"].str.startswith("decode")].reset_index(drop=True).equals(
+        decode[decode["what"].str.startswith("decode")].reset_index(drop=True))
+    assert set(rerun["what"]) == set(table["what"])  # every row: the steps measured again, the decodes kept
+    page = (again / "speed.md").read_text()
+    assert page.count("Decodes:") == 1 and "kept from an earlier run (device cpu" in page
+    assert "--parts steps" in page.split("kept from an earlier run")[1]  # this run's own command comes last
