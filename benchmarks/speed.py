@@ -230,8 +230,9 @@ def _steps(job: StepJob, queue) -> None:
         train, points = s3.train, task.sampler.points_per_case
     else:
         s1 = params.stage1.for_class(STEP_STAGE1_CLASS)
-        if job.points_per_case:
-            s1 = dataclasses.replace(s1, sampling=dataclasses.replace(s1.sampling, points_per_case=job.points_per_case))
+        sampling = dataclasses.replace(s1.sampling, batches=job.batches,
+                                       points_per_case=job.points_per_case or s1.sampling.points_per_case)
+        s1 = dataclasses.replace(s1, sampling=sampling)
         task = Stage1Task(CaseStore(root, ids, store_spec(s1.sampling)), s1, 0, job.device)
         model, train, points = ImplicitField(job.latents or job.cases, s1.model), s1.train, s1.sampling.points_per_case
     model.to(job.device).train()
@@ -452,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="per process")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
+    version = code_version()  # before this run writes into the checkout (--out under docs/)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, conditions = [], []
     if args.keep:  # read before anything is written: it may be this run's own folder
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows, columns=["what", "variant", "value", "unit"])
     table.to_csv(args.out / "speed.csv", index=False)
     command = " ".join(argv if argv is not None else sys.argv[1:])
-    conditions.append(f"Device {device}; code {code_version()}; `python -m benchmarks.speed {command}`.")
+    conditions.append(f"Device {device}; code {version}; `python -m benchmarks.speed {command}`.")
     write_text(args.out / "speed.md", speed_page(table, " ".join(conditions)))
     print(f"wrote {args.out / 'speed.csv'} and speed.md")
     if args.readme:

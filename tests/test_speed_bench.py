@@ -44,6 +44,7 @@ def test_the_csv_holds_the_rows_others_read(tiny_speed):
     # the host path draws in numpy; on the device every draw and look-up is a torch operation, but a
     # few per case, not per class: no more than 300 per case of the step's 2
     assert value[("stage3_batch_ops", "cpu_batches")] < value[("stage3_batch_ops", "device_batches")] <= 2 * 300
+    assert value[("stage1_batch_ops", "cpu_batches")] < value[("stage1_batch_ops", "device_batches")]  # as asked
     assert not any("compile" in v for v in table["variant"])
     page = (out / "speed.md").read_text()
     assert "cpu_batches / device_batches" in page and "dense / coarse_to_fine" in page
