@@ -65,6 +65,9 @@ def run_size(source: Path, folder: Path, n_train: int, holdouts: int, progress: 
     from nearfix_lib.stages.runs import start_run
 
     params = load_params(source / "params.yaml", {"stage3.compare_distillation": False}, run_dir=str(folder))
+    if params.data.data_root:
+        raise ValueError(f"{source} runs on {params.data.data_root}: the unseen cases come from the phantom, "
+                         "so this needs a phantom run")
     index = list(load_crops_index(source / "prepared"))
     if len(index) < n_train:
         raise ValueError(f"{source} has {len(index)} prepared cases, fewer than {n_train}")
