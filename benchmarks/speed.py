@@ -269,12 +269,12 @@ def batch_ops(task, cases: np.ndarray, epoch: int) -> int:
         ops = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
+            self.ops += 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
+    with Count() as count:
         task.batch(cases, epoch=epoch)
-    return Count.ops
+    return count.ops
 
 
 def step_rows(stage: str, variant: str, res: dict) -> list[dict]:

@@ -127,7 +127,8 @@ def test_trilinear_matches_grid_sample_and_the_host_version(shape):
     gen = torch.Generator().manual_seed(2)
     grid = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
     points = torch.rand((500, 3), generator=gen) * 2.6 - 1.3  # some outside: zero padding
-    got = db.trilinear_zero_padded(grid, points)
+    got = db.stacked_trilinear(grid.reshape(-1), torch.zeros(1, dtype=torch.int64), torch.tensor([shape]),
+                               points.T[None])[0]
     reference = grid_sample(grid.float()[None, None], points[:, [2, 1, 0]].reshape(1, 1, 1, -1, 3),
                             mode="bilinear", padding_mode="zeros", align_corners=False).reshape(-1)
     assert torch.allclose(got, reference, rtol=1e-5, atol=1e-3)

@@ -234,14 +234,6 @@ def cell_index(points: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
     return torch.minimum(cells.clamp(min=0), extent.to(torch.int64) - 1)
 
 
-def trilinear_zero_padded(grid: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Values (N,) float32 of a 3-D uint8 or float ``grid`` at normalised (i, j, k) float32 points (N, 3):
-    the 8 corners of each point only, zero outside (:func:`stacked_trilinear` with one grid)."""
-    size = torch.tensor([grid.shape], dtype=torch.int64, device=points.device)
-    start = torch.zeros(1, dtype=torch.int64, device=points.device)
-    return stacked_trilinear(grid.reshape(-1), start, size, points.T[None])[0]
-
-
 def stacked_trilinear(maps: torch.Tensor, start: torch.Tensor, size: torch.Tensor,
                       points: torch.Tensor) -> torch.Tensor:
     """Values (T, N) float32 of T grids stored flat one after another in ``maps`` (grid t begins at
@@ -306,11 +298,11 @@ class DeviceBalancedSampler:
         store = self.host.store
         entry, gen = _case_stream(self.cache, self.host.seed, epoch, case)
         shape = entry.extent
-        counts = store.histogram(case)
-        present = sum(1 for c in self.host.classes if counts[c])  # known on the host: no read-back
+        classes = entry.classes  # a label store's: the classes the case has, counted on the host at load
+        present = 0 if classes is None else len(classes.voxels)
         parts = []
-        if present and entry.classes is not None:
-            parts.append(_cell_points(_draw_classes(entry.classes, entry.labels, p.positives_per_class, gen),
+        if classes is not None and present:
+            parts.append(_cell_points(_draw_classes(classes, entry.labels, p.positives_per_class, gen),
                                       shape, gen, jitter))
         n_neg = self.host.points_per_case - p.positives_per_class * present
         band_size = store.band_size(case)
