@@ -110,6 +110,45 @@ def test_every_repair_is_audited_and_a_flagged_case_can_keep_its_input(tiny_run)
     assert changed > 0
 
 
+def test_where_the_audit_kept_the_input_nothing_downstream_learns_from_the_field(tiny_run):
+    """The audit's verdict reaches every consumer of a case's field: stage 3 withholds the class's
+    teacher (its head learns that case from L^ref alone) and stage 2's ROI-grid mask is the input
+    on that grid, as M^ref is on the original one. A class the audit passed keeps its teacher."""
+    import dataclasses
+
+    from nearfix_lib.core.workspace import case_dir, kept_inputs
+    from nearfix_lib.stages import stage2, stage3
+
+    fit_and_repair(tiny_run, "LA")  # resumes the fits and repairs of the tests above, if they ran
+    fit_and_repair(tiny_run, "Cor")
+    strict = load_test_params({"stage1.overrides.LA.audit": {"min_fit_dice": 0.9999, "action": "keep_input"},
+                               "stage1.overrides.Cor.audit": {"max_dropped": 1.0, "min_skeleton_kept": 0.0}},
+                              run_dir=str(tiny_run.dir))
+    run = dataclasses.replace(tiny_run, params=strict)
+    for key in ("LA", "Cor"):
+        stage1.repair_class(run, key, progress=False)
+    kept = kept_inputs(run)
+    assert {cid: set(keys) for cid, keys in kept.items()} == {c.case_id: {"LA"} for c in run.cases}
+    stage2.run_stage2(run, progress=False)
+    data = stage3.load_stage3_data(run)
+    la, cor = run.table.keys.index("LA"), run.table.keys.index("Cor")
+    for i, _ in enumerate(data.case_ids):
+        channels = data.store.teacher_channels(i)
+        assert cor in channels and la not in channels
+    fields = stage1.load_stage1_fields(run, "cpu", ["LA"])
+    crops = stage3.load_crops_index(stage3.prepared_dir(run))[run.cases[0].case_id]
+    with np.load(case_dir(stage3.prepared_dir(run), crops.case_id) / "heart.npz") as z:
+        heart_labels = z["labels"]
+    given = heart_labels == run.table["LA"].index
+    field_mask = stage2.roi_masks(run, fields, crops, "cpu", heart_labels)["LA"]
+    kept_mask = stage2.roi_masks(run, fields, crops, "cpu", heart_labels, kept[crops.case_id])["LA"]
+    assert np.array_equal(kept_mask, given) and not np.array_equal(field_mask, given)
+    # the verdict withdrawn (the default audit passes LA): the store takes the teacher back
+    stage1.repair_class(tiny_run, "LA", progress=False)
+    data = stage3.load_stage3_data(tiny_run)
+    assert all(la in data.store.teacher_channels(i) for i in range(len(data.case_ids)))
+
+
 def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
     """``stage1.anchor``: M^ref is the input where P >= keep_above plus the voxels where P >= add_above,
     through the clean-up, checked against the field's own probabilities (dense decode, so exactly);

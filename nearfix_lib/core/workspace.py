@@ -260,3 +260,18 @@ def repair_audit(run: Run, case_id: str | None = None) -> pd.DataFrame:
         if flag in audit.columns:
             audit[flag] = audit[flag].astype(bool)
     return audit if case_id is None else audit[audit["case"] == str(case_id)].reset_index(drop=True)
+
+
+def kept_inputs(run: Run) -> dict[str, frozenset[str]]:
+    """Per case, the classes whose M^ref stage 1's audit replaced by the input (``audit_kept_input``).
+
+    The audit judged the field of such a case unable to hold its input, so nothing downstream may
+    learn that class of that case from it: stage 3 withholds its teacher, and stage 2's ROI-grid
+    masks take the input there too. Empty before stage 1 has scored (no ``scores.csv``)."""
+    audit = repair_audit(run)
+    if "audit_kept_input" not in audit.columns:
+        return {}
+    out: dict[str, set[str]] = {}
+    for case, key in audit.loc[audit["audit_kept_input"], ["case", "class"]].itertuples(index=False):
+        out.setdefault(str(case), set()).add(str(key))
+    return {case: frozenset(keys) for case, keys in out.items()}

@@ -275,6 +275,16 @@ def repair_decision(params: Stage1Params) -> Decision:
                                    else (params.threshold,))
 
 
+def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
+                   params: Stage1Params) -> tuple[np.ndarray, CleanupReport | None]:
+    """What takes a field's place where the audit kept the input (``audit.action``): the input mask
+    as it is (``keep_input``; no clean-up report) or through the class's clean-up (``clean_input``).
+    M^ref and stage 2's ROI-grid masks both read it, so the two grids follow the same verdict."""
+    if params.audit.action == "clean_input":
+        return clean_mask(given, expected, spacing, params.cleanup)
+    return given, None
+
+
 def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequence[float],
             params: Stage1Params) -> tuple[np.ndarray, CleanupReport, Audit]:
     """M^ref of a class box from its input mask ``given`` and the field's decode ``bits``
@@ -284,10 +294,9 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     the audit (of the field's own decision)."""
     repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
     audit = audit_repair(given, repaired, params.audit)  # can the field hold its input at all?
-    if audit.kept_input:  # the input, as it is or through the same clean-up, in the field's place
-        repaired = given
-        if params.audit.action == "clean_input":
-            repaired, report = clean_mask(given, expected, spacing, params.cleanup)
+    if audit.kept_input:
+        repaired, cleaned = input_in_place(given, expected, spacing, params)
+        report = cleaned or report
     elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
         repaired, report = clean_mask((given & (bits & 2 > 0)) | (bits & 4 > 0), expected, spacing, params.cleanup)
     return repaired, report, audit

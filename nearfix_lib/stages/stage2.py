@@ -41,7 +41,7 @@ from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz
 from nearfix_lib.core.metrics import Reference
 from nearfix_lib.core.scores import anatomy_checks, component_counts_of, score_labels, score_masks, scores_frame
-from nearfix_lib.core.workspace import Run, case_dir, prepared_dir, stage1_dir, stage2_dir
+from nearfix_lib.core.workspace import Run, case_dir, kept_inputs, prepared_dir, stage1_dir, stage2_dir
 from nearfix_lib.field.decide import labels_in_box, threshold_decision
 from nearfix_lib.field.sampling import interface_band
 from nearfix_lib.repair.cleanup import clean_mask
@@ -49,7 +49,7 @@ from nearfix_lib.repair.fusion import FusionResult, fuse_case
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device
-from nearfix_lib.stages.stage1 import ClassField, load_stage1_fields
+from nearfix_lib.stages.stage1 import ClassField, input_in_place, load_stage1_fields
 
 # -- inputs ------------------------------------------------------------------------------------
 
@@ -67,15 +67,21 @@ def original_masks(run: Run, case_id: str, shape: tuple[int, ...]) -> dict[str, 
 
 
 def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device: str,
-              heart_labels: np.ndarray) -> dict[str, np.ndarray]:
+              heart_labels: np.ndarray, kept: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Each class's stage-1 field on the whole-heart ROI grid: thresholded and cleaned like M^ref
-    (``heart_labels``: the input on that grid, whose class boundaries seed the decode)."""
+    (``heart_labels``: the input on that grid, whose class boundaries seed the decode). The classes
+    ``kept`` (stage 1's audit kept the case's input: :func:`~nearfix_lib.core.workspace.kept_inputs`)
+    take the input on that grid as M^ref took it on the original one, not the field."""
     spacing = crops.heart_spacing
     masks = {}
     for key, f in fields.items():
         if crops.case_id not in f.index_of or key not in crops.class_boxes:
             continue
         p = run.params.stage1.for_class(key)
+        if key in kept:
+            expected = run.table[key].expected_components
+            masks[key], _ = input_in_place(heart_labels == run.table[key].index, expected, spacing, p)
+            continue
         decided = labels_in_box(f.model, f.index_of[crops.case_id], crops.heart_grid, crops.class_boxes[key],
                                 threshold_decision(p.threshold), p.decode, device, p.chunk_points,
                                 seed=interface_band(heart_labels == run.table[key].index, 1))
@@ -109,9 +115,11 @@ def needs_roi_grid(run: Run) -> bool:
 
 
 def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str, ClassField] | None,
-                  device: str) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict]]:
-    """Fuse one case on the original grid and, given the stage-1 ``fields``, on the ROI grid, and write
-    it; returns (L^ref original, stage-1 masks, audit rows)."""
+                  device: str, kept: frozenset[str] = frozenset(),
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict]]:
+    """Fuse one case on the original grid and, given the stage-1 ``fields``, on the ROI grid (``kept``:
+    the classes whose input stage 1's audit kept), and write it; returns (L^ref original, stage-1
+    masks, audit rows)."""
     out = stage2_dir(run)
     params = run.params.stage2
     masks = original_masks(run, case.case_id, case.label.shape)
@@ -122,7 +130,7 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     if fields is not None:
         with np.load(case_dir(prepared_dir(run), case.case_id) / "heart.npz") as z:
             heart_labels = z["labels"]  # the input on the heart grid, as prepare resampled it
-        roi = roi_masks(run, fields, crops, device, heart_labels)
+        roi = roi_masks(run, fields, crops, device, heart_labels, kept)
         roi_result = fuse_case({**roi, **unrepaired_inputs(run.table, roi, heart_labels, params.unrepaired)},
                                run.table, crops.heart_spacing, params, shape=crops.heart_grid.shape)
         _write_roi(out, crops, roi_result)
@@ -142,18 +150,21 @@ class Stage2State:
     device: str
     index: dict[str, CaseCrops]
     fields: dict[str, ClassField] | None
+    kept: dict[str, frozenset[str]]  # per case, the classes whose input stage 1's audit kept
 
 
 def stage2_setup(run: Run) -> Stage2State:
     device = resolve_device(run.params.run.device)
-    fields = load_stage1_fields(run, device) if needs_roi_grid(run) else None
-    return Stage2State(device, load_crops_index(prepared_dir(run)), fields)
+    roi = needs_roi_grid(run)
+    fields = load_stage1_fields(run, device) if roi else None
+    return Stage2State(device, load_crops_index(prepared_dir(run)), fields, kept_inputs(run) if roi else {})
 
 
 def stage2_case(run: Run, case_id: str, state: Stage2State) -> shards.Rows:
     """One case of :data:`CASES`: fuse and write it; its audit, checks and (with truth) scores rows."""
     case = run.load(case_id, with_image=False)
-    fused, masks, audit = fuse_run_case(run, case, state.index[case_id], state.fields, state.device)
+    fused, masks, audit = fuse_run_case(run, case, state.index[case_id], state.fields, state.device,
+                                        state.kept.get(case_id, frozenset()))
     spacing = case.label.spacing
     scores = score_against_truth(case, masks, fused, run.table) if case.truth is not None else []
     checks = [{"case": case_id, "source": source,

@@ -43,6 +43,7 @@ from nearfix_lib.core.workspace import (
     Run,
     decode_dir,
     file_signature,
+    kept_inputs,
     prepared_dir,
     stage1_probabilities,
     stage2_dir,
@@ -81,20 +82,27 @@ def geometry_of(crops: CaseCrops) -> CaseGeometry:
     return CaseGeometry(crops.shape, crops.affine, crops.heart_box, crops.heart_grid)
 
 
-def load_teachers(run: Run, crops: CaseCrops) -> list[Teacher]:
-    """The stage-1 ROI probabilities of every class this case has (classes without one are skipped),
-    memory-mapped from stage 1's files: a store records where they lie instead of copying them."""
+def teacher_paths(run: Run, crops: CaseCrops,
+                  withheld: frozenset[str] = frozenset()) -> list[tuple[int, str, Path]]:
+    """(head, class key, stage-1 probability file) of every class this case has a teacher for: classes without
+    one are skipped, and so are the ``withheld`` ones (stage 1's audit kept the case's input there:
+    :func:`~nearfix_lib.core.workspace.kept_inputs`), whose field the audit did not trust; their head
+    learns that case from L^ref alone."""
+    paths = ((k, cls.key, stage1_probabilities(run, cls.key, crops.case_id)) for k, cls in enumerate(run.table))
+    return [(k, key, path) for k, key, path in paths if key not in withheld and path.is_file()]
+
+
+def load_teachers(run: Run, crops: CaseCrops, withheld: frozenset[str] = frozenset()) -> list[Teacher]:
+    """The teachers of :func:`teacher_paths`, memory-mapped from stage 1's files: a store records
+    where they lie instead of copying them."""
     out = []
-    for k, cls in enumerate(run.table):
-        path = stage1_probabilities(run, cls.key, crops.case_id)
-        if not path.is_file():
-            continue
+    for k, key, path in teacher_paths(run, crops, withheld):
         prob = np.load(path, mmap_mode="r", allow_pickle=False)
-        grid = crops.class_grids[cls.key]
+        grid = crops.class_grids[key]
         if prob.dtype != np.uint8 or prob.shape != tuple(grid.shape):
             raise InputError(path, f"{prob.dtype} {prob.shape}, not uint8 on the class ROI grid {tuple(grid.shape)}; "
                                    "rerun the repair (nearfix run repair)")
-        out.append(Teacher(k, prob, teacher_affine(crops.heart_box, crops.class_boxes[cls.key]), path))
+        out.append(Teacher(k, prob, teacher_affine(crops.heart_box, crops.class_boxes[key]), path))
     return out
 
 
@@ -126,13 +134,15 @@ def store_spec(table: ClassTable, params: Stage3Params) -> StoreSpec:
     return StoreSpec(tuple(table.indices), params.sampling.dilation_radius, interfaces=params.sampling.mined > 0)
 
 
-def case_source(run: Run, crops: CaseCrops, with_teachers: bool = True) -> dict:
+def case_source(run: Run, crops: CaseCrops, with_teachers: bool = True,
+                withheld: frozenset[str] = frozenset()) -> dict:
     """What identifies a case's stage-3 inputs without reading them: the L^ref file and every teacher
-    file (:func:`file_signature`) and the heart box. Raises FileNotFoundError without L^ref."""
-    teachers = [stage1_probabilities(run, cls.key, crops.case_id) for cls in run.table] if with_teachers else []
+    file (:func:`file_signature`; a teacher withheld or restored changes it) and the heart box.
+    Raises FileNotFoundError without L^ref."""
+    teachers = teacher_paths(run, crops, withheld) if with_teachers else []
     return {"supervision": run.params.stage3.supervision, "shape": list(crops.shape),
             "heart_box": crops.heart_box.to_dict(), "labels": file_signature(run, _supervision_path(run, crops)),
-            "teachers": [file_signature(run, p) for p in teachers if p.is_file()]}
+            "teachers": [file_signature(run, p) for _, _, p in teachers]}
 
 
 def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
@@ -147,13 +157,18 @@ def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
     spec = store_spec(run.table, run.params.stage3)
     root = stage3_cases_dir(run)
     items = list(index.items())
+    kept = kept_inputs(run) if with_teachers else {}
+    withheld = sum(len(kept.get(cid, ())) for cid in index)
+    if withheld:
+        print(f"stage3: {withheld} teacher(s) withheld, of (case, class) pairs whose input stage 1's audit "
+              "kept (stage1/<class>/scores.csv, audit_kept_input); those heads learn them from L^ref alone")
     problems: dict[str, Exception] = {}
     for cid, crops in rank_rotation(items):
         try:
-            source = case_source(run, crops, with_teachers)
+            source = case_source(run, crops, with_teachers, kept.get(cid, frozenset()))
             if not is_complete(root / cid, spec, source):
                 write_case(root / cid, supervision_labels(run, crops), spec,
-                           load_teachers(run, crops) if with_teachers else [], source)
+                           load_teachers(run, crops, kept.get(cid, frozenset())) if with_teachers else [], source)
         except (FileNotFoundError, InputError) as err:
             problems[cid] = err
     ids, geometry = [], {}
