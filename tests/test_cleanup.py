@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from nearfix_lib.core.config import CleanupParams
-from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, drop_small_components, keep_largest_components
+from nearfix_lib.core.metrics import mask_components
+from nearfix_lib.repair.cleanup import (
+    CleanupReport,
+    clean_mask,
+    drop_small_components,
+    joined_through,
+    keep_largest_components,
+)
 
 SHAPE = (12, 9, 7)
 NEIGHBOURS = {
@@ -224,3 +231,27 @@ def test_bridge_joins_pieces_across_gaps_in_mm_before_the_rules():
     assert (thick & ~mask).sum() > added.sum() and thick[18:22, 3:5, 4:6].all() and not thick[36:].any()
     with pytest.raises(ValueError, match="bridge"):
         CleanupParams(bridge_gap_mm=-1.0)
+
+
+def test_joined_through_adds_only_the_joiner_pieces_that_connect_two_pieces():
+    """Two pieces of a vessel with a gap; the joiner (a field's own mask) crosses the gap, widens one
+    piece elsewhere, and has a blob apart: only the crossing is added, and the mask is untouched."""
+    shape = (7, 30, 9)  # asymmetric: an axis mix-up would move the pieces out of the box
+    mask = np.zeros(shape, bool)
+    mask[3, 2:12, 4] = mask[3, 16:28, 4] = True
+    crossing, shell, blob = (np.zeros(shape, bool) for _ in range(3))
+    crossing[3, 11:17, 4] = True  # overlaps both pieces' ends: its part outside the mask is the gap
+    shell[4, 20:26, 4] = True  # beside the second piece only: it would widen it, not join anything
+    blob[0, 2:4, 0:2] = True  # touches nothing
+    joiner = crossing | shell | blob
+    before = mask.copy()
+    out = joined_through(mask, joiner)
+    assert np.array_equal(mask, before)
+    assert np.array_equal(out, mask | crossing)
+    assert mask_components(out) == 1
+    assert np.array_equal(joined_through(mask, np.zeros(shape, bool)), mask)
+    one = np.zeros(shape, bool)
+    one[3, 2:12, 4] = True
+    assert np.array_equal(joined_through(one, joiner), one)  # one piece: nothing to join
+    with pytest.raises(ValueError, match="differ in shape"):
+        joined_through(mask, joiner[:, :, :5])

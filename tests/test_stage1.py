@@ -9,7 +9,7 @@ from conftest import PROJECT
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.config import load_params
-from nearfix_lib.repair.cleanup import clean_mask
+from nearfix_lib.repair.cleanup import clean_mask, joined_through
 from nearfix_lib.stages import prepare, stage1
 from nearfix_lib.stages.runs import start_run
 
@@ -151,39 +151,52 @@ def test_where_the_audit_kept_the_input_nothing_downstream_learns_from_the_field
 
 def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
     """``stage1.anchor``: M^ref is the input where P >= keep_above plus the voxels where P >= add_above,
-    through the clean-up, checked against the field's own probabilities (dense decode, so exactly);
-    the audit still reads the field's own decision (P >= threshold)."""
+    with ``join`` (the coronaries' default) joined where the field's own cleaned decision connects its
+    pieces, through the clean-up; checked against the field's own probabilities (dense decode, so
+    exactly), with and without the join. The audit still reads the field's own decision."""
     import dataclasses
 
     from nearfix_lib.core.workspace import prepared_dir
     from nearfix_lib.field.infer import field_on_grid, original_box_grid
 
     fit_and_repair(tiny_run, "Cor")  # resumes the fit when an earlier test made it
-    # the audit only flags (a replaced case would not show the anchor), dense: exact comparisons
-    params = load_test_params({"stage1.overrides.Cor.anchor": {"enabled": True, "keep_above": 0.1, "add_above": 0.8},
-                               "stage1.overrides.Cor.decode": {"mode": "dense"},
-                               "stage1.overrides.Cor.audit": {"action": "flag"}}, run_dir=str(tiny_run.dir))
-    run = dataclasses.replace(tiny_run, params=params)
-    rows = stage1.repair_class(run, "Cor", progress=False)
-    rows = rows[(rows["source"] == "stage1") & (rows["reference"] == "noisy")].set_index("case")
-    p, cor = run.params.stage1.for_class("Cor"), run.table["Cor"]
-    field = stage1.load_stage1_fields(run, "cpu", ["Cor"])["Cor"]
-    index = prepare.load_crops_index(prepared_dir(run))
-    differs = 0
-    for case in run.cases:
-        box = index[case.case_id].class_boxes["Cor"]
-        prob = field_on_grid(field.model, field.index_of[case.case_id], original_box_grid(box), box, "cpu")[..., 0]
-        label = nib.load(str(case.label))
-        given = (np.asarray(label.dataobj) == cor.index)[box.slices]
-        spacing = label.header.get_zooms()[:3]
-        anchored, _ = clean_mask((given & (prob >= np.float32(0.1))) | (prob >= np.float32(0.8)),
-                                 cor.expected_components, spacing, p.cleanup)
-        own, _ = clean_mask(prob >= np.float32(p.threshold), cor.expected_components, spacing, p.cleanup)
-        written = np.asarray(nib.load(str(stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz")).dataobj)
-        assert np.array_equal(written[box.slices] > 0, anchored) and not written.sum() - anchored.sum()
-        assert rows.loc[case.case_id, "audit_repair_voxels"] == own.sum()  # the audit: the field's decision
-        differs += int((anchored != own).sum())
-    assert differs > 0  # the anchor changed M^ref
+    assert tiny_run.params.stage1.for_class("Cor").anchor.join  # the coronaries' default
+    cor = tiny_run.table["Cor"]
+    field = stage1.load_stage1_fields(tiny_run, "cpu", ["Cor"])["Cor"]
+    index = prepare.load_crops_index(prepared_dir(tiny_run))
+    written, expected, own = {}, {}, {}
+    for join in (False, True):
+        # the audit only flags (a replaced case would not show the anchor), dense: exact comparisons
+        params = load_test_params({"stage1.overrides.Cor.anchor": {"enabled": True, "keep_above": 0.1,
+                                                                   "add_above": 0.8, "join": join},
+                                   "stage1.overrides.Cor.decode": {"mode": "dense"},
+                                   "stage1.overrides.Cor.audit": {"action": "flag"}}, run_dir=str(tiny_run.dir))
+        run = dataclasses.replace(tiny_run, params=params)
+        rows = stage1.repair_class(run, "Cor", progress=False)
+        rows = rows[(rows["source"] == "stage1") & (rows["reference"] == "noisy")].set_index("case")
+        p = run.params.stage1.for_class("Cor")
+        for case in run.cases:
+            box = index[case.case_id].class_boxes["Cor"]
+            prob = field_on_grid(field.model, field.index_of[case.case_id], original_box_grid(box), box, "cpu")[..., 0]
+            label = nib.load(str(case.label))
+            given = (np.asarray(label.dataobj) == cor.index)[box.slices]
+            spacing = label.header.get_zooms()[:3]
+            own[case.case_id], _ = clean_mask(prob >= np.float32(p.threshold), cor.expected_components, spacing,
+                                              p.cleanup)
+            union = (given & (prob >= np.float32(0.1))) | (prob >= np.float32(0.8))
+            if join:
+                union = joined_through(union, own[case.case_id])
+            expected[join, case.case_id], _ = clean_mask(union, cor.expected_components, spacing, p.cleanup)
+            mask_file = stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz"
+            written[join, case.case_id] = np.asarray(nib.load(str(mask_file)).dataobj) > 0
+            assert np.array_equal(written[join, case.case_id][box.slices], expected[join, case.case_id])
+            assert written[join, case.case_id].sum() == expected[join, case.case_id].sum()
+            assert rows.loc[case.case_id, "audit_repair_voxels"] == own[case.case_id].sum()  # the field's decision
+    ids = [case.case_id for case in tiny_run.cases]
+    assert sum(int((expected[False, c] != own[c]).sum()) for c in ids) > 0  # the anchor changed M^ref
+    assert sum(int((expected[True, c] != expected[False, c]).sum()) for c in ids) > 0  # and the join did
+    for c in ids:
+        assert not (expected[False, c] & ~expected[True, c]).any()  # the join only adds
 
 
 def test_per_class_overrides():

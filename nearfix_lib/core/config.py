@@ -353,12 +353,17 @@ class AuditParams:
 class AnchorParams:
     """M^ref held to its input where the field is unsure (stage 1): an input voxel stays unless the
     field's P falls below ``keep_above``, a voxel the input lacks joins only where P >= ``add_above``
-    (then the class's clean-up). Off: M^ref is the field's P >= ``threshold`` alone. The audit reads
-    the field's own decision either way: it asks whether the field can hold the input at all."""
+    (then, with ``join``, the field's connections across the gaps, and the class's clean-up). Off:
+    M^ref is the field's P >= ``threshold`` alone. The audit reads the field's own decision either
+    way: it asks whether the field can hold the input at all."""
 
     enabled: bool = False
     keep_above: float = 0.05
     add_above: float = 0.7
+    # where the field's own (cleaned) decision connects pieces the anchored mask holds apart, its
+    # voxels in between join them (``repair.cleanup.joined_through``): the input decides a boundary,
+    # not whether a vessel is one tree or several
+    join: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_above < self.add_above < 1.0:
@@ -628,13 +633,15 @@ def _coronary_overrides() -> dict:
     tuning seeds, where every field that lost to the cleaned input had left out >= 32 %; and a repair
     anchored to its input (an input voxel stays unless P < 0.05, a new one needs P >= 0.7): on the
     tuning seeds the field alone lost 0.012 Dice to thick, tortuous vessels' input, anchored it gains
-    0.010, and it gains on every other tuning family and the judging run too (docs/method.md)."""
+    0.010, and it gains on every other tuning family and the judging run too (docs/method.md); joined
+    where the field's own mask connects pieces the anchored one holds apart (tuning seeds: trees at
+    the expected count in 14 of 15 cases instead of 11, mean Dice unchanged)."""
     return {"loss": {"kind": "dice_focal", "dice_weight": 0.7, "focal_weight": 0.3, "focal_gamma": 4.0},
             "threshold": 0.3,
             "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": 12.0},
             "decode": {"coarse_step": 4, "margin": 4.0},
             "audit": {"skeleton": True, "min_skeleton_kept": 0.8, "max_dropped": 0.28, "action": "clean_input"},
-            "anchor": {"enabled": True, "keep_above": 0.05, "add_above": 0.7}}
+            "anchor": {"enabled": True, "keep_above": 0.05, "add_above": 0.7, "join": True}}
 
 
 @dataclass

@@ -214,6 +214,36 @@ def _tubes(comps: _Components, shape: Sequence[int], n_main: int, spacing: np.nd
     return out
 
 
+def joined_through(mask: np.ndarray, joiner: np.ndarray) -> np.ndarray:
+    """``mask`` plus every 26-connected piece of ``joiner`` outside it that touches two or more of its
+    components: where ``joiner`` (a field's own decision) connects pieces that ``mask`` holds apart,
+    its voxels in between join them; what only widens one piece, or lies apart from every piece,
+    is not added. Both masks are boolean and of one shape."""
+    mask, joiner = _as_mask(mask), _as_mask(joiner)
+    if mask.shape != joiner.shape:
+        raise ValueError(f"joined_through: mask {mask.shape} and joiner {joiner.shape} differ in shape")
+    box = bounding_box(mask | joiner)
+    if box is None:
+        return mask.copy()
+    sl = box.slices
+    pieces, n_pieces = cc3d.connected_components(mask[sl], connectivity=26, return_N=True)
+    if n_pieces < 2:
+        return mask.copy()
+    gaps = cc3d.connected_components(joiner[sl] & ~mask[sl], connectivity=26, out_dtype=np.uint32)
+    labels = pieces.astype(np.uint32)
+    labels[gaps > 0] = gaps[gaps > 0] + np.uint32(n_pieces)  # pieces 1..n, gap pieces above: one label image
+    touching: dict[int, set[int]] = {}
+    for a, b in cc3d.region_graph(labels, connectivity=26):
+        gap, piece = (a, b) if a > n_pieces >= b else (b, a) if b > n_pieces >= a else (0, 0)
+        if gap:
+            touching.setdefault(int(gap), set()).add(int(piece))
+    joining = [gap for gap, touched in touching.items() if len(touched) >= 2]
+    out = mask.copy()
+    if joining:
+        out[sl] |= np.isin(labels, np.asarray(joining, dtype=np.uint32))
+    return out
+
+
 def clean_mask(mask: np.ndarray, expected: int, spacing: Sequence[float],
                params: CleanupParams) -> tuple[np.ndarray, CleanupReport]:
     """Apply the clean-up rules (26-connectivity) to one class's binary mask.

@@ -78,7 +78,7 @@ from nearfix_lib.field.train import (
     unwrap,
 )
 from nearfix_lib.repair.audit import AUDIT_PREFIX, Audit, audit_repair
-from nearfix_lib.repair.cleanup import CleanupReport, clean_mask
+from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, joined_through
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device, start_run
@@ -298,7 +298,10 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         repaired, cleaned = input_in_place(given, expected, spacing, params)
         report = cleaned or report
     elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
-        repaired, report = clean_mask((given & (bits & 2 > 0)) | (bits & 4 > 0), expected, spacing, params.cleanup)
+        anchored = (given & (bits & 2 > 0)) | (bits & 4 > 0)
+        if params.anchor.join:  # the pieces the field's own decision connects, connected through it
+            anchored = joined_through(anchored, repaired)
+        repaired, report = clean_mask(anchored, expected, spacing, params.cleanup)
     return repaired, report, audit
 
 

@@ -1,0 +1,171 @@
+"""M^ref's rule, measured on fitted fields (a benchmark, not a test): the anchor's cuts and the field
+alone, against the truth, without refitting anything.
+
+    python -m benchmarks.repair_rules --runs DIR/runs/thin_cor_tuning DIR/runs/shapes_tuning --class Cor \
+        --keep 0.05 0.2 --add 0.7 0.85 --join both --out DIR/rules
+
+Why: how a class's M^ref is made from its field (``stage1.anchor``: keep an input voxel unless
+P < ``keep_above``, add one where P >= ``add_above``, with ``join`` the field's own connections
+across the gaps; off: the field's P >= ``threshold``) is a choice made on the robustness matrix's
+*tuning* seeds, and every candidate would otherwise need a run of its own. The field does not
+change with the rule, so one dense decode of each case's class box serves every candidate. For
+each run (a phantom run: the scores need its truth) and each case of the class's finished stage-1
+fit, P is decoded at every voxel of the class box; each rule (the field alone, then every
+``--keep`` x ``--add`` pair with ``--join`` off, on or both) goes through the run's own M^ref
+function (``stage1.mref_of``: clean-up, audit and its fallback included) and is scored against the
+truth, next to the noisy input. Writes ``rules.csv`` (run, case, class, rule, keep_above,
+add_above, join, dice, hd95, n_comp, expected, kept_input, volume_ratio) and ``rules.md`` rendered
+from it: per run and rule the mean gain over the input (Dice, HD95), the share of cases 0.03 Dice
+above their input at the expected component count (the robustness targets), and the cases at that
+count. Use it on tuning seeds only: a rule chosen on held-out seeds has nothing left to confirm it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "dice", "hd95", "n_comp", "expected",
+           "kept_input", "volume_ratio"]
+GAIN, SHARE_OF = 0.03, "cases +0.03 at the expected count"  # benchmarks.robustness's coronary target
+
+
+Rule = tuple[str, float, float, bool]  # name, keep_above, add_above, join
+NOISY: Rule = ("noisy", float("nan"), float("nan"), False)
+
+
+def rules(keeps: list[float], adds: list[float], joins: list[bool]) -> list[Rule]:
+    """Every rule measured: the field alone (NaN cuts), then each anchor with each ``join``."""
+    anchored = [(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j)
+                for k in keeps for a in adds if k < a for j in joins]
+    return [("field", float("nan"), float("nan"), False), *anchored]
+
+
+def rule_bits(p: np.ndarray, threshold: float, keep_above: float, add_above: float) -> np.ndarray:
+    """The decode ``stage1.repair_decision`` gives, from dense probabilities: bit 0 P >= threshold,
+    bit 1 P >= keep_above, bit 2 P >= add_above (without the anchor only bit 0 is read)."""
+    bits = (p >= threshold).astype(np.uint8)
+    if not np.isnan(keep_above):
+        bits |= (p >= keep_above).astype(np.uint8) << 1
+        bits |= (p >= add_above).astype(np.uint8) << 2
+    return bits
+
+
+def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarray, truth: np.ndarray,
+              spacing, expected: int, kept: bool) -> dict:
+    """One row of ``rules.csv``: ``mask`` (made by ``rule``) against ``truth``."""
+    from nearfix_lib.core.metrics import binary_scores, mask_components
+
+    scores = binary_scores(mask, truth, spacing)
+    return {"run": run_name, "case": case_id, "class": key, "rule": rule[0], "keep_above": rule[1],
+            "add_above": rule[2], "join": rule[3], "dice": scores["dice"], "hd95": scores["hd95"],
+            "n_comp": mask_components(mask), "expected": expected, "kept_input": kept,
+            "volume_ratio": float(mask.sum() / max(1, truth.sum()))}
+
+
+def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
+    """Every case of the run's fit of ``key``: the noisy input's row and one per rule."""
+    from nearfix_lib.core.config import AnchorParams
+    from nearfix_lib.core.workspace import open_run
+    from nearfix_lib.field.infer import field_on_grid, original_box_grid
+    from nearfix_lib.stages.stage1 import mref_of, repair_setup
+
+    run = open_run(run_dir)
+    state = repair_setup(run, [key])
+    field, cls, base = state.fields[key], run.table[key], run.params.stage1.for_class(key)
+    rows = []
+    for case_id, i in field.index_of.items():
+        crops, case = state.index[case_id], run.load(case_id, with_image=False)
+        if case.truth is None:
+            raise ValueError(f"{run_dir}: case {case_id} has no truth; the rules are scored against it")
+        box = crops.class_boxes[key]
+        p = field_on_grid(field.model, i, original_box_grid(box), box, state.device, base.chunk_points)[..., 0]
+        given, truth = case.label.array[box.slices] == cls.index, case.truth.array[box.slices] == cls.index
+
+        expected = cls.expected_components
+        rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
+        for rule in candidates:
+            _, keep, add, join = rule
+            anchor = (AnchorParams(enabled=False) if np.isnan(keep)
+                      else AnchorParams(enabled=True, keep_above=keep, add_above=add, join=join))
+            params = dataclasses.replace(base, anchor=anchor)
+            mask, _, audit = mref_of(given, rule_bits(p, params.threshold, keep, add), expected, crops.spacing, params)
+            rows.append(score_row(run_dir.name, case_id, key, rule, mask, truth, crops.spacing, expected,
+                                  audit.kept_input))
+        print(f"{run_dir.name} case {case_id}: {len(candidates)} rules", flush=True)
+    return rows
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per run and rule: mean Dice and HD95 gain over the noisy input (HD95: input minus rule, positive
+    better), the share of cases +0.03 at the expected count, cases worse than the input, volume."""
+    noisy = table[table["rule"] == "noisy"].set_index(["run", "case"])
+    repaired = table[table["rule"] != "noisy"].join(noisy[["dice", "hd95"]], on=["run", "case"], rsuffix="_noisy")
+    repaired = repaired.assign(dice_gain=repaired["dice"] - repaired["dice_noisy"],
+                               hd95_gain=repaired["hd95_noisy"] - repaired["hd95"])
+    at_count = repaired["n_comp"] == repaired["expected"]
+    repaired = repaired.assign(target=(repaired["dice_gain"] >= GAIN) & at_count, at_count=at_count,
+                               worse=repaired["dice_gain"] < 0)
+    return repaired.groupby(["run", "rule"], sort=False).agg(
+        dice_gain=("dice_gain", "mean"), hd95_gain=("hd95_gain", "mean"), target=("target", "mean"),
+        at_count=("at_count", "mean"),
+        worse=("worse", "sum"), kept_input=("kept_input", "sum"), volume_ratio=("volume_ratio", "mean"),
+        cases=("case", "count")).reset_index()
+
+
+def page(table: pd.DataFrame, command: str) -> str:
+    """The markdown page: per measure a rule x run table and the mean over the runs."""
+    s = summary(table)
+    lines = ["# M^ref's rule on fitted fields", "",
+             f"`python -m benchmarks.repair_rules {command}`. Each case's field decoded once at every voxel of "
+             "its class box; every rule through `stage1.mref_of` (clean-up, audit and fallback included), "
+             "scored against the truth. Gains are over the noisy input, mean over each run's cases "
+             f"({int(s['cases'].max())} at most); `{SHARE_OF}` is the robustness matrix's coronary target; "
+             "`worse`: cases below their input's Dice; `volume`: the mask's voxels over the truth's.", ""]
+    for column, title, digits in (("dice_gain", "Dice gain", 3), ("hd95_gain", "HD95 gain (mm, input - rule)", 2),
+                                  ("target", SHARE_OF, 2), ("at_count", "cases at the expected count", 2),
+                                  ("worse", "worse", 0),
+                                  ("volume_ratio", "volume", 2)):
+        wide = s.pivot(index="rule", columns="run", values=column).reindex(s["rule"].unique())
+        wide["mean" if column != "worse" else "sum"] = wide.mean(axis=1) if column != "worse" else wide.sum(axis=1)
+        lines += [f"**{title}**", "", wide.round(digits).to_markdown(), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+
+    from nearfix_lib.core.io import write_text
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="phantom runs with a finished stage-1 fit")
+    ap.add_argument("--class", dest="key", default="Cor", help="the class whose rule is measured")
+    ap.add_argument("--keep", type=float, nargs="+", default=[0.05, 0.2], help="keep_above values")
+    ap.add_argument("--add", type=float, nargs="+", default=[0.5, 0.7, 0.85], help="add_above values")
+    ap.add_argument("--join", choices=["off", "on", "both"], default="both", help="anchor.join of the rules")
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench/repair_rules"))
+    args = ap.parse_args(argv)
+    for run_dir in args.runs:
+        if not (run_dir / "params.yaml").is_file():
+            print(f"{run_dir}: no params.yaml, not a run folder", file=sys.stderr)
+            return 2
+    candidates = rules(args.keep, args.add, {"off": [False], "on": [True], "both": [False, True]}[args.join])
+    table = pd.DataFrame([r for run_dir in args.runs for r in run_rows(run_dir, args.key, candidates)],
+                         columns=COLUMNS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / "rules.csv", table.to_csv(index=False))
+    write_text(args.out / "rules.md", page(table, " ".join(argv if argv is not None else sys.argv[1:])))
+    print(f"wrote {args.out / 'rules.csv'} and rules.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

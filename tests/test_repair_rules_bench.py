@@ -1,0 +1,53 @@
+"""benchmarks.repair_rules on a tiny phantom run: every rule goes through the run's own M^ref function,
+so the rule the run's parameters name reproduces the mask stage 1 wrote (dense decode on both sides)."""
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from params_for_tests import load_test_params
+
+from benchmarks.repair_rules import COLUMNS, main, rule_bits, rules, summary
+from nearfix_lib.core.metrics import dice
+from nearfix_lib.stages import prepare, stage1
+from nearfix_lib.stages.runs import start_run
+
+
+def test_rule_bits_set_the_cut_bits_of_the_repair_decision():
+    p = np.array([0.01, 0.1, 0.4, 0.6, 0.9], dtype=np.float32)
+    assert rule_bits(p, 0.3, 0.05, 0.7).tolist() == [0, 2, 3, 3, 7]
+    assert rule_bits(p, 0.5, math.nan, math.nan).tolist() == [0, 0, 0, 1, 1]  # the field alone: bit 0 only
+    names = [r[0] for r in rules([0.05, 0.8], [0.7], [False, True])]
+    assert names == ["field", "anchor 0.05 / 0.7", "anchor 0.05 / 0.7 + join"]  # keep < add only
+
+
+def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tmp_path):
+    # a dense stage-1 decode, so that the benchmark's dense probabilities give the same cuts exactly
+    params = load_test_params({"stage1.decode.mode": "dense"}, run_dir=str(tmp_path / "run"))
+    run = start_run(params, progress=False)
+    prepare.prepare_run(run)
+    stage1.fit_class(run, "Cor", run.params.stage1, progress=False)
+    stage1.repair_class(run, "Cor", progress=False)
+    anchor = run.params.stage1.for_class("Cor").anchor
+    assert anchor.enabled  # the coronaries' default: the rule measured below is the run's own
+    out = tmp_path / "rules"
+    assert main(["--runs", str(run.dir), "--class", "Cor", "--keep", str(anchor.keep_above), "0.9",
+                 "--add", str(anchor.add_above), "--join", "on" if anchor.join else "off", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "rules.csv", dtype={"case": str})
+    assert list(table.columns) == COLUMNS
+    own = f"anchor {anchor.keep_above:g} / {anchor.add_above:g}" + (" + join" if anchor.join else "")
+    assert set(table["rule"]) == {"noisy", "field", own}  # 0.9 >= 0.7: not a rule
+    for case in run.cases:
+        mask_file = stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz"
+        written = np.asarray(nib.load(str(mask_file)).dataobj) > 0
+        truth = np.asarray(nib.load(str(case.truth)).dataobj) == run.table["Cor"].index
+        row = table[(table["case"] == case.case_id) & (table["rule"] == own)].iloc[0]
+        assert row["dice"] == dice(written, truth)  # the class box holds every voxel of both masks
+    s = summary(table)
+    assert set(s["rule"]) == {"field", own} and (s["cases"] == len(run.cases)).all()
+    noisy = table[table["rule"] == "noisy"].set_index("case")["dice"]
+    field = table[table["rule"] == "field"].set_index("case")["dice"]
+    assert math.isclose(s.set_index("rule").loc["field", "dice_gain"], (field - noisy).mean())
+    page = (out / "rules.md").read_text()
+    assert "**Dice gain**" in page and own in page and run.dir.name in page
