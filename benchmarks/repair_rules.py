@@ -107,8 +107,8 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per run and rule: mean Dice and HD95 gain over the noisy input (HD95: input minus rule, positive
     better), the share of cases +0.03 at the expected count, cases worse than the input, volume."""
-    noisy = table[table["rule"] == "noisy"].set_index(["run", "case"])
-    repaired = table[table["rule"] != "noisy"].join(noisy[["dice", "hd95"]], on=["run", "case"], rsuffix="_noisy")
+    noisy = table.loc[table["rule"] == "noisy", ["run", "case", "dice", "hd95"]]
+    repaired = table[table["rule"] != "noisy"].merge(noisy, on=["run", "case"], suffixes=("", "_noisy"))
     repaired = repaired.assign(dice_gain=repaired["dice"] - repaired["dice_noisy"],
                                hd95_gain=repaired["hd95_noisy"] - repaired["hd95"])
     at_count = repaired["n_comp"] == repaired["expected"]
@@ -121,13 +121,13 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         cases=("case", "count")).reset_index()
 
 
-def page(table: pd.DataFrame, command: str) -> str:
+def page(table: pd.DataFrame, command: str, version: str) -> str:
     """The markdown page: per measure a rule x run table and the mean over the runs."""
     s = summary(table)
     lines = ["# M^ref's rule on fitted fields", "",
-             f"`python -m benchmarks.repair_rules {command}`. Each case's field decoded once at every voxel of "
-             "its class box; every rule through `stage1.mref_of` (clean-up, audit and fallback included), "
-             "scored against the truth. Gains are over the noisy input, mean over each run's cases "
+             f"`python -m benchmarks.repair_rules {command}` (code `{version}`). Each case's field decoded once "
+             "at every voxel of its class box; every rule through `stage1.mref_of` (clean-up, audit and fallback "
+             "included), scored against the truth. Gains are over the noisy input, mean over each run's cases "
              f"({int(s['cases'].max())} at most); `{SHARE_OF}` is the robustness matrix's coronary target; "
              "`worse`: cases below their input's Dice; `volume`: the mask's voxels over the truth's.", ""]
     for column, title, digits in (("dice_gain", "Dice gain", 3), ("hd95_gain", "HD95 gain (mm, input - rule)", 2),
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from nearfix_lib.core.io import write_text
+    from nearfix_lib.stages.runs import code_version
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, nargs="+", required=True, help="phantom runs with a finished stage-1 fit")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                          columns=COLUMNS)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "rules.csv", table.to_csv(index=False))
-    write_text(args.out / "rules.md", page(table, " ".join(argv if argv is not None else sys.argv[1:])))
+    write_text(args.out / "rules.md", page(table, " ".join(argv if argv is not None else sys.argv[1:]), code_version()))
     print(f"wrote {args.out / 'rules.csv'} and rules.md")
     return 0
 

@@ -151,16 +151,15 @@ def test_where_the_audit_kept_the_input_nothing_downstream_learns_from_the_field
 
 def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
     """``stage1.anchor``: M^ref is the input where P >= keep_above plus the voxels where P >= add_above,
-    with ``join`` (the coronaries' default) joined where the field's own cleaned decision connects its
-    pieces, through the clean-up; checked against the field's own probabilities (dense decode, so
-    exactly), with and without the join. The audit still reads the field's own decision."""
+    with ``join`` joined where the field's own cleaned decision connects its pieces, through the
+    clean-up; checked against the field's own probabilities (dense decode, so exactly), with and
+    without the join. The audit still reads the field's own decision."""
     import dataclasses
 
     from nearfix_lib.core.workspace import prepared_dir
     from nearfix_lib.field.infer import field_on_grid, original_box_grid
 
     fit_and_repair(tiny_run, "Cor")  # resumes the fit when an earlier test made it
-    assert tiny_run.params.stage1.for_class("Cor").anchor.join  # the coronaries' default
     cor = tiny_run.table["Cor"]
     field = stage1.load_stage1_fields(tiny_run, "cpu", ["Cor"])["Cor"]
     index = prepare.load_crops_index(prepared_dir(tiny_run))
