@@ -313,7 +313,7 @@ class DeviceBalancedSampler:
             rows = torch.randint(0, band_size, (n_band - n_mined,), generator=gen, device=self.device)
             parts.append(_cell_points(_unravel(entry.band[rows].to(torch.int64), entry.shape), shape, gen, jitter))
         if n_mined:  # the pass's flat indices, mapped on the host and copied (int32: 4 bytes a voxel)
-            flat = to_device(torch.from_numpy(np.array(self.host.mined_voxels.flat(case))), self.device)
+            flat = to_device(torch.from_numpy(np.array(self.host.mined_flat(case))), self.device)
             rows = torch.randint(0, found, (n_mined,), generator=gen, device=self.device)
             parts.append(_cell_points(_unravel(flat[rows].to(torch.int64), entry.shape), shape, gen, jitter))
         uniform = torch.rand((n_neg - n_band, 3), generator=gen, device=self.device, dtype=torch.float64)

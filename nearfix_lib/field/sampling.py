@@ -381,6 +381,12 @@ class ClassBalancedSampler(_CaseStreams):
         """How many voxels of case ``case`` the last mining pass found (0 before one)."""
         return self.mined_voxels.count(case) if self.mined_voxels is not None else 0
 
+    def mined_flat(self, case: int) -> np.ndarray:
+        """Flat indices of case ``case``'s mined voxels; read only where :meth:`mined_count` is positive."""
+        if self.mined_voxels is None:
+            raise RuntimeError("no mining pass has run: mined_count is 0 for every case")
+        return self.mined_voxels.flat(case)
+
     def state_dict(self) -> dict:
         """The streams' seed and which mining pass the draws come from (its voxels stay on disk)."""
         return {**super().state_dict(), **(self.mined_voxels.state() if self.mined_voxels is not None else {})}
@@ -432,7 +438,7 @@ class ClassBalancedSampler(_CaseStreams):
                 picked = self.store.band_at(case, rng.integers(0, band_size, n_band - n_mined))
                 parts.append(_cell_points(picked, shape, rng, jitter))
             if n_mined:  # mapped for this case only, like the store's arrays
-                flat = self.mined_voxels.flat(case)[rng.integers(0, found, n_mined)]
+                flat = self.mined_flat(case)[rng.integers(0, found, n_mined)]
                 parts.append(_cell_points(np.stack(np.unravel_index(flat, shape), axis=-1), shape, rng, jitter))
             parts.append(rng.uniform(-1.0, 1.0, (n_neg - n_band, 3)))
             points[b] = np.concatenate(parts, axis=0)
