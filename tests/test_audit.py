@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from nearfix_lib.core.config import AuditParams
 from nearfix_lib.repair.audit import audit_repair, skeleton_kept
@@ -75,6 +76,22 @@ def test_a_repair_that_leaves_out_too_much_of_its_input_is_flagged(tree):
     lost = audit_repair(given, trunk | ~given, AuditParams(max_dropped=share - 0.01))
     assert lost.flagged and "input dropped" in lost.reasons and lost.dropped == pytest.approx(share)
     assert not audit_repair(given, given | ~given, AuditParams(max_dropped=0.0)).flagged  # adding drops nothing
+
+
+def test_a_repair_that_adds_more_than_its_input_holds_is_flagged(tree):
+    """``max_added``: repair voxels outside the input per input voxel (a field far too wide, which
+    keeps the whole input and so passes every other rule), independent of what it drops."""
+    given, _ = tree
+    wide = ndimage.binary_dilation(given, iterations=2)
+    share = (wide.sum() - given.sum()) / given.sum()
+    assert share > 1.0  # the tree's vessels are thin: two voxels around them more than double it
+    assert not audit_repair(given, wide, AuditParams()).flagged  # .inf: never
+    assert not audit_repair(given, wide, AuditParams(max_added=share + 0.01)).flagged
+    flagged = audit_repair(given, wide, AuditParams(max_added=1.0, max_dropped=0.0, action="clean_input"))
+    assert flagged.flagged and flagged.kept_input and flagged.added == pytest.approx(share)
+    assert flagged.reasons.startswith("added") and "dropped" not in flagged.reasons
+    with pytest.raises(ValueError, match="max_added"):
+        AuditParams(max_added=-0.5)
 
 
 def test_an_empty_input_is_never_flagged():

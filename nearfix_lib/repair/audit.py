@@ -19,7 +19,7 @@ Everything here is computed from the input and the repair alone, per case and cl
 
 The policy (:class:`~nearfix_lib.core.config.AuditParams`, per class through ``stage1.overrides``):
 a case whose ``fit_dice`` or ``skeleton_kept`` falls below the class's minimum, or whose ``dropped``
-exceeds its maximum, is ``flagged``. With ``action: keep_input`` its M^ref is the input mask,
+or ``added`` exceeds its maximum, is ``flagged``. With ``action: keep_input`` its M^ref is the input mask,
 unchanged; with ``action: clean_input`` the input mask through the class's clean-up rules (islands
 removed, gaps bridged: what the repair does that needs no field); both are ``kept_input``, so that
 the field is never the thing that lost a structure. Stage 1 writes the audit as columns of its
@@ -91,7 +91,10 @@ def audit_repair(inp: np.ndarray, repair: np.ndarray, params: AuditParams) -> Au
     dropped = (n_in - both) / n_in if n_in else 0.0
     if dropped > params.max_dropped:
         reasons.append(f"input dropped {dropped:.3f} > {params.max_dropped:g}")
+    added = (n_rep - both) / n_in if n_in else 0.0
+    if added > params.max_added:
+        reasons.append(f"added {added:.3f} > {params.max_added:g} of the input")
     flagged = bool(reasons)
-    return Audit(n_in, n_rep, fit, dropped, (n_rep - both) / n_in if n_in else 0.0,
+    return Audit(n_in, n_rep, fit, dropped, added,
                  mask_components(inp), mask_components(repair), kept, flagged,
                  flagged and params.action != "flag", "; ".join(reasons))
