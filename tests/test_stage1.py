@@ -122,7 +122,8 @@ def test_where_the_audit_kept_the_input_nothing_downstream_learns_from_the_field
     fit_and_repair(tiny_run, "LA")  # resumes the fits and repairs of the tests above, if they ran
     fit_and_repair(tiny_run, "Cor")
     strict = load_test_params({"stage1.overrides.LA.audit": {"min_fit_dice": 0.9999, "action": "keep_input"},
-                               "stage1.overrides.Cor.audit": {"max_dropped": 1.0, "min_skeleton_kept": 0.0}},
+                               "stage1.overrides.Cor.audit": {"max_dropped": 1.0, "max_added": float("inf"),
+                                                              "min_skeleton_kept": 0.0}},
                               run_dir=str(tiny_run.dir))
     run = dataclasses.replace(tiny_run, params=strict)
     for key in ("LA", "Cor"):
