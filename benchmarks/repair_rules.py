@@ -50,14 +50,12 @@ def rules(keeps: list[float], adds: list[float], joins: list[bool]) -> list[Rule
     return [("field", float("nan"), float("nan"), False), *anchored]
 
 
-def rule_bits(p: np.ndarray, threshold: float, keep_above: float, add_above: float) -> np.ndarray:
-    """The decode ``stage1.repair_decision`` gives, from dense probabilities: bit 0 P >= threshold,
-    bit 1 P >= keep_above, bit 2 P >= add_above (without the anchor only bit 0 is read)."""
-    bits = (p >= threshold).astype(np.uint8)
-    if not np.isnan(keep_above):
-        bits |= (p >= keep_above).astype(np.uint8) << 1
-        bits |= (p >= add_above).astype(np.uint8) << 2
-    return bits
+def rule_bits(p: np.ndarray, params) -> np.ndarray:
+    """The bits ``stage1.repair_decision(params)`` gives a voxel, from dense probabilities ``p`` of any
+    shape (what stage 1's decode gives where it evaluates every voxel)."""
+    from nearfix_lib.stages.stage1 import repair_decision
+
+    return repair_decision(params).labels(p.reshape(-1, 1)).reshape(p.shape)
 
 
 def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarray, truth: np.ndarray,
@@ -97,7 +95,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
             anchor = (AnchorParams(enabled=False) if np.isnan(keep)
                       else AnchorParams(enabled=True, keep_above=keep, add_above=add, join=join))
             params = dataclasses.replace(base, anchor=anchor)
-            mask, _, audit = mref_of(given, rule_bits(p, params.threshold, keep, add), expected, crops.spacing, params)
+            mask, _, audit = mref_of(given, rule_bits(p, params), expected, crops.spacing, params)
             rows.append(score_row(run_dir.name, case_id, key, rule, mask, truth, crops.spacing, expected,
                                   audit.kept_input))
         print(f"{run_dir.name} case {case_id}: {len(candidates)} rules", flush=True)

@@ -1,6 +1,7 @@
 """benchmarks.repair_rules on a tiny phantom run: every rule goes through the run's own M^ref function,
 so the rule the run's parameters name reproduces the mask stage 1 wrote (dense decode on both sides)."""
 
+import dataclasses
 import math
 
 import nibabel as nib
@@ -9,6 +10,7 @@ import pandas as pd
 from params_for_tests import load_test_params
 
 from benchmarks.repair_rules import COLUMNS, main, rule_bits, rules, summary
+from nearfix_lib.core.config import AnchorParams, Stage1Params
 from nearfix_lib.core.metrics import dice
 from nearfix_lib.stages import prepare, stage1
 from nearfix_lib.stages.runs import start_run
@@ -16,8 +18,11 @@ from nearfix_lib.stages.runs import start_run
 
 def test_rule_bits_set_the_cut_bits_of_the_repair_decision():
     p = np.array([0.01, 0.1, 0.4, 0.6, 0.9], dtype=np.float32)
-    assert rule_bits(p, 0.3, 0.05, 0.7).tolist() == [0, 2, 3, 3, 7]
-    assert rule_bits(p, 0.5, math.nan, math.nan).tolist() == [0, 0, 0, 1, 1]  # the field alone: bit 0 only
+    anchored = dataclasses.replace(Stage1Params(), threshold=0.3,
+                                   anchor=AnchorParams(enabled=True, keep_above=0.05, add_above=0.7))
+    assert rule_bits(p, anchored).tolist() == [0, 2, 3, 3, 7]
+    alone = dataclasses.replace(Stage1Params(), threshold=0.5, anchor=AnchorParams(enabled=False))
+    assert rule_bits(p, alone).tolist() == [0, 0, 0, 1, 1]  # the field alone: bit 0 only
     names = [r[0] for r in rules([0.05, 0.8], [0.7], [False, True])]
     assert names == ["field", "anchor 0.05 / 0.7", "anchor 0.05 / 0.7 + join"]  # keep < add only
 

@@ -164,7 +164,18 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
     cor = tiny_run.table["Cor"]
     field = stage1.load_stage1_fields(tiny_run, "cpu", ["Cor"])["Cor"]
     index = prepare.load_crops_index(prepared_dir(tiny_run))
-    written, expected, own = {}, {}, {}
+    p = tiny_run.params.stage1.for_class("Cor")  # threshold and clean-up: the same for both repairs
+    unions, own, spacings, boxes = {}, {}, {}, {}
+    for case in tiny_run.cases:  # what the join does not change: the field's decode, its own mask, the union
+        box = boxes[case.case_id] = index[case.case_id].class_boxes["Cor"]
+        prob = field_on_grid(field.model, field.index_of[case.case_id], original_box_grid(box), box, "cpu")[..., 0]
+        label = nib.load(str(case.label))
+        given = (np.asarray(label.dataobj) == cor.index)[box.slices]
+        spacings[case.case_id] = spacing = label.header.get_zooms()[:3]
+        own[case.case_id], _ = clean_mask(prob >= np.float32(p.threshold), cor.expected_components, spacing,
+                                          p.cleanup)
+        unions[case.case_id] = (given & (prob >= np.float32(0.1))) | (prob >= np.float32(0.8))
+    written, expected = {}, {}
     for join in (False, True):
         # the audit only flags (a replaced case would not show the anchor), dense: exact comparisons
         params = load_test_params({"stage1.overrides.Cor.anchor": {"enabled": True, "keep_above": 0.1,
@@ -174,19 +185,12 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
         run = dataclasses.replace(tiny_run, params=params)
         rows = stage1.repair_class(run, "Cor", progress=False)
         rows = rows[(rows["source"] == "stage1") & (rows["reference"] == "noisy")].set_index("case")
-        p = run.params.stage1.for_class("Cor")
         for case in run.cases:
-            box = index[case.case_id].class_boxes["Cor"]
-            prob = field_on_grid(field.model, field.index_of[case.case_id], original_box_grid(box), box, "cpu")[..., 0]
-            label = nib.load(str(case.label))
-            given = (np.asarray(label.dataobj) == cor.index)[box.slices]
-            spacing = label.header.get_zooms()[:3]
-            own[case.case_id], _ = clean_mask(prob >= np.float32(p.threshold), cor.expected_components, spacing,
-                                              p.cleanup)
-            union = (given & (prob >= np.float32(0.1))) | (prob >= np.float32(0.8))
+            box, union = boxes[case.case_id], unions[case.case_id]
             if join:
                 union = joined_through(union, own[case.case_id])
-            expected[join, case.case_id], _ = clean_mask(union, cor.expected_components, spacing, p.cleanup)
+            expected[join, case.case_id], _ = clean_mask(union, cor.expected_components, spacings[case.case_id],
+                                                         p.cleanup)
             mask_file = stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz"
             written[join, case.case_id] = np.asarray(nib.load(str(mask_file)).dataobj) > 0
             assert np.array_equal(written[join, case.case_id][box.slices], expected[join, case.case_id])

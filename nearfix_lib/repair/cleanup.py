@@ -18,6 +18,7 @@ the full array at a fraction of the cost.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -232,12 +233,10 @@ def joined_through(mask: np.ndarray, joiner: np.ndarray) -> np.ndarray:
     gaps = cc3d.connected_components(joiner[sl] & ~mask[sl], connectivity=26, out_dtype=np.uint32)
     labels = pieces.astype(np.uint32)
     labels[gaps > 0] = gaps[gaps > 0] + np.uint32(n_pieces)  # pieces 1..n, gap pieces above: one label image
-    touching: dict[int, set[int]] = {}
-    for a, b in cc3d.region_graph(labels, connectivity=26):
-        gap, piece = (a, b) if a > n_pieces >= b else (b, a) if b > n_pieces >= a else (0, 0)
-        if gap:
-            touching.setdefault(int(gap), set()).add(int(piece))
-    joining = [gap for gap, touched in touching.items() if len(touched) >= 2]
+    # pieces never touch pieces, nor gap pieces each other (each set is its own components), so every
+    # edge joins a piece and a gap piece, the larger label, once: its count is the pieces it touches
+    touched = Counter(max(edge) for edge in cc3d.region_graph(labels, connectivity=26))
+    joining = [gap for gap, n in touched.items() if n >= 2]
     out = mask.copy()
     if joining:
         out[sl] |= np.isin(labels, np.asarray(joining, dtype=np.uint32))

@@ -296,7 +296,8 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     audit = audit_repair(given, repaired, params.audit)  # can the field hold its input at all?
     if audit.kept_input:
         repaired, cleaned = input_in_place(given, expected, spacing, params)
-        report = cleaned or report
+        if cleaned is not None:  # keep_input cleans nothing: the field's report stays
+            report = cleaned
     elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
         anchored = (given & (bits & 2 > 0)) | (bits & 4 > 0)
         if params.anchor.join:  # the pieces the field's own decision connects, connected through it

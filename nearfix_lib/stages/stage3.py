@@ -165,10 +165,11 @@ def load_stage3_data(run: Run, with_teachers: bool = True) -> Stage3Data:
     problems: dict[str, Exception] = {}
     for cid, crops in rank_rotation(items):
         try:
-            source = case_source(run, crops, with_teachers, kept.get(cid, frozenset()))
+            withheld_here = kept.get(cid, frozenset())
+            source = case_source(run, crops, with_teachers, withheld_here)
             if not is_complete(root / cid, spec, source):
                 write_case(root / cid, supervision_labels(run, crops), spec,
-                           load_teachers(run, crops, kept.get(cid, frozenset())) if with_teachers else [], source)
+                           load_teachers(run, crops, withheld_here) if with_teachers else [], source)
         except (FileNotFoundError, InputError) as err:
             problems[cid] = err
     ids, geometry = [], {}
