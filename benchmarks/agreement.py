@@ -31,15 +31,15 @@ IDENTICAL_BAR = 0.9999
 def _both(model, index, grid, box, decision, params, device, chunk, seed):
     """(dense labels, seconds), (coarse-to-fine labels, seconds, points evaluated); the coarse-to-fine
     decode seeded as the pipeline seeds it (``seed``: the boundaries of the labels the field was fitted to)."""
-    from nearfix_lib.field.decide import decode_counted
+    from nearfix_lib.field.decide import decode_spent
 
     t0 = time.perf_counter()
-    dense, _ = decode_counted(model, index, grid, box, decision, dataclasses.replace(params, mode="dense"), device,
-                              chunk)
+    dense, _ = decode_spent(model, index, grid, box, decision, dataclasses.replace(params, mode="dense"), device,
+                            chunk)
     t1 = time.perf_counter()
-    fine, evaluated = decode_counted(model, index, grid, box, decision,
-                                     dataclasses.replace(params, mode="coarse_to_fine"), device, chunk, seed=seed)
-    return (dense, t1 - t0), (fine, time.perf_counter() - t1, evaluated)
+    fine, spent = decode_spent(model, index, grid, box, decision, dataclasses.replace(params, mode="coarse_to_fine"),
+                               device, chunk, seed=seed)
+    return (dense, t1 - t0), (fine, time.perf_counter() - t1, sum(spent.values()))
 
 
 def _rows(case_id: str, prefix: str, dense, fine, classes, table) -> list[dict]:

@@ -112,7 +112,7 @@ def _decode(job: DecodeJob, queue) -> None:
 
     from nearfix_lib.core.config import ModelParams
     from nearfix_lib.core.geometry import resample
-    from nearfix_lib.field.decide import decode_counted
+    from nearfix_lib.field.decide import decode_spent
     from nearfix_lib.field.infer import original_box_grid
     from nearfix_lib.field.models import ImplicitField
     from nearfix_lib.field.sampling import interface_band
@@ -130,11 +130,11 @@ def _decode(job: DecodeJob, queue) -> None:
     near = fitted if job.grid_shape is None else resample(fitted, roi_grid(Box((0, 0, 0), fitted.shape),
                                                                          job.grid_shape), order=0)
     t0 = time.perf_counter()  # the seed is part of what a decode costs
-    labels, evaluated = decode_counted(model, 0, grid, box, decision, params, job.device,
-                                       seed=interface_band(near, 1))
+    labels, spent = decode_spent(model, 0, grid, box, decision, params, job.device, seed=interface_band(near, 1))
     seconds = time.perf_counter() - t0
     np.save(job.out, labels)
-    queue.put({"seconds": seconds, "evaluated": evaluated / labels.size, "voxels": int(labels.size),
+    queue.put({"seconds": seconds, "evaluated": sum(spent.values()) / labels.size,
+               "evaluated_at": {int(k): n / labels.size for k, n in spent.items()}, "voxels": int(labels.size),
                "threads": torch.get_num_threads()})
 
 
@@ -321,7 +321,12 @@ def measure_steps(args, tmp: str, device: str) -> tuple[list[dict], dict]:
 
 
 def decode_rows(name: str, results: dict[str, dict], maps: dict[str, np.ndarray]) -> list[dict]:
-    """The rows of one grid: seconds per variant, agreement and components of coarse-to-fine vs dense."""
+    """The rows of one grid: seconds per variant, agreement and components of coarse-to-fine vs dense,
+    where coarse to fine spends its points (per lattice spacing) and what share of the voxels lies beside
+    a change of label in the dense map (the surface: on the last level, a voxel between two labels
+    must be evaluated)."""
+    from nearfix_lib.field.sampling import interface_band
+
     dense, fine = maps["dense"], maps["coarse_to_fine"]
     comps = {v: list(component_counts(m, CARDIAC).values()) for v, m in maps.items()}
     rows = [{"what": name, "variant": v, "value": results[v]["seconds"], "unit": "s"} for v in results]
@@ -329,7 +334,11 @@ def decode_rows(name: str, results: dict[str, dict], maps: dict[str, np.ndarray]
               "unit": "fraction"},
              {"what": f"{name}_evaluated", "variant": "coarse_to_fine",
               "value": results["coarse_to_fine"]["evaluated"], "unit": "fraction"},
-             {"what": f"{name}_voxels", "variant": "dense", "value": results["dense"]["voxels"], "unit": "count"}]
+             {"what": f"{name}_voxels", "variant": "dense", "value": results["dense"]["voxels"], "unit": "count"},
+             {"what": f"{name}_label_changes", "variant": "dense", "value": float(np.mean(interface_band(dense, 1))),
+              "unit": "fraction"}]
+    rows += [{"what": f"{name}_evaluated_at", "variant": f"spacing_{spacing}", "value": share, "unit": "fraction"}
+             for spacing, share in sorted(results["coarse_to_fine"].get("evaluated_at", {}).items(), reverse=True)]
     rows += [{"what": f"{name}_components", "variant": v, "value": sum(c), "unit": "count"} for v, c in comps.items()]
     rows.append({"what": f"{name}_components_equal", "variant": "coarse_to_fine",
                  "value": sum(a == b for a, b in zip(comps["dense"], comps["coarse_to_fine"])), "unit": "classes"})

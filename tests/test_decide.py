@@ -9,7 +9,7 @@ from nearfix_lib.core.config import DecodeParams
 from nearfix_lib.core.geometry import Box, Grid, apply_affine, normalised_to_original, roi_grid
 from nearfix_lib.field.decide import (
     Decision,
-    decode_counted,
+    decode_spent,
     labels_in_box,
     labels_on_grid,
     threshold_bits_decision,
@@ -75,9 +75,12 @@ def test_coarse_to_fine_equals_dense_on_a_ball_and_a_thin_tube(step):
 
 def test_cost_follows_the_surface_not_the_volume():
     field = AnalyticField(slope=3.0)
-    labels, evaluated = decode_counted(field, 0, GRID, BOX, PRIORITY, DecodeParams(), "cpu", 4096)
+    labels, spent = decode_spent(field, 0, GRID, BOX, PRIORITY, DecodeParams(), "cpu", 4096)
+    evaluated = sum(spent.values())
     np.testing.assert_array_equal(labels, decode(AnalyticField(slope=3.0), DecodeParams(mode="dense")))
     assert evaluated == field.points
+    # the first pass is the whole 8-voxel lattice, then each halving and the voxels
+    assert sorted(spent) == [1, 2, 4, 8] and spent[8] == np.prod(-(-np.asarray(SHAPE) // 8) + 1)
     assert field.points < 0.25 * np.prod(SHAPE)
 
 

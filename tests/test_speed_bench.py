@@ -37,6 +37,10 @@ def test_the_csv_holds_the_rows_others_read(tiny_speed):
         assert value[(name, "dense")] > 0 and value[(name, "coarse_to_fine")] > 0
         assert 0.99 <= value[(f"{name}_identical", "coarse_to_fine")] <= 1.0
         assert 0 < value[(f"{name}_evaluated", "coarse_to_fine")] <= 1.5  # clamped lattice points may repeat
+        spent = table[table["what"] == f"{name}_evaluated_at"]  # where the points went, per lattice spacing
+        assert len(spent) >= 2 and spent["variant"].str.startswith("spacing_").all()
+        assert spent["value"].sum() == pytest.approx(value[(f"{name}_evaluated", "coarse_to_fine")])
+        assert 0 <= value[(f"{name}_label_changes", "dense")] < 1  # a 5-step fit may decode no class yet
     # the real-size grid is the same box at a finer voxel size: more voxels
     assert value[("decode_realsize_voxels", "dense")] > value[("decode_1mm_voxels", "dense")]
     for stage in ("stage3", "stage1"):  # a step takes longer than building its batch

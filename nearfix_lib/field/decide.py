@@ -93,19 +93,20 @@ def labels_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box
     replaces the table entry, ``image`` feeds an appearance model; ``seed`` (bool, ``grid.shape``,
     e.g. ``sampling.interface_band(input_labels, 1)``: where its labels change) marks voxels whose
     cells are always refined."""
-    return decode_counted(model, case_index, grid, box, decision, params, device, chunk_points, image, latent,
-                          seed)[0]
+    return decode_spent(model, case_index, grid, box, decision, params, device, chunk_points, image, latent,
+                        seed)[0]
 
 
-def decode_counted(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,
-                   params: DecodeParams, device: str = "cpu", chunk_points: int = 262_144,
-                   image: torch.Tensor | None = None, latent: torch.Tensor | None = None,
-                   seed: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """:func:`labels_on_grid` and the number of points the model was run on (every voxel, dense)."""
+def decode_spent(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,
+                 params: DecodeParams, device: str = "cpu", chunk_points: int = 262_144,
+                 image: torch.Tensor | None = None, latent: torch.Tensor | None = None,
+                 seed: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, int]]:
+    """:func:`labels_on_grid` and the points the model was run on, per lattice spacing in voxels (where
+    the cost goes: the first pass, each halving, the voxels themselves; dense: every voxel at 1)."""
     if params.mode == "dense":
         labels = reduced_on_grid(model, case_index, grid, box, decision.labels, np.uint8, device, chunk_points,
                                  image=image, latent=latent)
-        return labels, labels.size
+        return labels, {1: labels.size}
     if seed is not None and np.shape(seed) != tuple(grid.shape):
         raise ValueError(f"decode seed of shape {np.shape(seed)} for a grid of {tuple(grid.shape)}")
     runner = _CoarseToFine(model, case_index, grid, box, decision, params, device, chunk_points, image, latent,
@@ -163,7 +164,7 @@ class _CoarseToFine:
         if seed is not None and np.any(seed):
             self.seed = np.zeros(self.painted.shape, dtype=bool)
             self.seed[tuple(slice(0, int(n)) for n in self.shape)] = seed
-        self.evaluated = 0  # points the model was run on
+        self.evaluated: dict[int, int] = {}  # points the model was run on, per lattice spacing
 
     def _evaluate(self, points: np.ndarray, spacing: int) -> None:
         """Evaluate the lattice points where ``points`` (a bool lattice of that ``spacing``) is True, a
@@ -179,6 +180,7 @@ class _CoarseToFine:
             if total:
                 self._evaluate_at((np.argwhere(points[start:stop]) + (start, 0, 0)) * spacing)
             start = stop
+        self.evaluated[spacing] = self.evaluated.get(spacing, 0) + int(counts.sum())
 
     @torch.no_grad()
     def _evaluate_at(self, virtual: np.ndarray) -> None:
@@ -191,7 +193,6 @@ class _CoarseToFine:
             self.label[at] = self.decision.labels(prob)
             self.distance[at] = np.minimum(self.decision.distance(prob), np.finfo(np.float16).max)
             self.known[at] = True
-        self.evaluated += len(virtual)
 
     def _sure(self, at: tuple[slice, ...], step: int) -> np.ndarray:
         """Which points of the lattice ``at`` may vouch for cells of ``step`` voxels: those at least
