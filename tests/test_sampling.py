@@ -323,6 +323,18 @@ def test_interface_band_covers_both_sides_of_every_class_boundary():
         interface_band(lab, 0)
 
 
+@pytest.mark.parametrize("shape", [(9, 6, 4), (1, 7, 5), (8, 1, 1)])
+def test_the_radius_one_band_is_the_balls_band(shape):
+    """Radius 1 compares face neighbours instead of filtering: the same voxels as the ball's max != min."""
+    from scipy import ndimage
+
+    lab = np.random.default_rng(3).integers(0, 3, shape).astype(np.uint8)
+    ball = ndimage.generate_binary_structure(3, 1)  # the radius-1 ball: a voxel and its six faces' neighbours
+    expected = ndimage.maximum_filter(lab, footprint=ball) != ndimage.minimum_filter(lab, footprint=ball)
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(interface_band(lab, 1), expected)
+
+
 def test_mining_schedule_and_limits():
     p = BalancedSamplingParams(positives_per_class=10, negatives=40, mined=20, mine_from_epoch=30, mine_interval=10)
     assert [e for e in range(1, 61) if mining_due(p, e)] == [30, 40, 50, 60]
