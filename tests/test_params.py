@@ -81,7 +81,7 @@ def test_default_yaml_is_the_dataclass_defaults():
 
     assert load_params(PROJECT / "params/default.yaml").to_dict() == {**Params().to_dict(),
                                                                        "source": str(PROJECT / "params/default.yaml")}
-    assert Params().stage1.for_class("Cor").cleanup.bridge_gap_mm == 12.0
+    assert Params().stage1.for_class("Cor").cleanup.bridge_gap_mm == 16.0
 
 
 def test_a_typo_in_a_class_override_fails_when_the_params_load():

@@ -386,7 +386,7 @@ class Stage2Params:
     """Stage-2 rules (``stage2:`` in params); a rule with an empty list or zero size is off."""
 
     rules: list[str] = field(default_factory=lambda: list(RULES))  # which rules run (always in RULES order)
-    bridge_gap_mm: float = 12.0  # join pieces of distance-attached classes at most this far apart
+    bridge_gap_mm: float = 16.0  # join pieces of distance-attached classes at most this far apart (stage 1's, method.md)
     bridge_radius_vox: int = 1  # half-width of a bridge tube (voxels); 0 = one-voxel line
     # contact: a piece of LAA/PV within this many 26-neighbour steps of the LA counts as attached (1:
     # touching). 2: a segmenter's 1.5 mm errors on 0.9 x 0.9 x 1.2 mm voxels left vein trunks two
@@ -630,7 +630,8 @@ class PrepareParams:
 def _coronary_overrides() -> dict:
     """Coronary: 0.7 Dice + 0.3 Focal (gamma 4) as the user asked; a thin tube's probability
     peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold,
-    no expected-count rule (small specks still go), bridges across gaps up to 12 mm, a finer,
+    no expected-count rule (small specks still go), bridges across gaps up to 16 mm (12 left a third of
+    the tuning seeds' broken trees in pieces, 7-16 mm apart; docs/method.md), a finer,
     more cautious coarse-to-fine decode (at 1.1 mm a vessel is 2-3 voxels wide: docs/method.md), and
     an audit (repair.audit) that puts the cleaned input in place of a repair that kept under 80 % of
     the input's centre line or left out over 28 % of its voxels (chosen on the robustness matrix's
@@ -644,7 +645,7 @@ def _coronary_overrides() -> dict:
     11, but not one more held-out case, at -0.005 Dice on one family (docs/method.md)."""
     return {"loss": {"kind": "dice_focal", "dice_weight": 0.7, "focal_weight": 0.3, "focal_gamma": 4.0},
             "threshold": 0.3,
-            "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": 12.0},
+            "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": 16.0},
             "decode": {"coarse_step": 4, "margin": 4.0},
             "audit": {"skeleton": True, "min_skeleton_kept": 0.8, "max_dropped": 0.28, "max_added": 1.0,
                       "action": "clean_input"},
