@@ -233,6 +233,28 @@ def test_bridge_joins_pieces_across_gaps_in_mm_before_the_rules():
         CleanupParams(bridge_gap_mm=-1.0)
 
 
+def test_the_coronary_defaults_bridge_a_14_mm_gap_and_leave_a_20_mm_one():
+    """The coronaries' clean-up (stage 1's defaults) joins a tree's piece 14 mm away (a segmenter's
+    broken stretch; 12 mm left a third of the tuning seeds' trees in pieces) and keeps one 20 mm away
+    apart, in mm on anisotropic voxels."""
+    from nearfix_lib.core.config import Stage1Params
+
+    params = Stage1Params().for_class("Cor").cleanup
+    spacing = (0.5, 1.0, 0.8)  # asymmetric: along i a voxel is 0.5 mm
+    mask = np.zeros((100, 12, 9), dtype=bool)
+    mask[2:30, 2:4, 3:5] = True  # tree A
+    mask[2:26, 8:10, 3:5] = True  # tree B
+    mask[58:78, 2:4, 3:5] = True  # a piece of A (32 mm^3) past 28 voxels = 14 mm along i
+    out, report = clean_mask(mask, 2, spacing, params)
+    added = out & ~mask
+    assert added[30:58, 1:5, 2:6].sum() >= 28 and not added[78:].any() and not added[:, 6:].any()
+    assert report.components_before == 3 and report.components_after == 2
+    mask[58:78] = False
+    mask[70:90, 2:4, 3:5] = True  # now 40 voxels = 20 mm past tree A
+    far, far_report = clean_mask(mask, 2, spacing, params)
+    assert far_report.bridged_voxels == 0 and np.array_equal(far, mask)
+
+
 def test_joined_through_adds_only_the_joiner_pieces_that_connect_two_pieces():
     """Two pieces of a vessel with a gap; the joiner (a field's own mask) crosses the gap, widens one
     piece elsewhere, and has a blob apart: only the crossing is added, and the mask is untouched."""
