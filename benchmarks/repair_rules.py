@@ -2,7 +2,7 @@
 alone, against the truth, without refitting anything.
 
     python -m benchmarks.repair_rules --runs DIR/runs/thin_cor_tuning DIR/runs/shapes_tuning --class Cor \
-        --keep 0.05 0.2 --add 0.7 0.85 --join both --out DIR/rules
+        --keep 0.05 0.2 --add 0.7 0.85 --join both --bridge 12 16 --out DIR/rules
 
 Why: how a class's M^ref is made from its field (``stage1.anchor``: keep an input voxel unless
 P < ``keep_above``, add one where P >= ``add_above``, with ``join`` the field's own connections
@@ -11,10 +11,12 @@ across the gaps; off: the field's P >= ``threshold``) is a choice made on the ro
 change with the rule, so one dense decode of each case's class box serves every candidate. For
 each run (a phantom run: the scores need its truth) and each case of the class's finished stage-1
 fit, P is decoded at every voxel of the class box; each rule (the field alone, then every
-``--keep`` x ``--add`` pair with ``--join`` off, on or both) goes through the run's own M^ref
-function (``stage1.mref_of``: clean-up, audit and its fallback included) and is scored against the
-truth, next to the noisy input. Writes ``rules.csv`` (run, case, class, rule, keep_above,
-add_above, join, dice, hd95, n_comp, expected, kept_input, volume_ratio) and ``rules.md`` rendered
+``--keep`` x ``--add`` pair with ``--join`` off, on or both), with the clean-up's own bridge or each
+``--bridge`` gap (``cleanup.bridge_gap_mm``: how far apart two pieces of a broken tree may lie and
+still be joined), goes through the run's own M^ref function (``stage1.mref_of``: clean-up, audit and
+its fallback included) and is scored against the truth, next to the noisy input. Writes
+``rules.csv`` (run, case, class, rule, keep_above, add_above, join, bridge_gap_mm, dice, hd95,
+n_comp, expected, kept_input, volume_ratio) and ``rules.md`` rendered
 from it: per run and rule the mean gain over the input (Dice, HD95), the share of cases 0.03 Dice
 above their input at the expected component count (the robustness targets), and the cases at that
 count. Use it on tuning seeds only: a rule chosen on held-out seeds has nothing left to confirm it.
@@ -35,19 +37,23 @@ from benchmarks.robustness import COR_GAIN
 if TYPE_CHECKING:
     import pandas as pd
 
-COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "dice", "hd95", "n_comp", "expected",
-           "kept_input", "volume_ratio"]
+COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "bridge_gap_mm", "dice", "hd95",
+           "n_comp", "expected", "kept_input", "volume_ratio"]
 SHARE_OF = f"cases +{COR_GAIN:g} at the expected count"  # benchmarks.robustness's coronary target
 
-Rule = tuple[str, float, float, bool]  # name, keep_above, add_above, join
-NOISY: Rule = ("noisy", float("nan"), float("nan"), False)
+Rule = tuple[str, float, float, bool, float]  # name, keep_above, add_above, join, bridge_gap_mm (NaN: the run's)
+NOISY: Rule = ("noisy", float("nan"), float("nan"), False, float("nan"))
 
 
-def rules(keeps: list[float], adds: list[float], joins: list[bool]) -> list[Rule]:
-    """Every rule measured: the field alone (NaN cuts), then each anchor with each ``join``."""
-    anchored = [(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j)
-                for k in keeps for a in adds if k < a for j in joins]
-    return [("field", float("nan"), float("nan"), False), *anchored]
+def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: list[float] | None = None) -> list[Rule]:
+    """Every rule measured: the field alone (NaN cuts), then each anchor with each ``join``; each with
+    the run's own bridge gap (``bridges`` None) or with every gap of ``bridges`` (named in the rule)."""
+    cuts = [("field", float("nan"), float("nan"), False)]
+    cuts += [(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j)
+             for k in keeps for a in adds if k < a for j in joins]
+    if bridges is None:
+        return [(*cut, float("nan")) for cut in cuts]
+    return [(f"{cut[0]}, bridge {g:g} mm", *cut[1:], g) for cut in cuts for g in bridges]
 
 
 def rule_bits(p: np.ndarray, params) -> np.ndarray:
@@ -65,7 +71,8 @@ def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarra
 
     scores = binary_scores(mask, truth, spacing)
     return {"run": run_name, "case": case_id, "class": key, "rule": rule[0], "keep_above": rule[1],
-            "add_above": rule[2], "join": rule[3], "dice": scores["dice"], "hd95": scores["hd95"],
+            "add_above": rule[2], "join": rule[3], "bridge_gap_mm": rule[4], "dice": scores["dice"],
+            "hd95": scores["hd95"],
             "n_comp": mask_components(mask), "expected": expected, "kept_input": kept,
             "volume_ratio": float(mask.sum() / max(1, truth.sum()))}
 
@@ -91,10 +98,11 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
         for rule in candidates:
-            _, keep, add, join = rule
+            _, keep, add, join, bridge = rule
             anchor = (AnchorParams(enabled=False) if np.isnan(keep)
                       else AnchorParams(enabled=True, keep_above=keep, add_above=add, join=join))
-            params = dataclasses.replace(base, anchor=anchor)
+            cleanup = base.cleanup if np.isnan(bridge) else dataclasses.replace(base.cleanup, bridge_gap_mm=bridge)
+            params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup)
             mask, _, audit = mref_of(given, rule_bits(p, params), expected, crops.spacing, params)
             rows.append(score_row(run_dir.name, case_id, key, rule, mask, truth, crops.spacing, expected,
                                   audit.kept_input))
@@ -150,13 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=float, nargs="+", default=[0.05, 0.2], help="keep_above values")
     ap.add_argument("--add", type=float, nargs="+", default=[0.5, 0.7, 0.85], help="add_above values")
     ap.add_argument("--join", choices=["off", "on", "both"], default="both", help="anchor.join of the rules")
+    ap.add_argument("--bridge", type=float, nargs="+", help="cleanup.bridge_gap_mm values (default: the run's own)")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/repair_rules"))
     args = ap.parse_args(argv)
     for run_dir in args.runs:
         if not (run_dir / "params.yaml").is_file():
             print(f"{run_dir}: no params.yaml, not a run folder", file=sys.stderr)
             return 2
-    candidates = rules(args.keep, args.add, {"off": [False], "on": [True], "both": [False, True]}[args.join])
+    joins = {"off": [False], "on": [True], "both": [False, True]}[args.join]
+    candidates = rules(args.keep, args.add, joins, args.bridge)
     table = pd.DataFrame([r for run_dir in args.runs for r in run_rows(run_dir, args.key, candidates)],
                          columns=COLUMNS)
     args.out.mkdir(parents=True, exist_ok=True)

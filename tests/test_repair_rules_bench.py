@@ -25,6 +25,10 @@ def test_rule_bits_set_the_cut_bits_of_the_repair_decision():
     assert rule_bits(p, alone).tolist() == [0, 0, 0, 1, 1]  # the field alone: bit 0 only
     names = [r[0] for r in rules([0.05, 0.8], [0.7], [False, True])]
     assert names == ["field", "anchor 0.05 / 0.7", "anchor 0.05 / 0.7 + join"]  # keep < add only
+    bridged = rules([0.05], [0.7], [False], [12.0, 16.0])
+    assert [r[0] for r in bridged] == ["field, bridge 12 mm", "field, bridge 16 mm", "anchor 0.05 / 0.7, bridge 12 mm",
+                                       "anchor 0.05 / 0.7, bridge 16 mm"]
+    assert [r[4] for r in bridged] == [12.0, 16.0, 12.0, 16.0]
 
 
 def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tmp_path):
@@ -34,15 +38,18 @@ def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tm
     prepare.prepare_run(run)
     stage1.fit_class(run, "Cor", run.params.stage1, progress=False)
     stage1.repair_class(run, "Cor", progress=False)
-    anchor = run.params.stage1.for_class("Cor").anchor
-    assert anchor.enabled  # the coronaries' default: the rule measured below is the run's own
+    anchor, gap = run.params.stage1.for_class("Cor").anchor, run.params.stage1.for_class("Cor").cleanup.bridge_gap_mm
+    assert anchor.enabled and gap > 0  # the coronaries' default: the rule measured below is the run's own
     out = tmp_path / "rules"
     assert main(["--runs", str(run.dir), "--class", "Cor", "--keep", str(anchor.keep_above), "0.9",
-                 "--add", str(anchor.add_above), "--join", "on" if anchor.join else "off", "--out", str(out)]) == 0
+                 "--add", str(anchor.add_above), "--join", "on" if anchor.join else "off",
+                 "--bridge", str(gap), "0", "--out", str(out)]) == 0
     table = pd.read_csv(out / "rules.csv", dtype={"case": str})
     assert list(table.columns) == COLUMNS
-    own = f"anchor {anchor.keep_above:g} / {anchor.add_above:g}" + (" + join" if anchor.join else "")
-    assert set(table["rule"]) == {"noisy", "field", own}  # 0.9 >= 0.7: not a rule
+    cut = f"anchor {anchor.keep_above:g} / {anchor.add_above:g}" + (" + join" if anchor.join else "")
+    own, unbridged = f"{cut}, bridge {gap:g} mm", f"{cut}, bridge 0 mm"
+    assert set(table["rule"]) == {"noisy", f"field, bridge {gap:g} mm", "field, bridge 0 mm", own, unbridged}
+    assert set(table.loc[table["rule"] == unbridged, "bridge_gap_mm"]) == {0.0}  # 0.9 >= 0.7: not a rule
     for case in run.cases:
         mask_file = stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz"
         written = np.asarray(nib.load(str(mask_file)).dataobj) > 0
@@ -50,9 +57,9 @@ def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tm
         row = table[(table["case"] == case.case_id) & (table["rule"] == own)].iloc[0]
         assert row["dice"] == dice(written, truth)  # the class box holds every voxel of both masks
     s = summary(table)
-    assert set(s["rule"]) == {"field", own} and (s["cases"] == len(run.cases)).all()
+    assert set(s["rule"]) == set(table["rule"]) - {"noisy"} and (s["cases"] == len(run.cases)).all()
     noisy = table[table["rule"] == "noisy"].set_index("case")["dice"]
-    field = table[table["rule"] == "field"].set_index("case")["dice"]
-    assert math.isclose(s.set_index("rule").loc["field", "dice_gain"], (field - noisy).mean())
+    field = table[table["rule"] == f"field, bridge {gap:g} mm"].set_index("case")["dice"]
+    assert math.isclose(s.set_index("rule").loc[f"field, bridge {gap:g} mm", "dice_gain"], (field - noisy).mean())
     page = (out / "rules.md").read_text()
     assert "**Dice gain**" in page and own in page and run.dir.name in page

@@ -386,7 +386,7 @@ class Stage2Params:
     """Stage-2 rules (``stage2:`` in params); a rule with an empty list or zero size is off."""
 
     rules: list[str] = field(default_factory=lambda: list(RULES))  # which rules run (always in RULES order)
-    bridge_gap_mm: float = 16.0  # join pieces of distance-attached classes at most this far apart (stage 1's, method.md)
+    bridge_gap_mm: float = 16.0  # join pieces of distance-attached classes at most this far apart (as stage 1's)
     bridge_radius_vox: int = 1  # half-width of a bridge tube (voxels); 0 = one-voxel line
     # contact: a piece of LAA/PV within this many 26-neighbour steps of the LA counts as attached (1:
     # touching). 2: a segmenter's 1.5 mm errors on 0.9 x 0.9 x 1.2 mm voxels left vein trunks two
