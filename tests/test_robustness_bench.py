@@ -45,6 +45,7 @@ def test_the_shipped_families_have_disjoint_seed_sets_and_valid_phantoms():
     spacing = {f.name: load_params("params/phantom_1mm.yaml", family_overrides(f, "heldout", 1)).data.phantom.spacing
                for f in families}
     assert spacing["fine"].max() < 0.8 and spacing["coarse_aniso"][2] == pytest.approx(1.2)
+    assert spacing["user_grid"] == pytest.approx([0.35, 0.35, 0.5], abs=0.001)  # the users' CCTA grid
 
 
 def test_dotted_overrides_and_unknown_splits():
