@@ -28,7 +28,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -41,8 +41,18 @@ COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "b
            "n_comp", "expected", "kept_input", "volume_ratio"]
 SHARE_OF = f"cases +{COR_GAIN:g} at the expected count"  # benchmarks.robustness's coronary target
 
-Rule = tuple[str, float, float, bool, float]  # name, keep_above, add_above, join, bridge_gap_mm (NaN: the run's)
-NOISY: Rule = ("noisy", float("nan"), float("nan"), False, float("nan"))
+
+class Rule(NamedTuple):
+    """One way of making M^ref from a field; NaN cuts: the field alone, NaN gap: the run's own bridge."""
+
+    name: str
+    keep_above: float
+    add_above: float
+    join: bool
+    bridge_gap_mm: float
+
+
+NOISY = Rule("noisy", float("nan"), float("nan"), False, float("nan"))
 
 
 def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: list[float] | None = None) -> list[Rule]:
@@ -52,8 +62,8 @@ def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: lis
     cuts += [(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j)
              for k in keeps for a in adds if k < a for j in joins]
     if bridges is None:
-        return [(*cut, float("nan")) for cut in cuts]
-    return [(f"{cut[0]}, bridge {g:g} mm", *cut[1:], g) for cut in cuts for g in bridges]
+        return [Rule(*cut, float("nan")) for cut in cuts]
+    return [Rule(f"{cut[0]}, bridge {g:g} mm", *cut[1:], g) for cut in cuts for g in bridges]
 
 
 def rule_bits(p: np.ndarray, params) -> np.ndarray:
@@ -70,9 +80,9 @@ def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarra
     from nearfix_lib.core.metrics import binary_scores, mask_components
 
     scores = binary_scores(mask, truth, spacing)
-    return {"run": run_name, "case": case_id, "class": key, "rule": rule[0], "keep_above": rule[1],
-            "add_above": rule[2], "join": rule[3], "bridge_gap_mm": rule[4], "dice": scores["dice"],
-            "hd95": scores["hd95"],
+    return {"run": run_name, "case": case_id, "class": key, "rule": rule.name, "keep_above": rule.keep_above,
+            "add_above": rule.add_above, "join": rule.join, "bridge_gap_mm": rule.bridge_gap_mm,
+            "dice": scores["dice"], "hd95": scores["hd95"],
             "n_comp": mask_components(mask), "expected": expected, "kept_input": kept,
             "volume_ratio": float(mask.sum() / max(1, truth.sum()))}
 
@@ -98,10 +108,11 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
         for rule in candidates:
-            _, keep, add, join, bridge = rule
-            anchor = (AnchorParams(enabled=False) if np.isnan(keep)
-                      else AnchorParams(enabled=True, keep_above=keep, add_above=add, join=join))
-            cleanup = base.cleanup if np.isnan(bridge) else dataclasses.replace(base.cleanup, bridge_gap_mm=bridge)
+            anchor = (AnchorParams(enabled=False) if np.isnan(rule.keep_above)
+                      else AnchorParams(enabled=True, keep_above=rule.keep_above, add_above=rule.add_above,
+                                        join=rule.join))
+            cleanup = (base.cleanup if np.isnan(rule.bridge_gap_mm)
+                       else dataclasses.replace(base.cleanup, bridge_gap_mm=rule.bridge_gap_mm))
             params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup)
             mask, _, audit = mref_of(given, rule_bits(p, params), expected, crops.spacing, params)
             rows.append(score_row(run_dir.name, case_id, key, rule, mask, truth, crops.spacing, expected,

@@ -379,6 +379,10 @@ class AnchorParams:
 
 RULES = ("contact", "bridge", "distance", "holes", "largest")
 UNREPAIRED = ("input", "absent")  # what stage 2 fuses for a class stage 1 left without M^ref
+# the longest coronary gap bridged, by stage 1's clean-up and stage 2's rule alike (one number: a tree
+# stage 1 joined must not be one stage 2 would leave apart); 12 left a third of the tuning seeds'
+# broken trees in pieces, 7-16 mm apart (docs/method.md)
+CORONARY_BRIDGE_GAP_MM = 16.0
 
 
 @dataclass
@@ -386,7 +390,7 @@ class Stage2Params:
     """Stage-2 rules (``stage2:`` in params); a rule with an empty list or zero size is off."""
 
     rules: list[str] = field(default_factory=lambda: list(RULES))  # which rules run (always in RULES order)
-    bridge_gap_mm: float = 16.0  # join pieces of distance-attached classes at most this far apart (as stage 1's)
+    bridge_gap_mm: float = CORONARY_BRIDGE_GAP_MM  # join pieces of distance-attached classes at most this far apart
     bridge_radius_vox: int = 1  # half-width of a bridge tube (voxels); 0 = one-voxel line
     # contact: a piece of LAA/PV within this many 26-neighbour steps of the LA counts as attached (1:
     # touching). 2: a segmenter's 1.5 mm errors on 0.9 x 0.9 x 1.2 mm voxels left vein trunks two
@@ -632,8 +636,7 @@ def _coronary_overrides() -> dict:
     peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold,
     most points drawn near the vessels (0.8 / 0.7 / 0.6 of them from the band instead of 0.5 / 0.3 /
     0.1: a vessel fills under 1 % of its box; tuning seeds, docs/method.md),
-    no expected-count rule (small specks still go), bridges across gaps up to 16 mm (12 left a third of
-    the tuning seeds' broken trees in pieces, 7-16 mm apart; docs/method.md), a finer,
+    no expected-count rule (small specks still go), bridges across gaps up to ``CORONARY_BRIDGE_GAP_MM``, a finer,
     more cautious coarse-to-fine decode (at 1.1 mm a vessel is 2-3 voxels wide: docs/method.md), and
     an audit (repair.audit) that puts the cleaned input in place of a repair that kept under 80 % of
     the input's centre line or left out over 28 % of its voxels (chosen on the robustness matrix's
@@ -648,7 +651,7 @@ def _coronary_overrides() -> dict:
     return {"loss": {"kind": "dice_focal", "dice_weight": 0.7, "focal_weight": 0.3, "focal_gamma": 4.0},
             "threshold": 0.3,
             "sampling": {"bias_schedule": [[100, 0.8], [200, 0.7], [300, 0.6]]},
-            "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": 16.0},
+            "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": CORONARY_BRIDGE_GAP_MM},
             "decode": {"coarse_step": 4, "margin": 4.0},
             "audit": {"skeleton": True, "min_skeleton_kept": 0.8, "max_dropped": 0.28, "max_added": 1.0,
                       "action": "clean_input"},
