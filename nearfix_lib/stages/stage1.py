@@ -248,9 +248,10 @@ def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
               epochs: int | None = None) -> tuple[ImplicitField, Stage1Data, FitResult]:
     """Fit F_c on every case that has class ``key`` (resumes from ``ckpt/last.pt``; under torchrun: DDP).
 
-    ``params`` are the stage's parameters; the class's own overrides are applied here.
+    ``params`` are the stage's parameters; the class's own overrides are applied here, and its band
+    sized for its class grid (:meth:`~nearfix_lib.core.config.Stage1Params.band_on_grid`).
     """
-    params = params.for_class(key)
+    params = params.for_class(key).band_on_grid(run.params.prepare.class_resolution_for(key))
     device = init_distributed_from_env(resolve_device(run.params.run.device))
     data = load_stage1_data(run, key, params, with_images=params.model.appearance)
     for cid in data.absent:
