@@ -140,11 +140,9 @@ class SamplingParams(BatchPlacement):
     points_per_case: int = 4096
     sampling_bias_ratio: float = 0.5  # fraction of points from the boundary band if no schedule
     sampling_dilation_radius: int = 2  # band = dilate(M, r) minus erode(M, r), ball of r voxels
-    # > 0: the band's radius is at least this share of the finest feature cell on the class grid
-    # (class resolution / model.grid_sizes[-1] voxels; :func:`band_radius`), so it keeps its width when
-    # the grid is made finer; a vessel's band covers the whole vessel, and a band thinner than that
-    # leaves the field's P high beside it (docs/method.md)
-    band_feature_cells: float = 0.0
+    # > 0: the band's radius is at least this share of the class grid's edge (share x class resolution
+    # voxels; Stage1Params.band_on_grid), so it keeps its width in the box when the grid is made finer
+    band_box_share: float = 0.0
     # [last_epoch (1-based, inclusive), ratio]; after the last entry its ratio holds
     bias_schedule: list[list[float]] = field(default_factory=_default_bias_schedule)
     jitter: bool = True  # band points uniform within their voxel cell, else at the cell centre
@@ -157,8 +155,8 @@ class SamplingParams(BatchPlacement):
         if self.sampling_dilation_radius < 1:
             raise ValueError("sampling.sampling_dilation_radius must be >= 1 voxel, "
                              f"got {self.sampling_dilation_radius}")
-        if not self.band_feature_cells >= 0:
-            raise ValueError(f"sampling.band_feature_cells must be >= 0, got {self.band_feature_cells}")
+        if not 0 <= self.band_box_share < 0.5:
+            raise ValueError(f"sampling.band_box_share must lie in [0, 0.5), got {self.band_box_share}")
         last = 0.0
         for n, entry in enumerate(self.bias_schedule):
             where = f"sampling.bias_schedule[{n}]"
@@ -642,8 +640,8 @@ def _coronary_overrides() -> dict:
     """Coronary: 0.7 Dice + 0.3 Focal (gamma 4) as the user asked; a thin tube's probability
     peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold,
     most points drawn near the vessels (0.8 / 0.7 / 0.6 of them from the band instead of 0.5 / 0.3 /
-    0.1: a vessel fills under 1 % of its box; tuning seeds, docs/method.md) from a band two thirds of
-    the finest feature cell wide whatever the class grid (:meth:`Stage1Params.band_on_grid`),
+    0.1: a vessel fills under 1 % of its box; tuning seeds, docs/method.md) from a band 2 % of the
+    box wide whatever the class grid (2 voxels at 96^3, 3 at 144^3; :meth:`Stage1Params.band_on_grid`),
     no expected-count rule (small specks still go), bridges across gaps up to ``CORONARY_BRIDGE_GAP_MM``, a finer,
     more cautious coarse-to-fine decode (at 1.1 mm a vessel is 2-3 voxels wide: docs/method.md), and
     an audit (repair.audit) that puts the cleaned input in place of a repair that kept under 80 % of
@@ -658,7 +656,7 @@ def _coronary_overrides() -> dict:
     11, but not one more held-out case, at -0.005 Dice on one family (docs/method.md)."""
     return {"loss": {"kind": "dice_focal", "dice_weight": 0.7, "focal_weight": 0.3, "focal_gamma": 4.0},
             "threshold": 0.3,
-            "sampling": {"bias_schedule": [[100, 0.8], [200, 0.7], [300, 0.6]], "band_feature_cells": 0.67},
+            "sampling": {"bias_schedule": [[100, 0.8], [200, 0.7], [300, 0.6]], "band_box_share": 0.021},
             "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": CORONARY_BRIDGE_GAP_MM},
             "decode": {"coarse_step": 4, "margin": 4.0},
             "audit": {"skeleton": True, "min_skeleton_kept": 0.8, "max_dropped": 0.28, "max_added": 1.0,
@@ -694,16 +692,16 @@ class Stage1Params:
 
     def band_on_grid(self, resolution: int) -> Stage1Params:
         """These parameters with the sampling band's radius for a class grid of ``resolution``^3 voxels:
-        at least ``sampling.band_feature_cells`` of the finest feature cell (``resolution /
-        model.grid_sizes[-1]`` voxels), never below ``sampling.sampling_dilation_radius``. The field's
-        features vary on that cell's scale whatever the grid, so a band fixed in voxels grows thinner
-        against them as the grid grows finer: a thin class's band is all of its vessel plus the rim
-        around it, and with too thin a rim the field's P stays high beside the vessel (thin tuning
-        seeds at 144^3 with 2 voxels: repairs 2.5-3.6x the input; with 3, +0.038 Dice; docs/method.md)."""
-        cells = self.sampling.band_feature_cells
-        if cells <= 0:
+        ``sampling.band_box_share`` of the grid's edge, never below ``sampling.sampling_dilation_radius``.
+        A band fixed in voxels grows thinner in the box (where the field lives) as the grid grows finer;
+        a thin class's band is all of its vessel plus a rim around it, and with too thin a rim the
+        field's P stays high beside the vessel: thin tuning seeds at 144^3 with 2 voxels, repairs
+        2.5-3.6x their input (at 192^3, with 32^3 or 64^3 features alike, 1.5-3.5x); with 3, +0.038
+        Dice (docs/method.md)."""
+        share = self.sampling.band_box_share
+        if share <= 0:
             return self
-        radius = max(self.sampling.sampling_dilation_radius, round(cells * resolution / self.model.grid_sizes[-1]))
+        radius = max(self.sampling.sampling_dilation_radius, round(share * resolution))
         return dataclasses.replace(self, sampling=dataclasses.replace(self.sampling, sampling_dilation_radius=radius))
 
     def for_class(self, key: str) -> Stage1Params:
