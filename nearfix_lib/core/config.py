@@ -640,8 +640,8 @@ def _coronary_overrides() -> dict:
     """Coronary: 0.7 Dice + 0.3 Focal (gamma 4) as the user asked; a thin tube's probability
     peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold,
     most points drawn near the vessels (0.8 / 0.7 / 0.6 of them from the band instead of 0.5 / 0.3 /
-    0.1: a vessel fills under 1 % of its box; tuning seeds, docs/method.md) from a band 2 % of the
-    box wide whatever the class grid (2 voxels at 96^3, 3 at 144^3; :meth:`Stage1Params.band_on_grid`),
+    0.1: a vessel fills under 1 % of its box; tuning seeds, docs/method.md) from a band whose radius is 2 % of the
+    box's edge whatever the class grid (2 voxels at 96^3, 3 at 144^3; :meth:`Stage1Params.band_on_grid`),
     no expected-count rule (small specks still go), bridges across gaps up to ``CORONARY_BRIDGE_GAP_MM``, a finer,
     more cautious coarse-to-fine decode (at 1.1 mm a vessel is 2-3 voxels wide: docs/method.md), and
     an audit (repair.audit) that puts the cleaned input in place of a repair that kept under 80 % of
