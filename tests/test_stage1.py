@@ -222,18 +222,21 @@ def test_per_class_overrides():
 
 
 def test_the_coronary_band_keeps_its_width_in_its_box_on_any_grid(tmp_path, monkeypatch):
-    """Cor's band is 2 % of its box whatever its class grid (2 voxels at 96^3, 3 at 144^3: at 144^3
-    with 2 the thin family's fields came out 2.5-3.6x their input), never below the base radius; a
-    class without ``band_box_share`` keeps its radius; and the fit builds its store with the radius of
-    the class's own grid."""
-    p = load_params(PROJECT / "params/default.yaml").stage1
-    cor, lv = p.for_class("Cor"), p.for_class("LV")
+    """The judging configuration's coronary band is 2 % of its box whatever the class grid (2 voxels
+    at 96^3, 3 at its 144^3: with 2 there the thin family's fields came out 2.5-3.6x their input),
+    never below the base radius; without ``band_box_share`` (default.yaml) the radius stays; and the
+    fit builds its store with the radius of the class's own grid."""
+    judging = load_params(PROJECT / "params/phantom_1mm.yaml")
+    cor = judging.stage1.for_class("Cor")
     assert [cor.band_on_grid(r).sampling.sampling_dilation_radius for r in (16, 96, 128, 144, 192)] == [2, 2, 3, 3, 4]
-    assert lv.band_on_grid(192).sampling.sampling_dilation_radius == 2 and lv.band_on_grid(192) is lv
+    assert judging.prepare.class_resolution_for("Cor") == 144
     assert cor.band_on_grid(144).sampling.bias_schedule == cor.sampling.bias_schedule  # only the radius moves
+    plain = load_params(PROJECT / "params/default.yaml").stage1.for_class("Cor")
+    assert plain.band_on_grid(192) is plain and plain.sampling.sampling_dilation_radius == 2
     # 0.021 x 120 = 2.52: 3 voxels on a 120^3 Cor grid (test.yaml's others are 16^3); the store and the
     # sampler are built as a fit builds them, the optimisation itself (not what is tested) left out
-    over = {"prepare.class_resolution_overrides": {"Cor": 120}}
+    over = {"prepare.class_resolution_overrides": {"Cor": 120},
+            "stage1.overrides": {"Cor": {"sampling": {"band_box_share": 0.021}}}}
     run = start_run(load_test_params(over, run_dir=str(tmp_path)), progress=False)
     prepare.prepare_run(run)
     assert run.params.stage1.sampling.sampling_dilation_radius == 2
@@ -241,6 +244,7 @@ def test_the_coronary_band_keeps_its_width_in_its_box_on_any_grid(tmp_path, monk
     monkeypatch.setattr(stage1, "fit", lambda model, task, *args, **kwargs: tasks.append(task))
     _, data, _ = stage1.fit_class(run, "Cor", run.params.stage1, progress=False)
     assert data.store.spec.dilation_radius == 3 and tasks[0].sampler.params.sampling_dilation_radius == 3
+    assert tasks[0].sampler.params.bias_schedule == run.params.stage1.for_class("Cor").sampling.bias_schedule
 
 
 def test_repair_beats_a_noisy_mask_with_islands_and_stairs():

@@ -640,8 +640,7 @@ def _coronary_overrides() -> dict:
     """Coronary: 0.7 Dice + 0.3 Focal (gamma 4) as the user asked; a thin tube's probability
     peaks below 0.5, and its pieces are a broken tree rather than islands, so a lower threshold,
     most points drawn near the vessels (0.8 / 0.7 / 0.6 of them from the band instead of 0.5 / 0.3 /
-    0.1: a vessel fills under 1 % of its box; tuning seeds, docs/method.md) from a band whose radius is 2 % of the
-    box's edge whatever the class grid (2 voxels at 96^3, 3 at 144^3; :meth:`Stage1Params.band_on_grid`),
+    0.1: a vessel fills under 1 % of its box; tuning seeds, docs/method.md),
     no expected-count rule (small specks still go), bridges across gaps up to ``CORONARY_BRIDGE_GAP_MM``, a finer,
     more cautious coarse-to-fine decode (at 1.1 mm a vessel is 2-3 voxels wide: docs/method.md), and
     an audit (repair.audit) that puts the cleaned input in place of a repair that kept under 80 % of
@@ -656,7 +655,7 @@ def _coronary_overrides() -> dict:
     11, but not one more held-out case, at -0.005 Dice on one family (docs/method.md)."""
     return {"loss": {"kind": "dice_focal", "dice_weight": 0.7, "focal_weight": 0.3, "focal_gamma": 4.0},
             "threshold": 0.3,
-            "sampling": {"bias_schedule": [[100, 0.8], [200, 0.7], [300, 0.6]], "band_box_share": 0.021},
+            "sampling": {"bias_schedule": [[100, 0.8], [200, 0.7], [300, 0.6]]},
             "cleanup": {"keep_expected": False, "min_component_mm3": 30.0, "bridge_gap_mm": CORONARY_BRIDGE_GAP_MM},
             "decode": {"coarse_step": 4, "margin": 4.0},
             "audit": {"skeleton": True, "min_skeleton_kept": 0.8, "max_dropped": 0.28, "max_added": 1.0,
