@@ -240,6 +240,7 @@ def test_the_coronary_band_keeps_its_width_in_its_box_on_any_grid(tmp_path, monk
     run = start_run(load_test_params(over, run_dir=str(tmp_path)), progress=False)
     prepare.prepare_run(run)
     assert run.params.stage1.sampling.sampling_dilation_radius == 2
+    assert stage1.class_fit_params(run, "Cor", run.params.stage1).sampling.sampling_dilation_radius == 3
     tasks = []
     monkeypatch.setattr(stage1, "fit", lambda model, task, *args, **kwargs: tasks.append(task))
     _, data, _ = stage1.fit_class(run, "Cor", run.params.stage1, progress=False)

@@ -212,7 +212,7 @@ def load_stage1_data(run: Run, key: str, params: Stage1Params, with_images: bool
 
     Under torchrun every process runs this before the fit, each from its own offset
     (:func:`~nearfix_lib.field.store.rank_rotation`), so the K processes build the store in parallel.
-    ``params`` are the class's (``Stage1Params.for_class``): the band radius is part of the store.
+    ``params`` are the class's (:func:`class_fit_params`): the band radius is part of the store.
     """
     prepared = prepared_dir(run)
     index = load_crops_index(prepared)
@@ -244,14 +244,20 @@ def build_model(n_cases: int, params: Stage1Params) -> ImplicitField:
     return ImplicitField(n_cases, params.model, n_heads=1)
 
 
+def class_fit_params(run: Run, key: str, params: Stage1Params) -> Stage1Params:
+    """What class ``key``'s fit runs with: ``params`` (the stage's) with the class's own overrides merged
+    in and its sampling band sized for its class grid
+    (:meth:`~nearfix_lib.core.config.Stage1Params.band_on_grid`); the band is part of the class's store."""
+    return params.for_class(key).band_on_grid(run.params.prepare.class_resolution_for(key))
+
+
 def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
               epochs: int | None = None) -> tuple[ImplicitField, Stage1Data, FitResult]:
     """Fit F_c on every case that has class ``key`` (resumes from ``ckpt/last.pt``; under torchrun: DDP).
 
-    ``params`` are the stage's parameters; the class's own overrides are applied here, and its band
-    sized for its class grid (:meth:`~nearfix_lib.core.config.Stage1Params.band_on_grid`).
+    ``params`` are the stage's parameters; the class's are made from them here (:func:`class_fit_params`).
     """
-    params = params.for_class(key).band_on_grid(run.params.prepare.class_resolution_for(key))
+    params = class_fit_params(run, key, params)
     device = init_distributed_from_env(resolve_device(run.params.run.device))
     data = load_stage1_data(run, key, params, with_images=params.model.appearance)
     for cid in data.absent:
