@@ -2,7 +2,7 @@
 alone, against the truth, without refitting anything.
 
     python -m benchmarks.repair_rules --runs DIR/runs/thin_cor_tuning DIR/runs/shapes_tuning --class Cor \
-        --keep 0.05 0.2 --add 0.7 0.85 --join both --bridge 12 16 --out DIR/rules
+        --keep 0.05 0.2 --add 0.7 0.85 --join both --bridge 12 16 --volume-ratio 0 1.1 --out DIR/rules
 
 Why: how a class's M^ref is made from its field (``stage1.anchor``: keep an input voxel unless
 P < ``keep_above``, add one where P >= ``add_above``, with ``join`` the field's own connections
@@ -13,10 +13,12 @@ each run (a phantom run: the scores need its truth) and each case of the class's
 fit, P is decoded at every voxel of the class box; each rule (the field alone, then every
 ``--keep`` x ``--add`` pair with ``--join`` off, on or both), with the clean-up's own bridge or each
 ``--bridge`` gap (``cleanup.bridge_gap_mm``: how far apart two pieces of a broken tree may lie and
-still be joined), goes through the run's own M^ref function (``stage1.mref_of``: clean-up, audit and
-its fallback included) and is scored against the truth, next to the noisy input. Writes
-``rules.csv`` (run, case, class, rule, keep_above, add_above, join, bridge_gap_mm, dice, hd95,
-n_comp, expected, kept_input, volume_ratio) and ``rules.md`` rendered
+still be joined), each anchor with the run's own cap on its volume or each ``--volume-ratio``
+(``anchor.max_volume_ratio``: the anchored mask's voxels per input voxel, at most; 0: no cap),
+goes through the run's own M^ref function (``stage1.mref_of``: clean-up, audit and its fallback
+included) and is scored against the truth, next to the noisy input. Writes
+``rules.csv`` (run, case, class, rule, keep_above, add_above, join, bridge_gap_mm, max_volume_ratio,
+dice, hd95, n_comp, expected, kept_input, volume_ratio) and ``rules.md`` rendered
 from it: per run and rule the mean gain over the input (Dice, HD95), the share of cases 0.03 Dice
 above their input at the expected component count (the robustness targets), and the cases at that
 count. Use it on tuning seeds only: a rule chosen on held-out seeds has nothing left to confirm it.
@@ -37,33 +39,40 @@ from benchmarks.robustness import COR_GAIN
 if TYPE_CHECKING:
     import pandas as pd
 
-COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "bridge_gap_mm", "dice", "hd95",
-           "n_comp", "expected", "kept_input", "volume_ratio"]
+COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "bridge_gap_mm", "max_volume_ratio",
+           "dice", "hd95", "n_comp", "expected", "kept_input", "volume_ratio"]
 SHARE_OF = f"cases +{COR_GAIN:g} at the expected count"  # benchmarks.robustness's coronary target
 
 
 class Rule(NamedTuple):
-    """One way of making M^ref from a field; NaN cuts: the field alone, NaN gap: the run's own bridge."""
+    """One way of making M^ref from a field; NaN cuts: the field alone, NaN gap or ratio: the run's own."""
 
     name: str
     keep_above: float
     add_above: float
     join: bool
     bridge_gap_mm: float
+    max_volume_ratio: float = float("nan")
 
 
 NOISY = Rule("noisy", float("nan"), float("nan"), False, float("nan"))
 
 
-def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: list[float] | None = None) -> list[Rule]:
+def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: list[float] | None = None,
+          ratios: list[float] | None = None) -> list[Rule]:
     """Every rule measured: the field alone (NaN cuts), then each anchor with each ``join``; each with
-    the run's own bridge gap (``bridges`` None) or with every gap of ``bridges`` (named in the rule)."""
-    cuts = [("field", float("nan"), float("nan"), False)]
-    cuts += [(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j)
+    the run's own bridge gap (``bridges`` None) or with every gap of ``bridges``, each anchor with the
+    run's own volume cap (``ratios`` None) or with every cap of ``ratios`` (named in the rule)."""
+    nan = float("nan")
+    cuts = [Rule("field", nan, nan, False, nan)]
+    cuts += [Rule(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j, nan)
              for k in keeps for a in adds if k < a for j in joins]
+    if ratios is not None:  # the field alone has no anchor to cap
+        cuts = cuts[:1] + [r._replace(name=f"{r.name}, volume {v:g}", max_volume_ratio=v) for r in cuts[1:]
+                           for v in ratios]
     if bridges is None:
-        return [Rule(*cut, float("nan")) for cut in cuts]
-    return [Rule(f"{cut[0]}, bridge {g:g} mm", *cut[1:], g) for cut in cuts for g in bridges]
+        return cuts
+    return [r._replace(name=f"{r.name}, bridge {g:g} mm", bridge_gap_mm=g) for r in cuts for g in bridges]
 
 
 def rule_bits(p: np.ndarray, params) -> np.ndarray:
@@ -82,14 +91,13 @@ def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarra
     scores = binary_scores(mask, truth, spacing)
     return {"run": run_name, "case": case_id, "class": key, "rule": rule.name, "keep_above": rule.keep_above,
             "add_above": rule.add_above, "join": rule.join, "bridge_gap_mm": rule.bridge_gap_mm,
-            "dice": scores["dice"], "hd95": scores["hd95"],
+            "max_volume_ratio": rule.max_volume_ratio, "dice": scores["dice"], "hd95": scores["hd95"],
             "n_comp": mask_components(mask), "expected": expected, "kept_input": kept,
             "volume_ratio": float(mask.sum() / max(1, truth.sum()))}
 
 
 def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
     """Every case of the run's fit of ``key``: the noisy input's row and one per rule."""
-    from nearfix_lib.core.config import AnchorParams
     from nearfix_lib.core.workspace import open_run
     from nearfix_lib.field.infer import field_on_grid, original_box_grid
     from nearfix_lib.stages.stage1 import mref_of, repair_setup
@@ -108,9 +116,13 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
         for rule in candidates:
-            anchor = (AnchorParams(enabled=False) if np.isnan(rule.keep_above)
-                      else AnchorParams(enabled=True, keep_above=rule.keep_above, add_above=rule.add_above,
-                                        join=rule.join))
+            # the run's own anchor with the rule's cuts: its volume cap unless the rule names one
+            anchor = (dataclasses.replace(base.anchor, enabled=False) if np.isnan(rule.keep_above)
+                      else dataclasses.replace(base.anchor, enabled=True, keep_above=rule.keep_above,
+                                               add_above=rule.add_above, join=rule.join,
+                                               max_volume_ratio=(base.anchor.max_volume_ratio
+                                                                 if np.isnan(rule.max_volume_ratio)
+                                                                 else rule.max_volume_ratio)))
             cleanup = (base.cleanup if np.isnan(rule.bridge_gap_mm)
                        else dataclasses.replace(base.cleanup, bridge_gap_mm=rule.bridge_gap_mm))
             params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup)
@@ -170,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add", type=float, nargs="+", default=[0.5, 0.7, 0.85], help="add_above values")
     ap.add_argument("--join", choices=["off", "on", "both"], default="both", help="anchor.join of the rules")
     ap.add_argument("--bridge", type=float, nargs="+", help="cleanup.bridge_gap_mm values (default: the run's own)")
+    ap.add_argument("--volume-ratio", type=float, nargs="+",
+                    help="anchor.max_volume_ratio values, 0: no cap (default: the run's own)")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/repair_rules"))
     args = ap.parse_args(argv)
     for run_dir in args.runs:
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run_dir}: no params.yaml, not a run folder", file=sys.stderr)
             return 2
     joins = {"off": [False], "on": [True], "both": [False, True]}[args.join]
-    candidates = rules(args.keep, args.add, joins, args.bridge)
+    candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio)
     table = pd.DataFrame([r for run_dir in args.runs for r in run_rows(run_dir, args.key, candidates)],
                          columns=COLUMNS)
     args.out.mkdir(parents=True, exist_ok=True)

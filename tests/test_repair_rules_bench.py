@@ -29,6 +29,10 @@ def test_rule_bits_set_the_cut_bits_of_the_repair_decision():
     assert [r[0] for r in bridged] == ["field, bridge 12 mm", "field, bridge 16 mm", "anchor 0.05 / 0.7, bridge 12 mm",
                                        "anchor 0.05 / 0.7, bridge 16 mm"]
     assert [r[4] for r in bridged] == [12.0, 16.0, 12.0, 16.0]
+    capped = rules([0.05], [0.7], [False], [16.0], [0.0, 1.1])  # the field alone has no anchor to cap
+    assert [r.name for r in capped] == ["field, bridge 16 mm", "anchor 0.05 / 0.7, volume 0, bridge 16 mm",
+                                        "anchor 0.05 / 0.7, volume 1.1, bridge 16 mm"]
+    assert math.isnan(capped[0].max_volume_ratio) and [r.max_volume_ratio for r in capped[1:]] == [0.0, 1.1]
 
 
 def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tmp_path):
@@ -40,16 +44,21 @@ def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tm
     stage1.repair_class(run, "Cor", progress=False)
     anchor, gap = run.params.stage1.for_class("Cor").anchor, run.params.stage1.for_class("Cor").cleanup.bridge_gap_mm
     assert anchor.enabled and gap > 0  # the coronaries' default: the rule measured below is the run's own
+    other = 0.0 if anchor.max_volume_ratio > 0 else 1.1  # a volume cap that is not the run's
     out = tmp_path / "rules"
     assert main(["--runs", str(run.dir), "--class", "Cor", "--keep", str(anchor.keep_above), "0.9",
                  "--add", str(anchor.add_above), "--join", "on" if anchor.join else "off",
-                 "--bridge", str(gap), "0", "--out", str(out)]) == 0
+                 "--bridge", str(gap), "0", "--volume-ratio", str(anchor.max_volume_ratio), str(other),
+                 "--out", str(out)]) == 0
     table = pd.read_csv(out / "rules.csv", dtype={"case": str})
     assert list(table.columns) == COLUMNS
     cut = f"anchor {anchor.keep_above:g} / {anchor.add_above:g}" + (" + join" if anchor.join else "")
-    own, unbridged = f"{cut}, bridge {gap:g} mm", f"{cut}, bridge 0 mm"
-    assert set(table["rule"]) == {"noisy", f"field, bridge {gap:g} mm", "field, bridge 0 mm", own, unbridged}
-    assert set(table.loc[table["rule"] == unbridged, "bridge_gap_mm"]) == {0.0}  # 0.9 >= 0.7: not a rule
+    own, recapped = (f"{cut}, volume {v:g}, bridge {gap:g} mm" for v in (anchor.max_volume_ratio, other))
+    unbridged = f"{cut}, volume {anchor.max_volume_ratio:g}, bridge 0 mm"
+    assert set(table["rule"]) == {"noisy", f"field, bridge {gap:g} mm", "field, bridge 0 mm", own, unbridged,
+                                  recapped, f"{cut}, volume {other:g}, bridge 0 mm"}  # 0.9 >= 0.7: not a rule
+    assert set(table.loc[table["rule"] == unbridged, "bridge_gap_mm"]) == {0.0}
+    assert set(table.loc[table["rule"] == recapped, "max_volume_ratio"]) == {other}
     for case in run.cases:
         mask_file = stage1.stage1_dir(run, "Cor") / "masks" / f"{case.case_id}.nii.gz"
         written = np.asarray(nib.load(str(mask_file)).dataobj) > 0

@@ -179,7 +179,8 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
     for join in (False, True):
         # the audit only flags (a replaced case would not show the anchor), dense: exact comparisons
         params = load_test_params({"stage1.overrides.Cor.anchor": {"enabled": True, "keep_above": 0.1,
-                                                                   "add_above": 0.8, "join": join},
+                                                                   "add_above": 0.8, "join": join,
+                                                                   "max_volume_ratio": 0.0},
                                    "stage1.overrides.Cor.decode": {"mode": "dense"},
                                    "stage1.overrides.Cor.audit": {"action": "flag"}}, run_dir=str(tiny_run.dir))
         run = dataclasses.replace(tiny_run, params=params)
@@ -201,6 +202,44 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
     assert sum(int((expected[True, c] != expected[False, c]).sum()) for c in ids) > 0  # and the join did
     for c in ids:
         assert not (expected[False, c] & ~expected[True, c]).any()  # the join only adds
+
+
+def test_an_anchored_repair_larger_than_its_input_drops_the_inputs_least_sure_voxels_first():
+    """``anchor.max_volume_ratio``: the keep cut rises through ``keep_steps`` until the anchored mask
+    holds at most that many voxels per input voxel; what the field adds stays, whatever the cut."""
+    import dataclasses
+
+    from nearfix_lib.core.config import AnchorParams, Stage1Params
+
+    given = np.zeros((4, 5, 6), dtype=bool)
+    given[1:3, 1:4, 1:5] = True  # 24 input voxels
+    p = np.zeros(given.shape, dtype=np.float32)
+    p[given] = np.linspace(0.06, 0.95, 24, dtype=np.float32)  # the input's voxels, least sure first
+    p[0, 0, :] = 0.9  # 6 voxels the field adds (P >= add_above)
+    p[3, 4, :] = 0.5  # 6 the field would like but is not sure of: never added
+    anchor = AnchorParams(enabled=True, keep_above=0.05, add_above=0.7, keep_steps=(0.2, 0.4, 0.6))
+
+    def mask(ratio: float) -> np.ndarray:
+        params = dataclasses.replace(Stage1Params(), threshold=0.3,
+                                     anchor=dataclasses.replace(anchor, max_volume_ratio=ratio))
+        bits = stage1.repair_decision(params).labels(p.reshape(-1, 1)).reshape(p.shape)
+        return stage1.anchored_mask(given, bits, params.anchor)
+
+    def anchored(cut: float) -> np.ndarray:
+        return (given & (p >= cut)) | (p >= 0.7)
+
+    assert np.array_equal(mask(0.0), anchored(0.05))  # no cap: 30 voxels, 1.25 per input voxel
+    assert np.array_equal(mask(1.5), anchored(0.05))  # under the cap: the cut stays
+    # over 1.1 x 24 = 26.4: 0.2 keeps 20 + 6 = 26 voxels, the first cut that fits
+    assert np.count_nonzero(anchored(0.2)) == 26 and np.array_equal(mask(1.1), anchored(0.2))
+    assert np.array_equal(mask(0.5), anchored(0.6))  # no cut fits: the last
+    assert (mask(0.5) & ~given).sum() == 6  # the voxels the field adds stay
+    higher = AnchorParams(enabled=True, keep_above=0.25, add_above=0.7, max_volume_ratio=1.1)
+    assert higher.keep_cuts() == (0.25, 0.3, 0.4)  # the steps above keep_above
+    with pytest.raises(ValueError, match="keep_steps"):
+        AnchorParams(enabled=True, keep_above=0.05, add_above=0.7, keep_steps=(0.3, 0.2))
+    with pytest.raises(ValueError, match="keep_steps"):
+        AnchorParams(enabled=True, keep_above=0.05, add_above=0.7, keep_steps=(0.2, 0.8))
 
 
 def test_per_class_overrides():

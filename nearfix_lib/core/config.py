@@ -373,11 +373,33 @@ class AnchorParams:
     # voxels in between join them (``repair.cleanup.joined_through``): the input decides a boundary,
     # not whether a vessel is one tree or several
     join: bool = False
+    # > 0: the anchored mask holds at most this many voxels per input voxel. Where it holds more, the
+    # keep cut rises through ``keep_steps`` (the input's least sure voxels go first) until it does or
+    # the steps run out; the voxels the field adds stay. Why: a thin class's errors lie at its
+    # boundary, about as many voxels too many as too few, so a repair much larger than its input has
+    # kept the input's excess beside what the field added (docs/method.md, *A repair no larger than
+    # its input*). 0: one cut, ``keep_above``.
+    max_volume_ratio: float = 0.0
+    keep_steps: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3, 0.4)  # at most 5 (one decode holds 8 cuts)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_above < self.add_above < 1.0:
             raise ValueError("anchor: need 0 < keep_above < add_above < 1, "
                              f"got keep_above {self.keep_above} and add_above {self.add_above}")
+        self.keep_steps = tuple(float(v) for v in self.keep_steps)
+        if self.max_volume_ratio < 0.0:
+            raise ValueError(f"anchor: max_volume_ratio must be >= 0 (0: off), got {self.max_volume_ratio}")
+        steps = (0.0, *self.keep_steps, self.add_above)
+        if len(self.keep_steps) > 5 or any(a >= b for a, b in zip(steps, steps[1:])):
+            raise ValueError("anchor: keep_steps must be at most 5 cuts rising from 0 to below add_above "
+                             f"({self.add_above}), got {list(self.keep_steps)}")
+
+    def keep_cuts(self) -> tuple[float, ...]:
+        """The keep cuts a repair may use, in the order it tries them: ``keep_above``, then (with
+        ``max_volume_ratio``) the steps above it."""
+        if self.max_volume_ratio <= 0:
+            return (self.keep_above,)
+        return (self.keep_above, *(cut for cut in self.keep_steps if cut > self.keep_above))
 
 
 # -- parameters of repair.fusion -------------------------------------------------------------------

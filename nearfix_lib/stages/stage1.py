@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from nearfix_lib.core.classes import ClassTable, class_centre, load_table
-from nearfix_lib.core.config import SamplingParams, Stage1Params, load_params, project_root
+from nearfix_lib.core.config import AnchorParams, SamplingParams, Stage1Params, load_params, project_root
 from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npy
 from nearfix_lib.core.metrics import Reference, dice
@@ -276,10 +276,27 @@ def fit_class(run: Run, key: str, params: Stage1Params, progress: bool = True,
 
 def repair_decision(params: Stage1Params) -> Decision:
     """The cuts of a class field the repair reads, in one decode: bit 0 P >= ``threshold`` (the field's
-    own decision) and, with ``anchor`` on, bit 1 P >= ``keep_above`` and bit 2 P >= ``add_above``."""
+    own decision) and, with ``anchor`` on, bit 1 P >= ``keep_above``, bit 2 P >= ``add_above`` and, with
+    its ``max_volume_ratio``, bits 3.. P >= each of its ``keep_steps``."""
     anchor = params.anchor
-    return threshold_bits_decision((params.threshold, anchor.keep_above, anchor.add_above) if anchor.enabled
-                                   else (params.threshold,))
+    if not anchor.enabled:
+        return threshold_bits_decision((params.threshold,))
+    keep_above, *steps = anchor.keep_cuts()
+    return threshold_bits_decision((params.threshold, keep_above, anchor.add_above, *steps))
+
+
+def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams) -> np.ndarray:
+    """The input where the field's P reaches the keep cut, plus the voxels where P >= ``add_above``
+    (``bits``: :func:`repair_decision`'s). The keep cut is ``keep_above`` or, where that leaves the mask
+    over ``max_volume_ratio`` times the input's voxels, the first of ``keep_steps`` that does not (the
+    last if none)."""
+    added = bits & 4 > 0
+    limit = anchor.max_volume_ratio * np.count_nonzero(given)
+    for n in range(len(anchor.keep_cuts())):
+        mask = (given & (bits & (2 if n == 0 else 4 << n) > 0)) | added
+        if anchor.max_volume_ratio <= 0 or np.count_nonzero(mask) <= limit:
+            break
+    return mask
 
 
 def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
@@ -306,7 +323,7 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         if cleaned is not None:  # keep_input cleans nothing: the field's report stays
             report = cleaned
     elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
-        anchored = (given & (bits & 2 > 0)) | (bits & 4 > 0)
+        anchored = anchored_mask(given, bits, params.anchor)
         if params.anchor.join:  # the pieces the field's own decision connects, connected through it
             anchored = joined_through(anchored, repaired)
         repaired, report = clean_mask(anchored, expected, spacing, params.cleanup)
