@@ -69,6 +69,7 @@ def test_every_repair_is_audited_and_a_flagged_case_can_keep_its_input(tiny_run)
     rows = audited[audited["source"] == "stage1"]
     assert rows["audit_fit_dice"].between(0, 1).all() and not rows["audit_kept_input"].any()
     assert rows["audit_skeleton_kept"].isna().all()  # a chamber: no centre line asked for
+    assert rows["audit_keep_cut"].isna().all()  # and no anchor: M^ref is the field's own decision
     strict = load_test_params({"stage1.overrides.LA.audit": {"min_fit_dice": 0.9999, "action": "keep_input"}},
                               run_dir=str(tiny_run.dir))
     run = dataclasses.replace(tiny_run, params=strict)
@@ -89,6 +90,9 @@ def test_every_repair_is_audited_and_a_flagged_case_can_keep_its_input(tiny_run)
     per_class, flagged = audit_summary(repair_audit(run))
     assert per_class.loc["LA", "flagged"] == per_class.loc["LA", "kept_input"] == len(run.cases)
     assert flagged[flagged["class"] == "LA"]["why"].str.contains("fit Dice").all()
+    older, _ = audit_summary(repair_audit(run).drop(columns=["audit_keep_cut"]))  # a run repaired before it existed
+    assert "keep cut" in per_class.columns and "keep cut" not in older.columns and older["flagged"].equals(
+        per_class["flagged"])
     one = repair_audit(run, run.cases[0].case_id)
     assert set(one["case"]) == {run.cases[0].case_id} and "LA" in set(one["class"])
     # clean_input: the input through the class's own clean-up rules, not the field's mask: the
@@ -197,6 +201,7 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
             assert np.array_equal(written[join, case.case_id][box.slices], expected[join, case.case_id])
             assert written[join, case.case_id].sum() == expected[join, case.case_id].sum()
             assert rows.loc[case.case_id, "audit_repair_voxels"] == own[case.case_id].sum()  # the field's decision
+            assert rows.loc[case.case_id, "audit_keep_cut"] == 0.1  # no volume cap: keep_above
     ids = [case.case_id for case in tiny_run.cases]
     assert sum(int((expected[False, c] != own[c]).sum()) for c in ids) > 0  # the anchor changed M^ref
     assert sum(int((expected[True, c] != expected[False, c]).sum()) for c in ids) > 0  # and the join did
@@ -219,11 +224,14 @@ def test_an_anchored_repair_larger_than_its_input_drops_the_inputs_least_sure_vo
     p[3, 4, :] = 0.5  # 6 the field would like but is not sure of: never added
     anchor = AnchorParams(enabled=True, keep_above=0.05, add_above=0.7, keep_steps=(0.2, 0.4, 0.6))
 
+    cuts = {}
+
     def mask(ratio: float) -> np.ndarray:
         params = dataclasses.replace(Stage1Params(), threshold=0.3,
                                      anchor=dataclasses.replace(anchor, max_volume_ratio=ratio))
         bits = stage1.repair_decision(params).labels(p.reshape(-1, 1)).reshape(p.shape)
-        return stage1.anchored_mask(given, bits, params.anchor)
+        out, cuts[ratio] = stage1.anchored_mask(given, bits, params.anchor)
+        return out
 
     def anchored(cut: float) -> np.ndarray:
         return (given & (p >= cut)) | (p >= 0.7)
@@ -234,6 +242,7 @@ def test_an_anchored_repair_larger_than_its_input_drops_the_inputs_least_sure_vo
     assert np.count_nonzero(anchored(0.2)) == 26 and np.array_equal(mask(1.1), anchored(0.2))
     assert np.array_equal(mask(0.5), anchored(0.6))  # no cut fits: the last
     assert (mask(0.5) & ~given).sum() == 6  # the voxels the field adds stay
+    assert cuts == {0.0: 0.05, 1.5: 0.05, 1.1: 0.2, 0.5: 0.6}  # the keep cut each took (the audit's keep_cut)
     higher = AnchorParams(enabled=True, keep_above=0.25, add_above=0.7, max_volume_ratio=1.1)
     assert higher.keep_cuts() == (0.25, 0.3, 0.4)  # the steps above keep_above
     with pytest.raises(ValueError, match="keep_steps"):

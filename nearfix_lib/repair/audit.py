@@ -55,6 +55,9 @@ class Audit:
     flagged: bool
     kept_input: bool  # flagged, and the action puts the input (as it is, or cleaned) in the repair's place
     reasons: str  # why it was flagged, "" when it was not
+    # the cut above which M^ref kept an input voxel, where ``stage1.anchor`` made it (NaN elsewhere):
+    # above ``keep_above`` where its ``max_volume_ratio`` dropped the input's least sure voxels
+    keep_cut: float = float("nan")
 
     def columns(self) -> dict:
         """The audit as score-row columns (``audit_*``)."""

@@ -135,7 +135,7 @@ def timings(run: Run) -> pd.DataFrame:
 
 
 AUDIT_MEASURES = {"audit_fit_dice": "fit Dice", "audit_dropped": "dropped", "audit_added": "added",
-                  "audit_skeleton_kept": "centre line kept"}
+                  "audit_skeleton_kept": "centre line kept", "audit_keep_cut": "keep cut"}
 
 
 def audit_summary(audit: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -144,7 +144,9 @@ def audit_summary(audit: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     if audit.empty:
         return pd.DataFrame(), pd.DataFrame()
     per_class = audit.groupby("class", sort=False).agg(
-        cases=("case", "nunique"), **{name: (col, "mean") for col, name in AUDIT_MEASURES.items()},
+        cases=("case", "nunique"),
+        # a run repaired before a measure existed lacks its column
+        **{name: (col, "mean") for col, name in AUDIT_MEASURES.items() if col in audit.columns},
         flagged=("audit_flagged", "sum"), kept_input=("audit_kept_input", "sum"))
     flagged = audit[audit["audit_flagged"]][["class", "case", "audit_reasons", "audit_kept_input"]]
     return per_class, flagged.rename(columns={"audit_reasons": "why", "audit_kept_input": "input kept"})
@@ -157,7 +159,9 @@ def _audit_section(run: Run) -> list[str]:
     listed = flagged.to_markdown(index=False) if len(flagged) else "No case was flagged."
     return ["## Repair audit: stage 1 against its own input (no truth needed)", "",
             "Means over cases: fit Dice against the input, input voxels dropped and voxels added (shares of "
-            "the input), the input's centre line kept (thin classes); cases flagged by `stage1.audit`.", "",
+            "the input), the input's centre line kept (thin classes), the cut above which M^ref kept an input "
+            "voxel (classes with `stage1.anchor`; above `keep_above` where `max_volume_ratio` raised it); "
+            "cases flagged by `stage1.audit`.", "",
             per_class.round(3).to_markdown(), "", listed, ""]
 
 

@@ -285,18 +285,19 @@ def repair_decision(params: Stage1Params) -> Decision:
     return threshold_bits_decision((params.threshold, keep_above, anchor.add_above, *steps))
 
 
-def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams) -> np.ndarray:
+def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams) -> tuple[np.ndarray, float]:
     """The input where the field's P reaches the keep cut, plus the voxels where P >= ``add_above``
     (``bits``: :func:`repair_decision`'s). The keep cut is ``keep_above`` or, where that leaves the mask
     over ``max_volume_ratio`` times the input's voxels, the first of ``keep_steps`` that does not (the
-    last if none)."""
+    last if none). Returns the mask and its keep cut."""
     added = bits & 4 > 0
     limit = anchor.max_volume_ratio * np.count_nonzero(given)
-    for n in range(len(anchor.keep_cuts())):
+    cuts = anchor.keep_cuts()
+    for n in range(len(cuts)):
         mask = (given & (bits & (2 if n == 0 else 4 << n) > 0)) | added
         if anchor.max_volume_ratio <= 0 or np.count_nonzero(mask) <= limit:
             break
-    return mask
+    return mask, cuts[n]
 
 
 def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
@@ -323,7 +324,8 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         if cleaned is not None:  # keep_input cleans nothing: the field's report stays
             report = cleaned
     elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
-        anchored = anchored_mask(given, bits, params.anchor)
+        anchored, keep_cut = anchored_mask(given, bits, params.anchor)
+        audit = dataclasses.replace(audit, keep_cut=keep_cut)
         if params.anchor.join:  # the pieces the field's own decision connects, connected through it
             anchored = joined_through(anchored, repaired)
         repaired, report = clean_mask(anchored, expected, spacing, params.cleanup)
