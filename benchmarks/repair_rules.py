@@ -117,12 +117,10 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
         for rule in candidates:
             # the run's own anchor with the rule's cuts: its volume cap unless the rule names one
+            ratio = base.anchor.max_volume_ratio if np.isnan(rule.max_volume_ratio) else rule.max_volume_ratio
             anchor = (dataclasses.replace(base.anchor, enabled=False) if np.isnan(rule.keep_above)
                       else dataclasses.replace(base.anchor, enabled=True, keep_above=rule.keep_above,
-                                               add_above=rule.add_above, join=rule.join,
-                                               max_volume_ratio=(base.anchor.max_volume_ratio
-                                                                 if np.isnan(rule.max_volume_ratio)
-                                                                 else rule.max_volume_ratio)))
+                                               add_above=rule.add_above, join=rule.join, max_volume_ratio=ratio))
             cleanup = (base.cleanup if np.isnan(rule.bridge_gap_mm)
                        else dataclasses.replace(base.cleanup, bridge_gap_mm=rule.bridge_gap_mm))
             params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup)

@@ -281,8 +281,14 @@ def repair_decision(params: Stage1Params) -> Decision:
     anchor = params.anchor
     if not anchor.enabled:
         return threshold_bits_decision((params.threshold,))
-    keep_above, *steps = anchor.keep_cuts()
+    keep_above, *steps = anchor.keep_cuts()  # their bits: _keep_bit
     return threshold_bits_decision((params.threshold, keep_above, anchor.add_above, *steps))
+
+
+def _keep_bit(n: int) -> int:
+    """The bit of :func:`repair_decision`'s labels for the anchor's ``n``-th keep cut
+    (``AnchorParams.keep_cuts``): bit 1 for ``keep_above``, bits 3.. for its steps (bit 2 is ``add_above``)."""
+    return 2 if n == 0 else 4 << n
 
 
 def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams) -> tuple[np.ndarray, float]:
@@ -294,7 +300,7 @@ def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams) -> 
     limit = anchor.max_volume_ratio * np.count_nonzero(given)
     cuts = anchor.keep_cuts()
     for n in range(len(cuts)):
-        mask = (given & (bits & (2 if n == 0 else 4 << n) > 0)) | added
+        mask = (given & (bits & _keep_bit(n) > 0)) | added
         if anchor.max_volume_ratio <= 0 or np.count_nonzero(mask) <= limit:
             break
     return mask, cuts[n]
