@@ -100,7 +100,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
     """Every case of the run's fit of ``key``: the noisy input's row and one per rule."""
     from nearfix_lib.core.workspace import open_run
     from nearfix_lib.field.infer import field_on_grid, original_box_grid
-    from nearfix_lib.stages.stage1 import mref_of, repair_setup
+    from nearfix_lib.stages.stage1 import class_image, mref_of, repair_setup
 
     run = open_run(run_dir)
     state = repair_setup(run, [key])
@@ -111,7 +111,9 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         if case.truth is None:
             raise ValueError(f"{run_dir}: case {case_id} has no truth; the rules are scored against it")
         box = crops.class_boxes[key]
-        p = field_on_grid(field.model, i, original_box_grid(box), box, state.device, base.chunk_points)[..., 0]
+        image = class_image(run, case_id, key, base.model, state.device) if base.model.appearance else None
+        p = field_on_grid(field.model, i, original_box_grid(box), box, state.device, base.chunk_points,
+                          image=image)[..., 0]
         given, truth = case.label.array[box.slices] == cls.index, case.truth.array[box.slices] == cls.index
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))

@@ -1,5 +1,6 @@
 """The implicit field: shapes, per-point independence, axis order of sampling, and that it learns."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from nearfix_lib.field.models import (
     ImplicitField,
     LatentTable,
     PointMLP,
+    appearance_input,
     count_parameters,
     sample_point_features,
 )
@@ -91,6 +93,37 @@ def test_appearance_encoder_output_is_centred_on_its_input_cells():
     out = linear(ramp)
     assert out.shape == (1, 1, 4, 2, 3)
     assert torch.allclose(out[0, 0, :, 1, 1], torch.tensor([3.5, 11.5, 19.5, 27.5]))
+
+
+def test_intensity_features_are_the_ct_and_its_smoothings_at_full_resolution():
+    """Channel 0 is the crop itself, the others Gaussian smoothings along each axis on its own; no parameters."""
+    params = ModelParams(latent_dim=16, grid_channels=(8, 4), grid_sizes=(2, 4), appearance=True,
+                         appearance_kind="intensity", appearance_sigmas=(0.0, 1.0, 2.0))
+    ct = np.random.default_rng(0).normal(size=(9, 7, 11)).astype(np.float32)  # any sides: nothing is pooled
+    out = appearance_input(params, ct)
+    assert out.shape == (3, 9, 7, 11) and out.dtype == np.float32 and np.array_equal(out[0], ct)
+    # a constant stays constant up to the rim (borders replicated, not zero-padded)
+    flat = appearance_input(params, np.full((6, 5, 4), 0.3, np.float32))
+    assert np.allclose(flat, 0.3)
+    # a plane i = 4 spreads along i only, as a Gaussian of sigma 1 voxel (cut at 3 sigma, summing to 1)
+    plane = np.zeros((9, 7, 11), np.float32)
+    plane[4] = 1.0
+    smooth = appearance_input(params, plane)[1]
+    d = np.arange(9) - 4
+    gauss = np.exp(-0.5 * d ** 2) * (np.abs(d) <= 3)
+    assert np.allclose(smooth[:, 3, 5], gauss / gauss.sum(), atol=1e-5)
+    assert np.allclose(smooth, smooth[:, :1, :1], atol=1e-6)
+    # the encoder reads the crop as it is
+    assert np.array_equal(appearance_input(ModelParams(appearance=True), ct), ct[None])
+    # the field: coordinates + shape features + one channel per sigma, the features required
+    model = ImplicitField(2, params)
+    assert model.in_channels == 3 + 12 + 3 and count_parameters(model.appearance) == 0
+    image = torch.from_numpy(np.stack([out, out]))
+    assert model(torch.tensor([0, 1]), random_points(2, 5), image).shape == (2, 5, 1)
+    with pytest.raises(ValueError, match="CT crop"):
+        model(torch.tensor([0, 1]), random_points(2, 5))
+    with pytest.raises(ValueError, match="one channel per sigma"):
+        model(torch.tensor([0, 1]), random_points(2, 5), image[:, :1])
 
 
 def test_grid_sample_reads_points_in_i_j_k_order():
@@ -204,6 +237,9 @@ def test_overfits_two_tiny_shapes(one_thread):
     ({"grid_channels": (), "grid_sizes": ()}, "at least one"),
     ({"latent_dim": 0}, "latent_dim"),
     ({"appearance_channels": 0}, "appearance_channels"),
+    ({"appearance_kind": "cnn"}, "appearance_kind"),
+    ({"appearance_sigmas": ()}, "appearance_sigmas"),
+    ({"appearance_sigmas": (0.0, -1.0)}, "appearance_sigmas"),
     ({"latent_init_std": -1.0}, "latent_init_std"),
 ])
 def test_parameter_validation(kwargs, message):

@@ -18,7 +18,7 @@ import pytest
 from scipy import ndimage
 
 from nearfix_lib.core.classes import CARDIAC, ClassTable
-from nearfix_lib.core.config import AnatomyParams, NoiseParams, PhantomParams
+from nearfix_lib.core.config import AnatomyParams, NoiseParams, PhantomImageParams, PhantomParams
 from nearfix_lib.core.io import discover_cases, read_image, read_label
 from nearfix_lib.phantom.dataset import make_case, write_dataset
 
@@ -226,6 +226,21 @@ def test_ct_intensities(demo_cases):
         background = img[truth == 0]
         assert np.mean(background < -600.0) > 0.2  # lungs
         assert np.any((background > -200.0) & (background < 60.0))  # fat and soft tissue
+
+
+def test_a_harder_ct_changes_the_image_as_asked_and_nothing_else():
+    """``phantom.image``: noisier, blurrier, dimmer coronaries; labels, anatomy and affine untouched."""
+    base = make_case(1, DEMO)
+    hard = make_case(1, replace(DEMO, image=PhantomImageParams(noise_hu=60.0, blur_vox=1.2, cor_enhancement=0.5)))
+    for field in ("truth", "noisy", "affine"):
+        assert np.array_equal(getattr(base, field), getattr(hard, field)), field
+    lv = ndimage.binary_erosion(base.truth == _idx("LV"), BALL, iterations=2)
+    assert 1.8 < hard.image[lv].std() / base.image[lv].std() < 3.0  # noise sd 25 -> 60 HU
+    # the coronaries' lumen over the fat halves (means over the same voxels, noise averaging out)
+    cor, fat = base.truth == _idx("Cor"), (base.truth == 0) & (base.image > -200) & (base.image < 0)
+    assert hard.image[cor].mean() - hard.image[fat].mean() < 0.7 * (base.image[cor].mean() - base.image[fat].mean())
+    with pytest.raises(ValueError, match="phantom.image"):
+        PhantomImageParams(noise_hu=-1.0)
 
 
 def test_generator_needs_the_cardiac_classes():

@@ -9,6 +9,7 @@ from conftest import PROJECT
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.config import load_params
+from nearfix_lib.field.models import appearance_input
 from nearfix_lib.repair.cleanup import clean_mask, joined_through
 from nearfix_lib.stages import prepare, stage1
 from nearfix_lib.stages.runs import start_run
@@ -335,30 +336,46 @@ def test_repair_beats_a_noisy_mask_with_islands_and_stairs():
         assert dice(pred, t) > dice(n, t) + 0.01, (dice(pred, t), dice(n, t))
 
 
-def test_appearance_branch_runs_end_to_end(tmp_path):
-    """in_ch 323: CT crops per class ROI (prepare.class_images) feed the appearance encoder."""
-    over = {"prepare.class_images": True,  # the CT crops the encoder reads
-            "stage1.model.appearance": True,  # what is tested
+@pytest.mark.parametrize("kind", ["encoder", "intensity"])
+def test_appearance_branch_runs_end_to_end(tmp_path, kind):
+    """in_ch 323 (encoder) or 166 (intensity): CT crops per class ROI (prepare.class_images) feed the branch."""
+    over = {"prepare.class_images": True,  # the CT crops the branch reads
+            "stage1.model.appearance": True, "stage1.model.appearance_kind": kind,  # what is tested
             # it has to run, not learn: 2 epochs instead of test.yaml's, evaluated at the last
             "stage1.train": {"epochs": 2, "eval_interval": 2}}
     run = start_run(load_test_params(over, run_dir=str(tmp_path)), progress=False)
     prepare.prepare_run(run)
     model, data, _ = stage1.fit_class(run, "LV", run.params.stage1, progress=False)
     m = run.params.stage1.model  # coordinates + one feature vector per grid scale + the CT features
-    assert model.in_channels == 3 + sum(m.grid_channels) + m.appearance_channels
+    width = m.appearance_channels if kind == "encoder" else len(m.appearance_sigmas)
+    assert model.in_channels == 3 + sum(m.grid_channels) + width
     assert data.images is not None and -1.0 <= data.images[0].min() and data.images[0].max() <= 1.0
-    # the crops are read from the store on disk for each batch, not held: same values as prepared
+    # the inputs are read from the store on disk for each batch, not held: what the prepared crop gives
     first = data.case_ids[0]
     with np.load(run.path("prepared", first, "class_LV.npz")) as z:
-        expected = stage1.normalise_ct(z["image"])
-    assert data.images.paths[0] == stage1.stage1_cases_dir(run, "LV") / first / stage1.IMAGE_FILE
-    assert np.array_equal(data.images.batch([0])[0, 0].numpy(), expected)
-    # a store written without crops (the branch was off) gets them when the branch is turned on
+        expected = appearance_input(m, stage1.normalise_ct(z["image"]))
+    assert data.images.paths[0] == stage1.stage1_cases_dir(run, "LV") / first / stage1.appearance_file(m)
+    assert data.images.batch([0]).shape == (1, *expected.shape)
+    # the intensity branch's smoothings are stored in float16 (half the disk), the encoder's crop as it is
+    tol = 1e-3 if kind == "intensity" else 0.0
+    assert np.allclose(data.images.batch([0])[0].numpy(), expected, atol=tol, rtol=0)
+    # a store written without them (the branch was off) gets them when the branch is turned on
     data.images.paths[0].unlink()
     again = stage1.load_stage1_data(run, "LV", run.params.stage1, with_images=True)
-    assert np.array_equal(again.images[0], expected)
+    assert np.allclose(again.images.batch([0])[0].numpy(), expected, atol=tol, rtol=0)
     table = stage1.repair_class(run, "LV", progress=False)
     assert run.cases and len(table) == len(run.cases) * 3  # per case: stage1 vs noisy, noisy and stage1 vs truth
+    # the interactive repair reads the same input: a click refits the latent with the CT's features
+    from nearfix_lib.field.refine import Click
+    from nearfix_lib.stages.edits import open_edit
+
+    edit = open_edit(run, first, source="stage1:LV", with_image=False)
+    assert torch.allclose(edit.session.field.image[0].cpu(), torch.from_numpy(expected), atol=tol)
+    box = edit.session.field.box
+    inside = np.argwhere(edit.session.labels[box.slices] > 0)[0] + np.asarray(box.lo)
+    world = tuple(float(v) for v in (run.load(first, with_image=False).label.affine @ [*inside, 1.0])[:3])
+    refined = edit.session.click(Click(world, 0))
+    assert refined.steps > 0 and not torch.equal(edit.session.latent, edit.session.start_latent)
 
 
 def test_a_case_without_the_class_is_listed_not_fatal(tiny_run, tmp_path):

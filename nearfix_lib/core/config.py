@@ -32,6 +32,9 @@ PROJECT_MARKERS = ("pyproject.toml", "params")
 
 # -- parameters of field.models --------------------------------------------------------------------
 
+APPEARANCE_KINDS = ("encoder", "intensity")
+
+
 @dataclass
 class ModelParams:
     """Architecture of :class:`ImplicitField` (the ``model:`` section of a params file)."""
@@ -39,13 +42,17 @@ class ModelParams:
     latent_dim: int = 256
     grid_channels: tuple[int, ...] = (64, 48, 32, 16)  # feature grid channels per scale
     grid_sizes: tuple[int, ...] = (4, 8, 16, 32)  # grid edge length per scale, coarse to fine
-    appearance: bool = False  # add CT features (AppearanceEncoder); NeAR itself is shape-only
-    appearance_channels: int = 160
+    appearance: bool = False  # add CT features; NeAR itself is shape-only
+    appearance_kind: str = "encoder"  # encoder: NeAR's learned CT encoder (a grid 8x coarser than the
+    # ROI's); intensity: the CT itself and its Gaussian smoothings, at the ROI grid's own resolution
+    appearance_channels: int = 160  # the encoder's output channels
+    appearance_sigmas: tuple[float, ...] = (0.0, 1.0, 2.0)  # intensity: smoothing in grid voxels (0: none)
     latent_init_std: float = 0.01
 
     def __post_init__(self) -> None:
         self.grid_channels = tuple(int(c) for c in self.grid_channels)
         self.grid_sizes = tuple(int(s) for s in self.grid_sizes)
+        self.appearance_sigmas = tuple(float(s) for s in self.appearance_sigmas)
         if self.latent_dim < 1:
             raise ValueError(f"model.latent_dim must be >= 1, got {self.latent_dim}")
         if not self.grid_sizes:
@@ -65,10 +72,21 @@ class ModelParams:
             if rest or ratio & (ratio - 1):
                 raise ValueError(f"model.grid_sizes must be power-of-two multiples of the first "
                                  f"({self.grid_sizes[0]}), got {self.grid_sizes}")
+        if self.appearance_kind not in APPEARANCE_KINDS:
+            raise ValueError(f"model.appearance_kind must be one of {APPEARANCE_KINDS}, got {self.appearance_kind!r}")
         if self.appearance_channels < 1:
             raise ValueError(f"model.appearance_channels must be >= 1, got {self.appearance_channels}")
+        if not self.appearance_sigmas or min(self.appearance_sigmas) < 0:
+            raise ValueError(f"model.appearance_sigmas needs one or more values >= 0, got {self.appearance_sigmas}")
         if self.latent_init_std < 0:
             raise ValueError(f"model.latent_init_std must be >= 0, got {self.latent_init_std}")
+
+    @property
+    def appearance_width(self) -> int:
+        """Channels the appearance branch gives each point (0 when it is off)."""
+        if not self.appearance:
+            return 0
+        return self.appearance_channels if self.appearance_kind == "encoder" else len(self.appearance_sigmas)
 
 
 # -- parameters of field.losses --------------------------------------------------------------------
@@ -579,6 +597,22 @@ class AnatomyParams:
 
 
 @dataclass
+class PhantomImageParams:
+    """The phantom CT's image quality (``data.phantom.image``). The defaults are the CT every table was
+    made on and leave each case's image exactly as it was; the robustness matrix's ``dim_ct`` family
+    makes it harder for a repair that reads the CT (``stage1.model.appearance``). The labels never change."""
+
+    noise_hu: float = 25.0  # quantum noise, sd in HU
+    blur_vox: float = 0.7  # partial volume: Gaussian sigma in voxels
+    cor_enhancement: float = 1.0  # the coronary lumen's contrast over the fat around it (~450 HU) x this
+
+    def __post_init__(self) -> None:
+        if not (self.noise_hu >= 0 and self.blur_vox >= 0 and self.cor_enhancement > 0):
+            raise ValueError(f"phantom.image: noise_hu and blur_vox must be >= 0 and cor_enhancement > 0, got "
+                             f"{self.noise_hu}, {self.blur_vox}, {self.cor_enhancement}")
+
+
+@dataclass
 class PhantomParams:
     """Size of the data set and of each case's grid; the seed makes it reproducible."""
 
@@ -588,6 +622,7 @@ class PhantomParams:
     seed: int = 0
     noise: NoiseParams = field(default_factory=NoiseParams)
     anatomy: AnatomyParams = field(default_factory=AnatomyParams)
+    image: PhantomImageParams = field(default_factory=PhantomImageParams)
 
     def __post_init__(self) -> None:
         shape = tuple(int(v) for v in self.shape)

@@ -16,23 +16,28 @@ of :mod:`nearfix_lib.core.geometry`; feature grids are stored (B, C, i, j, k) li
 The same class serves the per-class stage (``n_heads=1``) and the unified stage
 (``n_heads = number of classes``: independent sigmoid heads, no softmax, so each class keeps
 its own occupancy and overlaps are resolved later by the fusion priorities).
-An optional appearance branch (:class:`AppearanceEncoder`) adds CT features; it is off by
-default, as NeAR is shape-only.
+An optional appearance branch adds CT features; it is off by default, as NeAR is shape-only. Its
+two kinds: NeAR's learned :class:`AppearanceEncoder` (a feature grid 8 times coarser than the ROI),
+and :class:`IntensityFeatures`, the CT itself and its smoothings at the ROI grid's resolution, for
+structures a few voxels across whose edges a coarser grid cannot place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor, nn
 
 from nearfix_lib.core.config import ModelParams
 from nearfix_lib.core.geometry import to_grid_sample_order
 from nearfix_lib.field.losses import latent_l2
 
-__all__ = ["ModelParams", "LatentTable", "GridDecoder", "AppearanceEncoder", "PointMLP", "Encoded",
+__all__ = ["ModelParams", "LatentTable", "GridDecoder", "AppearanceEncoder", "IntensityFeatures", "appearance_input",
+           "PointMLP", "Encoded",
            "ImplicitField", "sample_point_features", "count_parameters"]
 
 _LEAK = 0.2  # LeakyReLU slope of the convolutional parts
@@ -161,6 +166,44 @@ class AppearanceEncoder(nn.Module):
         return self.net(image)
 
 
+class IntensityFeatures(nn.Module):
+    """The CT itself at the ROI grid's resolution: (B, len(sigmas), R, R, R) smoothings of the crop,
+    given as they are (no parameters); :func:`appearance_input` makes them, once per case.
+
+    Why: the learned encoder's grid is 8 times coarser than the ROI, so at a coronary box's 144^3 a
+    cell is 18 voxels wide and a vessel 2-4; what tells a point inside a contrast-filled lumen from
+    the fat beside it is the intensity at the point. The smoothings give it the neighbourhood (a
+    noisy voxel alone says little) without a learned stage that could fit the label's noise. They are
+    computed where the case's CT is read, not at each step: the crop does not change during a fit.
+    """
+
+    def __init__(self, sigmas: tuple[float, ...]) -> None:
+        super().__init__()
+        self.sigmas = tuple(float(s) for s in sigmas)
+
+    @staticmethod
+    def smoothings(ct: np.ndarray, sigmas: tuple[float, ...]) -> np.ndarray:
+        """(len(sigmas), *ct.shape) float32: ``ct`` smoothed by a Gaussian of each sigma (grid voxels;
+        0 keeps it as it is), cut at 3 sigma; border voxels replicated, so the ROI's rim is not darkened."""
+        ct = np.asarray(ct, dtype=np.float32)
+        return np.stack([ct if s == 0 else ndimage.gaussian_filter(ct, s, mode="nearest", truncate=3.0)
+                         for s in sigmas]).astype(np.float32)
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.dim() != 5 or features.shape[1] != len(self.sigmas):
+            raise ValueError(f"intensity features must be (B, {len(self.sigmas)}, R, R, R) (one channel per "
+                             f"sigma, from appearance_input), got {tuple(features.shape)}")
+        return features
+
+
+def appearance_input(params: ModelParams, ct: np.ndarray) -> np.ndarray:
+    """What the appearance branch reads for one case, from its normalised CT crop (R, R, R): the crop
+    itself for the learned encoder, (1, R, R, R); its smoothings for ``intensity``, (len(sigmas), R, R, R)."""
+    if params.appearance_kind == "intensity":
+        return IntensityFeatures.smoothings(ct, params.appearance_sigmas)
+    return np.asarray(ct, dtype=np.float32)[None]
+
+
 class PointMLP(nn.Module):
     """Per-point MLP with one input skip: in -> 256 -> 256 -> [256 + in] -> 128 -> 64 -> n_out.
 
@@ -218,6 +261,14 @@ class Encoded:
         return self.shape[0].shape[0]
 
 
+def _appearance_branch(params: ModelParams) -> nn.Module | None:
+    if not params.appearance:
+        return None
+    if params.appearance_kind == "intensity":
+        return IntensityFeatures(params.appearance_sigmas)
+    return AppearanceEncoder(params.appearance_channels)
+
+
 class ImplicitField(nn.Module):
     """F(z_i, p) -> logits: latent table + grid decoder (+ appearance encoder) + point MLP."""
 
@@ -229,14 +280,13 @@ class ImplicitField(nn.Module):
         self.n_heads = n_heads
         self.latents = LatentTable(n_cases, params.latent_dim, params.latent_init_std)
         self.decoder = GridDecoder(params.latent_dim, params.grid_channels, params.grid_sizes)
-        self.appearance = AppearanceEncoder(params.appearance_channels) if params.appearance else None
+        self.appearance = _appearance_branch(params)
         self.mlp = PointMLP(self.in_channels, n_heads)
 
     @property
     def in_channels(self) -> int:
         """Point MLP input width: coordinates + shape features (+ appearance features)."""
-        extra = self.params.appearance_channels if self.params.appearance else 0
-        return 3 + sum(self.params.grid_channels) + extra
+        return 3 + sum(self.params.grid_channels) + self.params.appearance_width
 
     def encode_latent(self, z: Tensor, image: Tensor | None = None) -> Encoded:
         """Feature grids of arbitrary codes (B, D): the path used to fit a new case's free code."""
@@ -245,7 +295,7 @@ class ImplicitField(nn.Module):
                 raise ValueError("an image was given but the model has no appearance branch")
             return Encoded(self.decoder(z))
         if image is None:
-            raise ValueError("the appearance branch is on: encode needs the CT crop (B, 1, R, R, R)")
+            raise ValueError("the appearance branch is on: encode needs the CT crop (appearance_input)")
         if image.shape[0] != z.shape[0]:
             raise ValueError(f"{z.shape[0]} codes but {image.shape[0]} images")
         return Encoded(self.decoder(z), self.appearance(image))

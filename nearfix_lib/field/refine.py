@@ -94,7 +94,8 @@ def click_targets(head_classes: Sequence[int], click: Click) -> np.ndarray:
 class CaseField:
     """One case's field as an edit sees it: a frozen model read with a free latent inside ``box``
     (the ROI its normalised space refers to) of an image of ``shape`` placed by ``affine``; the
-    ``decision`` turns its heads into class indices, ``head_classes`` says which class each head is."""
+    ``decision`` turns its heads into class indices, ``head_classes`` says which class each head is;
+    ``image`` is the appearance branch's input for the case (``appearance_input``), when the model has one."""
 
     model: ImplicitField
     latent: torch.Tensor  # (1, D): where the case's code starts
@@ -106,6 +107,7 @@ class CaseField:
     decoding: DecodeParams = field(default_factory=DecodeParams)
     device: str = "cpu"
     chunk_points: int = 262_144
+    image: torch.Tensor | None = None  # (1, C, R, R, R) on ``device``
 
     def normalised(self, world: np.ndarray) -> np.ndarray:
         """World mm (n, 3) -> the field's normalised coordinates."""
@@ -121,7 +123,8 @@ class CaseField:
     def decode(self, latent: torch.Tensor, window: Box | None = None, seed: np.ndarray | None = None) -> np.ndarray:
         """Class indices on the original voxels of ``window`` (default: the whole box) for ``latent``."""
         return labels_on_grid(self.model, 0, original_box_grid(window or self.box), self.box, self.decision,
-                              self.decoding, self.device, self.chunk_points, latent=latent.to(self.device), seed=seed)
+                              self.decoding, self.device, self.chunk_points, image=self.image,
+                              latent=latent.to(self.device), seed=seed)
 
 
 @dataclass
@@ -234,7 +237,7 @@ def fit_latent(field: CaseField, labels: np.ndarray, clicks: Sequence[Click], pr
     def loss_and_gradient() -> torch.Tensor:
         nonlocal evaluations
         evaluations += 1
-        logits = field.model.decode(field.model.encode_latent(z), pts)[0]
+        logits = field.model.decode(field.model.encode_latent(z, field.image), pts)[0]
         loss = (F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none") * weight).sum()
         loss = loss + params.anchor_weight * ((z - z0) ** 2).sum()
         (z.grad,) = torch.autograd.grad(loss, z)

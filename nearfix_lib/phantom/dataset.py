@@ -60,7 +60,7 @@ def make_case(index: int, params: PhantomParams, table: ClassTable = CARDIAC) ->
     anatomy = _Anatomy.sample(rng, cor_radius_min, params.anatomy)
     grid = _Grid(params.shape, placement.vox_to_canon)
     truth = _paint(anatomy.masks(grid), table)
-    image = _ct_image(truth, grid, anatomy, spacing, table, np.random.default_rng(image_seed))
+    image = _ct_image(truth, grid, anatomy, spacing, table, np.random.default_rng(image_seed), params.image)
     noisy, log = add_noise(truth, spacing, params.noise, noise_seed, table)
     return PhantomCase(str(index + 1), image, truth, noisy, placement.affine, log)
 

@@ -31,7 +31,7 @@ from nearfix_lib.field.refine import CaseField, EditSession, read_edited_latents
 from nearfix_lib.field.unified import UnifiedModel, edits_path
 from nearfix_lib.stages.prepare import load_crops_index
 from nearfix_lib.stages.runs import code_version, resolve_device
-from nearfix_lib.stages.stage1 import load_stage1_fields
+from nearfix_lib.stages.stage1 import class_image, load_stage1_fields
 from nearfix_lib.stages.stage3 import artifact_path
 
 
@@ -122,8 +122,6 @@ def _stage1_field(run: Run, case_id: str, key: str) -> tuple[CaseField, Path, Pa
     if key not in fields:
         raise ValueError(f"class {key}: no finished stage-1 fit in {stage1_dir(run, key)}")
     params = run.params.stage1.for_class(key)
-    if params.model.appearance:
-        raise ValueError(f"class {key}: its model reads the CT (appearance branch); edits support shape-only models")
     class_field = fields[key]
     if case_id not in class_field.index_of:
         raise ValueError(f"case {case_id!r} is not in class {key}'s stage-1 fit")
@@ -134,7 +132,8 @@ def _stage1_field(run: Run, case_id: str, key: str) -> tuple[CaseField, Path, Pa
     latent = (edited["latent"] if edited else table_latent).detach().cpu().float().clone()
     field = CaseField(class_field.model, latent, crops.class_boxes[key], crops.affine, tuple(crops.shape),
                       threshold_decision(params.threshold, run.table[key].index), (run.table[key].index,),
-                      params.decode, device, params.chunk_points)
+                      params.decode, device, params.chunk_points,
+                      class_image(run, case_id, key, params.model, device) if params.model.appearance else None)
     return field, latents_file, stage1_dir(run, key) / "masks" / f"{case_id}.nii.gz"
 
 

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from nearfix_lib.core.classes import ClassTable, class_centre, load_table
-from nearfix_lib.core.config import AnchorParams, SamplingParams, Stage1Params, load_params, project_root
+from nearfix_lib.core.config import AnchorParams, ModelParams, SamplingParams, Stage1Params, load_params, project_root
 from nearfix_lib.core.geometry import Box, roi_grid
 from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npy
 from nearfix_lib.core.metrics import Reference, dice
@@ -57,7 +57,7 @@ from nearfix_lib.field.decide import Decision, labels_on_grid, threshold_bits_de
 from nearfix_lib.field.device_batches import DeviceBandSampler, device_batches, device_cache_mb
 from nearfix_lib.field.infer import field_on_grid, original_box_grid
 from nearfix_lib.field.losses import build_loss, latent_l2
-from nearfix_lib.field.models import ImplicitField
+from nearfix_lib.field.models import ImplicitField, appearance_input
 from nearfix_lib.field.sampling import BandSampler, MaskStore, interface_band
 from nearfix_lib.field.store import (
     CaseStore,
@@ -151,13 +151,21 @@ class Stage1Task:
         self.sampler.load_state_dict(state["sampler"])
 
 
-IMAGE_FILE = "image.npy"  # a case's CT crop in its store folder (appearance branch)
+IMAGE_FILE = "image.npy"  # a case's CT crop in its store folder (appearance branch: the learned encoder)
+
+
+def appearance_file(model: ModelParams) -> str:
+    """The name of a case's appearance input in its store folder: the learned encoder reads the CT crop
+    (``image.npy``), the intensity branch its smoothings, named by their sigmas (others are others' files)."""
+    if model.appearance_kind == "intensity":
+        return "intensity_" + "_".join(f"{s:g}" for s in model.appearance_sigmas) + ".npy"
+    return IMAGE_FILE
 
 
 class CaseImages:
-    """The appearance branch's normalised CT crops, one float32 ``.npy`` per case on disk
-    (``stage1/<key>/cases/<case>/image.npy``), read for the cases asked for: ``4 R^3`` bytes per case
-    (8 MB at 128^3) would otherwise be held for every case of the fit."""
+    """The appearance branch's inputs (:func:`~nearfix_lib.field.models.appearance_input`), one ``.npy``
+    per case on disk (``stage1/<key>/cases/<case>/``), read for the cases asked for: ``4 R^3`` bytes
+    per case and channel (8 MB at 128^3) would otherwise be held for every case of the fit."""
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = list(paths)
@@ -169,8 +177,9 @@ class CaseImages:
         return np.load(self.paths[i], mmap_mode="r", allow_pickle=False)
 
     def batch(self, cases: Sequence[int]) -> torch.Tensor:
-        """(B, 1, R, R, R) float32 crops of ``cases``, in that order."""
-        return torch.stack([torch.from_numpy(np.array(self[int(i)]))[None] for i in cases])
+        """(B, C, R, R, R) float32 inputs of ``cases``, in that order (the encoder's crop is stored (R, R, R))."""
+        arrays = [np.asarray(self[int(i)], dtype=np.float32) for i in cases]
+        return torch.stack([torch.from_numpy(a[None] if a.ndim == 3 else a) for a in arrays])
 
 
 @dataclass
@@ -207,8 +216,9 @@ def load_stage1_data(run: Run, key: str, params: Stage1Params, with_images: bool
     """Every case that has class ``key``, its prepared ROI mask written to the store
     ``stage1/<key>/cases/<case>/`` once (a case whose store matches its ``class_<key>.npz`` is not
     rewritten) and opened from there: nothing per case stays in memory but its crop geometry and the
-    store's small metadata. With ``with_images`` each case's normalised CT crop is written beside its
-    mask (``image.npy``, :class:`CaseImages`) and read from there.
+    store's small metadata. With ``with_images`` each case's appearance input (its normalised CT crop,
+    or the crop's smoothings: :func:`appearance_file`, :class:`CaseImages`) is written beside its mask
+    and read from there.
 
     Under torchrun every process runs this before the fit, each from its own offset
     (:func:`~nearfix_lib.field.store.rank_rotation`), so the K processes build the store in parallel.
@@ -218,6 +228,7 @@ def load_stage1_data(run: Run, key: str, params: Stage1Params, with_images: bool
     index = load_crops_index(prepared)
     spec, root = store_spec(params.sampling), stage1_cases_dir(run, key)
     present = [cid for cid, c in index.items() if key in c.class_boxes]
+    image_file = appearance_file(params.model)
     for cid in rank_rotation(present):
         path = case_dir(prepared, cid) / f"class_{key}.npz"
         source = {"mask": file_signature(run, path)}
@@ -225,9 +236,9 @@ def load_stage1_data(run: Run, key: str, params: Stage1Params, with_images: bool
         if rewrite:
             with np.load(path) as z:
                 write_case(root / cid, z["mask"].astype(np.uint8), spec, source=source)
-        if with_images and (rewrite or not (root / cid / IMAGE_FILE).is_file()):
-            write_npy(root / cid / IMAGE_FILE, _ct_crop(path, cid))
-    images = CaseImages([root / cid / IMAGE_FILE for cid in present]) if with_images else None
+        if with_images and (rewrite or not (root / cid / image_file).is_file()):
+            write_npy(root / cid / image_file, _appearance_crop(path, cid, params.model))
+    images = CaseImages([root / cid / image_file for cid in present]) if with_images else None
     absent = [cid for cid in index if cid not in present]
     return Stage1Data(key, present, [index[cid] for cid in present], CaseStore(root, present, spec), images, absent)
 
@@ -238,6 +249,12 @@ def _ct_crop(path: Path, case_id: str) -> np.ndarray:
             raise ValueError(f"stage1: the appearance branch needs CT crops; prepare with "
                              f"prepare.class_images: true (case {case_id} has none)")
         return normalise_ct(z["image"])
+
+
+def _appearance_crop(path: Path, case_id: str, model: ModelParams) -> np.ndarray:
+    """The appearance branch's input for one case (the encoder's crop stays (R, R, R), as its stores hold it)."""
+    features = appearance_input(model, _ct_crop(path, case_id))
+    return features[0] if model.appearance_kind == "encoder" else features.astype(np.float16)
 
 
 def build_model(n_cases: int, params: Stage1Params) -> ImplicitField:
@@ -417,10 +434,10 @@ def repair_setup(run: Run, keys: Sequence[str] | None = None) -> RepairState:
     return RepairState(device, load_crops_index(prepared_dir(run)), fields)
 
 
-def class_image(run: Run, case_id: str, key: str, device: str) -> torch.Tensor:
-    """The case's normalised CT crop on the class ROI grid (the appearance branch's input)."""
+def class_image(run: Run, case_id: str, key: str, model: ModelParams, device: str) -> torch.Tensor:
+    """The appearance branch's input for the case, (1, C, R, R, R) on the class ROI grid."""
     crop = _ct_crop(case_dir(prepared_dir(run), case_id) / f"class_{key}.npz", case_id)
-    return torch.as_tensor(crop)[None, None].to(device)
+    return torch.as_tensor(appearance_input(model, crop))[None].to(device)
 
 
 def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] | None = None) -> shards.Rows:
@@ -447,7 +464,7 @@ def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] 
     case = run.load(case_id, with_image=False)  # header, input and truth, once for every class
     for key in todo:
         params, field = run.params.stage1.for_class(key), state.fields[key]
-        image = class_image(run, case_id, key, state.device) if params.model.appearance else None
+        image = class_image(run, case_id, key, params.model, state.device) if params.model.appearance else None
         repaired, report = repair_case(field.model, field.index_of[case_id], crops, case.label, run,
                                        key, run.table[key].expected_components, params, state.device, image)
         rows += score_case(case, run.table, key, repaired, report)
