@@ -250,6 +250,14 @@ def test_an_anchored_repair_larger_than_its_input_drops_the_inputs_least_sure_vo
         AnchorParams(enabled=True, keep_above=0.05, add_above=0.7, keep_steps=(0.3, 0.2))
     with pytest.raises(ValueError, match="keep_steps"):
         AnchorParams(enabled=True, keep_above=0.05, add_above=0.7, keep_steps=(0.2, 0.8))
+    # add_over_others off: what the field adds never takes a voxel the input gives another class
+    others = np.zeros_like(given)
+    others[0, 0, :3] = True  # half of the added row lies in another class's input
+    bits = stage1.repair_decision(dataclasses.replace(Stage1Params(), threshold=0.3, anchor=anchor)).labels(
+        p.reshape(-1, 1)).reshape(p.shape)
+    assert np.array_equal(stage1.anchored_mask(given, bits, anchor, others)[0], anchored(0.05))  # default: on
+    kept_out, _ = stage1.anchored_mask(given, bits, dataclasses.replace(anchor, add_over_others=False), others)
+    assert np.array_equal(kept_out, anchored(0.05) & ~others) and (kept_out & ~given).sum() == 3
 
 
 def test_per_class_overrides():
