@@ -40,13 +40,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "bridge_gap_mm", "max_volume_ratio",
-           "add_over_others", "dice", "hd95", "n_comp", "expected", "kept_input", "volume_ratio"]
+           "add_over_foreign", "dice", "hd95", "n_comp", "expected", "kept_input", "volume_ratio"]
 SHARE_OF = f"cases +{COR_GAIN:g} at the expected count"  # benchmarks.robustness's coronary target
 
 
 class Rule(NamedTuple):
     """One way of making M^ref from a field; NaN cuts: the field alone, NaN gap or ratio, None
-    ``add_over_others``: the run's own."""
+    ``add_over_foreign``: the run's own."""
 
     name: str
     keep_above: float
@@ -54,7 +54,7 @@ class Rule(NamedTuple):
     join: bool
     bridge_gap_mm: float
     max_volume_ratio: float = float("nan")
-    add_over_others: bool | None = None
+    add_over_foreign: bool | None = None
 
 
 NOISY = Rule("noisy", float("nan"), float("nan"), False, float("nan"))
@@ -65,7 +65,7 @@ def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: lis
     """Every rule measured: the field alone (NaN cuts), then each anchor with each ``join``; each with
     the run's own bridge gap (``bridges`` None) or with every gap of ``bridges``, each anchor with the
     run's own volume cap (``ratios`` None) or with every cap of ``ratios``, and the run's own
-    ``add_over_others`` (``overs`` None) or each of ``overs`` (named in the rule)."""
+    ``add_over_foreign`` (``overs`` None) or each of ``overs`` (named in the rule)."""
     nan = float("nan")
     cuts = [Rule("field", nan, nan, False, nan)]
     cuts += [Rule(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j, nan)
@@ -74,7 +74,7 @@ def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: lis
         cuts = cuts[:1] + [r._replace(name=f"{r.name}, volume {v:g}", max_volume_ratio=v) for r in cuts[1:]
                            for v in ratios]
     if overs is not None:
-        cuts = cuts[:1] + [r._replace(name=r.name + ("" if o else ", not over others"), add_over_others=o)
+        cuts = cuts[:1] + [r._replace(name=r.name + ("" if o else ", not over foreign"), add_over_foreign=o)
                            for r in cuts[1:] for o in overs]
     if bridges is None:
         return cuts
@@ -97,7 +97,7 @@ def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarra
     scores = binary_scores(mask, truth, spacing)
     return {"run": run_name, "case": case_id, "class": key, "rule": rule.name, "keep_above": rule.keep_above,
             "add_above": rule.add_above, "join": rule.join, "bridge_gap_mm": rule.bridge_gap_mm,
-            "max_volume_ratio": rule.max_volume_ratio, "add_over_others": rule.add_over_others,
+            "max_volume_ratio": rule.max_volume_ratio, "add_over_foreign": rule.add_over_foreign,
             "dice": scores["dice"], "hd95": scores["hd95"],
             "n_comp": mask_components(mask), "expected": expected, "kept_input": kept,
             "volume_ratio": float(mask.sum() / max(1, truth.sum()))}
@@ -107,7 +107,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
     """Every case of the run's fit of ``key``: the noisy input's row and one per rule."""
     from nearfix_lib.core.workspace import open_run
     from nearfix_lib.field.infer import field_on_grid, original_box_grid
-    from nearfix_lib.stages.stage1 import class_image, mref_of, repair_setup
+    from nearfix_lib.stages.stage1 import class_image, foreign_voxels, mref_of, repair_setup
 
     run = open_run(run_dir)
     state = repair_setup(run, [key])
@@ -122,21 +122,21 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         p = field_on_grid(field.model, i, original_box_grid(box), box, state.device, base.chunk_points,
                           image=image)[..., 0]
         given, truth = case.label.array[box.slices] == cls.index, case.truth.array[box.slices] == cls.index
-        others = (case.label.array[box.slices] != 0) & ~given
+        foreign = foreign_voxels(case.label.array[box.slices], key, run.table)
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
         for rule in candidates:
             # the run's own anchor with the rule's cuts: its volume cap unless the rule names one
             ratio = base.anchor.max_volume_ratio if np.isnan(rule.max_volume_ratio) else rule.max_volume_ratio
-            over = base.anchor.add_over_others if rule.add_over_others is None else rule.add_over_others
+            over = base.anchor.add_over_foreign if rule.add_over_foreign is None else rule.add_over_foreign
             anchor = (dataclasses.replace(base.anchor, enabled=False) if np.isnan(rule.keep_above)
                       else dataclasses.replace(base.anchor, enabled=True, keep_above=rule.keep_above,
                                                add_above=rule.add_above, join=rule.join, max_volume_ratio=ratio,
-                                               add_over_others=over))
+                                               add_over_foreign=over))
             cleanup = (base.cleanup if np.isnan(rule.bridge_gap_mm)
                        else dataclasses.replace(base.cleanup, bridge_gap_mm=rule.bridge_gap_mm))
             params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup)
-            mask, _, audit = mref_of(given, rule_bits(p, params), expected, crops.spacing, params, others)
+            mask, _, audit = mref_of(given, rule_bits(p, params), expected, crops.spacing, params, foreign)
             rows.append(score_row(run_dir.name, case_id, key, rule, mask, truth, crops.spacing, expected,
                                   audit.kept_input))
         print(f"{run_dir.name} case {case_id}: {len(candidates)} rules", flush=True)
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bridge", type=float, nargs="+", help="cleanup.bridge_gap_mm values (default: the run's own)")
     ap.add_argument("--volume-ratio", type=float, nargs="+",
                     help="anchor.max_volume_ratio values, 0: no cap (default: the run's own)")
-    ap.add_argument("--over-others", choices=["on", "off", "both"],
-                    help="anchor.add_over_others of the rules (default: the run's own)")
+    ap.add_argument("--over-foreign", choices=["on", "off", "both"],
+                    help="anchor.add_over_foreign of the rules (default: the run's own)")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/repair_rules"))
     args = ap.parse_args(argv)
     for run_dir in args.runs:
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run_dir}: no params.yaml, not a run folder", file=sys.stderr)
             return 2
     joins = {"off": [False], "on": [True], "both": [False, True]}[args.join]
-    overs = None if args.over_others is None else {"on": [True], "off": [False],
-                                                   "both": [True, False]}[args.over_others]
+    overs = None if args.over_foreign is None else {"on": [True], "off": [False],
+                                                   "both": [True, False]}[args.over_foreign]
     candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs)
     table = pd.DataFrame([r for run_dir in args.runs for r in run_rows(run_dir, args.key, candidates)],
                          columns=COLUMNS)

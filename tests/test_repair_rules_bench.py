@@ -34,8 +34,8 @@ def test_rule_bits_set_the_cut_bits_of_the_repair_decision():
                                         "anchor 0.05 / 0.7, volume 1.1, bridge 16 mm"]
     assert math.isnan(capped[0].max_volume_ratio) and [r.max_volume_ratio for r in capped[1:]] == [0.0, 1.1]
     held = rules([0.05], [0.7], [False], overs=[True, False])  # the field alone has no anchor to hold
-    assert [r.name for r in held] == ["field", "anchor 0.05 / 0.7", "anchor 0.05 / 0.7, not over others"]
-    assert [r.add_over_others for r in held] == [None, True, False]
+    assert [r.name for r in held] == ["field", "anchor 0.05 / 0.7", "anchor 0.05 / 0.7, not over foreign"]
+    assert [r.add_over_foreign for r in held] == [None, True, False]
 
 
 def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tmp_path):

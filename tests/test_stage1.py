@@ -8,6 +8,7 @@ import torch
 from conftest import PROJECT
 from params_for_tests import load_test_params
 
+from nearfix_lib.core.classes import CARDIAC
 from nearfix_lib.core.config import load_params
 from nearfix_lib.field.models import appearance_input
 from nearfix_lib.repair.cleanup import clean_mask, joined_through
@@ -250,13 +251,18 @@ def test_an_anchored_repair_larger_than_its_input_drops_the_inputs_least_sure_vo
         AnchorParams(enabled=True, keep_above=0.05, add_above=0.7, keep_steps=(0.3, 0.2))
     with pytest.raises(ValueError, match="keep_steps"):
         AnchorParams(enabled=True, keep_above=0.05, add_above=0.7, keep_steps=(0.2, 0.8))
-    # add_over_others off: what the field adds never takes a voxel the input gives another class
-    others = np.zeros_like(given)
-    others[0, 0, :3] = True  # half of the added row lies in another class's input
+    # add_over_foreign off: what the field adds never takes a voxel the input gives a class the coronaries
+    # neither are nor lie on; the myocardium and aorta they lie on stay open to it
+    labels = np.zeros(given.shape, np.uint8)
+    labels[0, 0, :2], labels[0, 0, 2], labels[0, 0, 3] = CARDIAC["LV"].index, CARDIAC["RV"].index, CARDIAC["Myo"].index
+    labels[0, 0, 4] = CARDIAC["Ao"].index
+    labels[given] = CARDIAC["Cor"].index
+    others = stage1.foreign_voxels(labels, "Cor", CARDIAC)
+    assert others.sum() == 3 and others[0, 0, :3].all()
     bits = stage1.repair_decision(dataclasses.replace(Stage1Params(), threshold=0.3, anchor=anchor)).labels(
         p.reshape(-1, 1)).reshape(p.shape)
     assert np.array_equal(stage1.anchored_mask(given, bits, anchor, others)[0], anchored(0.05))  # default: on
-    kept_out, _ = stage1.anchored_mask(given, bits, dataclasses.replace(anchor, add_over_others=False), others)
+    kept_out, _ = stage1.anchored_mask(given, bits, dataclasses.replace(anchor, add_over_foreign=False), others)
     assert np.array_equal(kept_out, anchored(0.05) & ~others) and (kept_out & ~given).sum() == 3
 
 

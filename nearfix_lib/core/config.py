@@ -399,10 +399,12 @@ class AnchorParams:
     # its input*). 0: one cut, ``keep_above``.
     max_volume_ratio: float = 0.0
     keep_steps: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3, 0.4)  # at most 5 (one decode holds 8 cuts)
-    # false: the field adds only voxels the input gives to no class. Why: a field that reads the CT
-    # (model.appearance) sees a vessel's contrast in the blood pools beside it too, and a thin class's
-    # voxels win the fusion over a chamber's (docs/method.md, *The CT beside the label*)
-    add_over_others: bool = True
+    # false: the field adds no voxel the input gives to a class this one neither is nor lies on (the
+    # class table's attach_to: the coronaries may take the input's myocardium and aorta, never a
+    # chamber). Why: a field that reads the CT (model.appearance) sees a vessel's contrast in the
+    # blood pools beside it too, and a thin class's voxels win the fusion over a chamber's
+    # (docs/method.md, *The CT beside the label*)
+    add_over_foreign: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_above < self.add_above < 1.0:

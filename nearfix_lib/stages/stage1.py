@@ -308,16 +308,24 @@ def _keep_bit(n: int) -> int:
     return 2 if n == 0 else 4 << n
 
 
+def foreign_voxels(labels: np.ndarray, key: str, table: ClassTable) -> np.ndarray:
+    """Where the input ``labels`` give a voxel to a class that class ``key`` neither is nor lies on (its
+    ``attach_to``): what ``anchor.add_over_foreign: false`` keeps the field from adding."""
+    cls = table[key]
+    own = [cls.index, 0] + ([table[t].index for t in cls.attachment.targets] if cls.attachment else [])
+    return ~np.isin(labels, own)
+
+
 def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams,
-                  others: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                  foreign: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """The input where the field's P reaches the keep cut, plus the voxels where P >= ``add_above``
-    (``bits``: :func:`repair_decision`'s; without ``anchor.add_over_others``, not those of ``others``: the
-    voxels the input gives to another class). The keep cut is ``keep_above`` or, where that leaves the
-    mask over ``max_volume_ratio`` times the input's voxels, the first of ``keep_steps`` that does not
-    (the last if none). Returns the mask and its keep cut."""
+    (``bits``: :func:`repair_decision`'s; without ``anchor.add_over_foreign``, none of ``foreign``:
+    :func:`foreign_voxels`). The keep cut is ``keep_above`` or, where that leaves the mask over
+    ``max_volume_ratio`` times the input's voxels, the first of ``keep_steps`` that does not (the last
+    if none). Returns the mask and its keep cut."""
     added = bits & 4 > 0
-    if others is not None and not anchor.add_over_others:
-        added &= ~others
+    if foreign is not None and not anchor.add_over_foreign:
+        added &= ~foreign
     limit = anchor.max_volume_ratio * np.count_nonzero(given)
     cuts = anchor.keep_cuts()
     for n in range(len(cuts)):
@@ -338,11 +346,11 @@ def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
 
 
 def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequence[float],
-            params: Stage1Params, others: np.ndarray | None = None) -> tuple[np.ndarray, CleanupReport, Audit]:
+            params: Stage1Params, foreign: np.ndarray | None = None) -> tuple[np.ndarray, CleanupReport, Audit]:
     """M^ref of a class box from its input mask ``given`` and the field's decode ``bits``
     (:func:`repair_decision`): the field's own decision, cleaned and audited against the input; a
-    flagged case takes ``audit.action``, the others the anchor where it is on (``others``: the box's
-    voxels the input gives to another class, for ``anchor.add_over_others``). Returns the mask, the
+    flagged case takes ``audit.action``, the others the anchor where it is on (``foreign``: the box's
+    :func:`foreign_voxels`, for ``anchor.add_over_foreign``). Returns the mask, the
     clean-up's report (of the mask returned; ``keep_input`` cleans nothing and keeps the field's), and
     the audit (of the field's own decision)."""
     repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
@@ -352,7 +360,7 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         if cleaned is not None:  # keep_input cleans nothing: the field's report stays
             report = cleaned
     elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
-        anchored, keep_cut = anchored_mask(given, bits, params.anchor, others)
+        anchored, keep_cut = anchored_mask(given, bits, params.anchor, foreign)
         audit = dataclasses.replace(audit, keep_cut=keep_cut)
         if params.anchor.join:  # the pieces the field's own decision connects, connected through it
             anchored = joined_through(anchored, repaired)
@@ -374,8 +382,8 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
     bits = labels_on_grid(model, i, original_box_grid(box), box, repair_decision(params), params.decode, device,
                           params.chunk_points, image=image, seed=interface_band(given, 1))
-    others = (label.array[box.slices] != 0) & ~given
-    repaired, report, audit = mref_of(given, bits, expected, crops.spacing, params, others)
+    foreign = foreign_voxels(label.array[box.slices], key, run.table)
+    repaired, report, audit = mref_of(given, bits, expected, crops.spacing, params, foreign)
     mask = np.zeros(crops.shape, dtype=bool)
     mask[box.slices] = repaired
     write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
