@@ -352,20 +352,30 @@ def test_repair_beats_a_noisy_mask_with_islands_and_stairs():
 
 @pytest.mark.parametrize("kind", ["encoder", "intensity"])
 def test_appearance_branch_runs_end_to_end(tmp_path, kind):
-    """in_ch 323 (encoder) or 166 (intensity): CT crops per class ROI (prepare.class_images) feed the branch."""
-    over = {"prepare.class_images": True,  # the CT crops the branch reads
-            "stage1.model.appearance": True, "stage1.model.appearance_kind": kind,  # what is tested
+    """in_ch 323 (encoder) or 166 (intensity): the CT cropped to the class ROI feeds the branch; prepare
+    crops it for the classes whose model reads it, and again when that changes."""
+    over = {"stage1.overrides.LV.model": {"appearance": True, "appearance_kind": kind},  # what is tested
             # it has to run, not learn: 2 epochs instead of test.yaml's, evaluated at the last
             "stage1.train": {"epochs": 2, "eval_interval": 2}}
+    shape_only = start_run(load_test_params({"stage1.train": over["stage1.train"]}, run_dir=str(tmp_path)),
+                           progress=False)
+    prepare.prepare_run(shape_only)
+    first = shape_only.cases[0].case_id
+    with np.load(shape_only.path("prepared", first, "class_LV.npz")) as z:
+        assert "image" not in z.files  # nothing reads it
     run = start_run(load_test_params(over, run_dir=str(tmp_path)), progress=False)
-    prepare.prepare_run(run)
+    assert prepare.image_classes(run) == ("LV",)
+    prepare.prepare_run(run)  # the same run folder: prepared again, since the LV model now reads the CT
+    for key, cropped in (("LV", True), ("Myo", False)):
+        with np.load(run.path("prepared", first, f"class_{key}.npz")) as z:
+            assert ("image" in z.files) == cropped, key
     model, data, _ = stage1.fit_class(run, "LV", run.params.stage1, progress=False)
-    m = run.params.stage1.model  # coordinates + one feature vector per grid scale + the CT features
+    m = run.params.stage1.for_class("LV").model  # coordinates + one feature vector per grid scale + the CT's
     width = m.appearance_channels if kind == "encoder" else len(m.appearance_sigmas)
     assert model.in_channels == 3 + sum(m.grid_channels) + width
     assert data.images is not None and -1.0 <= data.images[0].min() and data.images[0].max() <= 1.0
     # the inputs are read from the store on disk for each batch, not held: what the prepared crop gives
-    first = data.case_ids[0]
+    assert data.case_ids[0] == first
     with np.load(run.path("prepared", first, "class_LV.npz")) as z:
         expected = appearance_input(m, stage1.normalise_ct(z["image"]))
     assert data.images.paths[0] == stage1.stage1_cases_dir(run, "LV") / first / stage1.appearance_file(m)
@@ -375,7 +385,7 @@ def test_appearance_branch_runs_end_to_end(tmp_path, kind):
     assert np.allclose(data.images.batch([0])[0].numpy(), expected, atol=tol, rtol=0)
     # a store written without them (the branch was off) gets them when the branch is turned on
     data.images.paths[0].unlink()
-    again = stage1.load_stage1_data(run, "LV", run.params.stage1, with_images=True)
+    again = stage1.load_stage1_data(run, "LV", run.params.stage1.for_class("LV"), with_images=True)
     assert np.allclose(again.images.batch([0])[0].numpy(), expected, atol=tol, rtol=0)
     table = stage1.repair_class(run, "LV", progress=False)
     assert run.cases and len(table) == len(run.cases) * 3  # per case: stage1 vs noisy, noisy and stage1 vs truth

@@ -681,7 +681,9 @@ class PrepareParams:
     # also resample the CT (linear, int16) into the heart ROI where the case has one: only the prepare
     # notebook's figure reads it, and at 256^3 it is ~19 MB per case, most of a case's prepared bytes
     save_image: bool = False
-    class_images: bool = False  # CT crops per class ROI too (needed only by stage1.model.appearance)
+    # the CT cropped to every class's ROI too; a class whose stage-1 model reads the CT
+    # (stage1.model.appearance) gets its crop either way (prepare.image_classes)
+    class_images: bool = False
     # per class key, its own R, e.g. {Cor: 96}: a thin class whose box spans the heart loses pieces
     # on a coarse grid (training cost does not depend on R; evaluation and the saved maps do)
     class_resolution_overrides: dict = field(default_factory=dict)

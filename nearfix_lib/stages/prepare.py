@@ -81,7 +81,14 @@ class CaseCrops:
         )
 
 
-def _is_done(folder: Path, params: PrepareParams) -> bool:
+def image_classes(run: Run) -> tuple[str, ...]:
+    """The classes whose CT crop prepare writes: every class with ``prepare.class_images``, else those
+    whose stage-1 model reads the CT (``stage1.model.appearance``, e.g. the coronaries' per-class override)."""
+    return tuple(k for k in run.table.keys
+                 if run.params.prepare.class_images or run.params.stage1.for_class(k).model.appearance)
+
+
+def _is_done(folder: Path, params: PrepareParams, images: tuple[str, ...] = ()) -> bool:
     meta = folder / "crop.json"
     if not meta.is_file():
         return False
@@ -89,16 +96,18 @@ def _is_done(folder: Path, params: PrepareParams) -> bool:
         d = json.loads(meta.read_text())
     except json.JSONDecodeError:
         return False
-    if d.get("params") != dataclasses.asdict(params):
+    if d.get("params") != dataclasses.asdict(params) or d.get("image_classes", []) != list(images):
         return False
     needed = ["heart.npz"] + [f"class_{k}.npz" for k in d.get("classes", {})]
     return all((folder / n).is_file() for n in needed)
 
 
-def prepare_case(case: LoadedCase, table: ClassTable, params: PrepareParams, prepared_root: Path) -> CaseCrops:
-    """Crop/resample one validated case and write its arrays and crop.json (resumable)."""
+def prepare_case(case: LoadedCase, table: ClassTable, params: PrepareParams, prepared_root: Path,
+                 images: tuple[str, ...] = ()) -> CaseCrops:
+    """Crop/resample one validated case and write its arrays and crop.json (resumable); ``images``: the
+    classes whose CT crop is written too (:func:`image_classes`), where the case has a CT."""
     folder = case_dir(prepared_root, case.case_id)
-    if _is_done(folder, params):
+    if _is_done(folder, params, images):
         return CaseCrops.from_dict(json.loads((folder / "crop.json").read_text()))
     labels = case.label.array
     spacing = case.label.spacing
@@ -125,24 +134,24 @@ def prepare_case(case: LoadedCase, table: ClassTable, params: PrepareParams, pre
         grid = roi_grid(box, params.class_resolution_for(cls.key))
         boxes[cls.key], grids[cls.key] = box, grid
         arrays = {"mask": resample_mask(mask, grid), "to_original": grid.to_original}
-        if params.class_images and case.image is not None:
+        if cls.key in images and case.image is not None:
             arrays["image"] = resample(case.image.array, grid, order=1, cval=AIR_HU).astype(np.float16)
         write_npz(folder / f"class_{cls.key}.npz", **arrays)
     crops = CaseCrops(case.case_id, case.label.shape, case.label.affine, heart_box, heart_grid,
                       boxes, grids, missing)
-    write_json(folder / "crop.json", crops.to_dict(params))  # written last: marks the case done
+    write_json(folder / "crop.json", {**crops.to_dict(params), "image_classes": list(images)})  # last: the case is done
     return crops
 
 
 def prepare_case_part(run: Run, case_id: str, state: None) -> shards.Rows:
     """One case of :data:`CASES`: read, prepare (resumable), its crop parameters as the part."""
     case = run.load(case_id, with_truth=False)
-    crops = prepare_case(case, run.table, run.params.prepare, prepared_dir(run))
+    crops = prepare_case(case, run.table, run.params.prepare, prepared_dir(run), image_classes(run))
     return {"crops": [crops.to_dict(run.params.prepare)]}
 
 
 def prepare_stamp(run: Run, case_id: str) -> dict:
-    return dataclasses.asdict(run.params.prepare)
+    return {**dataclasses.asdict(run.params.prepare), "image_classes": list(image_classes(run))}
 
 
 def write_prepared(run: Run, rows: shards.Rows) -> list[CaseCrops]:

@@ -246,8 +246,9 @@ def load_stage1_data(run: Run, key: str, params: Stage1Params, with_images: bool
 def _ct_crop(path: Path, case_id: str) -> np.ndarray:
     with np.load(path) as z:
         if "image" not in z.files:
-            raise ValueError(f"stage1: the appearance branch needs CT crops; prepare with "
-                             f"prepare.class_images: true (case {case_id} has none)")
+            raise ValueError(f"{path}: no CT crop for the appearance branch (stage1.model.appearance): case "
+                             f"{case_id} has no image, or was prepared before the branch was on (run prepare "
+                             f"again); without CT images set the class's model.appearance: false")
         return normalise_ct(z["image"])
 
 
