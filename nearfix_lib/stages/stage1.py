@@ -253,7 +253,8 @@ def _ct_crop(path: Path, case_id: str) -> np.ndarray:
 
 
 def _appearance_crop(path: Path, case_id: str, model: ModelParams) -> np.ndarray:
-    """The appearance branch's input for one case (the encoder's crop stays (R, R, R), as its stores hold it)."""
+    """The appearance branch's input for one case as stored: the encoder's crop (R, R, R) in float32, as
+    its stores have held it; the intensity branch's smoothings in float16 (half the disk; 0.5 HU steps)."""
     features = appearance_input(model, _ct_crop(path, case_id))
     return features[0] if model.appearance_kind == "encoder" else features.astype(np.float16)
 
@@ -450,9 +451,11 @@ def repair_setup(run: Run, keys: Sequence[str] | None = None) -> RepairState:
 
 
 def class_image(run: Run, case_id: str, key: str, model: ModelParams, device: str) -> torch.Tensor:
-    """The appearance branch's input for the case, (1, C, R, R, R) on the class ROI grid."""
-    crop = _ct_crop(case_dir(prepared_dir(run), case_id) / f"class_{key}.npz", case_id)
-    return torch.as_tensor(appearance_input(model, crop))[None].to(device)
+    """The appearance branch's input for the case, (1, C, R, R, R) on the class ROI grid: the values its fit
+    read from the store (the intensity branch's in float16)."""
+    crop = _appearance_crop(case_dir(prepared_dir(run), case_id) / f"class_{key}.npz", case_id, model)
+    features = np.asarray(crop, dtype=np.float32)
+    return torch.from_numpy(features[None] if features.ndim == 3 else features)[None].to(device)
 
 
 def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] | None = None) -> shards.Rows:
