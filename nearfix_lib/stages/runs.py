@@ -14,9 +14,10 @@ import subprocess
 from pathlib import Path
 
 from nearfix_lib import __version__
-from nearfix_lib.core.classes import load_table
+from nearfix_lib.core.classes import ClassTable, load_table
 from nearfix_lib.core.config import Params, project_root
 from nearfix_lib.core.io import (
+    IMAGE_DIR,
     InputError,
     discover_cases,
     remove_stale_temporaries,
@@ -53,6 +54,12 @@ def code_version() -> str:
         return __version__
 
 
+def ct_readers(params: Params, table: ClassTable) -> list[str]:
+    """The classes of the run's stage 1 whose model reads the CT (``model.appearance``)."""
+    keys = [k for k in (params.stage1.classes or table.keys) if k in table.keys]
+    return [k for k in keys if params.stage1.for_class(k).model.appearance]
+
+
 def start_run(params: Params, progress: bool = True) -> Run:
     """Create/reuse the run folder, record params and version, find (or make) the data.
 
@@ -64,12 +71,17 @@ def start_run(params: Params, progress: bool = True) -> Run:
     run_dir = run_directory(params)
     if (run_dir / "params.yaml").is_file():
         print(f"resuming the run in {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     root = project_root()
     table = load_table(params.data.classes, params.data.class_keys or None, root)
     data_root = data_root_of(params, run_dir)
     if params.data.data_root:  # before anything is written: a mistyped root leaves no run behind
         require_data_root(data_root)
+        readers = ct_readers(params, table)
+        if readers and not (data_root / IMAGE_DIR).is_dir():
+            raise InputError(data_root, f"no '{IMAGE_DIR}/' folder, but the stage-1 model of {', '.join(readers)} "
+                                        "reads the CT (model.appearance): add the images, or for labels alone set "
+                                        "it false (e.g. stage1.overrides.Cor.model.appearance: false)")
+    run_dir.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temporaries(run_dir)
     if stale:
         print(f"removed {len(stale)} temporary file(s) of interrupted writes: "
