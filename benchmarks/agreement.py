@@ -28,17 +28,18 @@ import numpy as np
 IDENTICAL_BAR = 0.9999
 
 
-def _both(model, index, grid, box, decision, params, device, chunk, seed):
+def _both(model, index, grid, box, decision, params, device, chunk, seed, image=None):
     """(dense labels, seconds), (coarse-to-fine labels, seconds, points evaluated); the coarse-to-fine
-    decode seeded as the pipeline seeds it (``seed``: the boundaries of the labels the field was fitted to)."""
+    decode seeded as the pipeline seeds it (``seed``: the boundaries of the labels the field was fitted to;
+    ``image``: the appearance branch's input, for a field that reads the CT)."""
     from nearfix_lib.field.decide import decode_spent
 
     t0 = time.perf_counter()
     dense, _ = decode_spent(model, index, grid, box, decision, dataclasses.replace(params, mode="dense"), device,
-                            chunk)
+                            chunk, image)
     t1 = time.perf_counter()
     fine, spent = decode_spent(model, index, grid, box, decision, dataclasses.replace(params, mode="coarse_to_fine"),
-                               device, chunk, seed=seed)
+                               device, chunk, image, seed=seed)
     return (dense, t1 - t0), (fine, time.perf_counter() - t1, sum(spent.values()))
 
 
@@ -55,14 +56,15 @@ def _rows(case_id: str, prefix: str, dense, fine, classes, table) -> list[dict]:
             for cls in classes]
 
 
-def _mref_agreement(given: np.ndarray, dense: np.ndarray, fine: np.ndarray, cls, spacing, params, table) -> dict:
+def _mref_agreement(given: np.ndarray, dense: np.ndarray, fine: np.ndarray, cls, spacing, params, table,
+                    foreign: np.ndarray) -> dict:
     """Stage 1's output from both decodes (:func:`~nearfix_lib.stages.stage1.repair_decision`'s cuts): each
     made into M^ref as the repair makes it (clean-up, audit, anchor: ``stage1.mref_of``), then compared
     like the raw maps."""
     from nearfix_lib.core.metrics import component_counts
     from nearfix_lib.stages.stage1 import mref_of
 
-    a, b = (mref_of(given, m, cls.expected_components, spacing, params)[0] for m in (dense, fine))
+    a, b = (mref_of(given, m, cls.expected_components, spacing, params, foreign)[0] for m in (dense, fine))
     comps = [component_counts(m.astype(np.uint8) * cls.index, table)[cls.key] for m in (a, b)]
     return {"mref_identical": float(np.mean(a == b)), "mref_components_equal": comps[0] == comps[1]}
 
@@ -78,7 +80,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     from nearfix_lib.field.sampling import interface_band
     from nearfix_lib.field.unified import UnifiedModel, priority_decision
     from nearfix_lib.stages.prepare import load_crops_index
-    from nearfix_lib.stages.stage1 import load_stage1_fields, repair_decision
+    from nearfix_lib.stages.stage1 import class_image, foreign_voxels, load_stage1_fields, repair_decision
     from nearfix_lib.stages.stage3 import artifact_path
 
     index = load_crops_index(prepared_dir(run))
@@ -97,12 +99,14 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             box = crops.class_boxes[key]
             cls = run.table[key]
             inside = given[box.slices] == cls.index
+            image = class_image(run, cid, key, p.model, device) if p.model.appearance else None
             (dense, dense_s), (fine, fine_s, evaluated) = _both(
                 field.model, field.index_of[cid], original_box_grid(box), box, repair_decision(p), p.decode, device,
-                p.chunk_points, interface_band(inside, 1))
+                p.chunk_points, interface_band(inside, 1), image)
             own = [(bits & 1) * cls.index for bits in (dense, fine)]  # the field's own decision, P >= threshold
             rows += _rows(cid, "stage1", (own[0], dense_s), (own[1], fine_s, evaluated), [cls], run.table)
-            rows[-1].update(_mref_agreement(inside, dense, fine, cls, crops.spacing, p, run.table))
+            rows[-1].update(_mref_agreement(inside, dense, fine, cls, crops.spacing, p, run.table,
+                                            foreign_voxels(given[box.slices], key, run.table)))
             print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
         if unified is not None and cid in unified.case_ids:
             box = unified.geometry[cid].heart_box

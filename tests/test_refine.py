@@ -110,12 +110,13 @@ def test_with_the_default_parameters_a_click_pulls_its_point_toward_what_it_asks
 
 
 def test_a_positive_click_grows_the_class_to_it_and_a_negative_one_takes_it_away(phantom_model):
-    """A click that weighs 30 prior voxels per point (the defaults weigh 1: cautious on the click
-    benchmark) flips the clicked voxel and no other class's."""
+    """A click that weighs 100 prior voxels per point (the defaults weigh 1: cautious on the click
+    benchmark) flips the clicked voxel and no other class's. (At 30 the negative click's rim voxel
+    flipped with 2 threads and not with 1: the fit, and so the rim, differ in the last bits.)"""
     case, unified = phantom_model
     field = unified.case_field("1")
     labels = unified.decode("1")
-    params = RefineParams(click_weight=30, steps=20)
+    params = RefineParams(click_weight=100, steps=20)
     outside = boundary_voxel(labels, LV, inside=False, box=field.box)
     grown = refine(field, labels, [Click(world(case, outside), LV)], params)
     after = labels.copy()

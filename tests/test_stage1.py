@@ -174,13 +174,17 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
     unions, own, spacings, boxes = {}, {}, {}, {}
     for case in tiny_run.cases:  # what the join does not change: the field's decode, its own mask, the union
         box = boxes[case.case_id] = index[case.case_id].class_boxes["Cor"]
-        prob = field_on_grid(field.model, field.index_of[case.case_id], original_box_grid(box), box, "cpu")[..., 0]
+        image = stage1.class_image(tiny_run, case.case_id, "Cor", p.model, "cpu")  # the coronaries' field reads the CT
+        prob = field_on_grid(field.model, field.index_of[case.case_id], original_box_grid(box), box, "cpu",
+                             image=image)[..., 0]
         label = nib.load(str(case.label))
         given = (np.asarray(label.dataobj) == cor.index)[box.slices]
+        # what the field adds never takes a voxel the input gives a class the coronaries do not lie on
+        foreign = stage1.foreign_voxels(np.asarray(label.dataobj)[box.slices], "Cor", tiny_run.table)
         spacings[case.case_id] = spacing = label.header.get_zooms()[:3]
         own[case.case_id], _ = clean_mask(prob >= np.float32(p.threshold), cor.expected_components, spacing,
                                           p.cleanup)
-        unions[case.case_id] = (given & (prob >= np.float32(0.1))) | (prob >= np.float32(0.8))
+        unions[case.case_id] = (given & (prob >= np.float32(0.1))) | ((prob >= np.float32(0.8)) & ~foreign)
     written, expected = {}, {}
     for join in (False, True):
         # the audit only flags (a replaced case would not show the anchor), dense: exact comparisons
@@ -273,7 +277,10 @@ def test_per_class_overrides():
         "dice_focal", 0.7, 0.3, 4.0)
     assert lv.loss.kind == "bce" and lv.threshold == 0.5 and lv.cleanup.keep_expected
     assert cor.threshold < 0.5 and not cor.cleanup.keep_expected
-    assert cor.model == lv.model and cor.train == lv.train  # untouched sections stay
+    assert cor.train == lv.train and not lv.model.appearance  # untouched sections stay
+    # the coronaries' field reads the CT (its own kind), the rest of their model is everyone's
+    assert cor.model.appearance and cor.model.appearance_kind == "intensity"
+    assert cor.model.grid_sizes == lv.model.grid_sizes and cor.model.latent_dim == lv.model.latent_dim
     q = load_params(PROJECT / "params/default.yaml",
                     {"stage1.overrides": {"LAA": {"model": {"grid_sizes": [4, 8], "grid_channels": [64, 48]},
                                                   "threshold": 0.4}}}).stage1
@@ -361,10 +368,11 @@ def test_appearance_branch_runs_end_to_end(tmp_path, kind):
                            progress=False)
     prepare.prepare_run(shape_only)
     first = shape_only.cases[0].case_id
-    with np.load(shape_only.path("prepared", first, "class_LV.npz")) as z:
-        assert "image" not in z.files  # nothing reads it
+    for key, cropped in (("LV", False), ("Cor", True)):  # the coronaries' field reads the CT by default
+        with np.load(shape_only.path("prepared", first, f"class_{key}.npz")) as z:
+            assert ("image" in z.files) == cropped, key
     run = start_run(load_test_params(over, run_dir=str(tmp_path)), progress=False)
-    assert prepare.image_classes(run) == ("LV",)
+    assert prepare.image_classes(run) == ("LV", "Cor")
     prepare.prepare_run(run)  # the same run folder: prepared again, since the LV model now reads the CT
     for key, cropped in (("LV", True), ("Myo", False)):
         with np.load(run.path("prepared", first, f"class_{key}.npz")) as z:
