@@ -314,7 +314,8 @@ def foreign_voxels(labels: np.ndarray, key: str, table: ClassTable) -> np.ndarra
     """Where the input ``labels`` give a voxel to a class that class ``key`` neither is nor lies on (its
     ``attach_to``): what ``anchor.add_over_foreign: false`` keeps the field from adding."""
     cls = table[key]
-    own = [cls.index, 0] + ([table[t].index for t in cls.attachment.targets] if cls.attachment else [])
+    targets = cls.attachment.targets if cls.attachment else ()
+    own = [cls.index, 0] + [table[t].index for t in targets if t in table.keys]  # a subset table may lack them
     return ~np.isin(labels, own)
 
 
