@@ -116,7 +116,8 @@ def discover_cases(root: str | Path, require_images: bool = False) -> Discovery:
 
     Unpaired files become problems and their cases are left out: an image or a truth without
     labels, and labels without an image when the root has an ``images/`` folder at all (a
-    labels-only root is valid: the repair is shape-only). The cases that pair go on. A missing
+    labels-only root is valid for shape-only models; ``runs.start_run`` refuses it where a class's
+    model reads the CT). The cases that pair go on. A missing
     root, or one whose ``segmentations/`` holds no NIfTI file, raises :class:`InputError`.
     """
     root = require_data_root(root)
