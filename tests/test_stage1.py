@@ -395,6 +395,8 @@ def test_appearance_branch_runs_end_to_end(tmp_path, kind):
     data.images.paths[0].unlink()
     again = stage1.load_stage1_data(run, "LV", run.params.stage1.for_class("LV"), with_images=True)
     assert np.allclose(again.images.batch([0])[0].numpy(), expected, atol=tol, rtol=0)
+    # a repair reads what the fit read, from the store, not a fresh smoothing
+    assert torch.equal(stage1.class_image(run, first, "LV", m, "cpu"), again.images.batch([0]))
     table = stage1.repair_class(run, "LV", progress=False)
     assert run.cases and len(table) == len(run.cases) * 3  # per case: stage1 vs noisy, noisy and stage1 vs truth
     # the interactive repair reads the same input: a click refits the latent with the CT's features

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -790,6 +791,10 @@ class Stage1Params:
             raise ValueError(f"stage1.overrides.{key}: 'overrides'/'classes' cannot be overridden per class")
         base = {k: v for k, v in _plain(dataclasses.asdict(self)).items() if k != "overrides"}
         return _build(Stage1Params, {**_deep_merge(base, over), "overrides": {}}, f"stage1.overrides.{key}")
+
+    def ct_readers(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Those of ``keys`` whose model reads the CT (``model.appearance``, their own or by override)."""
+        return tuple(k for k in keys if self.for_class(k).model.appearance)
 
 
 SUPERVISION_GRIDS = ("original", "roi")

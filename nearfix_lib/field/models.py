@@ -187,7 +187,7 @@ class IntensityFeatures(nn.Module):
         0 keeps it as it is), cut at 3 sigma; border voxels replicated, so the ROI's rim is not darkened."""
         ct = np.asarray(ct, dtype=np.float32)
         return np.stack([ct if s == 0 else ndimage.gaussian_filter(ct, s, mode="nearest", truncate=3.0)
-                         for s in sigmas]).astype(np.float32)
+                         for s in sigmas])
 
     def forward(self, features: Tensor) -> Tensor:
         if features.dim() != 5 or features.shape[1] != len(self.sigmas):

@@ -84,8 +84,8 @@ class CaseCrops:
 def image_classes(run: Run) -> tuple[str, ...]:
     """The classes whose CT crop prepare writes: every class with ``prepare.class_images``, else those
     whose stage-1 model reads the CT (``stage1.model.appearance``, e.g. the coronaries' per-class override)."""
-    return tuple(k for k in run.table.keys
-                 if run.params.prepare.class_images or run.params.stage1.for_class(k).model.appearance)
+    keys = tuple(run.table.keys)
+    return keys if run.params.prepare.class_images else run.params.stage1.ct_readers(keys)
 
 
 def _is_done(folder: Path, params: PrepareParams, images: tuple[str, ...] = ()) -> bool:

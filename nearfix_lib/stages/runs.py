@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from nearfix_lib import __version__
-from nearfix_lib.core.classes import ClassTable, load_table
+from nearfix_lib.core.classes import load_table
 from nearfix_lib.core.config import Params, project_root
 from nearfix_lib.core.io import (
     IMAGE_DIR,
@@ -54,12 +54,6 @@ def code_version() -> str:
         return __version__
 
 
-def ct_readers(params: Params, table: ClassTable) -> list[str]:
-    """The classes of the run's stage 1 whose model reads the CT (``model.appearance``)."""
-    keys = [k for k in (params.stage1.classes or table.keys) if k in table.keys]
-    return [k for k in keys if params.stage1.for_class(k).model.appearance]
-
-
 def start_run(params: Params, progress: bool = True) -> Run:
     """Create/reuse the run folder, record params and version, find (or make) the data.
 
@@ -76,7 +70,7 @@ def start_run(params: Params, progress: bool = True) -> Run:
     data_root = data_root_of(params, run_dir)
     if params.data.data_root:  # before anything is written: a mistyped root leaves no run behind
         require_data_root(data_root)
-        readers = ct_readers(params, table)
+        readers = params.stage1.ct_readers([k for k in (params.stage1.classes or table.keys) if k in table.keys])
         if readers and not (data_root / IMAGE_DIR).is_dir():
             raise InputError(data_root, f"no '{IMAGE_DIR}/' folder, but the stage-1 model of {', '.join(readers)} "
                                         "reads the CT (model.appearance): add the images, or for labels alone set "

@@ -177,9 +177,15 @@ class CaseImages:
         return np.load(self.paths[i], mmap_mode="r", allow_pickle=False)
 
     def batch(self, cases: Sequence[int]) -> torch.Tensor:
-        """(B, C, R, R, R) float32 inputs of ``cases``, in that order (the encoder's crop is stored (R, R, R))."""
-        arrays = [np.asarray(self[int(i)], dtype=np.float32) for i in cases]
-        return torch.stack([torch.from_numpy(a[None] if a.ndim == 3 else a) for a in arrays])
+        """(B, C, R, R, R) float32 inputs of ``cases``, in that order."""
+        return torch.stack([_channels_first(self[int(i)]) for i in cases])
+
+
+def _channels_first(stored: np.ndarray) -> torch.Tensor:
+    """A stored appearance input as the branch reads it: (C, R, R, R) float32 (the encoder's crop is
+    stored (R, R, R), as its stores have held it)."""
+    features = np.asarray(stored, dtype=np.float32)
+    return torch.from_numpy(features[None] if features.ndim == 3 else features)
 
 
 @dataclass
@@ -452,11 +458,13 @@ def repair_setup(run: Run, keys: Sequence[str] | None = None) -> RepairState:
 
 
 def class_image(run: Run, case_id: str, key: str, model: ModelParams, device: str) -> torch.Tensor:
-    """The appearance branch's input for the case, (1, C, R, R, R) on the class ROI grid: the values its fit
-    read from the store (the intensity branch's in float16)."""
-    crop = _appearance_crop(case_dir(prepared_dir(run), case_id) / f"class_{key}.npz", case_id, model)
-    features = np.asarray(crop, dtype=np.float32)
-    return torch.from_numpy(features[None] if features.ndim == 3 else features)[None].to(device)
+    """The appearance branch's input for the case, (1, C, R, R, R) on the class ROI grid: what its fit read
+    from the store (:func:`load_stage1_data`), made again from the prepared crop only where the store
+    lacks it, so a repair neither smooths the CT once more nor reads other values than the fit did."""
+    stored = stage1_cases_dir(run, key) / case_id / appearance_file(model)
+    crop = (np.load(stored, allow_pickle=False) if stored.is_file()
+            else _appearance_crop(case_dir(prepared_dir(run), case_id) / f"class_{key}.npz", case_id, model))
+    return _channels_first(crop)[None].to(device)
 
 
 def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] | None = None) -> shards.Rows:
