@@ -57,14 +57,14 @@ def _rows(case_id: str, prefix: str, dense, fine, classes, table) -> list[dict]:
 
 
 def _mref_agreement(given: np.ndarray, dense: np.ndarray, fine: np.ndarray, cls, spacing, params, table,
-                    foreign: np.ndarray) -> dict:
+                    foreign: np.ndarray, ct: np.ndarray | None) -> dict:
     """Stage 1's output from both decodes (:func:`~nearfix_lib.stages.stage1.repair_decision`'s cuts): each
-    made into M^ref as the repair makes it (clean-up, audit, anchor: ``stage1.mref_of``), then compared
-    like the raw maps."""
+    made into M^ref as the repair makes it (clean-up, audit, anchor, CT edge: ``stage1.mref_of``), then
+    compared like the raw maps."""
     from nearfix_lib.core.metrics import component_counts
     from nearfix_lib.stages.stage1 import mref_of
 
-    a, b = (mref_of(given, m, cls.expected_components, spacing, params, foreign)[0] for m in (dense, fine))
+    a, b = (mref_of(given, m, cls.expected_components, spacing, params, foreign, ct).mask for m in (dense, fine))
     comps = [component_counts(m.astype(np.uint8) * cls.index, table)[cls.key] for m in (a, b)]
     return {"mref_identical": float(np.mean(a == b)), "mref_components_equal": comps[0] == comps[1]}
 
@@ -91,7 +91,8 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     rows = []
     for cid in ids:
         crops = index[cid]
-        given = run.load(cid, with_image=False, with_truth=False).label.array if fields else None
+        case = run.load(cid, with_image=True, with_truth=False) if fields else None
+        given = case.label.array if case is not None else None
         for key, field in fields.items():
             if cid not in field.index_of or key not in crops.class_boxes:
                 continue
@@ -106,7 +107,8 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             own = [(bits & 1) * cls.index for bits in (dense, fine)]  # the field's own decision, P >= threshold
             rows += _rows(cid, "stage1", (own[0], dense_s), (own[1], fine_s, evaluated), [cls], run.table)
             rows[-1].update(_mref_agreement(inside, dense, fine, cls, crops.spacing, p, run.table,
-                                            foreign_voxels(given[box.slices], key, run.table)))
+                                            foreign_voxels(given[box.slices], key, run.table),
+                                            case.image.array[box.slices] if p.ct_edge.enabled else None))
             print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
         if unified is not None and cid in unified.case_ids:
             box = unified.geometry[cid].heart_box

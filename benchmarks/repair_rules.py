@@ -40,13 +40,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "bridge_gap_mm", "max_volume_ratio",
-           "add_over_foreign", "dice", "hd95", "n_comp", "expected", "kept_input", "volume_ratio"]
+           "add_over_foreign", "ct_edge", "dice", "hd95", "n_comp", "expected", "kept_input", "volume_ratio"]
 SHARE_OF = f"cases +{COR_GAIN:g} at the expected count"  # benchmarks.robustness's coronary target
 
 
 class Rule(NamedTuple):
     """One way of making M^ref from a field; NaN cuts: the field alone, NaN gap or ratio, None
-    ``add_over_foreign``: the run's own."""
+    ``add_over_foreign`` or ``ct_edge``: the run's own."""
 
     name: str
     keep_above: float
@@ -55,17 +55,20 @@ class Rule(NamedTuple):
     bridge_gap_mm: float
     max_volume_ratio: float = float("nan")
     add_over_foreign: bool | None = None
+    ct_edge: bool | None = None
 
 
 NOISY = Rule("noisy", float("nan"), float("nan"), False, float("nan"))
 
 
 def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: list[float] | None = None,
-          ratios: list[float] | None = None, overs: list[bool] | None = None) -> list[Rule]:
+          ratios: list[float] | None = None, overs: list[bool] | None = None,
+          edges: list[bool] | None = None) -> list[Rule]:
     """Every rule measured: the field alone (NaN cuts), then each anchor with each ``join``; each with
     the run's own bridge gap (``bridges`` None) or with every gap of ``bridges``, each anchor with the
     run's own volume cap (``ratios`` None) or with every cap of ``ratios``, and the run's own
-    ``add_over_foreign`` (``overs`` None) or each of ``overs`` (named in the rule)."""
+    ``add_over_foreign`` (``overs`` None) or each of ``overs``, and every rule with the run's own
+    ``ct_edge.enabled`` (``edges`` None) or each of ``edges`` (named in the rule)."""
     nan = float("nan")
     cuts = [Rule("field", nan, nan, False, nan)]
     cuts += [Rule(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j, nan)
@@ -76,6 +79,8 @@ def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: lis
     if overs is not None:
         cuts = cuts[:1] + [r._replace(name=r.name + ("" if o else ", not over foreign"), add_over_foreign=o)
                            for r in cuts[1:] for o in overs]
+    if edges is not None:
+        cuts = [r._replace(name=r.name + (", CT edge" if e else ""), ct_edge=e) for r in cuts for e in edges]
     if bridges is None:
         return cuts
     return [r._replace(name=f"{r.name}, bridge {g:g} mm", bridge_gap_mm=g) for r in cuts for g in bridges]
@@ -98,6 +103,7 @@ def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarra
     return {"run": run_name, "case": case_id, "class": key, "rule": rule.name, "keep_above": rule.keep_above,
             "add_above": rule.add_above, "join": rule.join, "bridge_gap_mm": rule.bridge_gap_mm,
             "max_volume_ratio": rule.max_volume_ratio, "add_over_foreign": rule.add_over_foreign,
+            "ct_edge": rule.ct_edge,
             "dice": scores["dice"], "hd95": scores["hd95"],
             "n_comp": mask_components(mask), "expected": expected, "kept_input": kept,
             "volume_ratio": float(mask.sum() / max(1, truth.sum()))}
@@ -113,8 +119,9 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
     state = repair_setup(run, [key])
     field, cls, base = state.fields[key], run.table[key], run.params.stage1.for_class(key)
     rows = []
+    reads_ct = any(base.ct_edge.enabled if r.ct_edge is None else r.ct_edge for r in candidates)
     for case_id, i in field.index_of.items():
-        crops, case = state.index[case_id], run.load(case_id, with_image=False)
+        crops, case = state.index[case_id], run.load(case_id, with_image=reads_ct)
         if case.truth is None:
             raise ValueError(f"{run_dir}: case {case_id} has no truth; the rules are scored against it")
         box = crops.class_boxes[key]
@@ -123,6 +130,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
                           image=image)[..., 0]
         given, truth = case.label.array[box.slices] == cls.index, case.truth.array[box.slices] == cls.index
         foreign = foreign_voxels(case.label.array[box.slices], key, run.table)
+        ct = case.image.array[box.slices] if case.image is not None else None
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
         for rule in candidates:
@@ -135,10 +143,12 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
                                                add_over_foreign=over))
             cleanup = (base.cleanup if np.isnan(rule.bridge_gap_mm)
                        else dataclasses.replace(base.cleanup, bridge_gap_mm=rule.bridge_gap_mm))
-            params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup)
-            mask, _, audit = mref_of(given, rule_bits(p, params), expected, crops.spacing, params, foreign)
-            rows.append(score_row(run_dir.name, case_id, key, rule, mask, truth, crops.spacing, expected,
-                                  audit.kept_input))
+            edge = dataclasses.replace(base.ct_edge, enabled=base.ct_edge.enabled if rule.ct_edge is None
+                                       else rule.ct_edge)
+            params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup, ct_edge=edge)
+            made = mref_of(given, rule_bits(p, params), expected, crops.spacing, params, foreign, ct)
+            rows.append(score_row(run_dir.name, case_id, key, rule, made.mask, truth, crops.spacing, expected,
+                                  made.audit.kept_input))
         print(f"{run_dir.name} case {case_id}: {len(candidates)} rules", flush=True)
     return rows
 
@@ -196,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="anchor.max_volume_ratio values, 0: no cap (default: the run's own)")
     ap.add_argument("--over-foreign", choices=["on", "off", "both"],
                     help="anchor.add_over_foreign of the rules (default: the run's own)")
+    ap.add_argument("--ct-edge", choices=["on", "off", "both"],
+                    help="ct_edge.enabled of the rules, the field alone's too (default: the run's own)")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/repair_rules"))
     args = ap.parse_args(argv)
     for run_dir in args.runs:
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     joins = {"off": [False], "on": [True], "both": [False, True]}[args.join]
     overs = None if args.over_foreign is None else {"on": [True], "off": [False],
                                                    "both": [True, False]}[args.over_foreign]
-    candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs)
+    edges = None if args.ct_edge is None else {"on": [True], "off": [False], "both": [False, True]}[args.ct_edge]
+    candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs, edges)
     table = pd.DataFrame([r for run_dir in args.runs for r in run_rows(run_dir, args.key, candidates)],
                          columns=COLUMNS)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -192,7 +192,9 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
                                                                    "add_above": 0.8, "join": join,
                                                                    "max_volume_ratio": 0.0},
                                    "stage1.overrides.Cor.decode": {"mode": "dense"},
-                                   "stage1.overrides.Cor.audit": {"action": "flag"}}, run_dir=str(tiny_run.dir))
+                                   "stage1.overrides.Cor.audit": {"action": "flag"},
+                                   # the anchor alone: the CT edge moves its boundary after it (tested below)
+                                   "stage1.overrides.Cor.ct_edge": {"enabled": False}}, run_dir=str(tiny_run.dir))
         run = dataclasses.replace(tiny_run, params=params)
         rows = stage1.repair_class(run, "Cor", progress=False)
         rows = rows[(rows["source"] == "stage1") & (rows["reference"] == "noisy")].set_index("case")
@@ -213,6 +215,58 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
     assert sum(int((expected[True, c] != expected[False, c]).sum()) for c in ids) > 0  # and the join did
     for c in ids:
         assert not (expected[False, c] & ~expected[True, c]).any()  # the join only adds
+
+
+def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tiny_run):
+    """``stage1.ct_edge`` (the coronaries' default): M^ref is the anchored repair with its boundary band
+    decided by the CT (``repair.ct_edge``), then the clean-up: it differs from the repair without it only
+    within a voxel of that repair's boundary, and its scores carry the CT's report (``edge_*``)."""
+    import dataclasses
+
+    from scipy import ndimage
+
+    fit_and_repair(tiny_run, "Cor")
+    assert tiny_run.params.stage1.for_class("Cor").ct_edge.enabled
+    masks, rows = {}, {}
+    for on in (True, False):
+        params = load_test_params({"stage1.overrides.Cor.ct_edge": {"enabled": on},
+                                   "stage1.overrides.Cor.audit": {"action": "flag"}}, run_dir=str(tiny_run.dir))
+        run = dataclasses.replace(tiny_run, params=params)
+        table = stage1.repair_class(run, "Cor", progress=False)
+        rows[on] = table[(table["source"] == "stage1") & (table["reference"] == "noisy")].set_index("case")
+        masks[on] = {c.case_id: np.asarray(nib.load(str(stage1.stage1_dir(run, "Cor") / "masks" /
+                                                        f"{c.case_id}.nii.gz")).dataobj) > 0 for c in run.cases}
+    face = ndimage.generate_binary_structure(3, 1)
+    moved = 0
+    for cid, off in masks[False].items():
+        changed = masks[True][cid] != off
+        band = ndimage.binary_dilation(off, face) & ~ndimage.binary_erosion(off, face, border_value=1)
+        assert not (changed & ~band).any()
+        moved += int(changed.sum())
+        assert rows[True].loc[cid, "edge_added"] + rows[True].loc[cid, "edge_removed"] >= changed.sum() - \
+            rows[True].loc[cid, "cleanup_removed_voxels"]
+    assert moved > 0  # the phantom's CT is clear: the edge moved somewhere
+    assert rows[True]["edge_decided"].between(0, 1).all() and "edge_decided" not in rows[False].columns
+
+
+def test_stage2_decodes_a_field_that_reads_the_ct_on_the_roi_grid(tiny_run):
+    """``stage3.supervision: roi``: stage 2 evaluates each field on the heart grid; the coronaries' field
+    reads the CT, so it must be given its crop there too (without it the model refuses)."""
+    from nearfix_lib.core.workspace import case_dir, prepared_dir
+    from nearfix_lib.field.decide import labels_in_box, threshold_decision
+    from nearfix_lib.stages import stage2
+
+    fit_and_repair(tiny_run, "Cor")
+    fields = stage1.load_stage1_fields(tiny_run, "cpu", ["Cor"])
+    crops = prepare.load_crops_index(prepared_dir(tiny_run))[tiny_run.cases[0].case_id]
+    with np.load(case_dir(prepared_dir(tiny_run), crops.case_id) / "heart.npz") as z:
+        heart_labels = z["labels"]
+    mask = stage2.roi_masks(tiny_run, fields, crops, "cpu", heart_labels)["Cor"]  # not kept: the field decodes
+    assert mask.shape == crops.heart_grid.shape and mask.any()
+    p, field = tiny_run.params.stage1.for_class("Cor"), fields["Cor"]
+    with pytest.raises(ValueError, match="CT crop"):
+        labels_in_box(field.model, field.index_of[crops.case_id], crops.heart_grid, crops.class_boxes["Cor"],
+                      threshold_decision(p.threshold), p.decode, "cpu")
 
 
 def test_an_anchored_repair_larger_than_its_input_drops_the_inputs_least_sure_voxels_first():

@@ -427,6 +427,29 @@ class AnchorParams:
         return (self.keep_above, *(cut for cut in self.keep_steps if cut > self.keep_above))
 
 
+@dataclass
+class CTEdgeParams:
+    """M^ref's boundary placed where the CT shows the edge (:mod:`nearfix_lib.repair.ct_edge`): within
+    ``band_vox`` voxels of the repaired boundary, a voxel is in where the CT is above the midpoint
+    between the lumen's and its surroundings' means in a Gaussian window of ``window_mm``, wherever that
+    half contrast is at least ``min_contrast_noise`` times the CT's noise; elsewhere the repair's
+    boundary stays. Off by default: a class whose boundary is no edge of the CT (a chamber beside
+    another, the myocardium) has nothing to gain; the coronaries' default turns it on."""
+
+    enabled: bool = False
+    band_vox: int = 1  # how far the boundary may move, in voxels (the label's boundary noise is ~1 voxel)
+    window_mm: float = 3.0  # the lumen's and surroundings' means are local: contrast falls along a tree
+    min_contrast_noise: float = 1.0  # half contrast / noise below this: the CT cannot place the edge there
+
+    def __post_init__(self) -> None:
+        if self.band_vox < 1:
+            raise ValueError(f"ct_edge.band_vox must be >= 1, got {self.band_vox}")
+        if not self.window_mm > 0:
+            raise ValueError(f"ct_edge.window_mm must be > 0, got {self.window_mm}")
+        if self.min_contrast_noise < 0:
+            raise ValueError(f"ct_edge.min_contrast_noise must be >= 0, got {self.min_contrast_noise}")
+
+
 # -- parameters of repair.fusion -------------------------------------------------------------------
 
 RULES = ("contact", "bridge", "distance", "holes", "largest")
@@ -737,7 +760,8 @@ def _coronary_overrides() -> dict:
                       "action": "clean_input"},
             "anchor": {"enabled": True, "keep_above": 0.05, "add_above": 0.7, "max_volume_ratio": 1.1,
                        "add_over_foreign": False},
-            "model": {"appearance": True, "appearance_kind": "intensity"}}
+            "model": {"appearance": True, "appearance_kind": "intensity"},
+            "ct_edge": {"enabled": True}}
 
 
 @dataclass
@@ -755,6 +779,7 @@ class Stage1Params:
     decode: DecodeParams = field(default_factory=DecodeParams)  # M^ref, the stage-2 ROI masks, validation
     audit: AuditParams = field(default_factory=AuditParams)  # M^ref against its input: flag, or keep the input
     anchor: AnchorParams = field(default_factory=AnchorParams)  # M^ref held to its input where the field is unsure
+    ct_edge: CTEdgeParams = field(default_factory=CTEdgeParams)  # M^ref's boundary on the CT's edge
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}
@@ -793,7 +818,12 @@ class Stage1Params:
         return _build(Stage1Params, {**_deep_merge(base, over), "overrides": {}}, f"stage1.overrides.{key}")
 
     def ct_readers(self, keys: Sequence[str]) -> tuple[str, ...]:
-        """Those of ``keys`` whose model reads the CT (``model.appearance``, their own or by override)."""
+        """Those of ``keys`` whose repair reads the CT: their model (``model.appearance``) or their
+        boundary (``ct_edge``), their own or by override."""
+        return tuple(k for k in keys if self.for_class(k).model.appearance or self.for_class(k).ct_edge.enabled)
+
+    def field_ct_readers(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Those of ``keys`` whose model reads the CT (``model.appearance``): prepare crops it for them."""
         return tuple(k for k in keys if self.for_class(k).model.appearance)
 
 

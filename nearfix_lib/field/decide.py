@@ -116,16 +116,17 @@ def decode_spent(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, 
 
 def labels_in_box(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, decision: Decision,
                   params: DecodeParams, device: str = "cpu", chunk_points: int = 262_144,
-                  seed: np.ndarray | None = None) -> np.ndarray:
+                  seed: np.ndarray | None = None, image: torch.Tensor | None = None) -> np.ndarray:
     """:func:`labels_on_grid` on an axis-aligned ``grid``, evaluated only where it lies inside ``box``
-    (a class field knows nothing outside its ROI); 0 elsewhere. ``seed`` is on the whole ``grid``."""
+    (a class field knows nothing outside its ROI); 0 elsewhere. ``seed`` is on the whole ``grid``;
+    ``image`` feeds an appearance model (its crop on the box's own grid)."""
     out = np.zeros(grid.shape, dtype=np.uint8)
     sub = grid_within_box(grid, box)
     if sub is not None:
         lo, sub_grid = sub
         inside = tuple(slice(a, a + n) for a, n in zip(lo, sub_grid.shape))
         out[inside] = labels_on_grid(model, case_index, sub_grid, box, decision, params, device, chunk_points,
-                                     seed=None if seed is None else np.asarray(seed)[inside])
+                                     image=image, seed=None if seed is None else np.asarray(seed)[inside])
     return out
 
 

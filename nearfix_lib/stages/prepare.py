@@ -85,7 +85,7 @@ def image_classes(run: Run) -> tuple[str, ...]:
     """The classes whose CT crop prepare writes: every class with ``prepare.class_images``, else those
     whose stage-1 model reads the CT (``stage1.model.appearance``, e.g. the coronaries' per-class override)."""
     keys = tuple(run.table.keys)
-    return keys if run.params.prepare.class_images else run.params.stage1.ct_readers(keys)
+    return keys if run.params.prepare.class_images else run.params.stage1.field_ct_readers(keys)
 
 
 def _is_done(folder: Path, params: PrepareParams, images: tuple[str, ...] = ()) -> bool:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -79,6 +80,7 @@ from nearfix_lib.field.train import (
 )
 from nearfix_lib.repair.audit import AUDIT_PREFIX, Audit, audit_repair
 from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, joined_through
+from nearfix_lib.repair.ct_edge import EDGE_PREFIX, EdgeReport, snap_to_edge
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device, start_run
@@ -354,37 +356,60 @@ def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
     return given, None
 
 
+class MRef(NamedTuple):
+    """A class box's M^ref (:func:`mref_of`) and what made it: the clean-up's report (of the mask
+    returned; ``keep_input`` cleans nothing and keeps the field's), the audit (of the field's own
+    decision) and, where ``ct_edge`` moved its boundary, the CT's report (else None)."""
+
+    mask: np.ndarray
+    cleanup: CleanupReport
+    audit: Audit
+    edge: EdgeReport | None = None
+
+    def columns(self) -> dict:
+        """The per-case record of the scores table: clean-up counts, ``audit_*`` and ``edge_*`` columns."""
+        edge = self.edge.columns() if self.edge is not None else {}
+        return {**dataclasses.asdict(self.cleanup), **self.audit.columns(), **edge}
+
+
 def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequence[float],
-            params: Stage1Params, foreign: np.ndarray | None = None) -> tuple[np.ndarray, CleanupReport, Audit]:
+            params: Stage1Params, foreign: np.ndarray | None = None, ct: np.ndarray | None = None) -> MRef:
     """M^ref of a class box from its input mask ``given`` and the field's decode ``bits``
     (:func:`repair_decision`): the field's own decision, cleaned and audited against the input; a
     flagged case takes ``audit.action``, the others the anchor where it is on (``foreign``: the box's
-    :func:`foreign_voxels`, for ``anchor.add_over_foreign``). Returns the mask, the
-    clean-up's report (of the mask returned; ``keep_input`` cleans nothing and keeps the field's), and
-    the audit (of the field's own decision)."""
+    :func:`foreign_voxels`, for ``anchor.add_over_foreign``) and, with ``ct_edge`` on, its boundary
+    where the box's CT ``ct`` shows the edge (:mod:`~nearfix_lib.repair.ct_edge`; then the clean-up
+    again). A case whose input the audit kept keeps it as the audit says: the CT moves no boundary there."""
     repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
     audit = audit_repair(given, repaired, params.audit)  # can the field hold its input at all?
     if audit.kept_input:
         repaired, cleaned = input_in_place(given, expected, spacing, params)
-        if cleaned is not None:  # keep_input cleans nothing: the field's report stays
-            report = cleaned
-    elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
+        return MRef(repaired, cleaned if cleaned is not None else report, audit)  # keep_input: the field's report
+    if params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
         anchored, keep_cut = anchored_mask(given, bits, params.anchor, foreign)
         audit = dataclasses.replace(audit, keep_cut=keep_cut)
         if params.anchor.join:  # the pieces the field's own decision connects, connected through it
             anchored = joined_through(anchored, repaired)
         repaired, report = clean_mask(anchored, expected, spacing, params.cleanup)
-    return repaired, report, audit
+    if not params.ct_edge.enabled:
+        return MRef(repaired, report, audit)
+    if ct is None:
+        raise ValueError("stage1.ct_edge is on: M^ref needs the class box's CT")
+    allowed = ~foreign if foreign is not None else np.ones(repaired.shape, dtype=bool)
+    snapped, edge = snap_to_edge(repaired, ct, allowed, spacing, params.ct_edge)
+    repaired, report = clean_mask(snapped, expected, spacing, params.cleanup)
+    return MRef(repaired, report, audit, edge)
 
 
 def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, run: Run, key: str,
                 expected: int, params: Stage1Params, device: str,
-                image: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
+                image: torch.Tensor | None = None, ct: Volume | None = None) -> tuple[np.ndarray, dict]:
     """Probabilities on the ROI grid (saved: stage 3's teacher, every voxel), then M^ref on the original
     grid (``stage1.decode``: coarse to fine by default; NIfTI, returned), audited against the input
     (:mod:`~nearfix_lib.repair.audit`; a flagged case keeps its input where ``audit.action`` says so)
-    and, where ``stage1.anchor`` is on, held to the input where the field is unsure. Returns the mask
-    and a record of the clean-up's counts and the audit's ``audit_*`` columns."""
+    and, where ``stage1.anchor`` is on, held to the input where the field is unsure (``ct``: the case's
+    CT, for ``stage1.ct_edge``). Returns the mask and a record of the clean-up's counts and the audit's
+    ``audit_*`` columns (and the CT edge's ``edge_*``)."""
     box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
@@ -392,11 +417,12 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     bits = labels_on_grid(model, i, original_box_grid(box), box, repair_decision(params), params.decode, device,
                           params.chunk_points, image=image, seed=interface_band(given, 1))
     foreign = foreign_voxels(label.array[box.slices], key, run.table)
-    repaired, report, audit = mref_of(given, bits, expected, crops.spacing, params, foreign)
+    made = mref_of(given, bits, expected, crops.spacing, params, foreign,
+                   ct.array[box.slices] if ct is not None else None)
     mask = np.zeros(crops.shape, dtype=bool)
-    mask[box.slices] = repaired
+    mask[box.slices] = made.mask
     write_nifti(out / "masks" / f"{crops.case_id}.nii.gz", mask.astype(np.uint8), label.affine, label.header)
-    return mask, {**dataclasses.asdict(report), **audit.columns()}
+    return mask, made.columns()
 
 
 # -- the repair: a per-case stage over the fitted classes ---------------------------------------------
@@ -488,12 +514,14 @@ def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] 
             rows += done
     if not todo:
         return {"scores": rows}
-    case = run.load(case_id, with_image=False)  # header, input and truth, once for every class
+    edge_keys = [key for key in todo if run.params.stage1.for_class(key).ct_edge.enabled]
+    case = run.load(case_id, with_image=bool(edge_keys))  # header, input, truth (and CT), once for every class
     for key in todo:
         params, field = run.params.stage1.for_class(key), state.fields[key]
         image = class_image(run, case_id, key, params.model, state.device) if params.model.appearance else None
         repaired, report = repair_case(field.model, field.index_of[case_id], crops, case.label, run,
-                                       key, run.table[key].expected_components, params, state.device, image)
+                                       key, run.table[key].expected_components, params, state.device, image,
+                                       case.image if key in edge_keys else None)
         rows += score_case(case, run.table, key, repaired, report)
     order = {key: n for n, key in enumerate(repaired_classes(run, keys))}
     return {"scores": sorted(rows, key=lambda r: order[r["class"]])}  # stable: a class's rows keep their order
@@ -559,10 +587,11 @@ def repair_run(run: Run, progress: bool = True, *, workers: int = 1,
 
 def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, cleanup: dict) -> list[dict]:
     """M^ref against the noisy input it was fitted to and, where present, it and the input against the
-    truth; M^ref's rows carry the clean-up's counts and the audit (``cleanup``: :func:`repair_case`'s record)."""
+    truth; M^ref's rows carry the clean-up's counts, the audit and the CT edge's report (``cleanup``:
+    :func:`repair_case`'s record)."""
     only, noisy, spacing = table.subset([key]), case.label.array, case.label.spacing
     counts = {"cleanup_removed_voxels": cleanup["removed_voxels"], "cleanup_bridged_voxels": cleanup["bridged_voxels"],
-              **{k: v for k, v in cleanup.items() if k.startswith(AUDIT_PREFIX)}}
+              **{k: v for k, v in cleanup.items() if k.startswith((AUDIT_PREFIX, EDGE_PREFIX))}}
     rows = score_masks(case.case_id, "stage1", "noisy", {key: repaired}, noisy, spacing, only, **counts)
     if case.truth is not None:
         truth = Reference(case.truth.array, spacing, only)

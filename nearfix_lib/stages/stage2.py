@@ -49,7 +49,7 @@ from nearfix_lib.repair.fusion import FusionResult, fuse_case
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device
-from nearfix_lib.stages.stage1 import ClassField, input_in_place, load_stage1_fields
+from nearfix_lib.stages.stage1 import ClassField, class_image, input_in_place, load_stage1_fields
 
 # -- inputs ------------------------------------------------------------------------------------
 
@@ -68,8 +68,9 @@ def original_masks(run: Run, case_id: str, shape: tuple[int, ...]) -> dict[str, 
 
 def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device: str,
               heart_labels: np.ndarray, kept: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
-    """Each class's stage-1 field on the whole-heart ROI grid: thresholded and cleaned like M^ref
-    (``heart_labels``: the input on that grid, whose class boundaries seed the decode). The classes
+    """Each class's stage-1 field on the whole-heart ROI grid: its own decision (P >= ``threshold``; the
+    anchor and the CT edge are M^ref's, on the original grid), cleaned like M^ref (``heart_labels``: the
+    input on that grid, whose class boundaries seed the decode). The classes
     ``kept`` (stage 1's audit kept the case's input: :func:`~nearfix_lib.core.workspace.kept_inputs`)
     take the input on that grid as M^ref took it on the original one, not the field."""
     spacing = crops.heart_spacing
@@ -82,9 +83,10 @@ def roi_masks(run: Run, fields: dict[str, ClassField], crops: CaseCrops, device:
             expected = run.table[key].expected_components
             masks[key], _ = input_in_place(heart_labels == run.table[key].index, expected, spacing, p)
             continue
+        image = class_image(run, crops.case_id, key, p.model, device) if p.model.appearance else None
         decided = labels_in_box(f.model, f.index_of[crops.case_id], crops.heart_grid, crops.class_boxes[key],
                                 threshold_decision(p.threshold), p.decode, device, p.chunk_points,
-                                seed=interface_band(heart_labels == run.table[key].index, 1))
+                                seed=interface_band(heart_labels == run.table[key].index, 1), image=image)
         masks[key], _ = clean_mask(decided > 0, run.table[key].expected_components, spacing, p.cleanup)
     return masks
 

@@ -1,0 +1,111 @@
+"""A repaired class's boundary placed where the CT shows the edge (stage 1's M^ref, ``stage1.ct_edge``).
+
+Why: a coronary 2-6 voxels wide has most of its voxels at its boundary, and that is where an automatic
+label errs. A field fitted to such labels learns where their boundary tends to lie, not where the
+lumen ends; the CT shows it. In a contrast-filled vessel the lumen's edge lies where the intensity is
+halfway between the lumen and what surrounds it (the half-maximum criterion of CT vessel measurement:
+a blurred step crosses its midpoint at the step). So, within ``band_vox`` voxels of the repaired
+boundary, a voxel is in where the CT is above the local midpoint between the lumen's mean (the
+repaired mask) and its surroundings' mean (a two-voxel shell outside it, the other classes' voxels
+left out). Both means are local, Gaussian-weighted over ``window_mm`` (normalised convolution), since
+the contrast falls along a tree and differs between a proximal segment beside fat and a distal one on
+the myocardium; one threshold per case would cut the distal vessels away.
+
+Where the CT cannot place the edge, the repair's boundary stays: where the local half contrast is
+below ``min_contrast_noise`` times the CT's noise (a faint distal branch, a poorly enhanced scan), a
+voxel's side of the midpoint is the noise's, not the anatomy's. The noise is the robust spread (MAD) of
+differences between voxels 1 mm apart in the shell: beyond a typical scanner's blur, so neighbours'
+correlation does not hide it; the tissue edges it crosses make it, if anything, an over-estimate, and
+the gate errs towards leaving the repair alone.
+
+Only the band changes: which vessels there are, and how they connect, stays the repair's (the class's
+clean-up runs again afterwards, in :func:`nearfix_lib.stages.stage1.mref_of`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from nearfix_lib.core.config import CTEdgeParams
+
+SHELL_VOX = 2  # the surroundings: this many voxels outside the mask (the lumen's partial-volume rim and beyond)
+NOISE_STEP_MM = 1.0  # voxels this far apart for the noise: beyond a CT's blur, their noise is independent
+EDGE_PREFIX = "edge_"  # the scores' columns of EdgeReport
+_FACE = ndimage.generate_binary_structure(3, 1)
+
+
+@dataclass
+class EdgeReport:
+    """What :func:`snap_to_edge` changed, for the per-case scores (``edge_*`` columns): users without a
+    truth read there whether the CT placed the boundary (``decided``) and how clearly (``contrast_noise``)."""
+
+    added: int  # voxels the CT put in
+    removed: int  # voxels the CT took out
+    decided: float  # share of the band's voxels where the CT was clear enough to decide
+    contrast_noise: float  # the median over the mask of the local half contrast / noise
+
+    def columns(self) -> dict:
+        return {f"{EDGE_PREFIX}{name}": value for name, value in dataclasses.asdict(self).items()}
+
+
+def noise_level(ct: np.ndarray, region: np.ndarray, spacing: Sequence[float]) -> float:
+    """The CT's noise (HU, a standard deviation) in ``region``: the MAD of differences between voxels
+    :data:`NOISE_STEP_MM` apart along the finest axis, both in the region, scaled to one voxel's spread."""
+    axis = int(np.argmin(spacing))
+    step = max(1, round(NOISE_STEP_MM / float(spacing[axis])))
+    n = ct.shape[axis]
+    if n <= step:
+        return float("nan")
+    ahead, behind = (tuple(slice(step, None) if a == axis else slice(None) for a in range(3)),
+                     tuple(slice(None, n - step) if a == axis else slice(None) for a in range(3)))
+    pairs = region[ahead] & region[behind]
+    if not pairs.any():
+        return float("nan")
+    diffs = ct[ahead][pairs].astype(np.float64) - ct[behind][pairs]
+    return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2.0))
+
+
+def local_mean(ct: np.ndarray, where: np.ndarray, sigma_vox: Sequence[float]) -> np.ndarray:
+    """The Gaussian-weighted mean of ``ct`` over the voxels ``where``, at every voxel (normalised
+    convolution; NaN where the window, truncated at 4 sigma, holds none of them)."""
+    weight = ndimage.gaussian_filter(where.astype(np.float32), sigma_vox, mode="constant")
+    total = ndimage.gaussian_filter(np.where(where, ct, 0).astype(np.float32), sigma_vox, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, total / weight, np.nan)
+
+
+def snap_to_edge(mask: np.ndarray, ct: np.ndarray, allowed: np.ndarray, spacing: Sequence[float],
+                 params: CTEdgeParams) -> tuple[np.ndarray, EdgeReport]:
+    """``mask`` with its boundary band (``params.band_vox`` voxels either side, within ``allowed``: the
+    voxels the class may hold) decided by the CT ``ct`` (same grid) where it is clear enough; elsewhere
+    as it was. A mask the CT cannot judge (empty, no surroundings, no noise estimate) comes back unchanged."""
+    mask = np.asarray(mask, dtype=bool)
+    unchanged = EdgeReport(0, 0, 0.0, float("nan"))
+    if not mask.any():
+        return mask, unchanged
+    ct = np.asarray(ct, dtype=np.float32)
+    allowed = np.asarray(allowed, dtype=bool) | mask
+    shell = ndimage.binary_dilation(mask, _FACE, iterations=SHELL_VOX) & ~mask & allowed
+    noise = noise_level(ct, shell, spacing)
+    if not shell.any() or not noise > 0:
+        return mask, unchanged
+    sigma = [params.window_mm / float(s) for s in spacing]
+    lumen, around = local_mean(ct, mask, sigma), local_mean(ct, shell, sigma)
+    half_contrast = 0.5 * (lumen - around)
+    clear = half_contrast >= params.min_contrast_noise * noise  # NaN (no lumen or surroundings near): False
+    outer = ndimage.binary_dilation(mask, _FACE, iterations=params.band_vox)
+    inner = ndimage.binary_erosion(mask, _FACE, iterations=params.band_vox, border_value=1)
+    band = outer & ~inner & allowed
+    decided = band & clear
+    snapped = np.where(decided, ct > lumen - half_contrast, mask)
+    inside = half_contrast[mask]
+    inside = inside[np.isfinite(inside)]  # NaN: no surroundings within the window
+    return snapped, EdgeReport(added=int(np.count_nonzero(snapped & ~mask)),
+                               removed=int(np.count_nonzero(mask & ~snapped)),
+                               decided=float(np.count_nonzero(decided) / max(np.count_nonzero(band), 1)),
+                               contrast_noise=float(np.median(inside) / noise) if inside.size else float("nan"))
