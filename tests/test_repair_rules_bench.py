@@ -36,6 +36,9 @@ def test_rule_bits_set_the_cut_bits_of_the_repair_decision():
     held = rules([0.05], [0.7], [False], overs=[True, False])  # the field alone has no anchor to hold
     assert [r.name for r in held] == ["field", "anchor 0.05 / 0.7", "anchor 0.05 / 0.7, not over foreign"]
     assert [r.add_over_foreign for r in held] == [None, True, False]
+    edged = rules([0.05], [0.7], [False], edges=[False, True])  # the field alone's boundary moves too
+    assert [r.name for r in edged] == ["field", "field, CT edge", "anchor 0.05 / 0.7", "anchor 0.05 / 0.7, CT edge"]
+    assert [r.ct_edge for r in edged] == [False, True, False, True]
 
 
 def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tmp_path):
