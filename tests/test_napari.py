@@ -83,13 +83,16 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
 
     run = open_run(tiny_run)
     assert audit_note(run, "1") == ""  # no stage 1 yet: nothing flagged
-    rows = [{"case": "1", "class": key, "source": "stage1", "reference": "noisy", "dice": 0.7, "audit_flagged": flag,
+    rows = [{"case": case, "class": key, "source": "stage1", "reference": "noisy", "dice": 0.7, "audit_flagged": flag,
              "audit_kept_input": flag, "audit_reasons": "centre line kept 0.412 < 0.8" if flag else ""}
-            for key, flag in (("Cor", True), ("LV", False))]
-    for row in rows:
-        folder = run.dir / "stage1" / row["class"]
+            for case, key, flag in (("1", "Cor", True), ("2", "Cor", False), ("1", "LV", False))]
+    # the coronaries' boundary is placed by the CT where their input was not kept (stage1.ct_edge)
+    rows[1].update(edge_decided=0.968, edge_contrast_noise=2.43)
+    for key in ("Cor", "LV"):
+        folder = run.dir / "stage1" / key
         folder.mkdir(parents=True)
-        pd.DataFrame([row]).to_csv(folder / "scores.csv", index=False)
+        pd.DataFrame([r for r in rows if r["class"] == key]).to_csv(folder / "scores.csv", index=False)
     # the coronaries' action is clean_input by default
     assert audit_note(run, "1") == "Cor: repair flagged (centre line kept 0.412 < 0.8); M^ref is its input, cleaned"
-    assert audit_note(run, "2") == ""
+    assert audit_note(run, "2") == "Cor: boundary on the CT's edge over 97% of its band (contrast / noise 2.4)"
+    assert audit_note(run, "3") == ""

@@ -228,7 +228,7 @@ def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tin
     fit_and_repair(tiny_run, "Cor")
     assert tiny_run.params.stage1.for_class("Cor").ct_edge.enabled
     masks, rows = {}, {}
-    for on in (True, False):
+    for on in (False, True):  # the run's own parameters (the edge on) last: the report reads them below
         params = load_test_params({"stage1.overrides.Cor.ct_edge": {"enabled": on},
                                    "stage1.overrides.Cor.audit": {"action": "flag"}}, run_dir=str(tiny_run.dir))
         run = dataclasses.replace(tiny_run, params=params)
@@ -247,6 +247,13 @@ def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tin
             rows[True].loc[cid, "cleanup_removed_voxels"]
     assert moved > 0  # the phantom's CT is clear: the edge moved somewhere
     assert rows[True]["edge_decided"].between(0, 1).all() and "edge_decided" not in rows[False].columns
+    # what the report reads (its audit section): the CT edge's share and clarity per class
+    from nearfix_lib.core.workspace import repair_audit
+    from nearfix_lib.stages.report import audit_summary
+
+    per_class, _ = audit_summary(repair_audit(tiny_run))
+    assert per_class.loc["Cor", "CT edge decided"] == pytest.approx(
+        repair_audit(tiny_run).query("`class` == 'Cor'")["edge_decided"].mean())
 
 
 def test_stage2_decodes_a_field_that_reads_the_ct_on_the_roi_grid(tiny_run):

@@ -135,7 +135,8 @@ def timings(run: Run) -> pd.DataFrame:
 
 
 AUDIT_MEASURES = {"audit_fit_dice": "fit Dice", "audit_dropped": "dropped", "audit_added": "added",
-                  "audit_skeleton_kept": "centre line kept", "audit_keep_cut": "keep cut"}
+                  "audit_skeleton_kept": "centre line kept", "audit_keep_cut": "keep cut",
+                  "edge_decided": "CT edge decided", "edge_contrast_noise": "CT contrast / noise"}
 
 
 def audit_summary(audit: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -160,7 +161,9 @@ def _audit_section(run: Run) -> list[str]:
     return ["## Repair audit: stage 1 against its own input (no truth needed)", "",
             "Means over cases: fit Dice against the input, input voxels dropped and voxels added (shares of "
             "the input), the input's centre line kept (thin classes), the cut above which M^ref kept an input "
-            "voxel (classes with `stage1.anchor`; above `keep_above` where `max_volume_ratio` raised it); "
+            "voxel (classes with `stage1.anchor`; above `keep_above` where `max_volume_ratio` raised it), "
+            "the share of the boundary band whose voxels the CT decided and its half contrast over its noise "
+            "(classes with `stage1.ct_edge`; near 0: the CT was too faint and the field's boundary stayed); "
             "cases flagged by `stage1.audit`.", "",
             per_class.round(3).to_markdown(), "", listed, ""]
 

@@ -24,17 +24,23 @@ def napari_label_colormap(table: ClassTable):
 
 
 def audit_note(run: Run, case_id: str) -> str:
-    """The classes of a case that stage 1's audit flagged, one line each with the reason (what the
-    viewer's text overlay shows: a user without ground truth reads it before trusting the labels);
-    empty when none was."""
+    """The classes of a case that stage 1's audit flagged, one line each with the reason, then those
+    whose boundary the CT placed (``stage1.ct_edge``), with how much of it and how clearly: what the
+    viewer's text overlay shows, for a user without ground truth to read before trusting the labels
+    (a CT too faint shows as a small share). Empty when there is nothing to say."""
     def replaced(key: str) -> str:
         cleaned = run.params.stage1.for_class(key).audit.action == "clean_input"
         return "; M^ref is its input" + (", cleaned" if cleaned else "")
 
     audit = repair_audit(run, case_id)
-    return "\n".join(f"{r['class']}: repair flagged ({r['audit_reasons']})"
-                     + (replaced(r["class"]) if r["audit_kept_input"] else "")
-                     for _, r in audit[audit["audit_flagged"]].iterrows())
+    lines = [f"{r['class']}: repair flagged ({r['audit_reasons']})"
+             + (replaced(r["class"]) if r["audit_kept_input"] else "")
+             for _, r in audit[audit["audit_flagged"]].iterrows()]
+    if "edge_decided" in audit.columns:
+        lines += [f"{r['class']}: boundary on the CT's edge over {r['edge_decided']:.0%} of its band "
+                  f"(contrast / noise {r['edge_contrast_noise']:.1f})"
+                  for _, r in audit[audit["edge_decided"].notna()].iterrows()]
+    return "\n".join(lines)
 
 
 def napari_overlay(run_dir, case_id: str, layout: str = "grid", show: bool = True, opacity: float = 0.6,
