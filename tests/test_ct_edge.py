@@ -119,3 +119,23 @@ def test_ct_edge_parameters_are_checked():
     for bad in ({"band_vox": 0}, {"window_mm": 0.0}, {"min_contrast_noise": -1.0}):
         with pytest.raises(ValueError, match="ct_edge"):
             CTEdgeParams(**bad)
+
+
+def test_on_a_real_ct_the_edge_pulls_a_boundary_a_voxel_off_back_towards_its_label(tmp_path):
+    """``benchmarks.ct_edge_real`` on ../shared/data/ts_chest: the aorta's TotalSegmentator label grown
+    or shrunk by a voxel comes back closer to it, and the label as it is moves little (a segmenter's
+    boundary and the CT's half-maximum edge agree within about a voxel)."""
+    import pandas as pd
+    from conftest import require_ts_chest
+
+    from benchmarks.ct_edge_real import COLUMNS, main
+
+    data = require_ts_chest()
+    assert main(["--data", str(data), "--classes", "Ao", "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "ct_edge_real.csv")
+    assert list(table.columns) == COLUMNS and len(table) == 4
+    table = table.set_index("perturbation")
+    for off in ("dilated 1 voxel", "eroded 1 voxel", "boundary noise 30%"):
+        assert table.loc[off, "dice_after"] > table.loc[off, "dice_before"] + 0.01
+    assert table.loc["as labelled", "dice_after"] > 0.9 and table.loc["dilated 1 voxel", "decided"] > 0.5
+    assert "| Ao" in (tmp_path / "ct_edge_real.md").read_text()
