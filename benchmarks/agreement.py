@@ -88,10 +88,11 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     fields = load_stage1_fields(run, device)
     artifact = artifact_path(run)
     unified = UnifiedModel.load(artifact, device=device, edits=False) if artifact.is_file() else None
+    reads_ct = any(decoding.stage1.for_class(key).ct_edge.enabled for key in fields)  # M^ref's edge needs the CT
     rows = []
     for cid in ids:
         crops = index[cid]
-        case = run.load(cid, with_image=True, with_truth=False) if fields else None
+        case = run.load(cid, with_image=reads_ct, with_truth=False) if fields else None
         given = case.label.array if case is not None else None
         for key, field in fields.items():
             if cid not in field.index_of or key not in crops.class_boxes:

@@ -34,6 +34,7 @@ from nearfix_lib.core.classes import load_table
 from nearfix_lib.core.config import CTEdgeParams, project_root
 from nearfix_lib.core.io import check_same_grid, read_image, read_label, write_text
 from nearfix_lib.core.metrics import binary_scores
+from nearfix_lib.field.sampling import boundary_band
 from nearfix_lib.repair.ct_edge import snap_to_edge
 from nearfix_lib.stages.runs import code_version
 
@@ -46,8 +47,8 @@ FLIPPED_SHARE = 0.3  # of the boundary voxels (either side), for "boundary noise
 def perturbations(label: np.ndarray, seed: int) -> dict[str, Callable[[], np.ndarray]]:
     """The label as it is, and three boundaries a voxel off: grown, shrunk, and noisy."""
     def noisy() -> np.ndarray:
-        boundary = ndimage.binary_dilation(label, FACE) & ~ndimage.binary_erosion(label, FACE)
-        return label ^ (boundary & (np.random.default_rng(seed).random(label.shape) < FLIPPED_SHARE))
+        flips = np.random.default_rng(seed).random(label.shape) < FLIPPED_SHARE
+        return label ^ (boundary_band(label, 1) & flips)
 
     return {"as labelled": lambda: label, "dilated 1 voxel": lambda: ndimage.binary_dilation(label, FACE),
             "eroded 1 voxel": lambda: ndimage.binary_erosion(label, FACE),

@@ -47,12 +47,14 @@ def corner_slab(shape=SHAPE):
     return m
 
 
-def brute_band(mask, radius):
-    """dilate & ~erode by a Euclidean ball, from nearest-neighbour distances; outside = background."""
+def brute_band(mask, radius, outside_is_background=True):
+    """dilate & ~erode by a Euclidean ball, from nearest-neighbour distances; outside = background (or,
+    for the erosion only, nothing: a mask cut by the border is not eroded there)."""
     padded = np.pad(mask, radius)
     vox = np.argwhere(np.ones(mask.shape, dtype=bool)) + radius
     d_fg = cKDTree(np.argwhere(padded)).query(vox)[0]
-    d_bg = cKDTree(np.argwhere(~padded)).query(vox)[0]
+    background = ~np.pad(mask, radius, constant_values=not outside_is_background)
+    d_bg = cKDTree(np.argwhere(background)).query(vox)[0]
     return ((d_fg <= radius + 1e-9) & (d_bg <= radius + 1e-9)).reshape(mask.shape)
 
 
@@ -74,6 +76,10 @@ def test_band_matches_the_distance_definition(radius):
     assert np.array_equal(band, brute_band(m, radius))
     assert band[15, 11, 0]  # a mask cut by the ROI border has band there (outside = background)
     assert not boundary_band(np.zeros(SHAPE, bool), radius).any()
+    # the border no surface (the CT edge's band): no band where the border cuts the mask
+    uncut = boundary_band(m, radius, border_is_surface=False)
+    assert np.array_equal(uncut, brute_band(m, radius, outside_is_background=False))
+    assert radius > 1 or not uncut[15, 11, 0]  # (wider bands reach it from the blob's own surface)
 
 
 def test_band_points_fall_in_band_voxels_and_a_transpose_would_not(tmp_path):

@@ -823,7 +823,7 @@ class Stage1Params:
     def ct_readers(self, keys: Sequence[str]) -> tuple[str, ...]:
         """Those of ``keys`` whose repair reads the CT: their model (``model.appearance``) or their
         boundary (``ct_edge``), their own or by override."""
-        return tuple(k for k in keys if self.for_class(k).model.appearance or self.for_class(k).ct_edge.enabled)
+        return tuple(k for k, p in zip(keys, map(self.for_class, keys)) if p.model.appearance or p.ct_edge.enabled)
 
     def field_ct_readers(self, keys: Sequence[str]) -> tuple[str, ...]:
         """Those of ``keys`` whose model reads the CT (``model.appearance``): prepare crops it for them."""

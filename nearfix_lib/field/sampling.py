@@ -75,13 +75,15 @@ def _ball(radius: int) -> np.ndarray:
     return d2 <= radius * radius
 
 
-def boundary_band(mask: np.ndarray, radius: int) -> np.ndarray:
+def boundary_band(mask: np.ndarray, radius: int, border_is_surface: bool = True) -> np.ndarray:
     """Voxels within ``radius`` (ball) of the surface: ``dilate(M, r) & ~erode(M, r)``.
 
     Outside the array counts as background for the erosion, so a mask cut by the ROI border has
     band there too: a surface the model must learn to place (a cropped vessel ends at the border
-    of its ROI in every case alike). The work is done on the mask's bounding box grown by
-    ``radius``, which gives the same result as the full array in a fraction of the time.
+    of its ROI in every case alike). With ``border_is_surface`` false it counts as foreground: where
+    the array's border cuts the mask there is no surface (the CT edge: a vessel leaving the scan has no
+    edge there to find). The work is done on the mask's bounding box grown by ``radius``, which gives
+    the same result as the full array in a fraction of the time.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
@@ -98,7 +100,9 @@ def boundary_band(mask: np.ndarray, radius: int) -> np.ndarray:
     crop = mask[window]
     ball = _ball(radius)
     grown = ndimage.binary_dilation(crop, structure=ball)
-    shrunk = ndimage.binary_erosion(crop, structure=ball, border_value=0)
+    # where the crop is not clipped by the array, the mask lies ``radius`` inside it: the value beyond the
+    # crop reaches no mask voxel's erosion, and it stands for the array's outside only where clipped
+    shrunk = ndimage.binary_erosion(crop, structure=ball, border_value=0 if border_is_surface else 1)
     out[window] = grown & ~shrunk
     return out
 

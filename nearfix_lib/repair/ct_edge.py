@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from nearfix_lib.core.config import CTEdgeParams
+from nearfix_lib.field.sampling import boundary_band
 
 SHELL_VOX = 2  # the surroundings: this many voxels outside the mask (the lumen's partial-volume rim and beyond)
 NOISE_STEP_MM = 1.0  # voxels this far apart for the noise: beyond a CT's blur, their noise is independent
@@ -58,15 +59,12 @@ def noise_level(ct: np.ndarray, region: np.ndarray, spacing: Sequence[float]) ->
     :data:`NOISE_STEP_MM` apart along the finest axis, both in the region, scaled to one voxel's spread."""
     axis = int(np.argmin(spacing))
     step = max(1, round(NOISE_STEP_MM / float(spacing[axis])))
-    n = ct.shape[axis]
-    if n <= step:
-        return float("nan")
-    ahead, behind = (tuple(slice(step, None) if a == axis else slice(None) for a in range(3)),
-                     tuple(slice(None, n - step) if a == axis else slice(None) for a in range(3)))
-    pairs = region[ahead] & region[behind]
+    ahead, behind = [slice(None)] * 3, [slice(None)] * 3
+    ahead[axis], behind[axis] = slice(step, None), slice(None, -step)
+    pairs = region[tuple(ahead)] & region[tuple(behind)]  # empty where the axis is no longer than the step
     if not pairs.any():
         return float("nan")
-    diffs = ct[ahead][pairs].astype(np.float64) - ct[behind][pairs]
+    diffs = ct[tuple(ahead)][pairs].astype(np.float64) - ct[tuple(behind)][pairs]
     return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2.0))
 
 
@@ -98,9 +96,7 @@ def snap_to_edge(mask: np.ndarray, ct: np.ndarray, allowed: np.ndarray, spacing:
     lumen, around = local_mean(ct, mask, sigma), local_mean(ct, shell, sigma)
     half_contrast = 0.5 * (lumen - around)
     clear = half_contrast >= params.min_contrast_noise * noise  # NaN (no lumen or surroundings near): False
-    outer = ndimage.binary_dilation(mask, _FACE, iterations=params.band_vox)
-    inner = ndimage.binary_erosion(mask, _FACE, iterations=params.band_vox, border_value=1)
-    band = outer & ~inner & allowed
+    band = boundary_band(mask, params.band_vox, border_is_surface=False) & allowed
     decided = band & clear
     snapped = np.where(decided, ct > lumen - half_contrast, mask)
     inside = half_contrast[mask]

@@ -514,14 +514,15 @@ def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] 
             rows += done
     if not todo:
         return {"scores": rows}
-    edge_keys = [key for key in todo if run.params.stage1.for_class(key).ct_edge.enabled]
-    case = run.load(case_id, with_image=bool(edge_keys))  # header, input, truth (and CT), once for every class
-    for key in todo:
-        params, field = run.params.stage1.for_class(key), state.fields[key]
+    params_of = {key: run.params.stage1.for_class(key) for key in todo}
+    reads_ct = any(p.ct_edge.enabled for p in params_of.values())
+    case = run.load(case_id, with_image=reads_ct)  # header, input, truth (and CT), once for every class
+    for key, params in params_of.items():
+        field = state.fields[key]
         image = class_image(run, case_id, key, params.model, state.device) if params.model.appearance else None
         repaired, report = repair_case(field.model, field.index_of[case_id], crops, case.label, run,
                                        key, run.table[key].expected_components, params, state.device, image,
-                                       case.image if key in edge_keys else None)
+                                       case.image if params.ct_edge.enabled else None)
         rows += score_case(case, run.table, key, repaired, report)
     order = {key: n for n, key in enumerate(repaired_classes(run, keys))}
     return {"scores": sorted(rows, key=lambda r: order[r["class"]])}  # stable: a class's rows keep their order
