@@ -57,14 +57,14 @@ def _rows(case_id: str, prefix: str, dense, fine, classes, table) -> list[dict]:
 
 
 def _mref_agreement(given: np.ndarray, dense: np.ndarray, fine: np.ndarray, cls, spacing, params, table,
-                    foreign: np.ndarray, ct: np.ndarray | None) -> dict:
+                    around, ct: np.ndarray | None) -> dict:
     """Stage 1's output from both decodes (:func:`~nearfix_lib.stages.stage1.repair_decision`'s cuts): each
     made into M^ref as the repair makes it (clean-up, audit, anchor, CT edge: ``stage1.mref_of``), then
     compared like the raw maps."""
     from nearfix_lib.core.metrics import component_counts
     from nearfix_lib.stages.stage1 import mref_of
 
-    a, b = (mref_of(given, m, cls.expected_components, spacing, params, foreign, ct).mask for m in (dense, fine))
+    a, b = (mref_of(given, m, cls.expected_components, spacing, params, around, ct).mask for m in (dense, fine))
     comps = [component_counts(m.astype(np.uint8) * cls.index, table)[cls.key] for m in (a, b)]
     return {"mref_identical": float(np.mean(a == b)), "mref_components_equal": comps[0] == comps[1]}
 
@@ -80,7 +80,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     from nearfix_lib.field.sampling import interface_band
     from nearfix_lib.field.unified import UnifiedModel, priority_decision
     from nearfix_lib.stages.prepare import load_crops_index
-    from nearfix_lib.stages.stage1 import class_image, foreign_voxels, load_stage1_fields, repair_decision
+    from nearfix_lib.stages.stage1 import box_anatomy, class_image, load_stage1_fields, repair_decision
     from nearfix_lib.stages.stage3 import artifact_path
 
     index = load_crops_index(prepared_dir(run))
@@ -108,7 +108,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             own = [(bits & 1) * cls.index for bits in (dense, fine)]  # the field's own decision, P >= threshold
             rows += _rows(cid, "stage1", (own[0], dense_s), (own[1], fine_s, evaluated), [cls], run.table)
             rows[-1].update(_mref_agreement(inside, dense, fine, cls, crops.spacing, p, run.table,
-                                            foreign_voxels(given[box.slices], key, run.table),
+                                            box_anatomy(given, box, key, run.table, crops.spacing),
                                             case.image.array[box.slices] if p.ct_edge.enabled else None))
             print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
         if unified is not None and cid in unified.case_ids:

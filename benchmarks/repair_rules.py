@@ -40,13 +40,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "bridge_gap_mm", "max_volume_ratio",
-           "add_over_foreign", "ct_edge", "dice", "hd95", "n_comp", "expected", "kept_input", "volume_ratio"]
+           "add_over_foreign", "ct_edge", "anatomy", "dice", "hd95", "n_comp", "expected", "kept_input", "volume_ratio"]
 SHARE_OF = f"cases +{COR_GAIN:g} at the expected count"  # benchmarks.robustness's coronary target
 
 
 class Rule(NamedTuple):
     """One way of making M^ref from a field; NaN cuts: the field alone, NaN gap or ratio, None
-    ``add_over_foreign`` or ``ct_edge``: the run's own."""
+    ``add_over_foreign``, ``ct_edge`` or ``anatomy`` (both of its rules): the run's own."""
 
     name: str
     keep_above: float
@@ -56,6 +56,7 @@ class Rule(NamedTuple):
     max_volume_ratio: float = float("nan")
     add_over_foreign: bool | None = None
     ct_edge: bool | None = None
+    anatomy: bool | None = None
 
 
 NOISY = Rule("noisy", float("nan"), float("nan"), False, float("nan"))
@@ -63,12 +64,13 @@ NOISY = Rule("noisy", float("nan"), float("nan"), False, float("nan"))
 
 def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: list[float] | None = None,
           ratios: list[float] | None = None, overs: list[bool] | None = None,
-          edges: list[bool] | None = None) -> list[Rule]:
+          edges: list[bool] | None = None, anatomies: list[bool] | None = None) -> list[Rule]:
     """Every rule measured: the field alone (NaN cuts), then each anchor with each ``join``; each with
     the run's own bridge gap (``bridges`` None) or with every gap of ``bridges``, each anchor with the
     run's own volume cap (``ratios`` None) or with every cap of ``ratios``, and the run's own
     ``add_over_foreign`` (``overs`` None) or each of ``overs``, and every rule with the run's own
-    ``ct_edge.enabled`` (``edges`` None) or each of ``edges`` (named in the rule)."""
+    ``ct_edge.enabled`` (``edges`` None) or each of ``edges``, and its own ``anatomy`` (``anatomies``
+    None) or each of ``anatomies`` (both of its rules on or off; named in the rule)."""
     nan = float("nan")
     cuts = [Rule("field", nan, nan, False, nan)]
     cuts += [Rule(f"anchor {k:g} / {a:g}" + (" + join" if j else ""), k, a, j, nan)
@@ -81,6 +83,8 @@ def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: lis
                            for r in cuts[1:] for o in overs]
     if edges is not None:
         cuts = [r._replace(name=r.name + (", CT edge" if e else ""), ct_edge=e) for r in cuts for e in edges]
+    if anatomies is not None:
+        cuts = [r._replace(name=r.name + (", anatomy" if a else ""), anatomy=a) for r in cuts for a in anatomies]
     if bridges is None:
         return cuts
     return [r._replace(name=f"{r.name}, bridge {g:g} mm", bridge_gap_mm=g) for r in cuts for g in bridges]
@@ -103,7 +107,7 @@ def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarra
     return {"run": run_name, "case": case_id, "class": key, "rule": rule.name, "keep_above": rule.keep_above,
             "add_above": rule.add_above, "join": rule.join, "bridge_gap_mm": rule.bridge_gap_mm,
             "max_volume_ratio": rule.max_volume_ratio, "add_over_foreign": rule.add_over_foreign,
-            "ct_edge": rule.ct_edge,
+            "ct_edge": rule.ct_edge, "anatomy": rule.anatomy,
             "dice": scores["dice"], "hd95": scores["hd95"],
             "n_comp": mask_components(mask), "expected": expected, "kept_input": kept,
             "volume_ratio": float(mask.sum() / max(1, truth.sum()))}
@@ -113,7 +117,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
     """Every case of the run's fit of ``key``: the noisy input's row and one per rule."""
     from nearfix_lib.core.workspace import open_run
     from nearfix_lib.field.infer import field_on_grid, original_box_grid
-    from nearfix_lib.stages.stage1 import class_image, foreign_voxels, mref_of, repair_setup
+    from nearfix_lib.stages.stage1 import box_anatomy, class_image, mref_of, repair_setup
 
     run = open_run(run_dir)
     state = repair_setup(run, [key])
@@ -129,7 +133,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         p = field_on_grid(field.model, i, original_box_grid(box), box, state.device, base.chunk_points,
                           image=image)[..., 0]
         given, truth = case.label.array[box.slices] == cls.index, case.truth.array[box.slices] == cls.index
-        foreign = foreign_voxels(case.label.array[box.slices], key, run.table)
+        around = box_anatomy(case.label.array, box, key, run.table, crops.spacing)
         ct = case.image.array[box.slices] if case.image is not None else None
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
@@ -145,8 +149,10 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
                        else dataclasses.replace(base.cleanup, bridge_gap_mm=rule.bridge_gap_mm))
             edge = dataclasses.replace(base.ct_edge, enabled=base.ct_edge.enabled if rule.ct_edge is None
                                        else rule.ct_edge)
-            params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup, ct_edge=edge)
-            made = mref_of(given, rule_bits(p, params), expected, crops.spacing, params, foreign, ct)
+            anatomy = (base.anatomy if rule.anatomy is None
+                       else dataclasses.replace(base.anatomy, drop_unattached=rule.anatomy, split_joins=rule.anatomy))
+            params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup, ct_edge=edge, anatomy=anatomy)
+            made = mref_of(given, rule_bits(p, params), expected, crops.spacing, params, around, ct)
             rows.append(score_row(run_dir.name, case_id, key, rule, made.mask, truth, crops.spacing, expected,
                                   made.audit.kept_input))
         print(f"{run_dir.name} case {case_id}: {len(candidates)} rules", flush=True)
@@ -208,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="anchor.add_over_foreign of the rules (default: the run's own)")
     ap.add_argument("--ct-edge", choices=["on", "off", "both"],
                     help="ct_edge.enabled of the rules, the field alone's too (default: the run's own)")
+    ap.add_argument("--anatomy", choices=["on", "off", "both"],
+                    help="stage1.anatomy's rules (both on or off) of every rule (default: the run's own)")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/repair_rules"))
     args = ap.parse_args(argv)
     for run_dir in args.runs:
@@ -218,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     overs = None if args.over_foreign is None else {"on": [True], "off": [False],
                                                    "both": [True, False]}[args.over_foreign]
     edges = None if args.ct_edge is None else {"on": [True], "off": [False], "both": [False, True]}[args.ct_edge]
-    candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs, edges)
+    anatomies = None if args.anatomy is None else {"on": [True], "off": [False], "both": [False, True]}[args.anatomy]
+    candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs, edges, anatomies)
     table = pd.DataFrame([r for run_dir in args.runs for r in run_rows(run_dir, args.key, candidates)],
                          columns=COLUMNS)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,10 @@ from nearfix_lib.repair.cleanup import (
     CleanupReport,
     clean_mask,
     drop_small_components,
+    drop_unattached,
     joined_through,
     keep_largest_components,
+    split_joins,
 )
 
 SHAPE = (12, 9, 7)
@@ -277,3 +279,66 @@ def test_joined_through_adds_only_the_joiner_pieces_that_connect_two_pieces():
     assert np.array_equal(joined_through(one, joiner), one)  # one piece: nothing to join
     with pytest.raises(ValueError, match="differ in shape"):
         joined_through(mask, joiner[:, :, :5])
+
+
+def test_drop_unattached_keeps_pieces_that_touch_where_the_class_may_lie():
+    """Of three pieces, the one touching ``attached`` and the largest (touching nothing) stay; the
+    island apart goes, with its voxel count; the mask is untouched."""
+    shape = (9, 24, 7)
+    mask = np.zeros(shape, bool)
+    mask[2, 1:13, 3] = True  # the largest, away from everything
+    mask[6, 15:20, 3] = True  # a piece whose end touches where the class may lie
+    mask[7, 22:24, 5] = True  # an island
+    attached = np.zeros(shape, bool)
+    attached[6:9, 19:21, :] = True
+    before = mask.copy()
+    out, dropped = drop_unattached(mask, attached)
+    assert np.array_equal(mask, before)
+    assert dropped == 2 and np.array_equal(out, mask & ~(np.arange(shape[0]) == 7)[:, None, None])
+    assert drop_unattached(np.zeros(shape, bool), attached)[1] == 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        drop_unattached(mask, attached[:5])
+
+
+def _two_trees(shape=(30, 11, 8)):
+    """Two straight 'trees' along i, each 10 voxels, joined by 4 voxels another class holds."""
+    mask, others = np.zeros(shape, bool), np.zeros(shape, bool)
+    mask[2:26, 5, 3] = True
+    others[12:16] = True  # the aorta between the ostia, say
+    return mask, others
+
+
+def test_split_joins_parts_two_trees_joined_over_another_class():
+    mask, others = _two_trees()
+    before = mask.copy()
+    out, removed = split_joins(mask, others, expected=2, min_voxels=3)
+    assert np.array_equal(mask, before)
+    # the cut: the layer halfway between the trees, both sides of it (i = 13, 14), not the whole join
+    cut = np.zeros_like(mask)
+    cut[13:15, 5, 3] = True
+    assert removed == 2 and np.array_equal(out, mask & ~cut) and mask_components(out) == 2
+    # already at the expected count, or a class of one piece: nothing to part
+    assert split_joins(mask, others, expected=1, min_voxels=3)[1] == 0
+    assert split_joins(out, others, expected=2, min_voxels=3)[1] == 0
+    # the join is the class's own where the input says so: nothing over another class, nothing parted
+    assert split_joins(mask, np.zeros_like(others), expected=2, min_voxels=3)[1] == 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        split_joins(mask, others[:, :5], expected=2, min_voxels=3)
+
+
+def test_split_joins_parts_only_into_the_expected_count_of_real_pieces():
+    """A join that would leave a stub (under ``min_voxels``) or more pieces than expected stays; of the
+    joins that give the expected count, the one that parts the trees (not a stub) goes."""
+    mask, others = _two_trees()
+    assert split_joins(mask, others, expected=2, min_voxels=12)[1] == 0  # the cut leaves two of 11 voxels
+    # a second crossing over another class inside the first tree: removing every join would give three
+    # pieces, cutting that one a stub of 5 voxels from the rest: only the cut between the trees goes
+    others2 = others.copy()
+    others2[5:9, 5, 3] = True
+    out, removed = split_joins(mask, others2, expected=2, min_voxels=2)
+    assert mask_components(out) == 2 and removed == 2
+    assert out[5:9, 5, 3].all() and not out[13:15, 5, 3].any()
+    # a loop: two joins side by side between the same pieces; removing one leaves them joined
+    looped = mask.copy()
+    looped[11:17, 7, 3] = looped[11, 6, 3] = looped[16, 6, 3] = True
+    assert split_joins(looped, others, expected=2, min_voxels=3)[1] == 0

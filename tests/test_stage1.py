@@ -331,6 +331,45 @@ def test_an_anchored_repair_larger_than_its_input_drops_the_inputs_least_sure_vo
     assert np.array_equal(kept_out, anchored(0.05) & ~others) and (kept_out & ~given).sum() == 3
 
 
+def test_mref_holds_the_tables_anatomy_read_from_the_inputs_labels():
+    """``stage1.anatomy``: a coronary piece far from the myocardium and aorta goes (a target just outside
+    the class box still counts where it may lie), and two trees the field joined across the aorta's voxels are parted;
+    off, or without the input's labels, M^ref is the field's."""
+    import dataclasses
+
+    from nearfix_lib.core.config import CleanupParams, RepairAnatomyParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+
+    shape, spacing = (40, 16, 12), (1.0, 0.8, 1.5)  # anisotropic: distances in mm
+    labels = np.zeros(shape, np.uint8)
+    labels[:, :, 0:2] = CARDIAC["Myo"].index  # the heart's surface, along the box's floor
+    labels[18:22, :, 2:9] = CARDIAC["Ao"].index  # the aorta between the two trees' ostia
+    labels[1, 2:14, 10:12] = CARDIAC["Myo"].index  # a target outside the box (i = 1 < box.lo)
+    cor = CARDIAC["Cor"].index
+    labels[4:18, 6, 3] = labels[22:36, 6, 3] = cor  # two trees beside the surface, ostia at the aorta
+    labels[30:33, 12, 10] = cor  # an island 12 mm above the surface
+    box = Box((2, 0, 0), (40, 16, 12))
+    around = stage1.box_anatomy(labels, box, "Cor", CARDIAC, spacing)
+    given = labels[box.slices] == cor
+    assert around.others.sum() == np.count_nonzero(labels[box.slices] != 0) - given.sum()
+    assert around.attached[1, 6, 10] and not around.attached[29, 12, 10]  # box index 1 = label index 3
+    field = given.copy()
+    field[16:20, 6, 3] = True  # the field runs the first tree on through the aorta (box i 16-19) into the second
+    bits = field.astype(np.uint8)  # bit 0: the field's own decision; no anchor, no CT
+    base = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False))
+    off = stage1.mref_of(given, bits, 2, spacing, base, around)
+    assert np.array_equal(off.mask, field) and off.anatomy is None and "anatomy_split_voxels" not in off.columns()
+    on = dataclasses.replace(base, anatomy=RepairAnatomyParams(drop_unattached=True, split_joins=True))
+    made = stage1.mref_of(given, bits, 2, spacing, on, around)
+    island = np.zeros(shape, bool)
+    island[30:33, 12, 10] = True
+    cut = np.zeros_like(field)
+    cut[17:19, 6, 3] = True  # the middle of the join's four aortic voxels (box i 16-19), not all of them
+    assert np.array_equal(made.mask, field & ~island[box.slices] & ~cut)
+    assert made.columns()["anatomy_unattached_voxels"] == 3 and made.columns()["anatomy_split_voxels"] == 2
+    assert np.array_equal(stage1.mref_of(given, bits, 2, spacing, on).mask, field)  # no labels: nothing to read
+
+
 def test_per_class_overrides():
     p = load_params(PROJECT / "params/default.yaml").stage1
     cor, lv = p.for_class("Cor"), p.for_class("LV")

@@ -450,6 +450,20 @@ class CTEdgeParams:
             raise ValueError(f"ct_edge.min_contrast_noise must be >= 0, got {self.min_contrast_noise}")
 
 
+@dataclass
+class RepairAnatomyParams:
+    """M^ref held to the class table's anatomy, read from the input's other labels around the class:
+    stage 1 repairs a class alone, and what the table says about its neighbours (stage 2's rules on
+    the fused map) is known there already. Off by default; the coronaries' default turns both on."""
+
+    # pieces with no voxel within the table's attach_max_mm of its attach_to classes go (the largest
+    # stays): stage 2's distance rule, on the input's labels
+    drop_unattached: bool = False
+    # fewer than the expected components: a piece it takes over another class's input voxels that
+    # joins its pieces goes, where that gives the expected count (two trees meet only through the aorta)
+    split_joins: bool = False
+
+
 # -- parameters of repair.fusion -------------------------------------------------------------------
 
 RULES = ("contact", "bridge", "distance", "holes", "largest")
@@ -783,6 +797,7 @@ class Stage1Params:
     audit: AuditParams = field(default_factory=AuditParams)  # M^ref against its input: flag, or keep the input
     anchor: AnchorParams = field(default_factory=AnchorParams)  # M^ref held to its input where the field is unsure
     ct_edge: CTEdgeParams = field(default_factory=CTEdgeParams)  # M^ref's boundary on the CT's edge
+    anatomy: RepairAnatomyParams = field(default_factory=RepairAnatomyParams)  # M^ref held to the table's anatomy
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}

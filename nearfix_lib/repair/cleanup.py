@@ -296,3 +296,93 @@ def clean_mask(mask: np.ndarray, expected: int, spacing: Sequence[float],
                            removed_components=int((~keep).sum()),
                            removed_voxels=int(sizes[~keep].sum()), filled_voxels=filled, bridged_voxels=bridged)
     return out, report
+
+
+def drop_unattached(mask: np.ndarray, attached: np.ndarray) -> tuple[np.ndarray, int]:
+    """``mask`` without its components that hold no voxel of ``attached`` (where the class may lie: within
+    its attachment distance of the classes it lies on); the largest stays whatever it touches, as in
+    :func:`clean_mask`. A coronary piece far from the heart's surface and the aorta is an island of the
+    segmenter, not a vessel (stage 2's distance rule, on the input's labels). Returns the mask and the
+    voxels it dropped."""
+    mask, attached = _as_mask(mask), _as_mask(attached)
+    if mask.shape != attached.shape:
+        raise ValueError(f"drop_unattached: mask {mask.shape} and attached {attached.shape} differ in shape")
+    comps = _components(mask, 26)
+    if comps is None:
+        return mask.copy(), 0
+    touching = np.zeros(comps.sizes.size + 1, dtype=bool)
+    touching[np.unique(comps.labels[attached[comps.box.slices]])] = True
+    keep = touching[1:]
+    keep[comps.ranking[0]] = True
+    return comps.mask_of(keep, mask.shape), int(comps.sizes[~keep].sum())
+
+
+def _parting_cut(labels: np.ndarray, join: int, n_pieces: int) -> np.ndarray:
+    """The voxels of gap piece ``join`` (in ``labels``: pieces 1..n_pieces, gap pieces above) that part the
+    pieces it touches: each of its voxels goes to the piece it reaches first inside the join (a geodesic
+    Voronoi partition, :func:`skimage.segmentation.watershed` on a flat image), and the voxels with a
+    neighbour of another piece's share are the cut, a layer about two voxels thick across the join
+    where it is equally far from the pieces (the middle of the aorta between two ostia), not all of it."""
+    from skimage.segmentation import watershed
+
+    box = bounding_box(labels == join)
+    lo = np.maximum(np.asarray(box.lo) - 2, 0)
+    hi = np.minimum(np.asarray(box.hi) + 2, labels.shape)
+    window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # the join and a rim: all the cut needs
+    local = labels[window]
+    inside = local == join
+    cube = np.ones((3, 3, 3), bool)
+    beside = ndimage.binary_dilation(inside, structure=cube) & (local > 0) & (local <= n_pieces)
+    region = inside | beside  # the join and the pieces' voxels it touches, their seeds
+    share = watershed(np.zeros(local.shape, np.uint8), np.where(beside, local, 0).astype(np.int32),
+                      mask=region, connectivity=3)
+    big = np.iinfo(np.int32).max
+    highest = ndimage.maximum_filter(np.where(region, share, 0), footprint=cube, mode="constant", cval=0)
+    lowest = ndimage.minimum_filter(np.where(region, share, big), footprint=cube, mode="constant", cval=big)
+    cut = np.zeros(labels.shape, dtype=bool)
+    cut[window] = inside & (highest != lowest)
+    return cut
+
+
+def split_joins(mask: np.ndarray, others: np.ndarray, expected: int, min_voxels: int) -> tuple[np.ndarray, int]:
+    """``mask`` with fewer than ``expected`` components parted where it crosses ``others`` (voxels the
+    input gives another class): two coronary trees are separate, and a repair that joins them does so
+    through a neighbour's voxels (the aorta between the ostia, a swapped patch of myocardium). Each
+    26-connected piece of ``mask & others`` that touches two or more pieces of the rest is a join, and
+    its cut (:func:`_parting_cut`) the layer across it halfway between those pieces: the join's other
+    voxels are often the vessel itself, which a segmenter gave its neighbour. While the mask has fewer
+    than ``expected`` components, of the cuts that give at most ``expected`` components, each of at
+    least ``min_voxels``, the one whose smallest piece is largest goes: the trees part, not a tree and
+    a stub. A join whose cut parts the mask into more stays. Returns the mask and the voxels removed."""
+    mask, others = _as_mask(mask), _as_mask(others)
+    if mask.shape != others.shape:
+        raise ValueError(f"split_joins: mask {mask.shape} and others {others.shape} differ in shape")
+    box = bounding_box(mask)
+    if box is None or expected < 2:
+        return mask.copy(), 0
+    crop = np.ascontiguousarray(mask[box.slices])
+    over = crop & others[box.slices]
+    n_now = cc3d.connected_components(crop, connectivity=26, return_N=True)[1]
+    removed = 0
+    while n_now < expected:
+        rest, n_rest = cc3d.connected_components(crop & ~over, connectivity=26, return_N=True)
+        joins = cc3d.connected_components(crop & over, connectivity=26, out_dtype=np.uint32)
+        labels = rest.astype(np.uint32)
+        labels[joins > 0] = joins[joins > 0] + np.uint32(n_rest)  # one label image, as in joined_through
+        touched = Counter(max(edge) for edge in cc3d.region_graph(labels, connectivity=26))
+        best, best_piece = None, min_voxels - 1
+        for join in sorted(j for j, n in touched.items() if n >= 2):
+            cut = _parting_cut(labels, join, n_rest)
+            parted = crop & ~cut
+            cc, n = cc3d.connected_components(parted, connectivity=26, return_N=True)
+            piece = int(np.bincount(cc.ravel())[1:].min())
+            if n_now < n <= expected and piece > best_piece:  # the trees, not a tree and a stub
+                best, best_piece = (cut, parted, n), piece
+        if best is None:
+            break
+        cut, crop, n_now = best
+        removed += int(cut.sum())
+        over = over & crop
+    out = mask.copy()
+    out[box.slices] = crop
+    return out, removed

@@ -136,7 +136,8 @@ def timings(run: Run) -> pd.DataFrame:
 
 AUDIT_MEASURES = {"audit_fit_dice": "fit Dice", "audit_dropped": "dropped", "audit_added": "added",
                   "audit_skeleton_kept": "centre line kept", "audit_keep_cut": "keep cut",
-                  "edge_decided": "CT edge decided", "edge_contrast_noise": "CT contrast / noise"}
+                  "edge_decided": "CT edge decided", "edge_contrast_noise": "CT contrast / noise",
+                  "anatomy_unattached_voxels": "unattached voxels", "anatomy_split_voxels": "join voxels"}
 
 
 def audit_summary(audit: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -163,8 +164,9 @@ def _audit_section(run: Run) -> list[str]:
             "the input), the input's centre line kept (thin classes), the cut above which M^ref kept an input "
             "voxel (classes with `stage1.anchor`; above `keep_above` where `max_volume_ratio` raised it), "
             "the share of the boundary band whose voxels the CT decided and its half contrast over its noise "
-            "(classes with `stage1.ct_edge`; near 0: the CT was too faint and the field's boundary stayed); "
-            "cases flagged by `stage1.audit`.", "",
+            "(classes with `stage1.ct_edge`; near 0: the CT was too faint and the field's boundary stayed), "
+            "the voxels `stage1.anatomy` took: of pieces away from the classes the class lies on, and of "
+            "joins over another class that parted its trees; cases flagged by `stage1.audit`.", "",
             per_class.round(3).to_markdown(), "", listed, ""]
 
 

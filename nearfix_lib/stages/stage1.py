@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import edt
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -79,7 +80,7 @@ from nearfix_lib.field.train import (
     unwrap,
 )
 from nearfix_lib.repair.audit import AUDIT_PREFIX, Audit, audit_repair
-from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, joined_through
+from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, drop_unattached, joined_through, split_joins
 from nearfix_lib.repair.ct_edge import EDGE_PREFIX, EdgeReport, snap_to_edge
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
@@ -327,6 +328,39 @@ def foreign_voxels(labels: np.ndarray, key: str, table: ClassTable) -> np.ndarra
     return ~np.isin(labels, own)
 
 
+@dataclass
+class BoxAnatomy:
+    """What the input's label map says around a class inside its box, for M^ref's rules: ``foreign``
+    (:func:`foreign_voxels`: where the anchor adds nothing), ``others`` (voxels of any other class:
+    where ``anatomy.split_joins`` looks for joins) and ``attached`` (within the class's attachment
+    distance of the classes it lies on: where ``anatomy.drop_unattached`` keeps pieces; None for a
+    class without a distance rule, or none of whose targets the input holds)."""
+
+    foreign: np.ndarray
+    others: np.ndarray
+    attached: np.ndarray | None = None
+
+
+def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spacing: Sequence[float]) -> BoxAnatomy:
+    """:class:`BoxAnatomy` of class ``key``'s ``box`` from the whole input label map ``labels``: a target
+    just outside the box still holds a piece inside it (distances on the box grown by the reach)."""
+    crop = labels[box.slices]
+    cls = table[key]
+    others = (crop != cls.index) & (crop != 0)
+    attached = None
+    att = cls.attachment
+    if att is not None and att.max_mm > 0:
+        reach = np.ceil(att.max_mm / np.asarray(spacing, dtype=np.float64)).astype(int) + 1
+        lo = np.maximum(np.asarray(box.lo) - reach, 0)
+        hi = np.minimum(np.asarray(box.hi) + reach, labels.shape)
+        targets = np.isin(labels[tuple(slice(a, b) for a, b in zip(lo, hi))], [table[t].index for t in att.targets])
+        if targets.any():
+            dist = edt.edt(np.ascontiguousarray(~targets), anisotropy=tuple(map(float, spacing)), black_border=False)
+            inner = tuple(slice(int(a - g), int(b - g)) for a, b, g in zip(box.lo, box.hi, lo))
+            attached = dist[inner] <= att.max_mm * (1.0 + 1e-6)
+    return BoxAnatomy(foreign_voxels(crop, key, table), others, attached)
+
+
 def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams,
                   foreign: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """The input where the field's P reaches the keep cut, plus the voxels where P >= ``add_above``
@@ -356,30 +390,47 @@ def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
     return given, None
 
 
+@dataclass
+class AnatomyReport:
+    """What ``stage1.anatomy`` took from M^ref: voxels of pieces away from the classes it lies on
+    (``drop_unattached``) and of joins over other classes (``split_joins``)."""
+
+    unattached_voxels: int = 0
+    split_voxels: int = 0
+
+    def columns(self) -> dict:
+        return {f"anatomy_{k}": v for k, v in dataclasses.asdict(self).items()}
+
+
 class MRef(NamedTuple):
     """A class box's M^ref (:func:`mref_of`) and what made it: the clean-up's report (of the mask
     returned; ``keep_input`` cleans nothing and keeps the field's), the audit (of the field's own
-    decision) and, where ``ct_edge`` moved its boundary, the CT's report (else None)."""
+    decision), where ``ct_edge`` moved its boundary, the CT's report, and where ``anatomy`` is on, its
+    report (else None)."""
 
     mask: np.ndarray
     cleanup: CleanupReport
     audit: Audit
     edge: EdgeReport | None = None
+    anatomy: AnatomyReport | None = None
 
     def columns(self) -> dict:
-        """The per-case record of the scores table: clean-up counts, ``audit_*`` and ``edge_*`` columns."""
+        """The per-case record of the scores table: clean-up counts, ``audit_*``, ``edge_*`` and ``anatomy_*``."""
         edge = self.edge.columns() if self.edge is not None else {}
-        return {**dataclasses.asdict(self.cleanup), **self.audit.columns(), **edge}
+        anatomy = self.anatomy.columns() if self.anatomy is not None else {}
+        return {**dataclasses.asdict(self.cleanup), **self.audit.columns(), **edge, **anatomy}
 
 
 def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequence[float],
-            params: Stage1Params, foreign: np.ndarray | None = None, ct: np.ndarray | None = None) -> MRef:
+            params: Stage1Params, around: BoxAnatomy | None = None, ct: np.ndarray | None = None) -> MRef:
     """M^ref of a class box from its input mask ``given`` and the field's decode ``bits``
     (:func:`repair_decision`): the field's own decision, cleaned and audited against the input; a
-    flagged case takes ``audit.action``, the others the anchor where it is on (``foreign``: the box's
-    :func:`foreign_voxels`, for ``anchor.add_over_foreign``) and, with ``ct_edge`` on, its boundary
-    where the box's CT ``ct`` shows the edge (:mod:`~nearfix_lib.repair.ct_edge`; then the clean-up
-    again). A case whose input the audit kept keeps it as the audit says: the CT moves no boundary there."""
+    flagged case takes ``audit.action``, the others the anchor where it is on (``around``: the box's
+    :func:`box_anatomy`; its ``foreign`` voxels for ``anchor.add_over_foreign``), with ``ct_edge`` on,
+    its boundary where the box's CT ``ct`` shows the edge (:mod:`~nearfix_lib.repair.ct_edge`; then the
+    clean-up again) and, with ``anatomy`` on, the table's anatomy held (:func:`held_to_anatomy`). A case
+    whose input the audit kept keeps it as the audit says: the CT moves no boundary there."""
+    foreign = around.foreign if around is not None else None
     repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
     audit = audit_repair(given, repaired, params.audit)  # can the field hold its input at all?
     if audit.kept_input:
@@ -391,14 +442,33 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         if params.anchor.join:  # the pieces the field's own decision connects, connected through it
             anchored = joined_through(anchored, repaired)
         repaired, report = clean_mask(anchored, expected, spacing, params.cleanup)
-    if not params.ct_edge.enabled:
-        return MRef(repaired, report, audit)
-    if ct is None:
-        raise ValueError("stage1.ct_edge is on: M^ref needs the class box's CT")
-    allowed = ~foreign if foreign is not None else np.ones(repaired.shape, dtype=bool)
-    snapped, edge = snap_to_edge(repaired, ct, allowed, spacing, params.ct_edge)
-    repaired, report = clean_mask(snapped, expected, spacing, params.cleanup)
-    return MRef(repaired, report, audit, edge)
+    edge = None
+    if params.ct_edge.enabled:
+        if ct is None:
+            raise ValueError("stage1.ct_edge is on: M^ref needs the class box's CT")
+        allowed = ~foreign if foreign is not None else np.ones(repaired.shape, dtype=bool)
+        snapped, edge = snap_to_edge(repaired, ct, allowed, spacing, params.ct_edge)
+        repaired, report = clean_mask(snapped, expected, spacing, params.cleanup)
+    repaired, anatomy = held_to_anatomy(repaired, expected, spacing, params, around)
+    return MRef(repaired, report, audit, edge, anatomy)
+
+
+def held_to_anatomy(mask: np.ndarray, expected: int, spacing: Sequence[float], params: Stage1Params,
+                    around: BoxAnatomy | None) -> tuple[np.ndarray, AnatomyReport | None]:
+    """``mask`` with ``stage1.anatomy``'s rules applied on the input's labels ``around`` it (None: off,
+    or no labels to read): pieces away from the classes it lies on go, then joins of too few pieces
+    over other classes (:func:`~nearfix_lib.repair.cleanup.split_joins`; a piece under the clean-up's
+    smallest volume does not count as one)."""
+    rules = params.anatomy
+    if around is None or not (rules.drop_unattached or rules.split_joins):
+        return mask, None
+    report = AnatomyReport()
+    if rules.drop_unattached and around.attached is not None:
+        mask, report.unattached_voxels = drop_unattached(mask, around.attached)
+    if rules.split_joins:
+        min_voxels = max(1, int(np.ceil(params.cleanup.min_component_mm3 / float(np.prod(spacing)))))
+        mask, report.split_voxels = split_joins(mask, around.others, expected, min_voxels)
+    return mask, report
 
 
 def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, run: Run, key: str,
@@ -416,8 +486,8 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
     bits = labels_on_grid(model, i, original_box_grid(box), box, repair_decision(params), params.decode, device,
                           params.chunk_points, image=image, seed=interface_band(given, 1))
-    foreign = foreign_voxels(label.array[box.slices], key, run.table)
-    made = mref_of(given, bits, expected, crops.spacing, params, foreign,
+    around = box_anatomy(label.array, box, key, run.table, crops.spacing)
+    made = mref_of(given, bits, expected, crops.spacing, params, around,
                    ct.array[box.slices] if ct is not None else None)
     mask = np.zeros(crops.shape, dtype=bool)
     mask[box.slices] = made.mask
