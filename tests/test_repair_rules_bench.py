@@ -40,8 +40,8 @@ def test_rule_bits_set_the_cut_bits_of_the_repair_decision():
     assert [r.name for r in edged] == ["field", "field, CT edge", "anchor 0.05 / 0.7", "anchor 0.05 / 0.7, CT edge"]
     assert [r.ct_edge for r in edged] == [False, True, False, True]
     held_to_table = rules([0.05], [0.7], [False], edges=[True], anatomies=[False, True])
-    assert [r.name for r in held_to_table] == ["field, CT edge", "field, CT edge, anatomy", "anchor 0.05 / 0.7, CT edge",
-                                               "anchor 0.05 / 0.7, CT edge, anatomy"]
+    assert [r.name for r in held_to_table] == ["field, CT edge", "field, CT edge, anatomy",
+                                               "anchor 0.05 / 0.7, CT edge", "anchor 0.05 / 0.7, CT edge, anatomy"]
     assert [r.anatomy for r in held_to_table] == [False, True, False, True]
 
 
