@@ -193,8 +193,10 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
                                                                    "max_volume_ratio": 0.0},
                                    "stage1.overrides.Cor.decode": {"mode": "dense"},
                                    "stage1.overrides.Cor.audit": {"action": "flag"},
-                                   # the anchor alone: the CT edge moves its boundary after it (tested below)
-                                   "stage1.overrides.Cor.ct_edge": {"enabled": False}}, run_dir=str(tiny_run.dir))
+                                   # the anchor alone: the CT edge and the anatomy act after it (tested below)
+                                   "stage1.overrides.Cor.ct_edge": {"enabled": False},
+                                   "stage1.overrides.Cor.anatomy": {"drop_unattached": False, "split_joins": False}},
+                                  run_dir=str(tiny_run.dir))
         run = dataclasses.replace(tiny_run, params=params)
         rows = stage1.repair_class(run, "Cor", progress=False)
         rows = rows[(rows["source"] == "stage1") & (rows["reference"] == "noisy")].set_index("case")
@@ -247,6 +249,9 @@ def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tin
             rows[True].loc[cid, "cleanup_removed_voxels"]
     assert moved > 0  # the phantom's CT is clear: the edge moved somewhere
     assert rows[True]["edge_decided"].between(0, 1).all() and "edge_decided" not in rows[False].columns
+    # the coronaries' default holds M^ref to the table's anatomy: its report reaches the written scores
+    assert {"anatomy_unattached_voxels", "anatomy_split_voxels"} <= set(rows[True].columns)
+    assert (rows[True]["anatomy_unattached_voxels"] >= 0).all()
     # what the report reads (its audit section): the CT edge's share and clarity per class
     from nearfix_lib.core.workspace import repair_audit
     from nearfix_lib.stages.report import audit_summary

@@ -390,6 +390,9 @@ def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
     return given, None
 
 
+ANATOMY_PREFIX = "anatomy_"  # the scores' columns of AnatomyReport
+
+
 @dataclass
 class AnatomyReport:
     """What ``stage1.anatomy`` took from M^ref: voxels of pieces away from the classes it lies on
@@ -399,7 +402,7 @@ class AnatomyReport:
     split_voxels: int = 0
 
     def columns(self) -> dict:
-        return {f"anatomy_{k}": v for k, v in dataclasses.asdict(self).items()}
+        return {f"{ANATOMY_PREFIX}{k}": v for k, v in dataclasses.asdict(self).items()}
 
 
 class MRef(NamedTuple):
@@ -658,11 +661,11 @@ def repair_run(run: Run, progress: bool = True, *, workers: int = 1,
 
 def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, cleanup: dict) -> list[dict]:
     """M^ref against the noisy input it was fitted to and, where present, it and the input against the
-    truth; M^ref's rows carry the clean-up's counts, the audit and the CT edge's report (``cleanup``:
+    truth; M^ref's rows carry the clean-up's counts, the audit, the CT edge's and the anatomy's reports (``cleanup``:
     :func:`repair_case`'s record)."""
     only, noisy, spacing = table.subset([key]), case.label.array, case.label.spacing
     counts = {"cleanup_removed_voxels": cleanup["removed_voxels"], "cleanup_bridged_voxels": cleanup["bridged_voxels"],
-              **{k: v for k, v in cleanup.items() if k.startswith((AUDIT_PREFIX, EDGE_PREFIX))}}
+              **{k: v for k, v in cleanup.items() if k.startswith((AUDIT_PREFIX, EDGE_PREFIX, ANATOMY_PREFIX))}}
     rows = score_masks(case.case_id, "stage1", "noisy", {key: repaired}, noisy, spacing, only, **counts)
     if case.truth is not None:
         truth = Reference(case.truth.array, spacing, only)
