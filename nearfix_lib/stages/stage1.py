@@ -79,9 +79,9 @@ from nearfix_lib.field.train import (
     load_for_inference,
     unwrap,
 )
-from nearfix_lib.repair.audit import AUDIT_PREFIX, Audit, audit_repair
+from nearfix_lib.repair.audit import Audit, audit_repair
 from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, drop_unattached, joined_through, split_joins
-from nearfix_lib.repair.ct_edge import EDGE_PREFIX, EdgeReport, snap_to_edge
+from nearfix_lib.repair.ct_edge import EdgeReport, snap_to_edge
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device, start_run
@@ -390,9 +390,6 @@ def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
     return given, None
 
 
-ANATOMY_PREFIX = "anatomy_"  # the scores' columns of AnatomyReport
-
-
 @dataclass
 class AnatomyReport:
     """What ``stage1.anatomy`` took from M^ref: voxels of pieces away from the classes it lies on
@@ -402,7 +399,7 @@ class AnatomyReport:
     split_voxels: int = 0
 
     def columns(self) -> dict:
-        return {f"{ANATOMY_PREFIX}{k}": v for k, v in dataclasses.asdict(self).items()}
+        return {f"anatomy_{k}": v for k, v in dataclasses.asdict(self).items()}
 
 
 class MRef(NamedTuple):
@@ -418,10 +415,13 @@ class MRef(NamedTuple):
     anatomy: AnatomyReport | None = None
 
     def columns(self) -> dict:
-        """The per-case record of the scores table: clean-up counts, ``audit_*``, ``edge_*`` and ``anatomy_*``."""
+        """The per-case columns of M^ref's score rows: the clean-up's removed and bridged voxels,
+        ``audit_*``, ``edge_*`` and ``anatomy_*`` (a report added here reaches the scores as it is)."""
         edge = self.edge.columns() if self.edge is not None else {}
         anatomy = self.anatomy.columns() if self.anatomy is not None else {}
-        return {**dataclasses.asdict(self.cleanup), **self.audit.columns(), **edge, **anatomy}
+        return {"cleanup_removed_voxels": self.cleanup.removed_voxels,
+                "cleanup_bridged_voxels": self.cleanup.bridged_voxels,
+                **self.audit.columns(), **edge, **anatomy}
 
 
 def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequence[float],
@@ -481,8 +481,7 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     grid (``stage1.decode``: coarse to fine by default; NIfTI, returned), audited against the input
     (:mod:`~nearfix_lib.repair.audit`; a flagged case keeps its input where ``audit.action`` says so)
     and, where ``stage1.anchor`` is on, held to the input where the field is unsure (``ct``: the case's
-    CT, for ``stage1.ct_edge``). Returns the mask and a record of the clean-up's counts and the audit's
-    ``audit_*`` columns (and the CT edge's ``edge_*``)."""
+    CT, for ``stage1.ct_edge``). Returns the mask and the columns of its score rows (:meth:`MRef.columns`)."""
     box, grid, out = crops.class_boxes[key], crops.class_grids[key], stage1_dir(run, key)
     prob_roi = field_on_grid(model, i, grid, box, device, params.chunk_points, image=image)[..., 0]
     write_npy(stage1_probabilities(run, key, crops.case_id), quantise_probability(prob_roi))
@@ -659,13 +658,10 @@ def repair_run(run: Run, progress: bool = True, *, workers: int = 1,
     return shards.run_stage(run, REPAIR, workers, shard, progress)
 
 
-def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, cleanup: dict) -> list[dict]:
+def score_case(case: LoadedCase, table: ClassTable, key: str, repaired: np.ndarray, counts: dict) -> list[dict]:
     """M^ref against the noisy input it was fitted to and, where present, it and the input against the
-    truth; M^ref's rows carry the clean-up's counts, the audit, the CT edge's and the anatomy's reports (``cleanup``:
-    :func:`repair_case`'s record)."""
+    truth; M^ref's rows carry ``counts`` (:func:`repair_case`'s record, :meth:`MRef.columns`)."""
     only, noisy, spacing = table.subset([key]), case.label.array, case.label.spacing
-    counts = {"cleanup_removed_voxels": cleanup["removed_voxels"], "cleanup_bridged_voxels": cleanup["bridged_voxels"],
-              **{k: v for k, v in cleanup.items() if k.startswith((AUDIT_PREFIX, EDGE_PREFIX, ANATOMY_PREFIX))}}
     rows = score_masks(case.case_id, "stage1", "noisy", {key: repaired}, noisy, spacing, only, **counts)
     if case.truth is not None:
         truth = Reference(case.truth.array, spacing, only)
