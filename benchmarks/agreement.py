@@ -88,7 +88,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
     fields = load_stage1_fields(run, device)
     artifact = artifact_path(run)
     unified = UnifiedModel.load(artifact, device=device, edits=False) if artifact.is_file() else None
-    reads_ct = any(decoding.stage1.for_class(key).ct_edge.enabled for key in fields)  # M^ref's edge needs the CT
+    reads_ct = any(decoding.stage1.for_class(key).mref_reads_ct for key in fields)  # M^ref's edge, paths
     rows = []
     for cid in ids:
         crops = index[cid]
@@ -109,7 +109,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             rows += _rows(cid, "stage1", (own[0], dense_s), (own[1], fine_s, evaluated), [cls], run.table)
             rows[-1].update(_mref_agreement(inside, dense, fine, cls, crops.spacing, p, run.table,
                                             box_anatomy(given, box, key, run.table, crops.spacing),
-                                            case.image.array[box.slices] if p.ct_edge.enabled else None))
+                                            case.image.array[box.slices] if p.mref_reads_ct else None))
             print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
         if unified is not None and cid in unified.case_ids:
             box = unified.geometry[cid].heart_box

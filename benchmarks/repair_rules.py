@@ -123,7 +123,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
     state = repair_setup(run, [key])
     field, cls, base = state.fields[key], run.table[key], run.params.stage1.for_class(key)
     rows = []
-    reads_ct = any(base.ct_edge.enabled if r.ct_edge is None else r.ct_edge for r in candidates)
+    reads_ct = base.ct_path.enabled or any(base.ct_edge.enabled if r.ct_edge is None else r.ct_edge for r in candidates)
     for case_id, i in field.index_of.items():
         crops, case = state.index[case_id], run.load(case_id, with_image=reads_ct)
         if case.truth is None:

@@ -193,8 +193,9 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
                                                                    "max_volume_ratio": 0.0},
                                    "stage1.overrides.Cor.decode": {"mode": "dense"},
                                    "stage1.overrides.Cor.audit": {"action": "flag"},
-                                   # the anchor alone: the CT edge and the anatomy act after it (tested below)
+                                   # the anchor alone: the CT edge, paths and anatomy act after it (tested below)
                                    "stage1.overrides.Cor.ct_edge": {"enabled": False},
+                                   "stage1.overrides.Cor.ct_path": {"enabled": False},
                                    "stage1.overrides.Cor.anatomy": {"drop_unattached": False, "split_joins": False}},
                                   run_dir=str(tiny_run.dir))
         run = dataclasses.replace(tiny_run, params=params)
@@ -252,6 +253,9 @@ def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tin
     # the coronaries' default holds M^ref to the table's anatomy: its report reaches the written scores
     assert {"anatomy_unattached_voxels", "anatomy_split_voxels"} <= set(rows[True].columns)
     assert (rows[True]["anatomy_unattached_voxels"] >= 0).all()
+    # and joins the pieces left apart along the CT's lumen: its report too
+    assert {"path_joined", "path_added", "path_contrast_noise"} <= set(rows[True].columns)
+    assert (rows[True]["path_joined"] >= 0).all() and "path_joined" not in rows[False].columns
     # what the report reads (its audit section): the CT edge's share and clarity per class
     from nearfix_lib.core.workspace import repair_audit
     from nearfix_lib.stages.report import audit_summary
@@ -373,6 +377,36 @@ def test_mref_holds_the_tables_anatomy_read_from_the_inputs_labels():
     assert np.array_equal(made.mask, field & ~island[box.slices] & ~cut)
     assert made.columns()["anatomy_unattached_voxels"] == 3 and made.columns()["anatomy_split_voxels"] == 2
     assert np.array_equal(stage1.mref_of(given, bits, 2, spacing, on).mask, field)  # no labels: nothing to read
+
+
+def test_mref_joins_a_broken_tree_along_the_cts_lumen():
+    """``stage1.ct_path``: a stretch of a tree the field lost is put back where the CT shows the lumen, the
+    other tree left apart; on, it needs the box's CT."""
+    import dataclasses
+
+    from nearfix_lib.core.config import CleanupParams, CTPathParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+
+    shape, spacing = (40, 16, 12), (1.0, 0.8, 1.5)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, :, 0:2] = CARDIAC["Myo"].index
+    cor = CARDIAC["Cor"].index
+    labels[4:18, 5:8, 3:5] = labels[22:36, 9:12, 3:5] = cor  # two trees, 3 x 2 voxels across
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing)
+    given = labels == cor
+    ct = np.where(given, 300.0, -80.0) + np.where(labels == CARDIAC["Myo"].index, 120.0, 0.0)
+    ct = (ct + np.random.default_rng(0).normal(0.0, 15.0, shape)).astype(np.float32)
+    field = given.copy()
+    field[8:14] = False  # the first tree lost 6 mm: three pieces
+    base = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False))
+    on = dataclasses.replace(base, ct_path=CTPathParams(enabled=True))
+    made = stage1.mref_of(given, field.astype(np.uint8), 2, spacing, on, around, ct)
+    assert np.array_equal(made.mask & ~field, given & ~field)  # the lost stretch, all of it and nothing else
+    assert made.columns()["path_joined"] == 1 and made.columns()["path_added"] == int((given & ~field).sum())
+    off = stage1.mref_of(given, field.astype(np.uint8), 2, spacing, base, around, ct)
+    assert np.array_equal(off.mask, field) and "path_joined" not in off.columns()
+    with pytest.raises(ValueError, match="ct_path is on"):
+        stage1.mref_of(given, field.astype(np.uint8), 2, spacing, on, around)
 
 
 def test_per_class_overrides():

@@ -82,6 +82,7 @@ from nearfix_lib.field.train import (
 from nearfix_lib.repair.audit import Audit, audit_repair
 from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, drop_unattached, joined_through, split_joins
 from nearfix_lib.repair.ct_edge import EdgeReport, snap_to_edge
+from nearfix_lib.repair.ct_path import PathReport, join_along_lumen
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device, start_run
@@ -331,14 +332,19 @@ def foreign_voxels(labels: np.ndarray, key: str, table: ClassTable) -> np.ndarra
 @dataclass
 class BoxAnatomy:
     """What the input's label map says around a class inside its box, for M^ref's rules: ``foreign``
-    (:func:`foreign_voxels`: where the anchor adds nothing), ``others`` (voxels of any other class:
-    where ``anatomy.split_joins`` looks for joins) and ``attached`` (within the class's attachment
-    distance of the classes it lies on: where ``anatomy.drop_unattached`` keeps pieces; None for a
-    class without a distance rule, or none of whose targets the input holds)."""
+    (:func:`foreign_voxels`: where the anchor adds nothing), ``neighbours`` (the other classes' labels,
+    0 elsewhere: where ``ct_path`` finds its walls; :attr:`others`, any of them, where
+    ``anatomy.split_joins`` looks for joins) and ``attached`` (within the class's attachment distance of
+    the classes it lies on: where ``anatomy.drop_unattached`` keeps pieces; None for a class without a
+    distance rule, or none of whose targets the input holds)."""
 
     foreign: np.ndarray
-    others: np.ndarray
+    neighbours: np.ndarray
     attached: np.ndarray | None = None
+
+    @property
+    def others(self) -> np.ndarray:
+        return self.neighbours > 0
 
 
 def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spacing: Sequence[float]) -> BoxAnatomy:
@@ -358,7 +364,7 @@ def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spaci
             dist = edt.edt(np.ascontiguousarray(~targets), anisotropy=tuple(map(float, spacing)), black_border=False)
             inner = tuple(slice(int(a - g), int(b - g)) for a, b, g in zip(box.lo, box.hi, lo))
             attached = dist[inner] <= att.max_mm * (1.0 + 1e-6)
-    return BoxAnatomy(foreign_voxels(crop, key, table), others, attached)
+    return BoxAnatomy(foreign_voxels(crop, key, table), np.where(others, crop, 0), attached)
 
 
 def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams,
@@ -405,23 +411,25 @@ class AnatomyReport:
 class MRef(NamedTuple):
     """A class box's M^ref (:func:`mref_of`) and what made it: the clean-up's report (of the mask
     returned; ``keep_input`` cleans nothing and keeps the field's), the audit (of the field's own
-    decision), where ``ct_edge`` moved its boundary, the CT's report, and where ``anatomy`` is on, its
-    report (else None)."""
+    decision), where ``ct_edge`` moved its boundary, the CT's report, and where ``anatomy`` and
+    ``ct_path`` are on, their reports (else None)."""
 
     mask: np.ndarray
     cleanup: CleanupReport
     audit: Audit
     edge: EdgeReport | None = None
     anatomy: AnatomyReport | None = None
+    path: PathReport | None = None
 
     def columns(self) -> dict:
         """The per-case columns of M^ref's score rows: the clean-up's removed and bridged voxels,
-        ``audit_*``, ``edge_*`` and ``anatomy_*`` (a report added here reaches the scores as it is)."""
+        ``audit_*``, ``edge_*``, ``path_*`` and ``anatomy_*`` (a report added here reaches the scores as it is)."""
         edge = self.edge.columns() if self.edge is not None else {}
         anatomy = self.anatomy.columns() if self.anatomy is not None else {}
+        path = self.path.columns() if self.path is not None else {}
         return {"cleanup_removed_voxels": self.cleanup.removed_voxels,
                 "cleanup_bridged_voxels": self.cleanup.bridged_voxels,
-                **self.audit.columns(), **edge, **anatomy}
+                **self.audit.columns(), **edge, **path, **anatomy}
 
 
 def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequence[float],
@@ -431,7 +439,9 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     flagged case takes ``audit.action``, the others the anchor where it is on (``around``: the box's
     :func:`box_anatomy`; its ``foreign`` voxels for ``anchor.add_over_foreign``), with ``ct_edge`` on,
     its boundary where the box's CT ``ct`` shows the edge (:mod:`~nearfix_lib.repair.ct_edge`; then the
-    clean-up again) and, with ``anatomy`` on, the table's anatomy held (:func:`held_to_anatomy`). A case
+    clean-up again), with ``ct_path`` on, pieces left apart joined along the CT's lumen, never through a
+    class as bright as it (:mod:`~nearfix_lib.repair.ct_path`), and, with ``anatomy`` on, the table's
+    anatomy held (:func:`held_to_anatomy`). A case
     whose input the audit kept keeps it as the audit says: the CT moves no boundary there."""
     foreign = around.foreign if around is not None else None
     repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
@@ -452,8 +462,14 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         allowed = ~foreign if foreign is not None else np.ones(repaired.shape, dtype=bool)
         snapped, edge = snap_to_edge(repaired, ct, allowed, spacing, params.ct_edge)
         repaired, report = clean_mask(snapped, expected, spacing, params.cleanup)
+    path = None
+    if params.ct_path.enabled:  # after the edge: its pieces' ends lie on the lumen
+        if ct is None:
+            raise ValueError("stage1.ct_path is on: M^ref needs the class box's CT")
+        neighbours = around.neighbours if around is not None else np.zeros(repaired.shape, np.int16)
+        repaired, path = join_along_lumen(repaired, ct, neighbours, expected, spacing, params.ct_path)
     repaired, anatomy = held_to_anatomy(repaired, expected, spacing, params, around)
-    return MRef(repaired, report, audit, edge, anatomy)
+    return MRef(repaired, report, audit, edge, anatomy, path)
 
 
 def held_to_anatomy(mask: np.ndarray, expected: int, spacing: Sequence[float], params: Stage1Params,
@@ -587,14 +603,14 @@ def repair_work(run: Run, case_id: str, state: RepairState, keys: Sequence[str] 
     if not todo:
         return {"scores": rows}
     params_of = {key: run.params.stage1.for_class(key) for key in todo}
-    reads_ct = any(p.ct_edge.enabled for p in params_of.values())
+    reads_ct = any(p.mref_reads_ct for p in params_of.values())
     case = run.load(case_id, with_image=reads_ct)  # header, input, truth (and CT), once for every class
     for key, params in params_of.items():
         field = state.fields[key]
         image = class_image(run, case_id, key, params.model, state.device) if params.model.appearance else None
         repaired, report = repair_case(field.model, field.index_of[case_id], crops, case.label, run,
                                        key, run.table[key].expected_components, params, state.device, image,
-                                       case.image if params.ct_edge.enabled else None)
+                                       case.image if params.mref_reads_ct else None)
         rows += score_case(case, run.table, key, repaired, report)
     order = {key: n for n, key in enumerate(repaired_classes(run, keys))}
     return {"scores": sorted(rows, key=lambda r: order[r["class"]])}  # stable: a class's rows keep their order
