@@ -88,6 +88,7 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
             for case, key, flag in (("1", "Cor", True), ("2", "Cor", False), ("1", "LV", False))]
     # the coronaries' boundary is placed by the CT where their input was not kept (stage1.ct_edge)
     rows[1].update(edge_decided=0.968, edge_contrast_noise=2.43)
+    rows[1].update(path_joined=2, path_added=57, path_contrast_noise=3.1)  # pieces joined on the CT (ct_path)
     rows[1].update(anatomy_unattached_voxels=0, anatomy_split_voxels=12)  # and its trees parted (stage1.anatomy)
     for key in ("Cor", "LV"):
         folder = run.dir / "stage1" / key
@@ -96,5 +97,6 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
     # the coronaries' action is clean_input by default
     assert audit_note(run, "1") == "Cor: repair flagged (centre line kept 0.412 < 0.8); M^ref is its input, cleaned"
     assert audit_note(run, "2") == ("Cor: boundary on the CT's edge over 97% of its band (contrast / noise 2.4)\n"
+                                    "Cor: 2 piece(s) joined along the CT's lumen (57 voxels)\n"
                                     "Cor: pieces parted where the repair joined them over another class (12 voxels)")
     assert audit_note(run, "3") == ""

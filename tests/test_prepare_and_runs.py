@@ -136,15 +136,17 @@ def test_a_missing_data_root_is_one_line_and_a_resumed_run_says_so(phantom_root,
     # labels alone while a class's model reads the CT: one line naming the root, the class and the fix
     labels_only = tmp_path / "labels_only"
     shutil.copytree(phantom_root / "segmentations", labels_only / "segmentations")
-    # the field (model.appearance) or the boundary (ct_edge): either reads it
-    for reads_ct in ({"stage1.overrides.Cor.model.appearance": True, "stage1.overrides.Cor.ct_edge.enabled": False},
-                     {"stage1.overrides.Cor.model.appearance": False, "stage1.overrides.Cor.ct_edge.enabled": True}):
+    # the field (model.appearance), the boundary (ct_edge) or the paths (ct_path): each reads it
+    alone = {"stage1.overrides.Cor.model.appearance": False, "stage1.overrides.Cor.ct_edge.enabled": False,
+             "stage1.overrides.Cor.ct_path.enabled": False}
+    for reads_ct in ({**alone, "stage1.overrides.Cor.model.appearance": True},
+                     {**alone, "stage1.overrides.Cor.ct_edge.enabled": True},
+                     {**alone, "stage1.overrides.Cor.ct_path.enabled": True}):
         with pytest.raises(InputError, match=r"no 'images/' folder, but the stage-1 repair of Cor reads the CT") as err:
             start_run(load_test_params(reads_ct, data_root=str(labels_only), run_dir=str(tmp_path / "lo")))
         assert str(err.value).startswith(str(labels_only)) and "\n" not in str(err.value)
         assert not (tmp_path / "lo").exists()  # nothing written
-    labels_alone = {"stage1.overrides.Cor.model.appearance": False, "stage1.overrides.Cor.ct_edge.enabled": False}
-    start_run(load_test_params(labels_alone, data_root=str(labels_only),
+    start_run(load_test_params(alone, data_root=str(labels_only),
                                run_dir=str(tmp_path / "lo")))  # shape-only: a labels-only root is valid
     params = load_test_params(data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
     start_run(params)

@@ -231,8 +231,10 @@ def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tin
     fit_and_repair(tiny_run, "Cor")
     assert tiny_run.params.stage1.for_class("Cor").ct_edge.enabled
     masks, rows = {}, {}
-    for on in (False, True):  # the run's own parameters (the edge on) last: the report reads them below
-        params = load_test_params({"stage1.overrides.Cor.ct_edge": {"enabled": on},
+    # the edge off and on with no paths, then the run's own parameters (both on) last: the report reads them
+    for on, path in ((False, False), (True, False), ("path", True)):
+        params = load_test_params({"stage1.overrides.Cor.ct_edge": {"enabled": bool(on)},
+                                   "stage1.overrides.Cor.ct_path": {"enabled": path},
                                    "stage1.overrides.Cor.audit": {"action": "flag"}}, run_dir=str(tiny_run.dir))
         run = dataclasses.replace(tiny_run, params=params)
         table = stage1.repair_class(run, "Cor", progress=False)
@@ -253,9 +255,12 @@ def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tin
     # the coronaries' default holds M^ref to the table's anatomy: its report reaches the written scores
     assert {"anatomy_unattached_voxels", "anatomy_split_voxels"} <= set(rows[True].columns)
     assert (rows[True]["anatomy_unattached_voxels"] >= 0).all()
-    # and joins the pieces left apart along the CT's lumen: its report too
-    assert {"path_joined", "path_added", "path_contrast_noise"} <= set(rows[True].columns)
-    assert (rows[True]["path_joined"] >= 0).all() and "path_joined" not in rows[False].columns
+    # and joins the pieces left apart along the CT's lumen (both tiny cases have some): only adds, as it reports
+    assert "path_joined" not in rows[True].columns and (rows["path"]["path_joined"] > 0).any()
+    for cid, edged in masks[True].items():
+        if rows["path"].loc[cid, ["anatomy_unattached_voxels", "anatomy_split_voxels"]].sum() == 0:
+            assert not (edged & ~masks["path"][cid]).any()
+            assert (masks["path"][cid] & ~edged).sum() == rows["path"].loc[cid, "path_added"]
     # what the report reads (its audit section): the CT edge's share and clarity per class
     from nearfix_lib.core.workspace import repair_audit
     from nearfix_lib.stages.report import audit_summary
@@ -263,6 +268,8 @@ def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tin
     per_class, _ = audit_summary(repair_audit(tiny_run))
     assert per_class.loc["Cor", "CT edge decided"] == pytest.approx(
         repair_audit(tiny_run).query("`class` == 'Cor'")["edge_decided"].mean())
+    assert per_class.loc["Cor", "pieces joined on the CT"] == pytest.approx(
+        rows["path"]["path_joined"].mean())
 
 
 def test_stage2_decodes_a_field_that_reads_the_ct_on_the_roi_grid(tiny_run):

@@ -137,6 +137,7 @@ def timings(run: Run) -> pd.DataFrame:
 AUDIT_MEASURES = {"audit_fit_dice": "fit Dice", "audit_dropped": "dropped", "audit_added": "added",
                   "audit_skeleton_kept": "centre line kept", "audit_keep_cut": "keep cut",
                   "edge_decided": "CT edge decided", "edge_contrast_noise": "CT contrast / noise",
+                  "path_joined": "pieces joined on the CT", "path_added": "path voxels",
                   "anatomy_unattached_voxels": "unattached voxels", "anatomy_split_voxels": "join voxels"}
 
 

@@ -73,9 +73,9 @@ def start_run(params: Params, progress: bool = True) -> Run:
         readers = params.stage1.ct_readers([k for k in (params.stage1.classes or table.keys) if k in table.keys])
         if readers and not (data_root / IMAGE_DIR).is_dir():
             raise InputError(data_root, f"no '{IMAGE_DIR}/' folder, but the stage-1 repair of {', '.join(readers)} "
-                                        "reads the CT (model.appearance, ct_edge): add the images, or for labels "
-                                        "alone set both false (e.g. stage1.overrides.Cor: {model: {appearance: false}, "
-                                        "ct_edge: {enabled: false}})")
+                                        "reads the CT (model.appearance, ct_edge, ct_path): add the images, or for "
+                                        "labels alone set them false (e.g. stage1.overrides.Cor: {model: {appearance: "
+                                        "false}, ct_edge: {enabled: false}, ct_path: {enabled: false}})")
     run_dir.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temporaries(run_dir)
     if stale:

@@ -25,8 +25,8 @@ def napari_label_colormap(table: ClassTable):
 
 def audit_note(run: Run, case_id: str) -> str:
     """The classes of a case that stage 1's audit flagged, one line each with the reason, then those
-    whose boundary the CT placed (``stage1.ct_edge``), with how much of it and how clearly, and those
-    whose pieces ``stage1.anatomy`` parted: what the
+    whose boundary the CT placed (``stage1.ct_edge``), with how much of it and how clearly, those whose
+    pieces the CT's lumen joined (``stage1.ct_path``) and those whose pieces ``stage1.anatomy`` parted: what the
     viewer's text overlay shows, for a user without ground truth to read before trusting the labels
     (a CT too faint shows as a small share). Empty when there is nothing to say."""
     def replaced(key: str) -> str:
@@ -41,6 +41,10 @@ def audit_note(run: Run, case_id: str) -> str:
         lines += [f"{r['class']}: boundary on the CT's edge over {r['edge_decided']:.0%} of its band "
                   f"(contrast / noise {r['edge_contrast_noise']:.1f})"
                   for _, r in audit[audit["edge_decided"].notna()].iterrows()]
+    if "path_joined" in audit.columns:
+        lines += [f"{r['class']}: {int(r['path_joined'])} piece(s) joined along the CT's lumen "
+                  f"({int(r['path_added'])} voxels)"
+                  for _, r in audit[audit["path_joined"].fillna(0) > 0].iterrows()]
     if "anatomy_split_voxels" in audit.columns:
         lines += [f"{r['class']}: pieces parted where the repair joined them over another class "
                   f"({int(r['anatomy_split_voxels'])} voxels)"
