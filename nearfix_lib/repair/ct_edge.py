@@ -77,6 +77,12 @@ def local_mean(ct: np.ndarray, where: np.ndarray, sigma_vox: Sequence[float]) ->
         return np.where(weight > 0, total / weight, np.nan)
 
 
+def surroundings(mask: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """The voxels within :data:`SHELL_VOX` face steps outside ``mask`` that ``allowed`` lets it reach:
+    where a lumen's surroundings are measured (its partial-volume rim and beyond, other classes left out)."""
+    return ndimage.binary_dilation(mask, _FACE, iterations=SHELL_VOX) & ~mask & allowed
+
+
 def snap_to_edge(mask: np.ndarray, ct: np.ndarray, allowed: np.ndarray, spacing: Sequence[float],
                  params: CTEdgeParams) -> tuple[np.ndarray, EdgeReport]:
     """``mask`` with its boundary band (``params.band_vox`` voxels either side, within ``allowed``: the
@@ -88,7 +94,7 @@ def snap_to_edge(mask: np.ndarray, ct: np.ndarray, allowed: np.ndarray, spacing:
         return mask, unchanged
     ct = np.asarray(ct, dtype=np.float32)
     allowed = np.asarray(allowed, dtype=bool) | mask
-    shell = ndimage.binary_dilation(mask, _FACE, iterations=SHELL_VOX) & ~mask & allowed
+    shell = surroundings(mask, allowed)
     noise = noise_level(ct, shell, spacing)
     if not shell.any() or not noise > 0:
         return mask, unchanged

@@ -36,7 +36,7 @@ from scipy import ndimage
 from skimage.graph import MCP_Geometric
 
 from nearfix_lib.core.config import CTPathParams
-from nearfix_lib.repair.ct_edge import SHELL_VOX, noise_level
+from nearfix_lib.repair.ct_edge import noise_level, surroundings
 
 PATH_PREFIX = "path_"  # the scores' columns of PathReport
 _FACE = ndimage.generate_binary_structure(3, 1)
@@ -115,7 +115,7 @@ def join_along_lumen(mask: np.ndarray, ct: np.ndarray, neighbours: np.ndarray, e
     if n <= expected or expected < 1:
         return mask, PathReport()
     ct = np.asarray(ct, dtype=np.float32)
-    shell = ndimage.binary_dilation(mask, _FACE, iterations=SHELL_VOX) & ~mask & allowed
+    shell = surroundings(mask, allowed)
     noise = noise_level(ct, shell, spacing)
     if not shell.any() or not noise > 0:
         return mask, PathReport()
@@ -131,12 +131,11 @@ def join_along_lumen(mask: np.ndarray, ct: np.ndarray, neighbours: np.ndarray, e
     sizes = np.bincount(labels.ravel())[1:]
     mains = np.argsort(-sizes, kind="stable")[:expected] + 1  # the trees' pieces: their labels
     seeds = tuple(np.array([np.argwhere(labels == m)[0] for m in mains]).T)  # a voxel of each tree
-    out = mask.copy()
+    out, trees = mask.copy(), labels  # trees: the components of out
     pending = set(range(1, n + 1)) - set(mains.tolist())
+    mcp = MCP_Geometric(costs, sampling=tuple(map(float, spacing)))  # find_costs starts afresh on each call
     while pending:
-        trees = cc3d.connected_components(out, connectivity=26)
         joined = np.isin(trees, trees[seeds])
-        mcp = MCP_Geometric(costs, sampling=tuple(map(float, spacing)))
         ends = _surface(np.isin(labels, sorted(pending)))
         cumulative, _ = mcp.find_costs(np.argwhere(_surface(joined)), np.argwhere(ends), find_all_ends=False)
         reached = np.where(ends, cumulative, np.inf)
@@ -144,16 +143,16 @@ def join_along_lumen(mask: np.ndarray, ct: np.ndarray, neighbours: np.ndarray, e
         if not reached[end] <= params.max_cost_mm:
             break
         candidate = out | _widened(np.asarray(mcp.traceback(end)), lumen & allowed, spacing, 2.0 * radius)
-        trees = cc3d.connected_components(candidate, connectivity=26)
-        if np.unique(trees[seeds]).size < mains.size:  # the path, or its widening, would join two trees
+        parts = cc3d.connected_components(candidate, connectivity=26)
+        if np.unique(parts[seeds]).size < mains.size:  # the path, or its widening, would join two trees
             pending.discard(int(labels[end]))  # it stays in the mask as it was, apart
             continue
-        now_joined = {int(p) for p in np.unique(labels[np.isin(trees, trees[seeds])])} & pending
+        now_joined = {int(p) for p in np.unique(labels[np.isin(parts, parts[seeds])])} & pending
         if not now_joined:  # cannot happen with a 26-connected path; never loop on it
             pending.discard(int(labels[end]))
             continue
         report.joined += len(now_joined)
         pending -= now_joined
-        out = candidate
+        out, trees = candidate, parts
     report.added = int(np.count_nonzero(out & ~mask))
     return out, report
