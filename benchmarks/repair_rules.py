@@ -133,7 +133,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         p = field_on_grid(field.model, i, original_box_grid(box), box, state.device, base.chunk_points,
                           image=image)[..., 0]
         given, truth = case.label.array[box.slices] == cls.index, case.truth.array[box.slices] == cls.index
-        around = box_anatomy(case.label.array, box, key, run.table, crops.spacing)
+        around = box_anatomy(case.label.array, box, key, run.table, crops.spacing, base.anatomy.split_origins)
         ct = case.image.array[box.slices] if case.image is not None else None
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))
@@ -149,8 +149,9 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
                        else dataclasses.replace(base.cleanup, bridge_gap_mm=rule.bridge_gap_mm))
             edge = dataclasses.replace(base.ct_edge, enabled=base.ct_edge.enabled if rule.ct_edge is None
                                        else rule.ct_edge)
-            anatomy = (base.anatomy if rule.anatomy is None
-                       else dataclasses.replace(base.anatomy, drop_unattached=rule.anatomy, split_joins=rule.anatomy))
+            anatomy = (base.anatomy if rule.anatomy is None  # on: the run's own origins
+                       else dataclasses.replace(base.anatomy, drop_unattached=rule.anatomy, split_joins=rule.anatomy,
+                                                split_origins=base.anatomy.split_origins if rule.anatomy else []))
             params = dataclasses.replace(base, anchor=anchor, cleanup=cleanup, ct_edge=edge, anatomy=anatomy)
             made = mref_of(given, rule_bits(p, params), expected, crops.spacing, params, around, ct)
             rows.append(score_row(run_dir.name, case_id, key, rule, made.mask, truth, crops.spacing, expected,
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ct-edge", choices=["on", "off", "both"],
                     help="ct_edge.enabled of the rules, the field alone's too (default: the run's own)")
     ap.add_argument("--anatomy", choices=["on", "off", "both"],
-                    help="stage1.anatomy's rules (both on or off) of every rule (default: the run's own)")
+                    help="stage1.anatomy's rules of every rule, on (with the run's own split_origins) or off "
+                         "(default: the run's own)")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/repair_rules"))
     args = ap.parse_args(argv)
     for run_dir in args.runs:

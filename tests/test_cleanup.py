@@ -15,6 +15,7 @@ from nearfix_lib.repair.cleanup import (
     drop_unattached,
     joined_through,
     keep_largest_components,
+    split_at_origins,
     split_joins,
 )
 
@@ -342,3 +343,45 @@ def test_split_joins_parts_only_into_the_expected_count_of_real_pieces():
     looped = mask.copy()
     looped[11:17, 7, 3] = looped[11, 6, 3] = looped[16, 6, 3] = True
     assert split_joins(looped, others, expected=2, min_voxels=3)[1] == 0
+
+
+def test_split_at_origins_parts_a_piece_that_reaches_its_origin_on_both_sides_of_a_join():
+    """Two trees joined over the aorta, each leaving it (``origins`` on both sides of the join), part
+    whatever the count: with a fragment elsewhere the mask has the expected two pieces, which split_joins
+    leaves alone. The
+    parting layer is split_joins' own; the input is untouched."""
+    mask, others = _two_trees()
+    mask[28, 1:4, 1] = True  # a fragment of one tree, away from everything: two pieces, as expected
+    origins = np.zeros_like(mask)
+    origins[10:18] = True  # beside the aorta, where both ostia are
+    before = mask.copy()
+    assert split_joins(mask, others, expected=2, min_voxels=3)[1] == 0  # the count hides the join
+    out, removed = split_at_origins(mask, others, origins, min_voxels=3)
+    assert np.array_equal(mask, before)
+    cut = np.zeros_like(mask)
+    cut[13:15, 5, 3] = True
+    assert removed == 2 and np.array_equal(out, mask & ~cut) and mask_components(out) == 3
+    assert split_at_origins(out, others, origins, min_voxels=3)[1] == 0  # parted once, for good
+    with pytest.raises(ValueError, match="differ in shape"):
+        split_at_origins(mask, others, origins[:, :5], min_voxels=3)
+
+
+def test_split_at_origins_leaves_a_tree_whose_own_stretch_crosses_another_class():
+    """A join with the origin on one side only is one tree whose stretch the segmenter gave a neighbour
+    (its distal part lies away from the aorta): it stays, as do a side under ``min_voxels``, a join
+    over no other class and a loop; of two joins the one between the origins goes."""
+    mask, others = _two_trees()
+    one_side = np.zeros_like(mask)
+    one_side[14:18] = True  # only the far tree reaches the aorta: its near part is no second tree
+    assert split_at_origins(mask, others, one_side, min_voxels=3)[1] == 0
+    origins = np.zeros_like(mask)
+    origins[10:18] = True
+    assert split_at_origins(mask, others, origins, min_voxels=12)[1] == 0  # sides of 11 voxels
+    assert split_at_origins(mask, np.zeros_like(others), origins, min_voxels=3)[1] == 0
+    looped = mask.copy()
+    looped[11:17, 7, 3] = looped[11, 6, 3] = looped[16, 6, 3] = True
+    assert split_at_origins(looped, others, origins, min_voxels=3)[1] == 0
+    others2 = others.copy()
+    others2[5:9, 5, 3] = True  # the first tree's own stretch over a neighbour, far from the aorta
+    out, removed = split_at_origins(mask, others2, origins, min_voxels=2)
+    assert removed == 2 and out[5:9, 5, 3].all() and not out[13:15, 5, 3].any() and mask_components(out) == 2

@@ -196,7 +196,8 @@ def test_an_anchored_repair_keeps_the_input_where_the_field_is_unsure(tiny_run):
                                    # the anchor alone: the CT edge, paths and anatomy act after it (tested below)
                                    "stage1.overrides.Cor.ct_edge": {"enabled": False},
                                    "stage1.overrides.Cor.ct_path": {"enabled": False},
-                                   "stage1.overrides.Cor.anatomy": {"drop_unattached": False, "split_joins": False}},
+                                   "stage1.overrides.Cor.anatomy": {"drop_unattached": False, "split_joins": False,
+                                                                    "split_origins": []}},
                                   run_dir=str(tiny_run.dir))
         run = dataclasses.replace(tiny_run, params=params)
         rows = stage1.repair_class(run, "Cor", progress=False)
@@ -414,6 +415,45 @@ def test_mref_joins_a_broken_tree_along_the_cts_lumen():
     assert np.array_equal(off.mask, field) and "path_joined" not in off.columns()
     with pytest.raises(ValueError, match="ct_path is on"):
         stage1.mref_of(given, field.astype(np.uint8), 2, spacing, on, around)
+
+
+def test_mref_parts_trees_joined_between_their_origins_before_joining_pieces_to_them():
+    """``anatomy.split_origins``: two trees the field ran together through the aorta, with a fragment of
+    the second making up the expected count, are parted between their ostia; then ``ct_path`` joins the
+    fragment to its own tree along the CT. Without it the count hides the join and nothing moves."""
+    import dataclasses
+
+    from nearfix_lib.core.config import CleanupParams, CTPathParams, RepairAnatomyParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+
+    shape, spacing = (40, 16, 12), (1.0, 0.8, 1.5)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, :, 0:2] = CARDIAC["Myo"].index
+    labels[18:22, 3:10, 2:9] = CARDIAC["Ao"].index  # the aortic root between the ostia
+    cor = CARDIAC["Cor"].index
+    labels[4:18, 5:8, 3:5] = labels[22:36, 5:8, 3:5] = cor  # two trees leaving the aorta on either side
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing, ["Ao", "absent"])
+    assert around.origins[17, 6, 3] and around.origins[22, 6, 3] and not around.origins[12, 6, 3]
+    assert stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing).origins is None
+    given = labels == cor
+    ct = np.where(given | (labels == CARDIAC["Ao"].index), 300.0, -80.0)
+    ct = (ct + np.random.default_rng(0).normal(0.0, 15.0, shape)).astype(np.float32)
+    field = given.copy()
+    field[18:22, 5:8, 3:5] = True  # through the aorta: one piece
+    field[28:31] = False  # the second tree lost 3 mm: its end a second piece, two in all
+    bits = field.astype(np.uint8)
+    base = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False),
+                               ct_path=CTPathParams(enabled=True))
+    hidden = stage1.mref_of(given, bits, 2, spacing, dataclasses.replace(
+        base, anatomy=RepairAnatomyParams(split_joins=True)), around, ct)
+    assert np.array_equal(hidden.mask, field) and hidden.columns()["path_joined"] == 0
+    on = dataclasses.replace(base, anatomy=RepairAnatomyParams(split_joins=True, split_origins=["Ao"]))
+    made = stage1.mref_of(given, bits, 2, spacing, on, around, ct)
+    cut = np.zeros(shape, bool)
+    cut[19:21, 5:8, 3:5] = True  # the middle of the join's aortic voxels
+    assert np.array_equal(made.mask, (field & ~cut) | given)  # parted, and the lost stretch put back
+    assert made.columns()["anatomy_origin_split_voxels"] == cut.sum() and made.columns()["path_joined"] == 1
+    assert made.columns()["anatomy_split_voxels"] == 0
 
 
 def test_per_class_overrides():

@@ -344,6 +344,62 @@ def _parting_cut(labels: np.ndarray, join: int, n_pieces: int) -> np.ndarray:
     return cut
 
 
+def _joins_over(crop: np.ndarray, over: np.ndarray) -> tuple[np.ndarray, int, list[int]]:
+    """One label image of ``crop``: its pieces off ``over`` (1..n) and the pieces of ``crop & over`` above
+    them, with those of the latter that touch two or more of the former (the joins)."""
+    rest, n_rest = cc3d.connected_components(crop & ~over, connectivity=26, return_N=True)
+    joins = cc3d.connected_components(crop & over, connectivity=26, out_dtype=np.uint32)
+    labels = rest.astype(np.uint32)
+    labels[joins > 0] = joins[joins > 0] + np.uint32(n_rest)  # one label image, as in joined_through
+    touched = Counter(max(edge) for edge in cc3d.region_graph(labels, connectivity=26))
+    return labels, n_rest, sorted(j for j, n in touched.items() if n >= 2)
+
+
+def split_at_origins(mask: np.ndarray, others: np.ndarray, origins: np.ndarray,
+                     min_voxels: int) -> tuple[np.ndarray, int]:
+    """``mask`` with each piece that reaches ``origins`` on both sides of a join over ``others`` parted
+    there. ``origins`` is where each of the class's components arises, at one place (voxels touching the
+    aorta: a coronary tree leaves it at its own ostium), so a piece that reaches them on both sides of a
+    stretch the input gives another class is two trees a repair joined — over the aortic root between
+    the ostia. :func:`split_joins` sees such a join only while the mask has too few pieces; a fragment
+    or a false piece elsewhere makes up the count and hides it. A join's cut (:func:`_parting_cut`)
+    goes where it parts its piece in exactly two, each of at least ``min_voxels`` and each reaching
+    ``origins``; of the cuts found, the one whose smaller side is largest, until none is left. A tree
+    whose own stretch the segmenter gave a neighbour parts into a side by the aorta and one away from
+    it (its distal part): that join stays. Returns the mask and the voxels removed."""
+    mask, others, origins = _as_mask(mask), _as_mask(others), _as_mask(origins)
+    if not mask.shape == others.shape == origins.shape:
+        raise ValueError(f"split_at_origins: mask {mask.shape}, others {others.shape} and origins "
+                         f"{origins.shape} differ in shape")
+    box = bounding_box(mask)
+    if box is None:
+        return mask.copy(), 0
+    crop = np.ascontiguousarray(mask[box.slices])
+    over, near = crop & others[box.slices], origins[box.slices]
+    removed = 0
+    while True:
+        pieces = cc3d.connected_components(crop, connectivity=26)
+        labels, n_rest, joins = _joins_over(crop, over)
+        best, best_side = None, min_voxels - 1
+        for join in joins:
+            cut = _parting_cut(labels, join, n_rest)
+            piece = pieces == pieces[labels == join][0]
+            sides, n = cc3d.connected_components(piece & ~cut, connectivity=26, return_N=True)
+            if n != 2:
+                continue
+            side = int(np.bincount(sides.ravel())[1:].min())
+            if side > best_side and np.count_nonzero(np.bincount(sides[near], minlength=3)[1:]) == 2:
+                best, best_side = cut, side
+        if best is None:
+            break
+        crop = crop & ~best
+        over &= crop
+        removed += int(best.sum())
+    out = mask.copy()
+    out[box.slices] = crop
+    return out, removed
+
+
 def split_joins(mask: np.ndarray, others: np.ndarray, expected: int, min_voxels: int) -> tuple[np.ndarray, int]:
     """``mask`` with fewer than ``expected`` components parted where it crosses ``others`` (voxels the
     input gives another class): two coronary trees are separate, and a repair that joins them does so
@@ -365,13 +421,9 @@ def split_joins(mask: np.ndarray, others: np.ndarray, expected: int, min_voxels:
     n_now = cc3d.connected_components(crop, connectivity=26, return_N=True)[1]
     removed = 0
     while n_now < expected:
-        rest, n_rest = cc3d.connected_components(crop & ~over, connectivity=26, return_N=True)
-        joins = cc3d.connected_components(crop & over, connectivity=26, out_dtype=np.uint32)
-        labels = rest.astype(np.uint32)
-        labels[joins > 0] = joins[joins > 0] + np.uint32(n_rest)  # one label image, as in joined_through
-        touched = Counter(max(edge) for edge in cc3d.region_graph(labels, connectivity=26))
+        labels, n_rest, joins = _joins_over(crop, over)
         best, best_piece = None, min_voxels - 1
-        for join in sorted(j for j, n in touched.items() if n >= 2):
+        for join in joins:
             cut = _parting_cut(labels, join, n_rest)
             parted = crop & ~cut
             cc, n = cc3d.connected_components(parted, connectivity=26, return_N=True)

@@ -39,6 +39,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
+from scipy import ndimage
 
 from nearfix_lib.core.classes import ClassTable, class_centre, load_table
 from nearfix_lib.core.config import AnchorParams, ModelParams, SamplingParams, Stage1Params, load_params, project_root
@@ -80,7 +81,14 @@ from nearfix_lib.field.train import (
     unwrap,
 )
 from nearfix_lib.repair.audit import Audit, audit_repair
-from nearfix_lib.repair.cleanup import CleanupReport, clean_mask, drop_unattached, joined_through, split_joins
+from nearfix_lib.repair.cleanup import (
+    CleanupReport,
+    clean_mask,
+    drop_unattached,
+    joined_through,
+    split_at_origins,
+    split_joins,
+)
 from nearfix_lib.repair.ct_edge import EdgeReport, snap_to_edge
 from nearfix_lib.repair.ct_path import PathReport, join_along_lumen
 from nearfix_lib.stages import shards
@@ -334,22 +342,26 @@ class BoxAnatomy:
     """What the input's label map says around a class inside its box, for M^ref's rules: ``foreign``
     (:func:`foreign_voxels`: where the anchor adds nothing), ``neighbours`` (the other classes' labels,
     0 elsewhere: where ``ct_path`` finds its walls; :attr:`others`, any of them, where
-    ``anatomy.split_joins`` looks for joins) and ``attached`` (within the class's attachment distance of
+    ``anatomy.split_joins`` looks for joins), ``attached`` (within the class's attachment distance of
     the classes it lies on: where ``anatomy.drop_unattached`` keeps pieces; None for a class without a
-    distance rule, or none of whose targets the input holds)."""
+    distance rule, or none of whose targets the input holds) and ``origins`` (at or beside the voxels of
+    the classes its components arise from, ``anatomy.split_origins``; None where none is named or held)."""
 
     foreign: np.ndarray
     neighbours: np.ndarray
     attached: np.ndarray | None = None
+    origins: np.ndarray | None = None
 
     @property
     def others(self) -> np.ndarray:
         return self.neighbours > 0
 
 
-def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spacing: Sequence[float]) -> BoxAnatomy:
+def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spacing: Sequence[float],
+                origins: Sequence[str] = ()) -> BoxAnatomy:
     """:class:`BoxAnatomy` of class ``key``'s ``box`` from the whole input label map ``labels``: a target
-    just outside the box still holds a piece inside it (distances on the box grown by the reach)."""
+    just outside the box still holds a piece inside it (distances on the box grown by the reach), and so
+    does an origin class (``origins``: keys; those the table lacks are ignored) one voxel outside it."""
     crop = labels[box.slices]
     cls = table[key]
     others = (crop != cls.index) & (crop != 0)
@@ -364,7 +376,21 @@ def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spaci
             dist = edt.edt(np.ascontiguousarray(~targets), anisotropy=tuple(map(float, spacing)), black_border=False)
             inner = tuple(slice(int(a - g), int(b - g)) for a, b, g in zip(box.lo, box.hi, lo))
             attached = dist[inner] <= att.max_mm * (1.0 + 1e-6)
-    return BoxAnatomy(foreign_voxels(crop, key, table), np.where(others, crop, 0), attached)
+    return BoxAnatomy(foreign_voxels(crop, key, table), np.where(others, crop, 0), attached,
+                      _beside(labels, box, [table[k].index for k in origins if k in table.keys]))
+
+
+def _beside(labels: np.ndarray, box: Box, indices: Sequence[int]) -> np.ndarray | None:
+    """Inside ``box``: the voxels of ``labels`` with one of ``indices`` or a 26-neighbour that has one
+    (None where none is listed or present)."""
+    if not indices:
+        return None
+    lo, hi = np.maximum(np.asarray(box.lo) - 1, 0), np.minimum(np.asarray(box.hi) + 1, labels.shape)
+    found = np.isin(labels[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))], indices)
+    if not found.any():
+        return None
+    grown = ndimage.binary_dilation(found, structure=np.ones((3, 3, 3), bool))
+    return grown[tuple(slice(int(a - g), int(b - g)) for a, b, g in zip(box.lo, box.hi, lo))]
 
 
 def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams,
@@ -399,9 +425,11 @@ def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
 @dataclass
 class AnatomyReport:
     """What ``stage1.anatomy`` took from M^ref: voxels of pieces away from the classes it lies on
-    (``drop_unattached``) and of joins over other classes (``split_joins``)."""
+    (``drop_unattached``), of joins between two origins (``split_origins``) and of joins of too few
+    pieces (``split_joins``), all over other classes."""
 
     unattached_voxels: int = 0
+    origin_split_voxels: int = 0
     split_voxels: int = 0
 
     def columns(self) -> dict:
@@ -439,9 +467,9 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     flagged case takes ``audit.action``, the others the anchor where it is on (``around``: the box's
     :func:`box_anatomy`; its ``foreign`` voxels for ``anchor.add_over_foreign``), with ``ct_edge`` on,
     its boundary where the box's CT ``ct`` shows the edge (:mod:`~nearfix_lib.repair.ct_edge`; then the
-    clean-up again), with ``ct_path`` on, pieces left apart joined along the CT's lumen, never through a
-    class as bright as it (:mod:`~nearfix_lib.repair.ct_path`), and, with ``anatomy`` on, the table's
-    anatomy held (:func:`held_to_anatomy`). A case
+    clean-up again), with ``anatomy`` on, the table's anatomy held (:func:`held_to_anatomy`), and with
+    ``ct_path`` on, pieces left apart joined along the CT's lumen to the trees, never through a class as
+    bright as it (:mod:`~nearfix_lib.repair.ct_path`). A case
     whose input the audit kept keeps it as the audit says: the CT moves no boundary there."""
     foreign = around.foreign if around is not None else None
     repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
@@ -462,30 +490,34 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         allowed = ~foreign if foreign is not None else np.ones(repaired.shape, dtype=bool)
         snapped, edge = snap_to_edge(repaired, ct, allowed, spacing, params.ct_edge)
         repaired, report = clean_mask(snapped, expected, spacing, params.cleanup)
+    # the anatomy before the paths: these join pieces to the expected largest, which must be trees
+    repaired, anatomy = held_to_anatomy(repaired, expected, spacing, params, around)
     path = None
     if params.ct_path.enabled:  # after the edge: its pieces' ends lie on the lumen
         if ct is None:
             raise ValueError("stage1.ct_path is on: M^ref needs the class box's CT")
         neighbours = around.neighbours if around is not None else np.zeros(repaired.shape, np.int16)
         repaired, path = join_along_lumen(repaired, ct, neighbours, expected, spacing, params.ct_path)
-    repaired, anatomy = held_to_anatomy(repaired, expected, spacing, params, around)
     return MRef(repaired, report, audit, edge, anatomy, path)
 
 
 def held_to_anatomy(mask: np.ndarray, expected: int, spacing: Sequence[float], params: Stage1Params,
                     around: BoxAnatomy | None) -> tuple[np.ndarray, AnatomyReport | None]:
     """``mask`` with ``stage1.anatomy``'s rules applied on the input's labels ``around`` it (None: off,
-    or no labels to read): pieces away from the classes it lies on go, then joins of too few pieces
-    over other classes (:func:`~nearfix_lib.repair.cleanup.split_joins`; a piece under the clean-up's
-    smallest volume does not count as one)."""
+    or no labels to read): pieces away from the classes it lies on go, then joins over other classes
+    parted, between two origins (:func:`~nearfix_lib.repair.cleanup.split_at_origins`) and of too few
+    pieces (:func:`~nearfix_lib.repair.cleanup.split_joins`); a side under the clean-up's smallest
+    volume does not count as a piece."""
     rules = params.anatomy
-    if around is None or not (rules.drop_unattached or rules.split_joins):
+    if around is None or not (rules.drop_unattached or rules.split_origins or rules.split_joins):
         return mask, None
     report = AnatomyReport()
     if rules.drop_unattached and around.attached is not None:
         mask, report.unattached_voxels = drop_unattached(mask, around.attached)
+    min_voxels = max(1, int(np.ceil(params.cleanup.min_component_mm3 / float(np.prod(spacing)))))
+    if rules.split_origins and around.origins is not None:
+        mask, report.origin_split_voxels = split_at_origins(mask, around.others, around.origins, min_voxels)
     if rules.split_joins:
-        min_voxels = max(1, int(np.ceil(params.cleanup.min_component_mm3 / float(np.prod(spacing)))))
         mask, report.split_voxels = split_joins(mask, around.others, expected, min_voxels)
     return mask, report
 
@@ -504,7 +536,7 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
     bits = labels_on_grid(model, i, original_box_grid(box), box, repair_decision(params), params.decode, device,
                           params.chunk_points, image=image, seed=interface_band(given, 1))
-    around = box_anatomy(label.array, box, key, run.table, crops.spacing)
+    around = box_anatomy(label.array, box, key, run.table, crops.spacing, params.anatomy.split_origins)
     made = mref_of(given, bits, expected, crops.spacing, params, around,
                    ct.array[box.slices] if ct is not None else None)
     mask = np.zeros(crops.shape, dtype=bool)
