@@ -89,7 +89,8 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
     # the coronaries' boundary is placed by the CT where their input was not kept (stage1.ct_edge)
     rows[1].update(edge_decided=0.968, edge_contrast_noise=2.43)
     rows[1].update(path_joined=2, path_added=57, path_contrast_noise=3.1)  # pieces joined on the CT (ct_path)
-    rows[1].update(anatomy_unattached_voxels=0, anatomy_split_voxels=12)  # and its trees parted (stage1.anatomy)
+    # and its trees parted (stage1.anatomy): between their origins, then for the count
+    rows[1].update(anatomy_unattached_voxels=0, anatomy_origin_split_voxels=9, anatomy_split_voxels=3)
     for key in ("Cor", "LV"):
         folder = run.dir / "stage1" / key
         folder.mkdir(parents=True)

@@ -254,14 +254,15 @@ def test_the_coronaries_boundary_is_moved_onto_the_cts_edge_within_one_voxel(tin
     assert moved > 0  # the phantom's CT is clear: the edge moved somewhere
     assert rows[True]["edge_decided"].between(0, 1).all() and "edge_decided" not in rows[False].columns
     # the coronaries' default holds M^ref to the table's anatomy: its report reaches the written scores
-    assert {"anatomy_unattached_voxels", "anatomy_split_voxels"} <= set(rows[True].columns)
-    assert (rows[True]["anatomy_unattached_voxels"] >= 0).all()
-    # and joins the pieces left apart along the CT's lumen (both tiny cases have some): only adds, as it reports
+    anatomy = ["anatomy_unattached_voxels", "anatomy_origin_split_voxels", "anatomy_split_voxels"]
+    assert set(anatomy) <= set(rows[True].columns) and (rows[True][anatomy] >= 0).all().all()
+    # then joins the pieces left apart along the CT's lumen (both tiny cases have some): the anatomy acted
+    # before it, the same way, so it only adds, as it reports
     assert "path_joined" not in rows[True].columns and (rows["path"]["path_joined"] > 0).any()
+    assert rows["path"][anatomy].equals(rows[True][anatomy])
     for cid, edged in masks[True].items():
-        if rows["path"].loc[cid, ["anatomy_unattached_voxels", "anatomy_split_voxels"]].sum() == 0:
-            assert not (edged & ~masks["path"][cid]).any()
-            assert (masks["path"][cid] & ~edged).sum() == rows["path"].loc[cid, "path_added"]
+        assert not (edged & ~masks["path"][cid]).any()
+        assert (masks["path"][cid] & ~edged).sum() == rows["path"].loc[cid, "path_added"]
     # what the report reads (its audit section): the CT edge's share and clarity per class
     from nearfix_lib.core.workspace import repair_audit
     from nearfix_lib.stages.report import audit_summary

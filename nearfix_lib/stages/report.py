@@ -138,7 +138,8 @@ AUDIT_MEASURES = {"audit_fit_dice": "fit Dice", "audit_dropped": "dropped", "aud
                   "audit_skeleton_kept": "centre line kept", "audit_keep_cut": "keep cut",
                   "edge_decided": "CT edge decided", "edge_contrast_noise": "CT contrast / noise",
                   "path_joined": "pieces joined on the CT", "path_added": "path voxels",
-                  "anatomy_unattached_voxels": "unattached voxels", "anatomy_split_voxels": "join voxels"}
+                  "anatomy_unattached_voxels": "unattached voxels",
+                  "anatomy_origin_split_voxels": "join voxels between origins", "anatomy_split_voxels": "join voxels"}
 
 
 def audit_summary(audit: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -167,7 +168,8 @@ def _audit_section(run: Run) -> list[str]:
             "the share of the boundary band whose voxels the CT decided and its half contrast over its noise "
             "(classes with `stage1.ct_edge`; near 0: the CT was too faint and the field's boundary stayed), "
             "the voxels `stage1.anatomy` took: of pieces away from the classes the class lies on, and of "
-            "joins over another class that parted its trees; cases flagged by `stage1.audit`.", "",
+            "joins over another class that parted its trees (between two of their origins, then where it had "
+            "too few pieces); cases flagged by `stage1.audit`.", "",
             per_class.round(3).to_markdown(), "", listed, ""]
 
 

@@ -45,10 +45,11 @@ def audit_note(run: Run, case_id: str) -> str:
         lines += [f"{r['class']}: {int(r['path_joined'])} piece(s) joined along the CT's lumen "
                   f"({int(r['path_added'])} voxels)"
                   for _, r in audit[audit["path_joined"].fillna(0) > 0].iterrows()]
-    if "anatomy_split_voxels" in audit.columns:
+    split = [c for c in ("anatomy_origin_split_voxels", "anatomy_split_voxels") if c in audit.columns]
+    if split:
+        parted = audit[split].fillna(0).sum(axis=1)
         lines += [f"{r['class']}: pieces parted where the repair joined them over another class "
-                  f"({int(r['anatomy_split_voxels'])} voxels)"
-                  for _, r in audit[audit["anatomy_split_voxels"].fillna(0) > 0].iterrows()]
+                  f"({int(parted[i])} voxels)" for i, r in audit[parted > 0].iterrows()]
     return "\n".join(lines)
 
 
