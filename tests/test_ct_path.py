@@ -14,7 +14,7 @@ from test_ct_edge import SHAPE, SPACING, painted_ct
 
 from nearfix_lib.core.config import CTPathParams
 from nearfix_lib.core.metrics import dice
-from nearfix_lib.repair.ct_path import PATH_PREFIX, join_along_lumen, lumen_like, tree_radius_mm
+from nearfix_lib.repair.ct_path import PATH_PREFIX, join_along_lumen, lumen_like, tree_pieces, tree_radius_mm
 
 ON = CTPathParams(enabled=True)
 GAP = slice(15, 24)  # the stretch of tree one the mask lost: 9 voxels of 0.9 mm along axis 0
@@ -95,6 +95,28 @@ def test_two_trees_stay_two_one_tree_is_joined():
     assert pieces(two) >= 2
     one, report = join_along_lumen(mask, ct, none, 1, spacing, ON)
     assert pieces(one) == 1 and report.joined == 2
+
+
+def test_the_trees_are_the_pieces_at_their_roots_where_those_are_known():
+    """Tree one broken in two long pieces, tree two short and whole, all leaving a root slab (the aorta's
+    side) at axis 0's start. By size the trees are tree one's two pieces, which may not join, and tree
+    two is too far to reach: nothing moves. With the roots known, tree one's distal piece joins its root."""
+    one, two = cylinder((12.0, 10.0)), cylinder((24.0, 20.0))
+    two[13:] = False  # short, whole: voxels 3-12
+    mask = one | two
+    mask[19:22] &= ~one[19:22]  # tree one: 3-18 and 22-36, both longer than tree two
+    ct = painted_ct(one | two)
+    roots = np.zeros(SHAPE, bool)
+    roots[:4] = True
+    labels = cc3d.connected_components(mask, connectivity=26)
+    assert sorted(tree_pieces(labels, 2)) != sorted(tree_pieces(labels, 2, roots))
+    assert set(labels[3][mask[3]]) == set(tree_pieces(labels, 2, roots))  # the pieces at the roots
+    none = np.zeros(SHAPE, np.int16)
+    by_size, report = join_along_lumen(mask, ct, none, 2, SPACING, ON)
+    assert np.array_equal(by_size, mask) and report.joined == 0
+    rooted, report = join_along_lumen(mask, ct, none, 2, SPACING, ON, roots)
+    assert pieces(rooted) == 2 and report.joined == 1 and (rooted & ~mask & one).sum() >= 0.8 * report.added
+    assert list(tree_pieces(labels, 1, np.zeros(SHAPE, bool))) == [int(np.argmax(np.bincount(labels.ravel())[1:])) + 1]
 
 
 def test_a_poor_ct_or_a_whole_tree_joins_nothing():

@@ -15,8 +15,9 @@ surroundings' (the two-voxel shell of :mod:`~nearfix_lib.repair.ct_edge`, other 
 A path's cost is its length in mm, each mm outside the lumen counting ``off_lumen_weight`` times.
 A class the input gives voxels to is a wall where its median CT is above that midpoint (a blood
 pool, as bright as a lumen; two trees meet only through the aorta); a darker one (the myocardium)
-is not, and its bright voxels are the vessel it swallowed. Prim's algorithm grows the ``expected``
-largest pieces: the cheapest path from the joined set to a piece not yet joined
+is not, and its bright voxels are the vessel it swallowed. Prim's algorithm grows the trees — the
+pieces that reach where the class arises (``roots``: each coronary tree leaves the aorta), largest
+first, else the largest pieces, ``expected`` in all: the cheapest path from the joined set to a piece not yet joined
 (:class:`skimage.graph.MCP_Geometric`) is taken while its cost is at most ``max_cost_mm``, with the
 lumen within the tree's diameter of it that the lumen connects to it (a minimal path runs along one
 side of a vessel), unless that would join two of those largest pieces: two trees stay two. A CT
@@ -98,14 +99,30 @@ def _widened(path: np.ndarray, lumen: np.ndarray, spacing: Sequence[float], reac
     return out
 
 
+def tree_pieces(labels: np.ndarray, expected: int, roots: np.ndarray | None = None) -> np.ndarray:
+    """The labels of the ``expected`` pieces of ``labels`` (components 1..n) that are trees: those holding
+    a voxel of ``roots`` first, then the others, each group largest first. A tree's largest piece is not
+    always its root's: where the segmenter broke a tree near its ostium, a distal stretch can outgrow
+    it, and taking the two largest pieces then takes one tree twice and grows the other into it."""
+    sizes = np.bincount(labels.ravel())[1:]
+    rooted = np.zeros(sizes.size, dtype=bool)
+    if roots is not None:
+        rooted[np.unique(labels[roots & (labels > 0)]) - 1] = True
+    order = np.lexsort((np.arange(sizes.size), -sizes, ~rooted))  # rooted first, then larger, then lower label
+    return order[:expected] + 1
+
+
 def join_along_lumen(mask: np.ndarray, ct: np.ndarray, neighbours: np.ndarray, expected: int,
-                     spacing: Sequence[float], params: CTPathParams) -> tuple[np.ndarray, PathReport]:
-    """``mask`` (bool) with its pieces beyond its ``expected`` largest joined to them along the CT's
+                     spacing: Sequence[float], params: CTPathParams,
+                     roots: np.ndarray | None = None) -> tuple[np.ndarray, PathReport]:
+    """``mask`` (bool) with its pieces beyond its ``expected`` trees joined to them along the CT's
     lumen (``ct``, same grid), never through the voxels ``neighbours`` (the input's labels of the other
     classes, 0 where none) gives to a class as bright as the lumen (:func:`lumen_like`): a darker class
     (the myocardium) may hide a stretch of vessel the segmenter gave it, and its bright voxels are that
-    stretch. Returns the mask and a :class:`PathReport`; a mask of at most ``expected`` pieces, or one
-    whose CT shows no clear lumen, comes back unchanged."""
+    stretch. The trees are the pieces holding a voxel of ``roots`` (where the class arises; None: none
+    known), largest first, then the largest others (:func:`tree_pieces`). Returns the mask and a
+    :class:`PathReport`; a mask of at most ``expected`` pieces, or one whose CT shows no clear lumen,
+    comes back unchanged."""
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != ct.shape or mask.shape != neighbours.shape:
         raise ValueError(f"join_along_lumen: mask {mask.shape}, ct {ct.shape}, neighbours {neighbours.shape} "
@@ -128,8 +145,7 @@ def join_along_lumen(mask: np.ndarray, ct: np.ndarray, neighbours: np.ndarray, e
     allowed |= ~lumen_like(ct, np.where(mask, 0, neighbours), lumen_hu - half)
     costs = np.where(allowed, np.where(lumen, 1.0, params.off_lumen_weight), -1.0)  # negative: impassable
     radius = tree_radius_mm(mask, spacing)
-    sizes = np.bincount(labels.ravel())[1:]
-    mains = np.argsort(-sizes, kind="stable")[:expected] + 1  # the trees' pieces: their labels
+    mains = tree_pieces(labels, expected, roots)
     seeds = tuple(np.array([np.argwhere(labels == m)[0] for m in mains]).T)  # a voxel of each tree
     out, trees = mask.copy(), labels  # trees: the components of out
     pending = set(range(1, n + 1)) - set(mains.tolist())

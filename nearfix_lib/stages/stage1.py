@@ -497,7 +497,8 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         if ct is None:
             raise ValueError("stage1.ct_path is on: M^ref needs the class box's CT")
         neighbours = around.neighbours if around is not None else np.zeros(repaired.shape, np.int16)
-        repaired, path = join_along_lumen(repaired, ct, neighbours, expected, spacing, params.ct_path)
+        roots = around.origins if around is not None else None  # the pieces that reach them are the trees
+        repaired, path = join_along_lumen(repaired, ct, neighbours, expected, spacing, params.ct_path, roots)
     return MRef(repaired, report, audit, edge, anatomy, path)
 
 
