@@ -488,7 +488,8 @@ class RepairAnatomyParams:
     # the classes each component arises from at one place (each coronary tree at its ostium on the aorta:
     # [Ao]); a piece that reaches them on both sides of a join over another class's input voxels is two
     # components a repair joined, parted there whatever the count (a fragment beside the joined trees
-    # hides them from split_joins). Empty: off; classes the table lacks are ignored
+    # hides them from split_joins). Empty: off (the coronaries' too: held-out seeds did not confirm [Ao],
+    # docs/method.md); classes the table lacks are ignored
     split_origins: list[str] = field(default_factory=list)
 
 
@@ -814,7 +815,7 @@ def _coronary_overrides() -> dict:
             "model": {"appearance": True, "appearance_kind": "intensity"},
             "ct_edge": {"enabled": True},
             "ct_path": {"enabled": True},
-            "anatomy": {"drop_unattached": True, "split_joins": True, "split_origins": ["Ao"]}}
+            "anatomy": {"drop_unattached": True, "split_joins": True}}
 
 
 @dataclass
