@@ -379,16 +379,20 @@ def split_at_origins(mask: np.ndarray, others: np.ndarray, origins: np.ndarray,
     removed = 0
     while True:
         pieces = cc3d.connected_components(crop, connectivity=26)
+        windows = cc3d.statistics(pieces)["bounding_boxes"]  # each piece's slices: a join is parted there
         labels, n_rest, joins = _joins_over(crop, over)
+        on_join = labels > n_rest
+        piece_of = dict(zip(labels[on_join].tolist(), pieces[on_join].tolist()))  # a join lies in one piece
         best, best_side = None, min_voxels - 1
         for join in joins:
             cut = _parting_cut(labels, join, n_rest)
-            piece = pieces == pieces[labels == join][0]
-            sides, n = cc3d.connected_components(piece & ~cut, connectivity=26, return_N=True)
+            window = windows[piece_of[join]]
+            piece = pieces[window] == piece_of[join]
+            sides, n = cc3d.connected_components(piece & ~cut[window], connectivity=26, return_N=True)
             if n != 2:
                 continue
             side = int(np.bincount(sides.ravel())[1:].min())
-            if side > best_side and np.count_nonzero(np.bincount(sides[near], minlength=3)[1:]) == 2:
+            if side > best_side and np.count_nonzero(np.bincount(sides[near[window]], minlength=3)[1:]) == 2:
                 best, best_side = cut, side
         if best is None:
             break

@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from nearfix_lib.core.classes import ClassTable, class_centre, load_table
 from nearfix_lib.core.config import AnchorParams, ModelParams, SamplingParams, Stage1Params, load_params, project_root
-from nearfix_lib.core.geometry import Box, roi_grid
+from nearfix_lib.core.geometry import Box, expand_box, roi_grid
 from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npy
 from nearfix_lib.core.metrics import Reference, dice
 from nearfix_lib.core.scores import score_labels, score_masks, scores_frame, write_scores
@@ -374,8 +374,7 @@ def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spaci
         targets = np.isin(labels[tuple(slice(a, b) for a, b in zip(lo, hi))], [table[t].index for t in att.targets])
         if targets.any():
             dist = edt.edt(np.ascontiguousarray(~targets), anisotropy=tuple(map(float, spacing)), black_border=False)
-            inner = tuple(slice(int(a - g), int(b - g)) for a, b, g in zip(box.lo, box.hi, lo))
-            attached = dist[inner] <= att.max_mm * (1.0 + 1e-6)
+            attached = dist[_within(box, lo)] <= att.max_mm * (1.0 + 1e-6)
     return BoxAnatomy(foreign_voxels(crop, key, table), np.where(others, crop, 0), attached,
                       _beside(labels, box, [table[k].index for k in origins if k in table.keys]))
 
@@ -385,12 +384,16 @@ def _beside(labels: np.ndarray, box: Box, indices: Sequence[int]) -> np.ndarray 
     (None where none is listed or present)."""
     if not indices:
         return None
-    lo, hi = np.maximum(np.asarray(box.lo) - 1, 0), np.minimum(np.asarray(box.hi) + 1, labels.shape)
-    found = np.isin(labels[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))], indices)
+    grown = expand_box(box, 1, labels.shape, unit="vox")
+    found = np.isin(labels[grown.slices], indices)
     if not found.any():
         return None
-    grown = ndimage.binary_dilation(found, structure=np.ones((3, 3, 3), bool))
-    return grown[tuple(slice(int(a - g), int(b - g)) for a, b, g in zip(box.lo, box.hi, lo))]
+    return ndimage.binary_dilation(found, structure=np.ones((3, 3, 3), bool))[_within(box, grown.lo)]
+
+
+def _within(box: Box, lo: Sequence[int]) -> tuple[slice, ...]:
+    """``box``'s slices inside an array cut from a larger grid at corner ``lo`` (a box grown around it)."""
+    return tuple(slice(int(a - g), int(b - g)) for a, b, g in zip(box.lo, box.hi, lo))
 
 
 def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams,
