@@ -2,7 +2,8 @@
 is painted from a known lumen (blurred, with noise), a stretch the mask lost is put back along the
 lumen; a gap the CT does not show as lumen stays unless the path may cost more; a class as bright as
 the lumen is a wall, a darker one that swallowed the vessel is not; two trees never become one; a
-poor CT joins nothing."""
+poor CT joins nothing; a blob darker than the vessel's surroundings (a segmenter's false positive in the
+lung) goes, a stretch of vessel stays."""
 
 import dataclasses
 
@@ -14,7 +15,14 @@ from test_ct_edge import SHAPE, SPACING, painted_ct
 
 from nearfix_lib.core.config import CTPathParams
 from nearfix_lib.core.metrics import dice
-from nearfix_lib.repair.ct_path import PATH_PREFIX, join_along_lumen, lumen_like, tree_pieces, tree_radius_mm
+from nearfix_lib.repair.ct_path import (
+    PATH_PREFIX,
+    drop_dark_pieces,
+    join_along_lumen,
+    lumen_like,
+    tree_pieces,
+    tree_radius_mm,
+)
 
 ON = CTPathParams(enabled=True)
 GAP = slice(15, 24)  # the stretch of tree one the mask lost: 9 voxels of 0.9 mm along axis 0
@@ -50,7 +58,7 @@ def test_a_lost_stretch_is_put_back_along_the_lumen():
     assert (added & one).sum() >= 0.8 * added.sum()  # along tree one's lumen, not across the fat to tree two
     assert dice(joined, lumen) > dice(mask, lumen) + 0.05
     assert report.contrast_noise > 2.0
-    assert set(report.columns()) == {f"{PATH_PREFIX}{n}" for n in ("joined", "added", "contrast_noise")}
+    assert set(report.columns()) == {f"{PATH_PREFIX}{n}" for n in ("joined", "added", "contrast_noise", "dark_dropped")}
 
 
 def test_a_gap_the_ct_does_not_show_stays_unless_the_path_may_cost_more():
@@ -138,7 +146,7 @@ def test_the_radius_of_a_tube_and_the_inputs_checked():
     with pytest.raises(ValueError, match="differ in shape"):
         join_along_lumen(np.zeros(SHAPE, bool), np.zeros((3, 4, 5), np.float32), np.zeros(SHAPE, np.int16), 2,
                          SPACING, ON)
-    for bad in ({"max_cost_mm": 0.0}, {"off_lumen_weight": 0.5}, {"min_contrast_noise": -1.0}):
+    for bad in ({"max_cost_mm": 0.0}, {"off_lumen_weight": 0.5}, {"min_contrast_noise": -1.0}, {"dark_level": 1.5}):
         with pytest.raises(ValueError, match="ct_path"):
             CTPathParams(**bad)
 
@@ -152,3 +160,32 @@ def test_bright_voxels_of_a_dark_class_are_the_lumen_it_swallowed():
     bright = lumen_like(ct, neighbours, 150.0)
     assert np.array_equal(bright, neighbours == 3)
     assert not ndimage.binary_erosion(bright).any() or bright[4:].all()
+
+
+def lung_blob(centre: tuple[int, int, int], radius_vox: int = 2) -> np.ndarray:
+    i, j, k = np.ogrid[tuple(slice(0, n) for n in SHAPE)]
+    return (i - centre[0]) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2 <= radius_vox ** 2
+
+
+def test_a_blob_darker_than_the_vessels_surroundings_goes_a_stretch_of_vessel_stays():
+    """Tree one broken (its distal stretch a third piece, on the lumen), and a blob the segmenter put in
+    the lung (-800 HU) or in plain fat beside tree two: the blob goes, every vessel voxel stays. Where
+    the blob is brighter than the vessel's surroundings (enhanced: a vessel of its own), or the dark
+    level asks for less than the lung, it stays; a poor CT, or a mask at the expected count, decides
+    nothing."""
+    _, lumen, mask = two_trees()
+    blob = lung_blob((30, 20, 9))
+    assert not (blob & lumen).any() and pieces(mask | blob) == 4
+    ct = painted_ct(lumen)
+    lung = np.where(blob, ct - 700.0, ct)
+    none = np.zeros(SHAPE, np.int16)
+    on = dataclasses.replace(ON, drop_dark=True)
+    for dark in (lung, ct):
+        kept, dropped = drop_dark_pieces(mask | blob, dark, none, 2, SPACING, on)
+        assert np.array_equal(kept, mask) and dropped == int(blob.sum())
+    for ct_there, params in ((np.where(blob, ct + 150.0, ct), on), (lung, dataclasses.replace(on, dark_level=-5.0)),
+                             (painted_ct(lumen, contrast=60.0, noise=50.0), on)):
+        same, dropped = drop_dark_pieces(mask | blob, ct_there, none, 2, SPACING, params)
+        assert np.array_equal(same, mask | blob) and dropped == 0
+    whole, dropped = drop_dark_pieces(lumen | lung_blob((30, 20, 9), 0), lung, none, 3, SPACING, on)
+    assert dropped == 0 and pieces(whole) == 3

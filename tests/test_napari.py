@@ -89,6 +89,7 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
     # the coronaries' boundary is placed by the CT where their input was not kept (stage1.ct_edge)
     rows[1].update(edge_decided=0.968, edge_contrast_noise=2.43)
     rows[1].update(path_joined=2, path_added=57, path_contrast_noise=3.1)  # pieces joined on the CT (ct_path)
+    rows[1].update(path_dark_dropped=176)  # and a blob darker than the vessel's surroundings removed
     # and its trees parted (stage1.anatomy): between their origins, then for the count
     rows[1].update(anatomy_unattached_voxels=0, anatomy_origin_split_voxels=9, anatomy_split_voxels=3)
     for key in ("Cor", "LV"):
@@ -99,5 +100,7 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
     assert audit_note(run, "1") == "Cor: repair flagged (centre line kept 0.412 < 0.8); M^ref is its input, cleaned"
     assert audit_note(run, "2") == ("Cor: boundary on the CT's edge over 97% of its band (contrast / noise 2.4)\n"
                                     "Cor: 2 piece(s) joined along the CT's lumen (57 voxels)\n"
+                                    "Cor: piece(s) darker than the vessel's surroundings on the CT removed "
+                                    "(176 voxels)\n"
                                     "Cor: pieces parted where the repair joined them over another class (12 voxels)")
     assert audit_note(run, "3") == ""

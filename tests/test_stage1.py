@@ -418,6 +418,37 @@ def test_mref_joins_a_broken_tree_along_the_cts_lumen():
         stage1.mref_of(given, field.astype(np.uint8), 2, spacing, on, around)
 
 
+def test_mref_drops_a_dark_blob_before_the_bridges_tie_it_to_a_tree():
+    """``ct_path.drop_dark``: a blob of the input in the lung, 4 mm from a tree, is bridged onto it by the
+    clean-up when off; on, it goes first, and the trees are as the field left them."""
+    import dataclasses
+
+    from nearfix_lib.core.config import CleanupParams, CTPathParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+
+    shape, spacing = (40, 16, 12), (1.0, 0.8, 1.5)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, :, 0:2] = CARDIAC["Myo"].index
+    cor = CARDIAC["Cor"].index
+    labels[4:18, 5:8, 3:5] = labels[22:36, 9:12, 3:5] = cor  # two trees, 3 x 2 voxels across
+    blob = np.zeros(shape, bool)
+    blob[10:14, 11:15, 7:10] = True  # 4 x 4 x 3 voxels, 4 mm beside the first tree
+    labels[blob] = cor
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing)
+    given = labels == cor
+    ct = np.where(given & ~blob, 300.0, np.where(blob, -700.0, -80.0))
+    ct = (ct + np.random.default_rng(0).normal(0.0, 15.0, shape)).astype(np.float32)
+    base = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False, bridge_gap_mm=16.0),
+                               ct_path=CTPathParams(enabled=True))
+    bits = given.astype(np.uint8)
+    tied = stage1.mref_of(given, bits, 2, spacing, base, around, ct)
+    assert tied.mask[blob].all() and tied.columns()["cleanup_bridged_voxels"] > 0
+    on = dataclasses.replace(base, ct_path=CTPathParams(enabled=True, drop_dark=True))
+    made = stage1.mref_of(given, bits, 2, spacing, on, around, ct)
+    assert np.array_equal(made.mask, given & ~blob) and made.columns()["path_dark_dropped"] == blob.sum()
+    assert made.columns()["cleanup_bridged_voxels"] == 0
+
+
 def test_mref_parts_trees_joined_between_their_origins_before_joining_pieces_to_them():
     """``anatomy.split_origins``: two trees the field ran together through the aorta, with a fragment of
     the second making up the expected count, are parted between their ostia; then ``ct_path`` joins the

@@ -456,13 +456,21 @@ class CTPathParams:
     expected count, a piece is joined to the largest ones by the cheapest path through voxels no other
     class holds, its cost its length in mm with each mm where the CT is below the lumen's midpoint
     counting ``off_lumen_weight`` times, while that cost is at most ``max_cost_mm`` and the lumen clears
-    the CT's noise by ``min_contrast_noise``. Off by default: only a tree has pieces to join, and only a
-    contrast-filled one a lumen to follow; the coronaries' default turns it on."""
+    the CT's noise by ``min_contrast_noise``. With ``drop_dark``, first (before the clean-up's bridges)
+    pieces beyond the trees that the CT shows darker than the trees' surroundings (``dark_level``) go.
+    Off by default: only a tree has pieces to join, and only a contrast-filled one a lumen to follow;
+    the coronaries' default turns it on."""
 
     enabled: bool = False
     max_cost_mm: float = 40.0  # the longest path taken (its cost): a lost stretch of vessel, not a detour
     off_lumen_weight: float = 10.0  # a mm outside the lumen costs this many: noise, not fat, may be crossed
     min_contrast_noise: float = 2.0  # the lumen's half contrast over the CT's noise below this: no path
+    # before the clean-up's bridges join them, pieces beyond the trees whose median CT is below the trees'
+    # surroundings' median plus dark_level x the lumen's contrast over those surroundings go: a false
+    # positive of the segmenter in fat or lung, which a bridge would tie to a tree (tuning seeds: such
+    # islands -0.22 to -5.4 of the lumen's contrast, every stretch of vessel above -0.03; docs/method.md)
+    drop_dark: bool = False
+    dark_level: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.max_cost_mm > 0:
@@ -471,6 +479,9 @@ class CTPathParams:
             raise ValueError(f"ct_path.off_lumen_weight must be >= 1, got {self.off_lumen_weight}")
         if self.min_contrast_noise < 0:
             raise ValueError(f"ct_path.min_contrast_noise must be >= 0, got {self.min_contrast_noise}")
+        if not -10.0 <= self.dark_level <= 1.0:
+            raise ValueError(f"ct_path.dark_level must lie in [-10, 1] (shares of the lumen's contrast), "
+                             f"got {self.dark_level}")
 
 
 @dataclass
@@ -814,7 +825,7 @@ def _coronary_overrides() -> dict:
                        "add_over_foreign": False},
             "model": {"appearance": True, "appearance_kind": "intensity"},
             "ct_edge": {"enabled": True},
-            "ct_path": {"enabled": True},
+            "ct_path": {"enabled": True, "drop_dark": True},
             "anatomy": {"drop_unattached": True, "split_joins": True}}
 
 

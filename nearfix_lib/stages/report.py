@@ -138,6 +138,7 @@ AUDIT_MEASURES = {"audit_fit_dice": "fit Dice", "audit_dropped": "dropped", "aud
                   "audit_skeleton_kept": "centre line kept", "audit_keep_cut": "keep cut",
                   "edge_decided": "CT edge decided", "edge_contrast_noise": "CT contrast / noise",
                   "path_joined": "pieces joined on the CT", "path_added": "path voxels",
+                  "path_dark_dropped": "voxels dark on the CT",
                   "anatomy_unattached_voxels": "unattached voxels",
                   "anatomy_origin_split_voxels": "join voxels between origins", "anatomy_split_voxels": "join voxels"}
 

@@ -90,7 +90,7 @@ from nearfix_lib.repair.cleanup import (
     split_joins,
 )
 from nearfix_lib.repair.ct_edge import EdgeReport, snap_to_edge
-from nearfix_lib.repair.ct_path import PathReport, join_along_lumen
+from nearfix_lib.repair.ct_path import PathReport, drop_dark_pieces, join_along_lumen
 from nearfix_lib.stages import shards
 from nearfix_lib.stages.prepare import CaseCrops, load_crops_index, prepared_cases
 from nearfix_lib.stages.runs import resolve_device, start_run
@@ -468,41 +468,53 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     """M^ref of a class box from its input mask ``given`` and the field's decode ``bits``
     (:func:`repair_decision`): the field's own decision, cleaned and audited against the input; a
     flagged case takes ``audit.action``, the others the anchor where it is on (``around``: the box's
-    :func:`box_anatomy`; its ``foreign`` voxels for ``anchor.add_over_foreign``), with ``ct_edge`` on,
+    :func:`box_anatomy`; its ``foreign`` voxels for ``anchor.add_over_foreign``), less, with
+    ``ct_path.drop_dark`` on, the pieces the CT shows darker than the trees' surroundings (before the
+    clean-up's bridges), with ``ct_edge`` on,
     its boundary where the box's CT ``ct`` shows the edge (:mod:`~nearfix_lib.repair.ct_edge`; then the
     clean-up again), with ``anatomy`` on, the table's anatomy held (:func:`held_to_anatomy`), and with
     ``ct_path`` on, pieces left apart joined along the CT's lumen to the trees, never through a class as
     bright as it (:mod:`~nearfix_lib.repair.ct_path`). A case
     whose input the audit kept keeps it as the audit says: the CT moves no boundary there."""
     foreign = around.foreign if around is not None else None
-    repaired, report = clean_mask(bits & 1 > 0, expected, spacing, params.cleanup)
+    neighbours = around.neighbours if around is not None else np.zeros(given.shape, np.int16)
+    roots = around.origins if around is not None else None  # the pieces that reach them are the trees
+    decided = bits & 1 > 0
+    repaired, report = clean_mask(decided, expected, spacing, params.cleanup)
     audit = audit_repair(given, repaired, params.audit)  # can the field hold its input at all?
     if audit.kept_input:
         repaired, cleaned = input_in_place(given, expected, spacing, params)
         return MRef(repaired, cleaned if cleaned is not None else report, audit)  # keep_input: the field's report
     if params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
-        anchored, keep_cut = anchored_mask(given, bits, params.anchor, foreign)
+        decided, keep_cut = anchored_mask(given, bits, params.anchor, foreign)
         audit = dataclasses.replace(audit, keep_cut=keep_cut)
         if params.anchor.join:  # the pieces the field's own decision connects, connected through it
-            anchored = joined_through(anchored, repaired)
-        repaired, report = clean_mask(anchored, expected, spacing, params.cleanup)
+            decided = joined_through(decided, repaired)
+    dark = 0
+    if params.ct_path.enabled and params.ct_path.drop_dark:  # before the clean-up's bridges tie them on
+        decided, dark = drop_dark_pieces(decided, _needs_ct(ct, "ct_path"), neighbours, expected, spacing,
+                                         params.ct_path, roots)
+    if params.anchor.enabled or dark:
+        repaired, report = clean_mask(decided, expected, spacing, params.cleanup)
     edge = None
     if params.ct_edge.enabled:
-        if ct is None:
-            raise ValueError("stage1.ct_edge is on: M^ref needs the class box's CT")
         allowed = ~foreign if foreign is not None else np.ones(repaired.shape, dtype=bool)
-        snapped, edge = snap_to_edge(repaired, ct, allowed, spacing, params.ct_edge)
+        snapped, edge = snap_to_edge(repaired, _needs_ct(ct, "ct_edge"), allowed, spacing, params.ct_edge)
         repaired, report = clean_mask(snapped, expected, spacing, params.cleanup)
     # the anatomy before the paths: these join pieces to the expected largest, which must be trees
     repaired, anatomy = held_to_anatomy(repaired, expected, spacing, params, around)
     path = None
     if params.ct_path.enabled:  # after the edge: its pieces' ends lie on the lumen
-        if ct is None:
-            raise ValueError("stage1.ct_path is on: M^ref needs the class box's CT")
-        neighbours = around.neighbours if around is not None else np.zeros(repaired.shape, np.int16)
-        roots = around.origins if around is not None else None  # the pieces that reach them are the trees
-        repaired, path = join_along_lumen(repaired, ct, neighbours, expected, spacing, params.ct_path, roots)
+        repaired, path = join_along_lumen(repaired, _needs_ct(ct, "ct_path"), neighbours, expected, spacing,
+                                          params.ct_path, roots)
+        path.dark_dropped = dark
     return MRef(repaired, report, audit, edge, anatomy, path)
+
+
+def _needs_ct(ct: np.ndarray | None, rule: str) -> np.ndarray:
+    if ct is None:
+        raise ValueError(f"stage1.{rule} is on: M^ref needs the class box's CT")
+    return ct
 
 
 def held_to_anatomy(mask: np.ndarray, expected: int, spacing: Sequence[float], params: Stage1Params,
