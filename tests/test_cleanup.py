@@ -11,6 +11,7 @@ from nearfix_lib.core.metrics import mask_components
 from nearfix_lib.repair.cleanup import (
     CleanupReport,
     clean_mask,
+    drop_enclosed,
     drop_small_components,
     drop_unattached,
     joined_through,
@@ -299,6 +300,32 @@ def test_drop_unattached_keeps_pieces_that_touch_where_the_class_may_lie():
     assert drop_unattached(np.zeros(shape, bool), attached)[1] == 0
     with pytest.raises(ValueError, match="differ in shape"):
         drop_unattached(mask, attached[:5])
+
+
+def test_drop_enclosed_takes_a_blob_inside_a_chamber_not_a_piece_beside_one():
+    """Two trees, a blob inside a chamber's labels (its surroundings all chamber) and a piece of vessel
+    along the chamber's wall (its surroundings a third chamber): the blob goes, the rest stays; at the
+    expected count or with a share nothing reaches, nothing moves; the mask is untouched."""
+    shape = (20, 16, 12)
+    mask = np.zeros(shape, bool)
+    mask[1:19, 1, 1] = mask[1:19, 1, 10] = True  # the trees
+    mask[9:11, 6:8, 5:7] = True  # the blob, 8 voxels (fewer than a tree's 18)
+    mask[2:8, 14, 6] = True  # a stretch of vessel on a chamber's wall
+    foreign = np.zeros(shape, bool)
+    foreign[5:16, 4:12, 3:10] = True  # the chamber around the blob
+    foreign[2:8, 12:14, 4:9] = True  # the wall beside the stretch: one side of its surroundings
+    foreign &= ~mask
+    before = mask.copy()
+    out, dropped = drop_enclosed(mask, foreign, 2, 0.6)
+    blob = np.zeros(shape, bool)
+    blob[9:11, 6:8, 5:7] = True
+    assert np.array_equal(mask, before) and dropped == 8 and np.array_equal(out, mask & ~blob)
+    at_count, none = drop_enclosed(mask, foreign, 4, 0.6)
+    assert none == 0 and np.array_equal(at_count, mask)
+    kept, none = drop_enclosed(mask, foreign, 2, 1.0)
+    assert none == 0 and np.array_equal(kept, mask)
+    with pytest.raises(ValueError, match="differ in shape"):
+        drop_enclosed(mask, foreign[:5], 2, 0.6)
 
 
 def _two_trees(shape=(30, 11, 8)):

@@ -449,6 +449,35 @@ def test_mref_drops_a_dark_blob_before_the_bridges_tie_it_to_a_tree():
     assert made.columns()["cleanup_bridged_voxels"] == 0
 
 
+def test_mref_drops_a_blob_inside_a_chamber_before_the_bridges_tie_it_to_a_tree():
+    """``anatomy.enclosed_share``: a blob of the input inside the left ventricle's labels, 3 mm from a tree
+    and as bright as the lumen (the CT cannot tell), is bridged onto the tree when off; on, it goes first."""
+    import dataclasses
+
+    from nearfix_lib.core.config import CleanupParams, RepairAnatomyParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+
+    shape, spacing = (40, 18, 12), (1.0, 0.8, 1.5)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, :, 0:2] = CARDIAC["Myo"].index
+    labels[8:20, 10:18, 3:10] = CARDIAC["LV"].index  # a chamber beside the first tree
+    cor = CARDIAC["Cor"].index
+    labels[4:18, 5:8, 3:5] = labels[22:36, 5:8, 3:5] = cor  # two trees, 3 x 2 voxels across
+    blob = np.zeros(shape, bool)
+    blob[11:15, 12:16, 5:8] = True  # 48 voxels inside the chamber's labels
+    labels[blob] = cor
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing)
+    given = labels == cor
+    bits = given.astype(np.uint8)
+    base = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False, min_component_mm3=30.0,
+                                                                     bridge_gap_mm=16.0))
+    tied = stage1.mref_of(given, bits, 2, spacing, base, around)
+    assert tied.mask[blob].all() and tied.columns()["cleanup_bridged_voxels"] > 0
+    on = dataclasses.replace(base, anatomy=RepairAnatomyParams(enclosed_share=0.6))
+    made = stage1.mref_of(given, bits, 2, spacing, on, around)
+    assert np.array_equal(made.mask, given & ~blob) and made.columns()["anatomy_enclosed_voxels"] == blob.sum()
+
+
 def test_mref_parts_trees_joined_between_their_origins_before_joining_pieces_to_them():
     """``anatomy.split_origins``: two trees the field ran together through the aorta, with a fragment of
     the second making up the expected count, are parted between their ostia; then ``ct_path`` joins the

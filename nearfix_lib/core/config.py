@@ -502,6 +502,10 @@ class RepairAnatomyParams:
     # hides them from split_joins). Empty: off (the coronaries' too: held-out seeds did not confirm [Ao],
     # docs/method.md); classes the table lacks are ignored
     split_origins: list[str] = field(default_factory=list)
+    # > 0: before the clean-up's bridges, pieces beyond the expected trees whose two-voxel surroundings lie
+    # more than this share in classes the class does not lie on (for the coronaries: chambers, veins, not the
+    # myocardium or aorta) go: a segmenter's blob inside a chamber, not a vessel on the heart (0: off)
+    enclosed_share: float = 0.0
 
 
 # -- parameters of repair.fusion -------------------------------------------------------------------
@@ -829,7 +833,7 @@ def _coronary_overrides() -> dict:
             "model": {"appearance": True, "appearance_kind": "intensity"},
             "ct_edge": {"enabled": True},
             "ct_path": {"enabled": True, "drop_dark": True},
-            "anatomy": {"drop_unattached": True, "split_joins": True}}
+            "anatomy": {"drop_unattached": True, "split_joins": True, "enclosed_share": 0.6}}
 
 
 @dataclass

@@ -84,6 +84,7 @@ from nearfix_lib.repair.audit import Audit, audit_repair
 from nearfix_lib.repair.cleanup import (
     CleanupReport,
     clean_mask,
+    drop_enclosed,
     drop_unattached,
     joined_through,
     split_at_origins,
@@ -429,11 +430,13 @@ def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
 class AnatomyReport:
     """What ``stage1.anatomy`` took from M^ref: voxels of pieces away from the classes it lies on
     (``drop_unattached``), of joins between two origins (``split_origins``) and of joins of too few
-    pieces (``split_joins``), all over other classes."""
+    pieces (``split_joins``), all over other classes, and of pieces inside classes it does not lie on
+    (``enclosed_share``)."""
 
     unattached_voxels: int = 0
     origin_split_voxels: int = 0
     split_voxels: int = 0
+    enclosed_voxels: int = 0  # pieces inside classes the class does not lie on (enclosed_share), before the clean-up
 
     def columns(self) -> dict:
         return {f"anatomy_{k}": v for k, v in dataclasses.asdict(self).items()}
@@ -494,7 +497,12 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     if params.ct_path.enabled and params.ct_path.drop_dark:  # before the clean-up's bridges tie them on
         decided, dark = drop_dark_pieces(decided, _needs_ct(ct, "ct_path"), neighbours, expected, spacing,
                                          params.ct_path, roots)
-    if params.anchor.enabled or dark:
+    enclosed = 0
+    if around is not None and params.anatomy.enclosed_share > 0:  # the same, for blobs inside a chamber
+        min_voxels = max(1, int(np.ceil(params.cleanup.min_component_mm3 / float(np.prod(spacing)))))
+        decided, enclosed = drop_enclosed(decided, around.foreign, expected, params.anatomy.enclosed_share,
+                                          min_voxels, roots)
+    if params.anchor.enabled or dark or enclosed:
         repaired, report = clean_mask(decided, expected, spacing, params.cleanup)
     edge = None
     if params.ct_edge.enabled:
@@ -503,6 +511,8 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         repaired, report = clean_mask(snapped, expected, spacing, params.cleanup)
     # the anatomy before the paths: these join pieces to the expected largest, which must be trees
     repaired, anatomy = held_to_anatomy(repaired, expected, spacing, params, around)
+    if enclosed:
+        anatomy = dataclasses.replace(anatomy or AnatomyReport(), enclosed_voxels=enclosed)
     path = None
     if params.ct_path.enabled:  # after the edge: its pieces' ends lie on the lumen
         repaired, path = join_along_lumen(repaired, _needs_ct(ct, "ct_path"), neighbours, expected, spacing,
