@@ -91,7 +91,8 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
     rows[1].update(path_joined=2, path_added=57, path_contrast_noise=3.1)  # pieces joined on the CT (ct_path)
     rows[1].update(path_dark_dropped=176)  # and a blob darker than the vessel's surroundings removed
     # and its trees parted (stage1.anatomy): between their origins, then for the count
-    rows[1].update(anatomy_unattached_voxels=0, anatomy_origin_split_voxels=9, anatomy_split_voxels=3)
+    rows[1].update(anatomy_unattached_voxels=0, anatomy_origin_split_voxels=9, anatomy_split_voxels=3,
+                   anatomy_enclosed_voxels=40)  # and a blob inside a chamber's labels removed
     for key in ("Cor", "LV"):
         folder = run.dir / "stage1" / key
         folder.mkdir(parents=True)
@@ -102,5 +103,6 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
                                     "Cor: 2 piece(s) joined along the CT's lumen (57 voxels)\n"
                                     "Cor: piece(s) darker than the vessel's surroundings on the CT removed "
                                     "(176 voxels)\n"
+                                    "Cor: piece(s) inside classes it does not lie on removed (40 voxels)\n"
                                     "Cor: pieces parted where the repair joined them over another class (12 voxels)")
     assert audit_note(run, "3") == ""
