@@ -31,6 +31,7 @@ from scipy.spatial import cKDTree
 
 from nearfix_lib.core.config import CleanupParams
 from nearfix_lib.core.geometry import Box, bounding_box
+from nearfix_lib.repair.ct_path import tree_pieces
 
 
 @dataclass
@@ -327,8 +328,6 @@ def drop_enclosed(mask: np.ndarray, foreign: np.ndarray, expected: int, max_shar
     bridges or drops it: a few voxels' surroundings are their neighbourhood's, not a shape's (on a tuning
     case a 12-voxel stretch inside the myocardium's labels, taken, cost 0.021 Dice). Returns the mask and the
     voxels it dropped."""
-    from nearfix_lib.repair.ct_path import tree_pieces
-
     mask, foreign = _as_mask(mask), _as_mask(foreign)
     if mask.shape != foreign.shape:
         raise ValueError(f"drop_enclosed: mask {mask.shape} and foreign {foreign.shape} differ in shape")
