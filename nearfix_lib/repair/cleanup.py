@@ -30,7 +30,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from nearfix_lib.core.config import CleanupParams
-from nearfix_lib.core.geometry import Box, bounding_box
+from nearfix_lib.core.geometry import Box, bounding_box, expand_box
 from nearfix_lib.repair.ct_path import tree_pieces
 
 
@@ -339,7 +339,8 @@ def drop_enclosed(mask: np.ndarray, foreign: np.ndarray, expected: int, max_shar
     for piece, box in zip(range(1, n + 1), cc3d.statistics(labels)["bounding_boxes"][1:]):
         if piece in trees:
             continue
-        grown = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in box)
+        grown = expand_box(Box(tuple(s.start for s in box), tuple(s.stop for s in box)), 2, mask.shape,
+                           unit="vox").slices
         own = labels[grown] == piece
         if np.count_nonzero(own) < min_voxels:
             continue
