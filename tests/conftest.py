@@ -13,8 +13,8 @@ import os
 # every child, which inherits these variables (papermill kernels, spawned gloo ranks and benchmark
 # runs, the subprocesses of the kill/resume and viewer tests). They are set here, before torch is
 # imported, so that its OpenMP runtime starts with them, and they replace any the caller set.
-# One thread, not two, although CI machines have 2 cores: the tensors here are small, the 2-rank
-# and 2-job tests already fill both cores with one thread per process, and OpenMP threads that
+# One thread, not two, although CI machines have 2 cores: the tensors here are small, `make test`
+# runs two such test processes (pytest-xdist), the 2-rank and 2-job tests start more, and OpenMP threads that
 # wait for a core are very slow when anything else runs. Measured on a 2-core machine shared with
 # other jobs: the whole suite 252 s on 1 thread vs 626 s on 2; the held-out latent fit of
 # test_unified 10-11 s vs 84-250 s. One thread is also the count every machine can run the same way.
@@ -62,6 +62,15 @@ def small_labels() -> np.ndarray:
     lab[12:15, 4:7, 2:4] = 8  # LAA touching LA
     lab[14:20, 10:15, 5:10] = 3  # LV
     return lab
+
+
+def xvfb_run(screen: str) -> list[str]:
+    """``xvfb-run -a`` on ``screen`` ("WxHxD"), searching for a free display from a number of this
+    pytest worker's own: ``-a`` takes the first display without a lock file, and two workers
+    starting Xvfb at the same moment would take the same one and one would fail."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ... under pytest-xdist
+    first = 99 + 100 * int(worker.removeprefix("gw") or 0)
+    return ["xvfb-run", "-a", "-n", str(first), "-s", f"-screen 0 {screen}"]
 
 
 def require_ts_chest():

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PROJECT
+from conftest import PROJECT, xvfb_run
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.classes import CARDIAC
@@ -46,7 +46,7 @@ def test_viewer_screenshot_shows_the_class_colours_under_xvfb(tiny_run, tmp_path
     if shutil.which("xvfb-run") is None:
         pytest.skip("no display server: xvfb-run is not installed (apt-get install xvfb)")
     shot = tmp_path / "shot.png"
-    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, "-m",
+    proc = subprocess.run([*xvfb_run("1280x1024x24"), sys.executable, "-m",
                            "nearfix_lib.viz.view",
                            str(tiny_run), "1", "--screenshot", str(shot)], cwd=PROJECT, capture_output=True,
                           text=True, timeout=240)

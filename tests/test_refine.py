@@ -228,7 +228,7 @@ def test_the_napari_widget_turns_a_point_into_a_click_under_xvfb(edit_run, tmp_p
     import subprocess
     import sys
 
-    from conftest import PROJECT
+    from conftest import PROJECT, xvfb_run
 
     pytest.importorskip("napari", reason="napari is not installed (pip install -e .[viewer])")
     if shutil.which("xvfb-run") is None:
@@ -238,7 +238,7 @@ def test_the_napari_widget_turns_a_point_into_a_click_under_xvfb(edit_run, tmp_p
     edit = open_edit(edit_run.dir, "1", with_image=False)
     target = boundary_voxel(edit.session.labels, LV, False, edit.session.field.box)
     shot = tmp_path / "edit.png"
-    proc = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1400x1000x24", sys.executable,
+    proc = subprocess.run([*xvfb_run("1400x1000x24"), sys.executable,
                            str(PROJECT / "tests" / "napari_edit_child.py"), str(edit_run.dir), "1",
                            *(str(v) for v in target), str(shot)], cwd=PROJECT, capture_output=True, text=True,
                           timeout=300)
