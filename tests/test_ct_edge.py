@@ -64,11 +64,29 @@ def test_the_ct_never_puts_a_voxel_where_the_class_may_not_be():
     assert (snapped & ~thin & allowed).any()  # and where it may, it grows
 
 
-def test_where_the_contrast_is_below_the_noise_the_boundary_stays():
+def test_a_thin_vessels_edge_read_from_its_core_lies_on_the_lumen_not_outside_it():
+    """A vessel 2-3 voxels wide, its mask a voxel too fat: that mask's mean is mostly rim and fat, its
+    midpoint low, and the whole-mask level keeps voxels outside the lumen that the core's level takes out."""
+    lumen = tube(radius=1.3)
+    ct = painted_ct(lumen)
+    fat = ndimage.binary_dilation(lumen, FACE)
+    allowed = np.ones(SHAPE, dtype=bool)
+    whole, _ = snap_to_edge(fat, ct, allowed, SPACING, ON)
+    core, report = snap_to_edge(fat, ct, allowed, SPACING, dataclasses.replace(ON, lumen_level="core"))
+    assert whole.sum() > 1.8 * lumen.sum() and core.sum() < 1.3 * lumen.sum()  # (here 2.0 and 1.2)
+    assert dice(core, lumen) > dice(whole, lumen) + 0.15
+    assert not ((core != fat) & ~ndimage.binary_dilation(fat, FACE)).any() and report.removed > report.added
+
+
+@pytest.mark.parametrize("level", ["mask", "core"])
+def test_where_the_contrast_is_below_the_noise_the_boundary_stays(level):
+    """Either level: the gate reads the whole mask's contrast (the core's brighter voxels would pass
+    it on the noise alone)."""
     lumen = tube()
     faint = painted_ct(lumen, contrast=60.0, noise=50.0)  # half contrast 30 HU, noise 50
     fat = ndimage.binary_dilation(lumen, FACE)
-    snapped, report = snap_to_edge(fat, faint, np.ones(SHAPE, dtype=bool), SPACING, ON)
+    snapped, report = snap_to_edge(fat, faint, np.ones(SHAPE, dtype=bool), SPACING,
+                                   dataclasses.replace(ON, lumen_level=level))
     assert np.array_equal(snapped, fat) and report.decided == 0.0 and report.contrast_noise < 1.0
     # the same CT with the gate open: noise decides, and the result is worse than the mask it was given
     ungated, _ = snap_to_edge(fat, faint, np.ones(SHAPE, dtype=bool), SPACING,
@@ -116,7 +134,7 @@ def test_an_empty_mask_or_a_mask_without_surroundings_is_returned_unchanged():
 
 
 def test_ct_edge_parameters_are_checked():
-    for bad in ({"band_vox": 0}, {"window_mm": 0.0}, {"min_contrast_noise": -1.0}):
+    for bad in ({"band_vox": 0}, {"window_mm": 0.0}, {"min_contrast_noise": -1.0}, {"lumen_level": "peak"}):
         with pytest.raises(ValueError, match="ct_edge"):
             CTEdgeParams(**bad)
 

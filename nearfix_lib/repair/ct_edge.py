@@ -11,6 +11,14 @@ left out). Both means are local, Gaussian-weighted over ``window_mm`` (normalise
 the contrast falls along a tree and differs between a proximal segment beside fat and a distal one on
 the myocardium; one threshold per case would cut the distal vessels away.
 
+Which lumen level (``lumen_level``): a vessel 2-4 voxels wide is mostly its partial-volume rim, voxels
+part lumen, part fat, whose CT lies between the two. Their mean, over the whole mask, is well below the
+lumen's, so the midpoint is too low and the edge is placed outside the lumen: on the tuning seeds such
+repairs held up to 1.3 x the truth's voxels. ``core`` reads the lumen's level from the mask's voxels at or
+above its local mean instead (its core, the rim left out). Whether the CT is clear enough is still asked
+of the whole mask's contrast: selecting the brighter voxels raises their mean by about 0.8 of the noise,
+which on a faint CT would pass the gate on the noise alone.
+
 Where the CT cannot place the edge, the repair's boundary stays: where the local half contrast is
 below ``min_contrast_noise`` times the CT's noise (a faint distal branch, a poorly enhanced scan), a
 voxel's side of the midpoint is the noise's, not the anatomy's. The noise is the robust spread (MAD) of
@@ -77,6 +85,14 @@ def local_mean(ct: np.ndarray, where: np.ndarray, sigma_vox: Sequence[float]) ->
         return np.where(weight > 0, total / weight, np.nan)
 
 
+def lumen_core_level(ct: np.ndarray, mask: np.ndarray, whole: np.ndarray, sigma_vox: Sequence[float]) -> np.ndarray:
+    """The lumen's local level from its core: the Gaussian-weighted mean of ``ct`` over the voxels of
+    ``mask`` at or above ``whole`` (the local mean over all of ``mask``), where the window holds such a
+    voxel; else ``whole``."""
+    core = local_mean(ct, mask & (ct >= whole), sigma_vox)
+    return np.where(np.isfinite(core), core, whole)
+
+
 def surroundings(mask: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """The voxels within :data:`SHELL_VOX` face steps outside ``mask`` that ``allowed`` lets it reach:
     where a lumen's surroundings are measured (its partial-volume rim and beyond, other classes left out)."""
@@ -99,12 +115,13 @@ def snap_to_edge(mask: np.ndarray, ct: np.ndarray, allowed: np.ndarray, spacing:
     if not shell.any() or not noise > 0:
         return mask, unchanged
     sigma = [params.window_mm / float(s) for s in spacing]
-    lumen, around = local_mean(ct, mask, sigma), local_mean(ct, shell, sigma)
-    half_contrast = 0.5 * (lumen - around)
+    whole, around = local_mean(ct, mask, sigma), local_mean(ct, shell, sigma)
+    half_contrast = 0.5 * (whole - around)
     clear = half_contrast >= params.min_contrast_noise * noise  # NaN (no lumen or surroundings near): False
+    lumen = whole if params.lumen_level == "mask" else lumen_core_level(ct, mask, whole, sigma)
     band = boundary_band(mask, params.band_vox, border_is_surface=False) & allowed
     decided = band & clear
-    snapped = np.where(decided, ct > lumen - half_contrast, mask)
+    snapped = np.where(decided, ct > lumen - 0.5 * (lumen - around), mask)
     inside = half_contrast[mask]
     inside = inside[np.isfinite(inside)]  # NaN: no surroundings within the window
     return snapped, EdgeReport(added=int(np.count_nonzero(snapped & ~mask)),
