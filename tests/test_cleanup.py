@@ -412,3 +412,9 @@ def test_split_at_origins_leaves_a_tree_whose_own_stretch_crosses_another_class(
     others2[5:9, 5, 3] = True  # the first tree's own stretch over a neighbour, far from the aorta
     out, removed = split_at_origins(mask, others2, origins, min_voxels=2)
     assert removed == 2 and out[5:9, 5, 3].all() and not out[13:15, 5, 3].any() and mask_components(out) == 2
+
+
+def test_the_smallest_piece_kept_in_voxels_rounds_up_and_is_at_least_one():
+    assert CleanupParams(min_component_mm3=30.0).min_component_voxels((0.9, 0.9, 1.2)) == 31  # 30 / 0.972 = 30.9
+    assert CleanupParams(min_component_mm3=30.0).min_component_voxels((1.0, 1.0, 1.5)) == 20
+    assert CleanupParams().min_component_voxels((1.1, 1.1, 1.1)) == 1  # no rule: every piece counts

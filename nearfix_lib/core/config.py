@@ -349,6 +349,11 @@ class CleanupParams:
             raise ValueError("cleanup.min_fraction_of_largest must lie in [0, 1], "
                              f"got {self.min_fraction_of_largest}")
 
+    def min_component_voxels(self, spacing: Sequence[float]) -> int:
+        """``min_component_mm3`` in voxels of ``spacing`` (mm), at least 1: the smallest piece the
+        clean-up keeps, for the rules before it that leave smaller pieces to it."""
+        return max(1, math.ceil(self.min_component_mm3 / float(np.prod(spacing))))
+
 
 AUDIT_ACTIONS = ("flag", "keep_input", "clean_input")
 

@@ -499,9 +499,8 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
                                          params.ct_path, roots)
     enclosed = 0
     if around is not None and params.anatomy.enclosed_share > 0:  # the same, for blobs inside a chamber
-        min_voxels = max(1, int(np.ceil(params.cleanup.min_component_mm3 / float(np.prod(spacing)))))
         decided, enclosed = drop_enclosed(decided, around.foreign, expected, params.anatomy.enclosed_share,
-                                          min_voxels, roots)
+                                          params.cleanup.min_component_voxels(spacing), roots)
     if params.anchor.enabled or dark or enclosed:
         repaired, report = clean_mask(decided, expected, spacing, params.cleanup)
     edge = None
@@ -540,7 +539,7 @@ def held_to_anatomy(mask: np.ndarray, expected: int, spacing: Sequence[float], p
     report = AnatomyReport()
     if rules.drop_unattached and around.attached is not None:
         mask, report.unattached_voxels = drop_unattached(mask, around.attached)
-    min_voxels = max(1, int(np.ceil(params.cleanup.min_component_mm3 / float(np.prod(spacing)))))
+    min_voxels = params.cleanup.min_component_voxels(spacing)
     if rules.split_origins and around.origins is not None:
         mask, report.origin_split_voxels = split_at_origins(mask, around.others, around.origins, min_voxels)
     if rules.split_joins:
