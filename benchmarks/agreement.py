@@ -108,8 +108,7 @@ def agreement_rows(run, device: str, cases: int = 0, decoding=None) -> list[dict
             own = [(bits & 1) * cls.index for bits in (dense, fine)]  # the field's own decision, P >= threshold
             rows += _rows(cid, "stage1", (own[0], dense_s), (own[1], fine_s, evaluated), [cls], run.table)
             rows[-1].update(_mref_agreement(inside, dense, fine, cls, crops.spacing, p, run.table,
-                                            box_anatomy(given, box, key, run.table, crops.spacing,
-                                                        p.anatomy.split_origins),
+                                            box_anatomy(given, box, key, run.table, crops.spacing, p.anatomy),
                                             case.image.array[box.slices] if p.mref_reads_ct else None))
             print(f"{cid} stage1:{key}: identical {rows[-1]['identical']:.6f}", flush=True)
         if unified is not None and cid in unified.case_ids:

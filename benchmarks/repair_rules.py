@@ -133,7 +133,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
         p = field_on_grid(field.model, i, original_box_grid(box), box, state.device, base.chunk_points,
                           image=image)[..., 0]
         given, truth = case.label.array[box.slices] == cls.index, case.truth.array[box.slices] == cls.index
-        around = box_anatomy(case.label.array, box, key, run.table, crops.spacing, base.anatomy.split_origins)
+        around = box_anatomy(case.label.array, box, key, run.table, crops.spacing, base.anatomy)
         ct = case.image.array[box.slices] if case.image is not None else None
         expected = cls.expected_components
         rows.append(score_row(run_dir.name, case_id, key, NOISY, given, truth, crops.spacing, expected, False))

@@ -316,16 +316,44 @@ def test_drop_enclosed_takes_a_blob_inside_a_chamber_not_a_piece_beside_one():
     foreign[2:8, 12:14, 4:9] = True  # the wall beside the stretch: one side of its surroundings
     foreign &= ~mask
     before = mask.copy()
-    out, dropped = drop_enclosed(mask, foreign, 2, 0.6)
+    out, dropped = drop_enclosed(mask, [(foreign, 0.6)], 2)
     blob = np.zeros(shape, bool)
     blob[9:11, 6:8, 5:7] = True
     assert np.array_equal(mask, before) and dropped == 8 and np.array_equal(out, mask & ~blob)
-    at_count, none = drop_enclosed(mask, foreign, 4, 0.6)
+    at_count, none = drop_enclosed(mask, [(foreign, 0.6)], 4)
     assert none == 0 and np.array_equal(at_count, mask)
-    kept, none = drop_enclosed(mask, foreign, 2, 1.0)
+    kept, none = drop_enclosed(mask, [(foreign, 1.0)], 2)
     assert none == 0 and np.array_equal(kept, mask)
+    assert drop_enclosed(mask, [], 2)[1] == 0
     with pytest.raises(ValueError, match="differ in shape"):
-        drop_enclosed(mask, foreign[:5], 2, 0.6)
+        drop_enclosed(mask, [(foreign[:5], 0.6)], 2)
+
+
+def test_drop_enclosed_takes_each_region_at_its_own_share():
+    """The aorta taken on its own at 0.8 beside the chambers at 0.6: a blob inside the aorta's labels goes,
+    a stretch of vessel along its wall (half its surroundings aorta, half a chamber) stays, though the two
+    as one region at 0.6 would take it too; without the aorta's region the blob stays (it is not foreign)."""
+    shape = (20, 16, 12)
+    mask = np.zeros(shape, bool)
+    mask[1:19, 1, 1] = mask[1:19, 1, 10] = True  # the trees
+    blob = np.zeros(shape, bool)
+    blob[9:11, 6:8, 5:7] = True  # 8 voxels in the aortic lumen
+    mask |= blob
+    mask[2:8, 14, 6] = True  # a stretch of vessel between the aorta and a chamber
+    aorta = np.zeros(shape, bool)
+    aorta[5:16, 4:12, 3:10] = True  # around the blob
+    aorta[0:10, 11:14, 2:11] = aorta[0:10, 14, 2:6] = True  # the stretch's one side ...
+    foreign = np.zeros(shape, bool)
+    foreign[0:10, 15, 2:11] = foreign[0:10, 14, 7:11] = True  # ... its other side, a chamber
+    aorta &= ~mask
+    foreign &= ~mask
+    before = mask.copy()
+    out, dropped = drop_enclosed(mask, [(foreign, 0.6), (aorta, 0.8)], 2)
+    assert np.array_equal(mask, before) and dropped == 8 and np.array_equal(out, mask & ~blob)
+    assert drop_enclosed(mask, [(foreign | aorta, 0.6)], 2)[1] > 8  # one region: the stretch goes too
+    assert drop_enclosed(mask, [(aorta, 0.5)], 2)[1] > 8  # the aorta at a chamber's share: so does it
+    kept, none = drop_enclosed(mask, [(foreign, 0.6)], 2)
+    assert none == 0 and np.array_equal(kept, mask)
 
 
 def _two_trees(shape=(30, 11, 8)):

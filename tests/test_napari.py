@@ -103,6 +103,6 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
                                     "Cor: 2 piece(s) joined along the CT's lumen (57 voxels)\n"
                                     "Cor: piece(s) darker than the vessel's surroundings on the CT removed "
                                     "(176 voxels)\n"
-                                    "Cor: piece(s) inside classes it does not lie on removed (40 voxels)\n"
+                                    "Cor: piece(s) enclosed by other classes' labels removed (40 voxels)\n"
                                     "Cor: pieces parted where the repair joined them over another class (12 voxels)")
     assert audit_note(run, "3") == ""

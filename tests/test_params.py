@@ -97,3 +97,13 @@ def test_an_anchor_whose_thresholds_cross_fails_when_the_params_load():
                     {"stage1.overrides.Cor.anchor": {"keep_above": 0.8, "add_above": 0.5}})
     cor = load_params(PROJECT / "params/default.yaml").stage1.for_class("Cor").anchor
     assert cor.enabled and cor.keep_above < 0.3 < cor.add_above  # around the coronaries' threshold
+
+
+def test_enclosed_by_shares_are_checked_and_the_coronaries_name_the_aorta():
+    """``anatomy.enclosed_by``: a share outside (0, 1] is refused where the params are read; the coronaries'
+    default names the aorta, the other classes none."""
+    with pytest.raises(ValueError, match=r"anatomy.enclosed_by: Ao's share must lie in \(0, 1\], got 1.5"):
+        load_params(PROJECT / "params/demo.yaml", {"stage1.overrides.Cor.anatomy.enclosed_by": {"Ao": 1.5}})
+    stage1 = load_params(PROJECT / "params/default.yaml").stage1
+    assert stage1.for_class("Cor").anatomy.enclosed_by == {"Ao": 0.8}
+    assert stage1.for_class("LV").anatomy.enclosed_by == {}

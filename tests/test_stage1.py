@@ -478,6 +478,41 @@ def test_mref_drops_a_blob_inside_a_chamber_before_the_bridges_tie_it_to_a_tree(
     assert np.array_equal(made.mask, given & ~blob) and made.columns()["anatomy_enclosed_voxels"] == blob.sum()
 
 
+def test_mref_drops_a_blob_inside_the_aortas_labels_where_enclosed_by_names_it():
+    """``anatomy.enclosed_by: {Ao: 0.8}``: a blob of the input in the aorta's lumen (the aorta is a class the
+    coronaries lie on, so not foreign) goes before the bridges; without it, it stays, a third piece.
+    ``box_anatomy`` reads the named classes' voxels, ignoring one the table lacks."""
+    import dataclasses
+
+    from nearfix_lib.core.config import CleanupParams, RepairAnatomyParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+
+    shape, spacing = (40, 18, 12), (1.0, 0.8, 1.5)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, :, 0:2] = CARDIAC["Myo"].index
+    labels[8:30, 10:18, 3:10] = CARDIAC["Ao"].index  # the aortic root, 5 voxels from the trees
+    cor = CARDIAC["Cor"].index
+    labels[4:18, 5:7, 3:5] = labels[22:36, 5:7, 3:5] = cor  # two trees, 2 x 2 voxels across
+    blob = np.zeros(shape, bool)
+    blob[17:21, 13:16, 5:8] = True  # 36 voxels in the aorta, 20 mm or more from a tree's end along it
+    labels[blob] = cor
+    given = labels == cor
+    bits = given.astype(np.uint8)
+    base = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False, min_component_mm3=30.0,
+                                                                     bridge_gap_mm=4.0))
+    rules = RepairAnatomyParams(enclosed_share=0.6)
+    plain = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing, rules)
+    assert plain.within == {}
+    kept = stage1.mref_of(given, bits, 2, spacing, dataclasses.replace(base, anatomy=rules), plain)
+    assert np.array_equal(kept.mask, given)
+    rules = dataclasses.replace(rules, enclosed_by={"Ao": 0.8, "absent": 0.5})
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing, rules)
+    assert list(around.within) == ["Ao"] and np.array_equal(around.within["Ao"], labels == CARDIAC["Ao"].index)
+    assert [share for _, share in around.enclosing(rules)] == [0.6, 0.8]
+    made = stage1.mref_of(given, bits, 2, spacing, dataclasses.replace(base, anatomy=rules), around)
+    assert np.array_equal(made.mask, given & ~blob) and made.columns()["anatomy_enclosed_voxels"] == blob.sum()
+
+
 def test_mref_parts_trees_joined_between_their_origins_before_joining_pieces_to_them():
     """``anatomy.split_origins``: two trees the field ran together through the aorta, with a fragment of
     the second making up the expected count, are parted between their ostia; then ``ct_path`` joins the
@@ -493,7 +528,8 @@ def test_mref_parts_trees_joined_between_their_origins_before_joining_pieces_to_
     labels[18:22, 3:10, 2:9] = CARDIAC["Ao"].index  # the aortic root between the ostia
     cor = CARDIAC["Cor"].index
     labels[4:18, 5:8, 3:5] = labels[22:36, 5:8, 3:5] = cor  # two trees leaving the aorta on either side
-    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing, ["Ao", "absent"])
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing,
+                                 RepairAnatomyParams(split_origins=["Ao", "absent"]))
     assert around.origins[17, 6, 3] and around.origins[22, 6, 3] and not around.origins[12, 6, 3]
     assert stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing).origins is None
     given = labels == cor

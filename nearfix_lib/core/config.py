@@ -522,6 +522,18 @@ class RepairAnatomyParams:
     # more than this share in classes the class does not lie on (for the coronaries: chambers, veins, not the
     # myocardium or aorta) go: a segmenter's blob inside a chamber, not a vessel on the heart (0: off)
     enclosed_share: float = 0.0
+    # classes the class touches but never runs inside, each with its share (the coronaries: {Ao: 0.8}, the
+    # lumen each tree leaves at its ostium): before the clean-up's bridges, a piece beyond the expected trees
+    # whose two-voxel surroundings lie more than that share in one of them goes, a segmenter's blob in the
+    # aortic lumen (as bright as a vessel, not dark; in a class the coronaries lie on, not foreign). Its own
+    # share, not enclosed_share: a tree's stub at its ostium has up to 0.62 of its surroundings in the aorta
+    # (tuning seeds, docs/method.md). Classes the table lacks are ignored; empty: off
+    enclosed_by: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, share in self.enclosed_by.items():
+            if not 0.0 < share <= 1.0:
+                raise ValueError(f"anatomy.enclosed_by: {key}'s share must lie in (0, 1], got {share}")
 
 
 # -- parameters of repair.fusion -------------------------------------------------------------------
@@ -853,7 +865,8 @@ def _coronary_overrides() -> dict:
             "model": {"appearance": True, "appearance_kind": "intensity"},
             "ct_edge": {"enabled": True, "lumen_level": "core"},
             "ct_path": {"enabled": True, "drop_dark": True},
-            "anatomy": {"drop_unattached": True, "split_joins": True, "enclosed_share": 0.6}}
+            "anatomy": {"drop_unattached": True, "split_joins": True, "enclosed_share": 0.6,
+                        "enclosed_by": {"Ao": 0.8}}}
 
 
 @dataclass

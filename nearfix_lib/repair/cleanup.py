@@ -318,21 +318,25 @@ def drop_unattached(mask: np.ndarray, attached: np.ndarray) -> tuple[np.ndarray,
     return comps.mask_of(keep, mask.shape), int(comps.sizes[~keep].sum())
 
 
-def drop_enclosed(mask: np.ndarray, foreign: np.ndarray, expected: int, max_share: float, min_voxels: int = 1,
+def drop_enclosed(mask: np.ndarray, enclosing: Sequence[tuple[np.ndarray, float]], expected: int, min_voxels: int = 1,
                   roots: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """``mask`` without its pieces beyond the ``expected`` trees (:func:`~nearfix_lib.repair.ct_path.tree_pieces`)
-    whose surroundings (two face steps out, the mask left out) lie more than ``max_share`` in ``foreign``
-    (the input's voxels of classes the class does not lie on): a coronary runs on the heart's surface, in
-    fat, the myocardium or beside the aorta, and a blob the segmenter put inside a chamber's labels is
-    none of it. A piece under ``min_voxels`` (the clean-up's smallest volume) is left to the clean-up, which
-    bridges or drops it: a few voxels' surroundings are their neighbourhood's, not a shape's (on a tuning
-    case a 12-voxel stretch inside the myocardium's labels, taken, cost 0.021 Dice). Returns the mask and the
-    voxels it dropped."""
-    mask, foreign = _as_mask(mask), _as_mask(foreign)
-    if mask.shape != foreign.shape:
-        raise ValueError(f"drop_enclosed: mask {mask.shape} and foreign {foreign.shape} differ in shape")
+    whose surroundings (two face steps out, the mask left out) lie more than its share in one region of
+    ``enclosing`` ((voxels, share) pairs). The coronaries' regions: the input's voxels of the classes they
+    do not lie on (a coronary runs on the heart's surface, in fat, the myocardium or beside the aorta, and a
+    blob the segmenter put inside a chamber's labels is none of it), and the aorta's own, which they touch
+    but never run inside (a coronary leaves it at its ostium, and a blob inside its labels is its blood; at
+    the ostium a tree's stub has the aorta on one side only, so its share is its own). A piece under
+    ``min_voxels`` (the clean-up's smallest volume) is left to the clean-up, which bridges or drops it: a
+    few voxels' surroundings are their neighbourhood's, not a shape's (on a tuning case a 12-voxel stretch
+    inside the myocardium's labels, taken, cost 0.021 Dice). Returns the mask and the voxels it dropped."""
+    mask = _as_mask(mask)
+    regions = [(_as_mask(region), float(share)) for region, share in enclosing]
+    if any(region.shape != mask.shape for region, _ in regions):
+        raise ValueError(f"drop_enclosed: mask {mask.shape} and regions {[r.shape for r, _ in regions]} "
+                         "differ in shape")
     labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
-    if n <= expected or expected < 1:
+    if n <= expected or expected < 1 or not regions:
         return mask.copy(), 0
     trees = set(tree_pieces(labels, expected, roots).tolist())
     out, dropped = mask.copy(), 0
@@ -345,7 +349,7 @@ def drop_enclosed(mask: np.ndarray, foreign: np.ndarray, expected: int, max_shar
         if np.count_nonzero(own) < min_voxels:
             continue
         shell = ndimage.binary_dilation(own, iterations=2) & ~mask[grown]  # face steps
-        if shell.any() and foreign[grown][shell].mean() > max_share:
+        if shell.any() and any(region[grown][shell].mean() > share for region, share in regions):
             out[grown] &= ~own
             dropped += int(own.sum())
     return out, dropped

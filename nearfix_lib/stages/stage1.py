@@ -42,7 +42,15 @@ import torch
 from scipy import ndimage
 
 from nearfix_lib.core.classes import ClassTable, class_centre, load_table
-from nearfix_lib.core.config import AnchorParams, ModelParams, SamplingParams, Stage1Params, load_params, project_root
+from nearfix_lib.core.config import (
+    AnchorParams,
+    ModelParams,
+    RepairAnatomyParams,
+    SamplingParams,
+    Stage1Params,
+    load_params,
+    project_root,
+)
 from nearfix_lib.core.geometry import Box, expand_box, roi_grid
 from nearfix_lib.core.io import LoadedCase, Volume, write_nifti, write_npy
 from nearfix_lib.core.metrics import Reference, dice
@@ -346,23 +354,35 @@ class BoxAnatomy:
     ``anatomy.split_joins`` looks for joins), ``attached`` (within the class's attachment distance of
     the classes it lies on: where ``anatomy.drop_unattached`` keeps pieces; None for a class without a
     distance rule, or none of whose targets the input holds) and ``origins`` (at or beside the voxels of
-    the classes its components arise from, ``anatomy.split_origins``; None where none is named or held)."""
+    the classes its components arise from, ``anatomy.split_origins``; None where none is named or held) and
+    ``within`` (by key, the voxels of each class of ``anatomy.enclosed_by`` the box holds: classes it
+    touches but never runs inside)."""
 
     foreign: np.ndarray
     neighbours: np.ndarray
     attached: np.ndarray | None = None
     origins: np.ndarray | None = None
+    within: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def others(self) -> np.ndarray:
         return self.neighbours > 0
 
+    def enclosing(self, rules: RepairAnatomyParams) -> list[tuple[np.ndarray, float]]:
+        """The regions a piece beyond the trees must not lie inside, each with its share
+        (:func:`~nearfix_lib.repair.cleanup.drop_enclosed`): the foreign classes at ``enclosed_share``
+        (where on), each class of ``enclosed_by`` the box holds at its own."""
+        regions = [(self.foreign, rules.enclosed_share)] if rules.enclosed_share > 0 else []
+        return regions + [(self.within[key], share) for key, share in rules.enclosed_by.items() if key in self.within]
+
 
 def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spacing: Sequence[float],
-                origins: Sequence[str] = ()) -> BoxAnatomy:
+                rules: RepairAnatomyParams | None = None) -> BoxAnatomy:
     """:class:`BoxAnatomy` of class ``key``'s ``box`` from the whole input label map ``labels``: a target
     just outside the box still holds a piece inside it (distances on the box grown by the reach), and so
-    does an origin class (``origins``: keys; those the table lacks are ignored) one voxel outside it."""
+    does an origin class (``rules.split_origins``: keys; those the table lacks are ignored, as in
+    ``rules.enclosed_by``) one voxel outside it."""
+    rules = rules if rules is not None else RepairAnatomyParams()
     crop = labels[box.slices]
     cls = table[key]
     others = (crop != cls.index) & (crop != 0)
@@ -376,8 +396,10 @@ def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spaci
         if targets.any():
             dist = edt.edt(np.ascontiguousarray(~targets), anisotropy=tuple(map(float, spacing)), black_border=False)
             attached = dist[_within(box, lo)] <= att.max_mm * (1.0 + 1e-6)
+    within = {k: crop == table[k].index for k in rules.enclosed_by if k in table.keys}
     return BoxAnatomy(foreign_voxels(crop, key, table), np.where(others, crop, 0), attached,
-                      _beside(labels, box, [table[k].index for k in origins if k in table.keys]))
+                      _beside(labels, box, [table[k].index for k in rules.split_origins if k in table.keys]),
+                      {k: voxels for k, voxels in within.items() if voxels.any()})
 
 
 def _beside(labels: np.ndarray, box: Box, indices: Sequence[int]) -> np.ndarray | None:
@@ -431,12 +453,12 @@ class AnatomyReport:
     """What ``stage1.anatomy`` took from M^ref: voxels of pieces away from the classes it lies on
     (``drop_unattached``), of joins between two origins (``split_origins``) and of joins of too few
     pieces (``split_joins``), all over other classes, and of pieces inside classes it does not lie on
-    (``enclosed_share``)."""
+    (``enclosed_share``) or never runs inside (``enclosed_by``)."""
 
     unattached_voxels: int = 0
     origin_split_voxels: int = 0
     split_voxels: int = 0
-    enclosed_voxels: int = 0  # pieces inside classes the class does not lie on (enclosed_share), before the clean-up
+    enclosed_voxels: int = 0  # pieces inside a chamber or the aorta (enclosed_share, enclosed_by), before the clean-up
 
     def columns(self) -> dict:
         return {f"anatomy_{k}": v for k, v in dataclasses.asdict(self).items()}
@@ -498,9 +520,10 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         decided, dark = drop_dark_pieces(decided, _needs_ct(ct, "ct_path"), neighbours, expected, spacing,
                                          params.ct_path, roots)
     enclosed = 0
-    if around is not None and params.anatomy.enclosed_share > 0:  # the same, for blobs inside a chamber
-        decided, enclosed = drop_enclosed(decided, around.foreign, expected, params.anatomy.enclosed_share,
-                                          params.cleanup.min_component_voxels(spacing), roots)
+    enclosing = around.enclosing(params.anatomy) if around is not None else []
+    if enclosing:  # the same, for blobs inside a chamber or the aorta
+        decided, enclosed = drop_enclosed(decided, enclosing, expected, params.cleanup.min_component_voxels(spacing),
+                                          roots)
     if params.anchor.enabled or dark or enclosed:
         repaired, report = clean_mask(decided, expected, spacing, params.cleanup)
     edge = None
@@ -561,7 +584,7 @@ def repair_case(model: ImplicitField, i: int, crops: CaseCrops, label: Volume, r
     given = label.array[box.slices] == run.table[key].index  # the box holds every input voxel of the class
     bits = labels_on_grid(model, i, original_box_grid(box), box, repair_decision(params), params.decode, device,
                           params.chunk_points, image=image, seed=interface_band(given, 1))
-    around = box_anatomy(label.array, box, key, run.table, crops.spacing, params.anatomy.split_origins)
+    around = box_anatomy(label.array, box, key, run.table, crops.spacing, params.anatomy)
     made = mref_of(given, bits, expected, crops.spacing, params, around,
                    ct.array[box.slices] if ct is not None else None)
     mask = np.zeros(crops.shape, dtype=bool)

@@ -50,7 +50,7 @@ def audit_note(run: Run, case_id: str) -> str:
                   f"({int(r['path_dark_dropped'])} voxels)"
                   for _, r in audit[audit["path_dark_dropped"].fillna(0) > 0].iterrows()]
     if "anatomy_enclosed_voxels" in audit.columns:
-        lines += [f"{r['class']}: piece(s) inside classes it does not lie on removed "
+        lines += [f"{r['class']}: piece(s) enclosed by other classes' labels removed "
                   f"({int(r['anatomy_enclosed_voxels'])} voxels)"
                   for _, r in audit[audit["anatomy_enclosed_voxels"].fillna(0) > 0].iterrows()]
     split = [c for c in ("anatomy_origin_split_voxels", "anatomy_split_voxels") if c in audit.columns]
