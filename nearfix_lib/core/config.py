@@ -526,7 +526,7 @@ class RepairAnatomyParams:
     # lumen each tree leaves at its ostium): before the clean-up's bridges, a piece beyond the expected trees
     # whose two-voxel surroundings lie more than that share in one of them goes, a segmenter's blob in the
     # aortic lumen (as bright as a vessel, not dark; in a class the coronaries lie on, not foreign). Its own
-    # share, not enclosed_share: a tree's stub at its ostium has up to 0.62 of its surroundings in the aorta
+    # share, not enclosed_share: a tree's stub at its ostium had up to 0.76 of its surroundings in the aorta
     # (tuning seeds, docs/method.md). Classes the table lacks are ignored; empty: off
     enclosed_by: dict[str, float] = field(default_factory=dict)
 
