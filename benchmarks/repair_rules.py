@@ -16,7 +16,9 @@ fit, P is decoded at every voxel of the class box; each rule (the field alone, t
 still be joined), each anchor with the run's own cap on its volume or each ``--volume-ratio``
 (``anchor.max_volume_ratio``: the anchored mask's voxels per input voxel, at most; 0: no cap),
 goes through the run's own M^ref function (``stage1.mref_of``: clean-up, audit and its fallback
-included) and is scored against the truth, next to the noisy input. Writes
+included) and is scored against the truth, next to the noisy input. With ``--without-field``, each
+audit fallback (``audit.action`` ``clean_input``, ``repair_input``) is scored on every case too, as if
+the audit had rejected its field: what a rejected case would get, measured where the field is known. Writes
 ``rules.csv`` (run, case, class, rule, keep_above, add_above, join, bridge_gap_mm, max_volume_ratio,
 dice, hd95, n_comp, expected, kept_input, volume_ratio) and ``rules.md`` rendered
 from it: per run and rule the mean gain over the input (Dice, HD95), the share of cases 0.03 Dice
@@ -60,6 +62,8 @@ class Rule(NamedTuple):
 
 
 NOISY = Rule("noisy", float("nan"), float("nan"), False, float("nan"))
+# the audit's fallbacks (``audit.action``) on every case, as if the audit had rejected every field
+FALLBACKS = ("clean_input", "repair_input")
 
 
 def rules(keeps: list[float], adds: list[float], joins: list[bool], bridges: list[float] | None = None,
@@ -113,8 +117,27 @@ def score_row(run_name: str, case_id: str, key: str, rule: Rule, mask: np.ndarra
             "volume_ratio": float(mask.sum() / max(1, truth.sum()))}
 
 
-def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
-    """Every case of the run's fit of ``key``: the noisy input's row and one per rule."""
+def fallback_rule(action: str) -> Rule:
+    """The row name of an audit fallback measured on every case (``--without-field``)."""
+    return NOISY._replace(name=f"audit: {action}")
+
+
+def fallback_mask(given: np.ndarray, expected: int, spacing, params, action: str, around, ct) -> np.ndarray:
+    """M^ref where the audit replaced the field with ``action``: ``stage1.mref_of``'s own path, reached
+    by an audit that rejects any repair leaving out input voxels and a field that holds none."""
+    from nearfix_lib.core.config import AuditParams
+    from nearfix_lib.stages.stage1 import mref_of
+
+    rejecting = dataclasses.replace(params, audit=AuditParams(max_dropped=0.0, action=action))
+    made = mref_of(given, np.zeros(given.shape, np.uint8), expected, spacing, rejecting, around, ct)
+    if given.any() and not made.audit.kept_input:
+        raise AssertionError("the audit did not reject an empty field")
+    return made.mask
+
+
+def run_rows(run_dir: Path, key: str, candidates: list[Rule], without_field: bool = False) -> list[dict]:
+    """Every case of the run's fit of ``key``: the noisy input's row, one per rule and, with
+    ``without_field``, one per audit fallback (:data:`FALLBACKS`)."""
     from nearfix_lib.core.workspace import open_run
     from nearfix_lib.field.infer import field_on_grid, original_box_grid
     from nearfix_lib.stages.stage1 import box_anatomy, class_image, mref_of, repair_setup
@@ -124,6 +147,7 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
     field, cls, base = state.fields[key], run.table[key], run.params.stage1.for_class(key)
     rows = []
     reads_ct = base.ct_path.enabled or any(base.ct_edge.enabled if r.ct_edge is None else r.ct_edge for r in candidates)
+    reads_ct |= without_field and base.ct_edge.enabled
     for case_id, i in field.index_of.items():
         crops, case = state.index[case_id], run.load(case_id, with_image=reads_ct)
         if case.truth is None:
@@ -156,6 +180,10 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule]) -> list[dict]:
             made = mref_of(given, rule_bits(p, params), expected, crops.spacing, params, around, ct)
             rows.append(score_row(run_dir.name, case_id, key, rule, made.mask, truth, crops.spacing, expected,
                                   made.audit.kept_input))
+        for action in FALLBACKS if without_field else ():
+            mask = fallback_mask(given, expected, crops.spacing, base, action, around, ct)
+            rows.append(score_row(run_dir.name, case_id, key, fallback_rule(action), mask, truth, crops.spacing,
+                                  expected, True))
         print(f"{run_dir.name} case {case_id}: {len(candidates)} rules", flush=True)
     return rows
 
@@ -218,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--anatomy", choices=["on", "off", "both"],
                     help="stage1.anatomy's rules of every rule, on (with the run's own split_origins) or off "
                          "(default: the run's own)")
+    ap.add_argument("--without-field", action="store_true",
+                    help="also the audit's fallbacks (clean_input, repair_input) on every case, as if the audit "
+                         "had rejected every field")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/repair_rules"))
     args = ap.parse_args(argv)
     for run_dir in args.runs:
@@ -230,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     edges = None if args.ct_edge is None else {"on": [True], "off": [False], "both": [False, True]}[args.ct_edge]
     anatomies = None if args.anatomy is None else {"on": [True], "off": [False], "both": [False, True]}[args.anatomy]
     candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs, edges, anatomies)
-    table = pd.DataFrame([r for run_dir in args.runs for r in run_rows(run_dir, args.key, candidates)],
+    table = pd.DataFrame([r for run_dir in args.runs
+                          for r in run_rows(run_dir, args.key, candidates, args.without_field)],
                          columns=COLUMNS)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "rules.csv", table.to_csv(index=False))

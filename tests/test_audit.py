@@ -50,7 +50,7 @@ def test_a_dropped_branch_shows_in_the_centre_line_more_than_in_dice(tree):
     from scipy import ndimage
     for other in (ndimage.binary_erosion(given), ndimage.binary_dilation(given)):
         assert skeleton_kept(given, other) > 0.95
-    for action in ("keep_input", "clean_input"):  # either puts the input in the repair's place
+    for action in ("keep_input", "clean_input", "repair_input"):  # each puts the input in the field's place
         kept = audit_repair(given, trunk, AuditParams(skeleton=True, min_skeleton_kept=0.8, action=action))
         assert kept.flagged and kept.kept_input
 

@@ -76,6 +76,8 @@ def test_viewer_without_a_display_says_so_in_one_line(tiny_run, tmp_path):
 
 def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
     """What the text overlay shows, read from stage 1's score rows (no display needed)."""
+    import dataclasses
+
     import pandas as pd
 
     from nearfix_lib.core.workspace import open_run
@@ -97,8 +99,11 @@ def test_the_viewer_lists_the_classes_stage1_audit_flagged(tiny_run):
         folder = run.dir / "stage1" / key
         folder.mkdir(parents=True)
         pd.DataFrame([r for r in rows if r["class"] == key]).to_csv(folder / "scores.csv", index=False)
-    # the coronaries' action is clean_input by default
-    assert audit_note(run, "1") == "Cor: repair flagged (centre line kept 0.412 < 0.8); M^ref is its input, cleaned"
+    # the coronaries' action is repair_input by default; clean_input says the input was only cleaned
+    assert audit_note(run, "1") == ("Cor: repair flagged (centre line kept 0.412 < 0.8); "
+                                    "M^ref is its input, repaired without the field")
+    cleaning = load_test_params({"stage1.overrides.Cor.audit": {"action": "clean_input"}}, run_dir=str(run.dir))
+    assert audit_note(dataclasses.replace(run, params=cleaning), "1").endswith("M^ref is its input, cleaned")
     assert audit_note(run, "2") == ("Cor: boundary on the CT's edge over 97% of its band (contrast / noise 2.4)\n"
                                     "Cor: 2 piece(s) joined along the CT's lumen (57 voxels)\n"
                                     "Cor: piece(s) darker than the vessel's surroundings on the CT removed "

@@ -107,3 +107,13 @@ def test_enclosed_by_shares_are_checked_and_the_coronaries_name_the_aorta():
     stage1 = load_params(PROJECT / "params/default.yaml").stage1
     assert stage1.for_class("Cor").anatomy.enclosed_by == {"Ao": 0.8}
     assert stage1.for_class("LV").anatomy.enclosed_by == {}
+
+
+def test_the_coronaries_replace_a_field_the_audit_rejects_by_their_input_repaired_without_it():
+    """``audit.action``: the coronaries' default ``repair_input``; the other classes only flag; an
+    unknown action is refused where the params are read."""
+    stage1 = load_params(PROJECT / "params/default.yaml").stage1
+    assert stage1.for_class("Cor").audit.action == "repair_input"
+    assert stage1.for_class("LV").audit.action == "flag"
+    with pytest.raises(ValueError, match="audit.action must be one of"):
+        load_params(PROJECT / "params/demo.yaml", {"stage1.overrides.Cor.audit.action": "repair"})

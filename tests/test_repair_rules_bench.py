@@ -12,6 +12,7 @@ from params_for_tests import load_test_params
 from benchmarks.repair_rules import COLUMNS, main, rule_bits, rules, summary
 from nearfix_lib.core.config import AnchorParams, Stage1Params
 from nearfix_lib.core.metrics import dice
+from nearfix_lib.repair.cleanup import clean_mask
 from nearfix_lib.stages import prepare, stage1
 from nearfix_lib.stages.runs import start_run
 
@@ -59,14 +60,15 @@ def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tm
     assert main(["--runs", str(run.dir), "--class", "Cor", "--keep", str(anchor.keep_above), "0.9",
                  "--add", str(anchor.add_above), "--join", "on" if anchor.join else "off",
                  "--bridge", str(gap), "0", "--volume-ratio", str(anchor.max_volume_ratio), str(other),
-                 "--out", str(out)]) == 0
+                 "--without-field", "--out", str(out)]) == 0
     table = pd.read_csv(out / "rules.csv", dtype={"case": str})
     assert list(table.columns) == COLUMNS
     cut = f"anchor {anchor.keep_above:g} / {anchor.add_above:g}" + (" + join" if anchor.join else "")
     own, recapped = (f"{cut}, volume {v:g}, bridge {gap:g} mm" for v in (anchor.max_volume_ratio, other))
     unbridged = f"{cut}, volume {anchor.max_volume_ratio:g}, bridge 0 mm"
     assert set(table["rule"]) == {"noisy", f"field, bridge {gap:g} mm", "field, bridge 0 mm", own, unbridged,
-                                  recapped, f"{cut}, volume {other:g}, bridge 0 mm"}  # 0.9 >= 0.7: not a rule
+                                  recapped, f"{cut}, volume {other:g}, bridge 0 mm",  # 0.9 >= 0.7: not a rule
+                                  "audit: clean_input", "audit: repair_input"}  # --without-field
     assert set(table.loc[table["rule"] == unbridged, "bridge_gap_mm"]) == {0.0}
     assert set(table.loc[table["rule"] == recapped, "max_volume_ratio"]) == {other}
     for case in run.cases:
@@ -75,6 +77,15 @@ def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tm
         truth = np.asarray(nib.load(str(case.truth)).dataobj) == run.table["Cor"].index
         row = table[(table["case"] == case.case_id) & (table["rule"] == own)].iloc[0]
         assert row["dice"] == dice(written, truth)  # the class box holds every voxel of both masks
+        # the fallbacks on every case: the input cleaned, and the input through the rules without the field
+        label = nib.load(str(case.label))
+        given = np.asarray(label.dataobj) == run.table["Cor"].index
+        cleaned, _ = clean_mask(given, run.table["Cor"].expected_components, label.header.get_zooms()[:3],
+                                run.params.stage1.for_class("Cor").cleanup)
+        fallback = table[(table["case"] == case.case_id) & table["rule"].str.startswith("audit: ")].set_index("rule")
+        assert fallback["kept_input"].all()
+        assert math.isclose(fallback.loc["audit: clean_input", "dice"], dice(cleaned, truth))
+        assert not math.isclose(fallback.loc["audit: repair_input", "dice"], dice(cleaned, truth))  # the CT moved it
     s = summary(table)
     assert set(s["rule"]) == set(table["rule"]) - {"noisy"} and (s["cases"] == len(run.cases)).all()
     noisy = table[table["rule"] == "noisy"].set_index("case")["dice"]

@@ -418,6 +418,46 @@ def test_mref_joins_a_broken_tree_along_the_cts_lumen():
         stage1.mref_of(given, field.astype(np.uint8), 2, spacing, on, around)
 
 
+def test_a_repair_the_audit_replaced_can_still_take_every_rule_without_the_field():
+    """``audit.action: repair_input``: where the audit replaces a field that lost the vessels, M^ref is
+    the input through the CT's edge and path (its too-wide side and its broken stretch mended on the
+    CT), not only cleaned (``clean_input``: both errors kept)."""
+    import dataclasses
+
+    from nearfix_lib.core.config import AuditParams, CleanupParams, CTEdgeParams, CTPathParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+    from nearfix_lib.core.metrics import dice
+
+    shape, spacing = (40, 16, 12), (1.0, 0.8, 1.5)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, :, 0:2] = CARDIAC["Myo"].index
+    cor = CARDIAC["Cor"].index
+    truth = np.zeros(shape, bool)
+    truth[4:18, 5:8, 3:5] = truth[22:36, 9:12, 3:5] = True  # two trees, 3 x 2 voxels across
+    labels[truth] = cor
+    labels[4:18, 8, 3:5] = cor  # the segmenter's first tree one voxel too wide on one side
+    labels[8:14, 5:9, 3:5] = 0  # and 6 mm of it lost: three pieces
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing)
+    given = labels == cor
+    ct = np.where(truth, 300.0, -80.0) + np.where(labels == CARDIAC["Myo"].index, 120.0, 0.0)
+    ct = (ct + np.random.default_rng(0).normal(0.0, 15.0, shape)).astype(np.float32)
+    lost = np.zeros(shape, np.uint8)  # a field that held none of it: the audit flags it (all dropped)
+    rules = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False),
+                                ct_edge=CTEdgeParams(enabled=True, lumen_level="core"),
+                                ct_path=CTPathParams(enabled=True))
+    made = {}
+    for action in ("clean_input", "repair_input"):
+        p = dataclasses.replace(rules, audit=AuditParams(max_dropped=0.28, action=action))
+        made[action] = stage1.mref_of(given, lost, 2, spacing, p, around, ct)
+        assert made[action].audit.kept_input and made[action].columns()["audit_reasons"].startswith("input dropped")
+    cleaned, repaired = made["clean_input"], made["repair_input"]
+    assert np.array_equal(cleaned.mask, clean_mask(given, 2, spacing, rules.cleanup)[0])
+    assert "edge_added" not in cleaned.columns() and "path_joined" not in cleaned.columns()
+    assert np.array_equal(repaired.mask, truth), dice(repaired.mask, truth)
+    assert repaired.columns()["edge_removed"] > 0 and repaired.columns()["path_joined"] == 1
+    assert dice(cleaned.mask, truth) < 0.95
+
+
 def test_mref_drops_a_dark_blob_before_the_bridges_tie_it_to_a_tree():
     """``ct_path.drop_dark``: a blob of the input in the lung, 4 mm from a tree, is bridged onto it by the
     clean-up when off; on, it goes first, and the trees are as the field left them."""

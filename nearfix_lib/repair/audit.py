@@ -21,9 +21,10 @@ The policy (:class:`~nearfix_lib.core.config.AuditParams`, per class through ``s
 a case whose ``fit_dice`` or ``skeleton_kept`` falls below the class's minimum, or whose ``dropped``
 or ``added`` exceeds its maximum, is ``flagged``. With ``action: keep_input`` its M^ref is the input mask,
 unchanged; with ``action: clean_input`` the input mask through the class's clean-up rules (islands
-removed, gaps bridged: what the repair does that needs no field); both are ``kept_input``, so that
-the field is never the thing that lost a structure. Stage 1 writes the audit as columns of its
-score rows; the report and the napari view show the flagged cases.
+removed, gaps bridged); with ``action: repair_input`` through every rule of M^ref that needs no field
+(the clean-up and, where they are on, the CT's edge and path and the anatomy: stage 1's ``mref_of``);
+all three are ``kept_input``, so that the field is never the thing that lost a structure. Stage 1
+writes the audit as columns of its score rows; the report and the napari view show the flagged cases.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Audit:
     comp_repair: int
     skeleton_kept: float  # NaN where the class has no skeleton audit or the input no centre line
     flagged: bool
-    kept_input: bool  # flagged, and the action puts the input (as it is, or cleaned) in the repair's place
+    kept_input: bool  # flagged, and the action puts the input (as it is, cleaned or repaired) in the field's place
     reasons: str  # why it was flagged, "" when it was not
     # the cut above which M^ref kept an input voxel, where ``stage1.anchor`` made it (NaN elsewhere):
     # above ``keep_above`` where its ``max_volume_ratio`` dropped the input's least sure voxels

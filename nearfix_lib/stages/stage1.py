@@ -441,9 +441,11 @@ def anchored_mask(given: np.ndarray, bits: np.ndarray, anchor: AnchorParams,
 def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
                    params: Stage1Params) -> tuple[np.ndarray, CleanupReport | None]:
     """What takes a field's place where the audit kept the input (``audit.action``): the input mask
-    as it is (``keep_input``; no clean-up report) or through the class's clean-up (``clean_input``).
-    M^ref and stage 2's ROI-grid masks both read it, so the two grids follow the same verdict."""
-    if params.audit.action == "clean_input":
+    as it is (``keep_input``; no clean-up report) or through the class's clean-up (``clean_input``, and
+    ``repair_input`` here: its CT and anatomy rules are M^ref's, on the original grid, as they are for a
+    field the audit passed). Stage 2's ROI-grid masks read it, and M^ref where the action is not
+    ``repair_input``, so the two grids follow the same verdict."""
+    if params.audit.action in ("clean_input", "repair_input"):
         return clean_mask(given, expected, spacing, params.cleanup)
     return given, None
 
@@ -492,25 +494,29 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
             params: Stage1Params, around: BoxAnatomy | None = None, ct: np.ndarray | None = None) -> MRef:
     """M^ref of a class box from its input mask ``given`` and the field's decode ``bits``
     (:func:`repair_decision`): the field's own decision, cleaned and audited against the input; a
-    flagged case takes ``audit.action``, the others the anchor where it is on (``around``: the box's
+    flagged case takes ``audit.action`` (``repair_input``: the input in the field's place through every
+    rule below), the others the anchor where it is on (``around``: the box's
     :func:`box_anatomy`; its ``foreign`` voxels for ``anchor.add_over_foreign``), less, with
     ``ct_path.drop_dark`` on, the pieces the CT shows darker than the trees' surroundings (before the
     clean-up's bridges), with ``ct_edge`` on,
     its boundary where the box's CT ``ct`` shows the edge (:mod:`~nearfix_lib.repair.ct_edge`; then the
     clean-up again), with ``anatomy`` on, the table's anatomy held (:func:`held_to_anatomy`), and with
     ``ct_path`` on, pieces left apart joined along the CT's lumen to the trees, never through a class as
-    bright as it (:mod:`~nearfix_lib.repair.ct_path`). A case
-    whose input the audit kept keeps it as the audit says: the CT moves no boundary there."""
+    bright as it (:mod:`~nearfix_lib.repair.ct_path`). A case whose input the audit kept with
+    ``keep_input`` or ``clean_input`` keeps it as the audit says: the CT moves no boundary there."""
     foreign = around.foreign if around is not None else None
     neighbours = around.neighbours if around is not None else np.zeros(given.shape, np.int16)
     roots = around.origins if around is not None else None  # the pieces that reach them are the trees
     decided = bits & 1 > 0
     repaired, report = clean_mask(decided, expected, spacing, params.cleanup)
     audit = audit_repair(given, repaired, params.audit)  # can the field hold its input at all?
-    if audit.kept_input:
+    without_field = audit.kept_input and params.audit.action == "repair_input"
+    if audit.kept_input and not without_field:
         repaired, cleaned = input_in_place(given, expected, spacing, params)
         return MRef(repaired, cleaned if cleaned is not None else report, audit)  # keep_input: the field's report
-    if params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
+    if without_field:  # the rules below, on the input where the field's decision would be
+        decided = given
+    elif params.anchor.enabled:  # the input where the field is unsure, the field where it is sure
         decided, keep_cut = anchored_mask(given, bits, params.anchor, foreign)
         audit = dataclasses.replace(audit, keep_cut=keep_cut)
         if params.anchor.join:  # the pieces the field's own decision connects, connected through it
@@ -524,7 +530,7 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     if enclosing:  # the same, for blobs inside a chamber or the aorta
         decided, enclosed = drop_enclosed(decided, enclosing, expected, params.cleanup.min_component_voxels(spacing),
                                           roots)
-    if params.anchor.enabled or dark or enclosed:
+    if params.anchor.enabled or without_field or dark or enclosed:
         repaired, report = clean_mask(decided, expected, spacing, params.cleanup)
     edge = None
     if params.ct_edge.enabled:

@@ -30,8 +30,9 @@ def audit_note(run: Run, case_id: str) -> str:
     viewer's text overlay shows, for a user without ground truth to read before trusting the labels
     (a CT too faint shows as a small share). Empty when there is nothing to say."""
     def replaced(key: str) -> str:
-        cleaned = run.params.stage1.for_class(key).audit.action == "clean_input"
-        return "; M^ref is its input" + (", cleaned" if cleaned else "")
+        action = run.params.stage1.for_class(key).audit.action
+        return "; M^ref is its input" + {"clean_input": ", cleaned",
+                                         "repair_input": ", repaired without the field"}.get(action, "")
 
     audit = repair_audit(run, case_id)
     lines = [f"{r['class']}: repair flagged ({r['audit_reasons']})"
