@@ -189,3 +189,24 @@ def test_a_blob_darker_than_the_vessels_surroundings_goes_a_stretch_of_vessel_st
         assert np.array_equal(same, mask | blob) and dropped == 0
     whole, dropped = drop_dark_pieces(lumen | lung_blob((30, 20, 9), 0), lung, none, 3, SPACING, on)
     assert dropped == 0 and pieces(whole) == 3
+
+
+def test_the_paths_and_the_dark_rule_each_have_their_own_gate():
+    """``min_contrast_noise`` gates the paths, ``dark_min_contrast_noise`` the dark rule: on a CT whose
+    contrast lies between the two, a lost stretch is joined and no blob is judged dark; the other way
+    round, the blob goes and nothing is joined. The dark rule's default gate is the stricter."""
+    _, lumen, mask = two_trees()
+    blob = lung_blob((30, 20, 9))
+    ct = painted_ct(lumen)
+    lung = np.where(blob, ct - 700.0, ct)
+    none = np.zeros(SHAPE, np.int16)
+    cn = join_along_lumen(mask, ct, none, 2, SPACING, dataclasses.replace(ON, min_contrast_noise=0.0))[1].contrast_noise
+    assert cn > 2.0
+    for path_gate, dark_gate, joined, dropped in ((cn - 1.0, cn + 1.0, 1, 0), (cn + 1.0, cn - 1.0, 0, int(blob.sum()))):
+        params = dataclasses.replace(ON, drop_dark=True, min_contrast_noise=path_gate,
+                                     dark_min_contrast_noise=dark_gate)
+        assert join_along_lumen(mask, ct, none, 2, SPACING, params)[1].joined == joined
+        assert drop_dark_pieces(mask | blob, lung, none, 2, SPACING, params)[1] == dropped
+    assert CTPathParams().dark_min_contrast_noise > CTPathParams().min_contrast_noise
+    with pytest.raises(ValueError, match="ct_path.dark_min_contrast_noise"):
+        CTPathParams(dark_min_contrast_noise=-1.0)

@@ -141,8 +141,8 @@ def drop_dark_pieces(mask: np.ndarray, ct: np.ndarray, neighbours: np.ndarray, e
     is below the trees' surroundings' by more than ``params.dark_level`` of the lumen's contrast over them:
     a blob the segmenter put in fat or lung is no contrast-filled lumen, and the clean-up's bridges would
     tie it to a tree. The CT decides only where the lumen's half contrast clears its noise by
-    ``min_contrast_noise`` (as for the paths); ``neighbours`` (the input's other classes) is left out of
-    the surroundings. Returns the mask and the voxels taken away."""
+    ``dark_min_contrast_noise`` (a stricter gate than the paths'); ``neighbours`` (the input's other
+    classes) is left out of the surroundings. Returns the mask and the voxels taken away."""
     mask = np.asarray(mask, dtype=bool)
     labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
     if n <= expected or expected < 1:
@@ -153,7 +153,7 @@ def drop_dark_pieces(mask: np.ndarray, ct: np.ndarray, neighbours: np.ndarray, e
     if measured is None:
         return mask, 0
     lumen_hu, around_hu, noise = measured
-    if 0.5 * (lumen_hu - around_hu) < params.min_contrast_noise * noise:
+    if 0.5 * (lumen_hu - around_hu) < params.dark_min_contrast_noise * noise:
         return mask, 0
     others = np.setdiff1d(np.arange(1, n + 1), mains)
     medians = np.asarray(ndimage.median(ct, labels, others), dtype=np.float64)
