@@ -6,6 +6,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 from conftest import require_ts_chest
 from params_for_tests import load_test_params
 
@@ -138,7 +139,8 @@ def test_a_missing_data_root_is_one_line_and_a_resumed_run_says_so(phantom_root,
     shutil.copytree(phantom_root / "segmentations", labels_only / "segmentations")
     # the field (model.appearance), the boundary (ct_edge) or the paths (ct_path): each reads it
     alone = {"stage1.overrides.Cor.model.appearance": False, "stage1.overrides.Cor.ct_edge.enabled": False,
-             "stage1.overrides.Cor.ct_path.enabled": False}
+             "stage1.overrides.Cor.ct_path.enabled": False, "stage1.overrides.LAA.ct_edge.enabled": False,
+             "stage1.overrides.PV.ct_edge.enabled": False}
     for reads_ct in ({**alone, "stage1.overrides.Cor.model.appearance": True},
                      {**alone, "stage1.overrides.Cor.ct_edge.enabled": True},
                      {**alone, "stage1.overrides.Cor.ct_path.enabled": True}):
@@ -148,6 +150,13 @@ def test_a_missing_data_root_is_one_line_and_a_resumed_run_says_so(phantom_root,
         assert not (tmp_path / "lo").exists()  # nothing written
     start_run(load_test_params(alone, data_root=str(labels_only),
                                run_dir=str(tmp_path / "lo")))  # shape-only: a labels-only root is valid
+    # the defaults name every class that reads the CT, and the overrides the message gives make them valid
+    with pytest.raises(InputError, match=r"repair of LAA, Cor, PV reads the CT") as err:
+        start_run(load_test_params(data_root=str(labels_only), run_dir=str(tmp_path / "lo2")))
+    hint = yaml.safe_load(str(err.value).split("stage1.overrides: ", 1)[1][:-1])
+    assert set(hint) == {"Cor", "LAA", "PV"} and hint["LAA"] == {"ct_edge": {"enabled": False}}
+    start_run(load_test_params({f"stage1.overrides.{key}": over for key, over in hint.items()},
+                               data_root=str(labels_only), run_dir=str(tmp_path / "lo2")))
     params = load_test_params(data_root=str(phantom_root), run_dir=str(tmp_path / "run"))
     start_run(params)
     assert "resuming" not in capsys.readouterr().out

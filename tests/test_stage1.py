@@ -418,6 +418,40 @@ def test_mref_joins_a_broken_tree_along_the_cts_lumen():
         stage1.mref_of(given, field.astype(np.uint8), 2, spacing, on, around)
 
 
+def test_an_appendages_edge_stays_out_of_the_atrium_it_opens_into_unless_told():
+    """``ct_edge.into_attached``: the appendage's blood and the atrium's (its ``attach_to``) are one
+    brightness, so the CT shows no edge between them. Allowed into the atrium's voxels, the edge takes
+    those beside the appendage as lumen; held out, it takes none of them, and still places the boundary
+    the appendage shares with the fat a voxel further out where the label fell short."""
+    import dataclasses
+
+    from nearfix_lib.core.config import CleanupParams, CTEdgeParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+
+    shape, spacing = (30, 26, 22), (0.9, 1.0, 1.2)
+    la, laa = CARDIAC["LA"].index, CARDIAC["LAA"].index
+    labels = np.zeros(shape, np.uint8)
+    labels[2:14, 4:22, 4:18] = la
+    lumen = np.zeros(shape, bool)
+    lumen[14:26, 8:18, 7:15] = True  # the appendage opens into the atrium along x = 14
+    labels[lumen] = laa
+    given = labels == laa
+    given[:, 8, :] = False  # the label fell a voxel short on one side facing the fat
+    labels[lumen & ~given] = 0
+    ct = np.where((labels == la) | lumen, 350.0, -90.0)
+    ct = (ct + np.random.default_rng(1).normal(0.0, 15.0, shape)).astype(np.float32)
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "LAA", CARDIAC, spacing)
+    base = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False))
+    made = {}
+    for into in (True, False):
+        p = dataclasses.replace(base, ct_edge=CTEdgeParams(enabled=True, into_attached=into))
+        made[into] = stage1.mref_of(given, given.astype(np.uint8), 1, spacing, p, around, ct).mask
+    atrium = labels == la
+    assert (made[True] & atrium).sum() > 0  # no edge between two blood pools: the atrium's voxels taken
+    assert not (made[False] & atrium).any()
+    assert made[False][lumen & ~given].all() and not (made[False] & ~lumen).any()  # the short side mended
+
+
 def test_a_repair_the_audit_replaced_can_still_take_every_rule_without_the_field():
     """``audit.action: repair_input``: where the audit replaces a field that lost the vessels, M^ref is
     the input through the CT's edge and path (its too-wide side and its broken stretch mended on the

@@ -454,6 +454,11 @@ class CTEdgeParams:
     # voxels at or above that mean, its partial-volume rim left out (a vessel 2-4 voxels wide is mostly rim,
     # whose lower mean puts the midpoint low and the edge outside the lumen; tuning seeds, docs/method.md)
     lumen_level: str = "mask"
+    # whether the edge may take, and its surroundings include, the voxels the input gives the classes this
+    # one lies on (``attach_to``): a vessel's wall on the myocardium is an edge of the CT; where a blood pool
+    # opens into another (the appendage and the veins into the left atrium) there is none, and the atrium's
+    # blood, read as surroundings and taken as lumen, would move the edge by the atrium's contrast
+    into_attached: bool = True
 
     def __post_init__(self) -> None:
         if self.lumen_level not in LUMEN_LEVELS:
@@ -882,6 +887,19 @@ def _coronary_overrides() -> dict:
                         "enclosed_by": {"Ao": 0.8}}}
 
 
+def _atrial_branch_overrides() -> dict:
+    """The appendage and the pulmonary veins: their boundary placed where the CT shows the edge
+    (``ct_edge``), as the coronaries' is. Each is a contrast-filled blood pool whose wall faces fat, lung
+    or myocardium, a clear edge of the CT; a segmenter's errors lie at that wall, and a field fitted to
+    the labels reproduces them (the shape prior removes islands, not a wall 1-2 voxels off). Two voxels
+    either side (``band_vox: 2``): a 1.5 mm segmenter's errors at 0.9-1.2 mm voxels are up to two voxels
+    deep. Never into, nor measured against, the atrium they open into (``into_attached: false``): two
+    blood pools show no edge between them, and the atrium's blood read as surroundings and taken as lumen
+    moves the edge by the atrium's contrast. Chosen on the robustness matrix's tuning seeds
+    (docs/method.md, *The appendage's and veins' wall on the CT*)."""
+    return {"ct_edge": {"enabled": True, "band_vox": 2, "into_attached": False}}
+
+
 @dataclass
 class Stage1Params:
     """Per-class repair. The defaults here are the production values (``params/default.yaml``
@@ -903,7 +921,8 @@ class Stage1Params:
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}
-    overrides: dict = field(default_factory=lambda: {"Cor": _coronary_overrides()})
+    overrides: dict = field(default_factory=lambda: {"Cor": _coronary_overrides(), "LAA": _atrial_branch_overrides(),
+                                                     "PV": _atrial_branch_overrides()})
 
     def __post_init__(self) -> None:
         # every class's merged parameters are built now, so a typo in stage1.overrides.<key> fails
@@ -946,6 +965,13 @@ class Stage1Params:
         """Those of ``keys`` whose repair reads the CT: their model (``model.appearance``), their
         boundary (``ct_edge``) or the paths joining their pieces (``ct_path``), their own or by override."""
         return tuple(k for k, p in zip(keys, map(self.for_class, keys)) if p.model.appearance or p.mref_reads_ct)
+
+    def ct_switches(self, key: str) -> dict:
+        """The overrides that turn off whatever of class ``key``'s repair reads the CT (empty: nothing
+        does): what a data set of labels alone sets for it."""
+        p = self.for_class(key)
+        on = {"model": {"appearance": False}} if p.model.appearance else {}
+        return {**on, **{name: {"enabled": False} for name in ("ct_edge", "ct_path") if getattr(p, name).enabled}}
 
     def field_ct_readers(self, keys: Sequence[str]) -> tuple[str, ...]:
         """Those of ``keys`` whose model reads the CT (``model.appearance``): prepare crops it for them."""

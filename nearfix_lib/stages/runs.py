@@ -13,6 +13,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from nearfix_lib import __version__
 from nearfix_lib.core.classes import load_table
 from nearfix_lib.core.config import Params, project_root
@@ -72,10 +74,11 @@ def start_run(params: Params, progress: bool = True) -> Run:
         require_data_root(data_root)
         readers = params.stage1.ct_readers([k for k in (params.stage1.classes or table.keys) if k in table.keys])
         if readers and not (data_root / IMAGE_DIR).is_dir():
+            switches = ", ".join(f"{key}: " + yaml.safe_dump(params.stage1.ct_switches(key), default_flow_style=True,
+                                                             width=1 << 16).strip() for key in readers)
             raise InputError(data_root, f"no '{IMAGE_DIR}/' folder, but the stage-1 repair of {', '.join(readers)} "
                                         "reads the CT (model.appearance, ct_edge, ct_path): add the images, or for "
-                                        "labels alone set them false (e.g. stage1.overrides.Cor: {model: {appearance: "
-                                        "false}, ct_edge: {enabled: false}, ct_path: {enabled: false}})")
+                                        f"labels alone set them false (stage1.overrides: {{{switches}}})")
     run_dir.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temporaries(run_dir)
     if stale:
