@@ -68,7 +68,7 @@ def test_contact_rule_removes_laa_pieces_that_do_not_touch_la():
     attached, detached = box((10, 3, 3), (13, 6, 6)), box((18, 12, 3), (21, 15, 6))
     masks = {"LA": la | detached, "LAA": attached | detached}
     labels = fuse_priority(masks, T, SHAPE)
-    row = rule_contact(labels, T["LAA"], masks, T)
+    row = rule_contact(labels, T["LAA"], masks, T, (1.0, 0.9, 1.2))
     assert row.components_before == 2 and row.components_after == 1 and row.components_removed == 1
     assert np.all(labels[attached] == T["LAA"].index)
     assert np.all(labels[detached] == T["LA"].index)  # the LA mask also held it
@@ -80,20 +80,29 @@ def test_contact_counts_diagonal_touch_and_keeps_a_class_without_targets_untouch
     la = box((2, 2, 2), (6, 6, 6))
     diagonal = box((6, 6, 6), (8, 8, 8))  # touches LA only at a corner (26-contact)
     labels = fuse_priority({"LA": la, "PV": diagonal}, T, SHAPE)
-    assert rule_contact(labels, T["PV"], {"LA": la, "PV": diagonal}, T).components_removed == 0
+    assert rule_contact(labels, T["PV"], {"LA": la, "PV": diagonal}, T, (1.0, 0.9, 1.2), 0.0).components_removed == 0
     labels = fuse_priority({"PV": diagonal}, T, SHAPE)  # no LA at all: nothing touches it
-    row = rule_contact(labels, T["PV"], {"PV": diagonal}, T)
+    row = rule_contact(labels, T["PV"], {"PV": diagonal}, T, (1.0, 0.9, 1.2))
     assert row.components_removed == 1 and not (labels == T["PV"].index).any()
 
 
-def test_contact_reach_keeps_a_piece_two_voxels_from_its_target():
+def test_contact_reach_is_millimetres_whatever_the_voxels():
+    """A piece one background voxel from the LA (two voxel steps) is attached within a reach of 2.4 mm at
+    1 mm voxels and removed at 2 mm voxels (4 mm apart), and at 0.35 mm voxels one 1.05 mm away (three
+    steps) is still attached; touching counts at any reach."""
     la = box((2, 2, 2), (6, 6, 6))
     near = box((7, 2, 2), (9, 6, 6))  # one background voxel between it and the LA: two steps away
-    for reach, removed in ((1, 1), (2, 0)):
+    for spacing, reach, removed in (((1.0, 1.0, 1.0), 2.4, 0), ((2.0, 2.0, 2.0), 2.4, 1),
+                                    ((1.0, 1.0, 1.0), 0.0, 1), ((1.0, 0.9, 1.2), 1.5, 1)):
         labels = fuse_priority({"LA": la, "PV": near}, T, SHAPE)
-        assert rule_contact(labels, T["PV"], {"LA": la, "PV": near}, T, reach).components_removed == removed
-    with pytest.raises(ValueError, match="contact_reach_vox"):
-        Stage2Params(contact_reach_vox=0)
+        row = rule_contact(labels, T["PV"], {"LA": la, "PV": near}, T, spacing, reach)
+        assert row.components_removed == removed, (spacing, reach)
+    far = box((8, 2, 2), (10, 6, 6))  # three steps: 1.05 mm at 0.35 mm voxels, 3 mm at 1 mm
+    for spacing, removed in (((0.35, 0.35, 0.5), 0), ((1.0, 1.0, 1.0), 1)):
+        labels = fuse_priority({"LA": la, "PV": far}, T, SHAPE)
+        assert rule_contact(labels, T["PV"], {"LA": la, "PV": far}, T, spacing, 2.4).components_removed == removed
+    with pytest.raises(ValueError, match="contact_reach_mm"):
+        Stage2Params(contact_reach_mm=-1.0)
 
 
 def test_distance_rule_is_spacing_aware_and_drops_small_pieces():

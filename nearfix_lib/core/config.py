@@ -566,10 +566,11 @@ class Stage2Params:
     rules: list[str] = field(default_factory=lambda: list(RULES))  # which rules run (always in RULES order)
     bridge_gap_mm: float = CORONARY_BRIDGE_GAP_MM  # join pieces of distance-attached classes at most this far apart
     bridge_radius_vox: int = 1  # half-width of a bridge tube (voxels); 0 = one-voxel line
-    # contact: a piece of LAA/PV within this many 26-neighbour steps of the LA counts as attached (1:
-    # touching). 2: a segmenter's 1.5 mm errors on 0.9 x 0.9 x 1.2 mm voxels left vein trunks two
-    # voxels from the repaired atrium, and touching alone removed them whole (tuning seeds, method.md)
-    contact_reach_vox: int = 2
+    # contact: a piece of LAA/PV touching the LA or within this many mm of it (centre to centre) counts as
+    # attached. A segmenter's 1.5 mm errors on 0.9 x 0.9 x 1.2 mm voxels left vein trunks two voxels (1.8-2.4
+    # mm) from the repaired atrium, and touching alone removed them whole (tuning seeds, method.md); in mm,
+    # since the gap is the error's depth on any grid (at 0.35 mm two voxels removed a held-out appendage)
+    contact_reach_mm: float = 2.4
     min_piece_mm3: float = 20.0  # distance-attached classes: drop pieces smaller than this
     fill_holes: list[str] = field(default_factory=lambda: ["Myo"])
     hole_max_mm3: float = 500.0  # larger cavities are anatomy (a chamber), not a labelling hole
@@ -585,9 +586,7 @@ class Stage2Params:
             raise ValueError(f"stage2.rules: unknown rules {unknown}; known: {list(RULES)}")
         if self.unrepaired not in UNREPAIRED:
             raise ValueError(f"stage2.unrepaired must be one of {list(UNREPAIRED)}, got {self.unrepaired!r}")
-        if self.contact_reach_vox < 1:
-            raise ValueError(f"stage2.contact_reach_vox must be >= 1 (1: touching), got {self.contact_reach_vox}")
-        for name in ("bridge_gap_mm", "min_piece_mm3", "hole_max_mm3", "bridge_radius_vox"):
+        for name in ("contact_reach_mm", "bridge_gap_mm", "min_piece_mm3", "hole_max_mm3", "bridge_radius_vox"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stage2.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.hole_min_share <= 1.0:

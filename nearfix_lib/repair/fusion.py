@@ -7,7 +7,7 @@ classes first, because a few voxels decide whether they survive at all). Then on
 anatomical rules, each a function of its own, applied in this order:
 
 1. **contact** — every component of a class with a contact rule in the table (LAA, PV) must touch
-   (26-neighbour contact) one of its targets (LA), else it is removed;
+   one of its targets (LA), or come within ``contact_reach_mm`` of it, else it is removed;
 2. **bridge** — pieces of a class with a distance rule (coronaries) within ``bridge_gap_mm`` of
    the main trees are joined to them by a straight tube: a segmenter breaks thin vessels into
    pieces (stage 1 repairs their surfaces, not the gaps);
@@ -136,20 +136,23 @@ def _class_components(labels: np.ndarray, cls: LabelClass, region: Box) -> tuple
 # -- the rules ---------------------------------------------------------------------------------
 
 def rule_contact(labels: np.ndarray, cls: LabelClass, masks: Mapping[str, np.ndarray],
-                 table: ClassTable, reach_vox: int = 1) -> AuditRow:
-    """Remove components of ``cls`` that come no closer than ``reach_vox`` voxels (26-neighbour
-    steps; 1: touching) to any of its attachment targets."""
-    targets = [table[t].index for t in cls.attachment.targets]
+                 table: ClassTable, spacing: Sequence[float], reach_mm: float = 0.0) -> AuditRow:
+    """Remove components of ``cls`` none of whose voxels lies within ``reach_mm`` (centre to centre) of
+    any of its attachment targets; a component touching one (26-neighbour contact) is attached at any
+    reach. In millimetres: a segmenter's gap between an appendage and its atrium is its error's depth,
+    the same millimetres on any grid (two voxels at 1.2 mm are six at 0.35 mm)."""
+    spacing = np.asarray(spacing, dtype=np.float64)
     box = bounding_box(labels == cls.index)
     if box is None:
         return AuditRow("contact", cls.key, 0, 0)
-    region = _grow(box, reach_vox, labels.shape)
+    reach = max(float(reach_mm), float(np.linalg.norm(spacing)))  # a corner neighbour touches
+    region = _grow(box, int(np.ceil(reach / spacing.min())) + 1, labels.shape)
     cc, n = _class_components(labels, cls, region)
-    near_target = ndimage.binary_dilation(np.isin(labels[region.slices], targets), structure=np.ones((3, 3, 3)),
-                                          iterations=reach_vox)
-    touching = np.zeros(n + 1, dtype=bool)
-    touching[np.unique(cc[near_target])] = True
-    return _remove_components(labels, cls, region, cc, ~touching[1:], masks, table, "contact")
+    distance = _target_distance(labels, cls, table, region, spacing)
+    attached = np.zeros(n + 1, dtype=bool)
+    if distance is not None:
+        attached[np.unique(cc[distance <= reach * (1.0 + 1e-6)])] = True
+    return _remove_components(labels, cls, region, cc, ~attached[1:], masks, table, "contact")
 
 
 def _target_distance(labels: np.ndarray, cls: LabelClass, table: ClassTable, region: Box,
@@ -293,7 +296,7 @@ def fuse_case(masks: Mapping[str, np.ndarray], table: ClassTable, spacing: Seque
     present = [c for c in order if c.key in masks]
     active = set(params.rules)
     if "contact" in active:
-        audit += [rule_contact(labels, c, masks, table, params.contact_reach_vox) for c in present
+        audit += [rule_contact(labels, c, masks, table, spacing, params.contact_reach_mm) for c in present
                   if c.attachment is not None and c.attachment.max_mm == 0]
     distance_classes = [c for c in present if c.attachment is not None and c.attachment.max_mm > 0]
     if "bridge" in active:
