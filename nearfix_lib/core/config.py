@@ -886,7 +886,7 @@ def _coronary_overrides() -> dict:
                         "enclosed_by": {"Ao": 0.8}}}
 
 
-def _atrial_branch_overrides() -> dict:
+def _atrial_branch_overrides(anchored: bool) -> dict:
     """The appendage and the pulmonary veins: their boundary placed where the CT shows the edge
     (``ct_edge``), as the coronaries' is. Each is a contrast-filled blood pool whose wall faces fat, lung
     or myocardium, a clear edge of the CT; a segmenter's errors lie at that wall, and a field fitted to
@@ -894,9 +894,14 @@ def _atrial_branch_overrides() -> dict:
     either side (``band_vox: 2``): a 1.5 mm segmenter's errors at 0.9-1.2 mm voxels are up to two voxels
     deep. Never into, nor measured against, the atrium they open into (``into_attached: false``): two
     blood pools show no edge between them, and the atrium's blood read as surroundings and taken as lumen
-    moves the edge by the atrium's contrast. Chosen on the robustness matrix's tuning seeds
-    (docs/method.md, *The appendage's and veins' wall on the CT*)."""
-    return {"ct_edge": {"enabled": True, "band_vox": 2, "into_attached": False}}
+    moves the edge by the atrium's contrast. The appendage's repair is also held to its input where its
+    field is unsure (``anchor``, its defaults: an input voxel stays unless P < 0.05, a new one needs P >=
+    0.7): a field on a narrow, pointed appendage rounds off its tip, which the input holds, and its HD95
+    rose above the input's; anchored, it fell below it on two tuning families of three (the third 0.08 mm
+    above). Chosen on the robustness matrix's tuning seeds (docs/method.md, *The appendage's and veins'
+    wall on the CT*)."""
+    edge = {"ct_edge": {"enabled": True, "band_vox": 2, "into_attached": False}}
+    return {**edge, "anchor": {"enabled": True}} if anchored else edge
 
 
 @dataclass
@@ -920,8 +925,8 @@ class Stage1Params:
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}
-    overrides: dict = field(default_factory=lambda: {"Cor": _coronary_overrides(), "LAA": _atrial_branch_overrides(),
-                                                     "PV": _atrial_branch_overrides()})
+    overrides: dict = field(default_factory=lambda: {"Cor": _coronary_overrides(), "LAA": _atrial_branch_overrides(anchored=True),
+                                                     "PV": _atrial_branch_overrides(anchored=False)})
 
     def __post_init__(self) -> None:
         # every class's merged parameters are built now, so a typo in stage1.overrides.<key> fails
