@@ -925,7 +925,8 @@ class Stage1Params:
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}
-    overrides: dict = field(default_factory=lambda: {"Cor": _coronary_overrides(), "LAA": _atrial_branch_overrides(anchored=True),
+    overrides: dict = field(default_factory=lambda: {"Cor": _coronary_overrides(),
+                                                     "LAA": _atrial_branch_overrides(anchored=True),
                                                      "PV": _atrial_branch_overrides(anchored=False)})
 
     def __post_init__(self) -> None:
