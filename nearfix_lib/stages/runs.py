@@ -74,11 +74,11 @@ def start_run(params: Params, progress: bool = True) -> Run:
         require_data_root(data_root)
         readers = params.stage1.ct_readers([k for k in (params.stage1.classes or table.keys) if k in table.keys])
         if readers and not (data_root / IMAGE_DIR).is_dir():
-            switches = ", ".join(f"{key}: " + yaml.safe_dump(params.stage1.ct_switches(key), default_flow_style=True,
-                                                             width=1 << 16).strip() for key in readers)
+            switches = yaml.safe_dump({key: params.stage1.ct_switches(key) for key in readers}, default_flow_style=True,
+                                      sort_keys=False, width=1 << 16).strip()
             raise InputError(data_root, f"no '{IMAGE_DIR}/' folder, but the stage-1 repair of {', '.join(readers)} "
                                         "reads the CT (model.appearance, ct_edge, ct_path): add the images, or for "
-                                        f"labels alone set them false (stage1.overrides: {{{switches}}})")
+                                        f"labels alone set them false (stage1.overrides: {switches})")
     run_dir.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temporaries(run_dir)
     if stale:

@@ -534,8 +534,8 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         repaired, report = clean_mask(decided, expected, spacing, params.cleanup)
     edge = None
     if params.ct_edge.enabled:
-        allowed = np.ones(repaired.shape, dtype=bool) if around is None else \
-            ~(around.foreign if params.ct_edge.into_attached else around.others)
+        blocked = None if around is None else around.foreign if params.ct_edge.into_attached else around.others
+        allowed = np.ones(repaired.shape, dtype=bool) if blocked is None else ~blocked
         snapped, edge = snap_to_edge(repaired, _needs_ct(ct, "ct_edge"), allowed, spacing, params.ct_edge)
         repaired, report = clean_mask(snapped, expected, spacing, params.cleanup)
     # the anatomy before the paths: these join pieces to the expected largest, which must be trees
