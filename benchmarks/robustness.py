@@ -13,6 +13,10 @@ in millimetres of a segmenter's grid), listed with their seeds in ``params/robus
 family has a *tuning* seed set, on which settings may be chosen, and a *held-out* one, fixed before
 any tuning, on which the verdict is read.
 
+``--combine PAGE ...`` runs nothing: it joins the CSVs of earlier invocations' pages (each run on a
+subset of the classes, since the whole matrix is days on a workstation) into one held-out table, every
+(family, class) pair once, the pairs no page has listed as not run.
+
 ``--roundtrip R1 R2 ...`` measures instead, without any fit, what the class ROI grid alone keeps of
 each thin class: its mask resampled to R^3 (as ``prepare`` does) and back onto the original voxels,
 against the mask itself (``roundtrip.csv``): a field fitted on that grid can do no better.
@@ -31,6 +35,7 @@ rendered from them.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -228,6 +233,79 @@ def conditions(params_file: str, overrides: dict, cases: int, split: str, famili
             f"noisy minus repair (positive: better). Code version of each family's run: {ran or 'none ran'}.")
 
 
+def read_pages(pages: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The matrix and verdict rows of earlier invocations' pages (their ``robustness.csv`` and
+    ``verdicts.csv``), concatenated; a (family, split, class, source) row in two pages is an error that
+    names both, since the joint table must say which run each figure comes from."""
+    import pandas as pd
+
+    tables, verdict_tables, origin = [], [], {}
+    for path in pages:
+        for name in ("robustness.csv", "verdicts.csv"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name}: missing (a page of `python -m benchmarks.robustness`?)")
+        verdict = pd.read_csv(path / "verdicts.csv")
+        for key in verdict[["family", "split", "class", "source"]].itertuples(index=False):
+            if tuple(key) in origin:
+                raise ValueError(f"{path / 'verdicts.csv'}: {' '.join(map(str, key))} is also in "
+                                 f"{origin[tuple(key)] / 'verdicts.csv'}; join pages of disjoint classes or families")
+            origin[tuple(key)] = path
+        tables.append(pd.read_csv(path / "robustness.csv"))
+        verdict_tables.append(verdict.assign(page=str(path)))
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=MATRIX_COLUMNS)
+    verdict = pd.concat(verdict_tables, ignore_index=True) if verdict_tables else pd.DataFrame(
+        columns=[*VERDICT_COLUMNS, "page"])
+    return table[MATRIX_COLUMNS], verdict
+
+
+def combined_page(families: list[Family], classes: list[str], verdict: pd.DataFrame, pages: list[Path],
+                  commands: list[str]) -> str:
+    """The joint verdicts, family x class: stage 1 / stage 2 gains over the noisy input (Dice; HD95 in
+    mm, positive = nearer the truth), each pair's verdict, the missed pairs and the pairs not run."""
+    import pandas as pd
+
+    names = [f.name for f in families if f.name in set(verdict["family"])]
+    order = [c for c in classes if c in set(verdict["class"])]
+    by_pair = verdict.set_index(["family", "class", "source"])
+    pairs = [(f, c) for f in names for c in order]
+
+    def cell(family: str, cls: str, column: str, fmt: str) -> str:
+        if (family, cls, "stage1") not in by_pair.index:
+            return "not run"
+        values = [by_pair.loc[(family, cls, s), column] for s in REPAIRS if (family, cls, s) in by_pair.index]
+        ok = all(bool(by_pair.loc[(family, cls, s), "ok"]) for s in REPAIRS if (family, cls, s) in by_pair.index)
+        return " / ".join(format(v, fmt) for v in values) + ("" if ok else " ✗")
+
+    grids = {column: pd.DataFrame([[cell(f, c, column, fmt) for c in order] for f in names], index=names,
+                                  columns=order).rename_axis("family")
+             for column, fmt in (("dice_gain", "+.3f"), ("hd95_gain", "+.2f"))}
+    missed = verdict[~verdict["ok"].astype(bool)]
+    absent = [f"{f} {c}" for f, c in pairs if (f, c, "stage1") not in by_pair.index]
+    listed = "\n".join(f"* [{p}]({p}/robustness.md): `{cmd}`" for p, cmd in zip(pages, commands))
+    missed_text = ", ".join(f"{r['family']} {r['class']} {r['source']} (Dice {r['dice_gain']:+.3f}, HD95 "
+                            f"{-r['hd95_gain']:+.2f} mm against the input"
+                            + (f", {r['cor_gain_share']:.0%} of cases gain {COR_GAIN}" if r["class"] == "Cor" else "")
+                            + ")" for _, r in missed.iterrows()) or "none"
+    return (f"Joined from the pages of earlier invocations (none rerun here; each page states its code "
+            f"version, parameters and load):\n\n{listed}\n\n"
+            f"## Verdicts ({', '.join(sorted(set(verdict['split'])))} seeds)\n\n"
+            f"{len(verdict) - len(missed)} of {len(verdict)} (family, class, repair) pairs meet every target "
+            f"(mean Dice not below the noisy input's, mean HD95 not above it, and for the coronaries "
+            f"{COR_SHARE:.0%} of the cases {COR_GAIN} Dice above the input at the expected component count); "
+            f"{len(absent)} (family, class) pairs not run: {', '.join(absent) or 'none'}.\n\n"
+            f"**Mean Dice gain over the noisy input, stage 1 / stage 2** (✗: a target missed)\n\n"
+            f"{grids['dice_gain'].to_markdown()}\n\n"
+            f"**Mean HD95 gain over the noisy input in mm, stage 1 / stage 2** (noisy - repair; positive: nearer "
+            f"the truth)\n\n{grids['hd95_gain'].to_markdown()}\n\nTargets missed: {missed_text}.\n")
+
+
+def page_command(path: Path) -> str:
+    """The command line a page was generated by (its stamp), for the joint page's list of sources."""
+    lines = (path / "robustness.md").read_text().splitlines()
+    first = next((line for line in lines if line.startswith("Generated by")), "")
+    return first.removeprefix("Generated by `").split("`;")[0] or "unknown"
+
+
 ROUNDTRIP_CLASSES = ("Cor", "LAA", "PV")
 ROUNDTRIP_COLUMNS = ["family", "split", "case", "class", "source", "resolution", "box_voxels", "dice",
                      "components", "components_before"]
@@ -311,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--again", action="store_true", help="run families whose report exists anew")
     ap.add_argument("--timeout-s", type=float, default=12 * 3600, help="per stage")
+    ap.add_argument("--combine", nargs="+", default=[], metavar="PAGE",
+                    help="no runs: join these earlier pages' CSVs (disjoint classes or families) into one table")
     ap.add_argument("--roundtrip", type=int, nargs="+", default=[],
                     help="no fits: the thin classes through class ROI grids of these resolutions and back")
     args = ap.parse_args(argv)
@@ -321,6 +401,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown families {sorted(unknown)} (the file has {[f.name for f in families]})")
     families = [f for f in families if not args.families or f.name in args.families]
     cases, out = args.cases or file_cases, Path(args.out).resolve()
+    if args.combine:
+        from nearfix_lib.core.classes import CARDIAC
+
+        pages = [Path(p) for p in args.combine]
+        table, verdict = read_pages(pages)
+        shown = [Path(os.path.relpath(p.resolve(), out)) for p in pages]  # links that work from the page
+        text = combined_page(families, CARDIAC.keys, verdict, shown, [page_command(p) for p in pages])
+        write_text(out / "verdicts.csv", verdict.drop(columns="page").to_csv(index=False))
+        write_report(out, "robustness", table, text, argv, module="benchmarks.robustness")
+        return 0
     if args.roundtrip:
         rows = [r for f in families for r in roundtrip_rows(f, args.split, cases, args.params, args.roundtrip)]
         table = pd.DataFrame(rows, columns=ROUNDTRIP_COLUMNS)
