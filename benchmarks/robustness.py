@@ -185,6 +185,15 @@ def verdicts(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
+def missed_targets(verdict: pd.DataFrame, with_family: bool = True) -> str:
+    """The verdict rows that miss a target, each with its Dice and HD95 against the input, or "none"."""
+    missed = verdict[~verdict["ok"].astype(bool)]
+    return ", ".join((f"{r['family']} " if with_family else "") + f"{r['class']} {r['source']} (Dice "
+                     f"{r['dice_gain']:+.3f}, HD95 {-r['hd95_gain']:+.2f} mm against the input"
+                     + (f", {r['cor_gain_share']:.0%} of cases gain {COR_GAIN}" if r["class"] == "Cor" else "") + ")"
+                     for _, r in missed.iterrows()) or "none"
+
+
 def _family_section(family: Family, table: pd.DataFrame, verdict: pd.DataFrame) -> str:
     if table.empty:
         return f"## {family.name}\n\n{family.about}. No report (see the stage rows below).\n"
@@ -194,12 +203,7 @@ def _family_section(family: Family, table: pd.DataFrame, verdict: pd.DataFrame) 
         wide = table.pivot(index="class", columns="source", values=metric)
         wide = wide.reindex(index=list(dict.fromkeys(table["class"])), columns=[s for s in SOURCES if s in wide])
         parts.append(f"**{label}**\n\n" + wide.to_markdown(floatfmt=".3f" if metric != "hd95" else ".2f"))
-    failing = verdict[~verdict["ok"].astype(bool)]
-    parts.append("Targets missed: " + (", ".join(f"{r['class']} {r['source']} (Dice {r['dice_gain']:+.3f}, "
-                                                  f"HD95 {-r['hd95_gain']:+.2f} mm against the input"
-                                                  + (f", {r['cor_gain_share']:.0%} of cases gain {COR_GAIN}"
-                                                     if r["class"] == "Cor" else "") + ")"
-                                                  for _, r in failing.iterrows()) or "none") + ".")
+    parts.append(f"Targets missed: {missed_targets(verdict, with_family=False)}.")
     return "\n\n".join(parts) + "\n"
 
 
@@ -282,10 +286,6 @@ def combined_page(families: list[Family], classes: list[str], verdict: pd.DataFr
     missed = verdict[~verdict["ok"].astype(bool)]
     absent = [f"{f} {c}" for f, c in pairs if (f, c, "stage1") not in by_pair.index]
     listed = "\n".join(f"* [{p}]({p}/robustness.md): `{cmd}`" for p, cmd in zip(pages, commands))
-    missed_text = ", ".join(f"{r['family']} {r['class']} {r['source']} (Dice {r['dice_gain']:+.3f}, HD95 "
-                            f"{-r['hd95_gain']:+.2f} mm against the input"
-                            + (f", {r['cor_gain_share']:.0%} of cases gain {COR_GAIN}" if r["class"] == "Cor" else "")
-                            + ")" for _, r in missed.iterrows()) or "none"
     return (f"Joined from the pages of earlier invocations (none rerun here; each page states its code "
             f"version, parameters and load):\n\n{listed}\n\n"
             f"## Verdicts ({', '.join(sorted(set(verdict['split'])))} seeds)\n\n"
@@ -296,7 +296,7 @@ def combined_page(families: list[Family], classes: list[str], verdict: pd.DataFr
             f"**Mean Dice gain over the noisy input, stage 1 / stage 2** (✗: a target missed)\n\n"
             f"{grids['dice_gain'].to_markdown()}\n\n"
             f"**Mean HD95 gain over the noisy input in mm, stage 1 / stage 2** (noisy - repair; positive: nearer "
-            f"the truth)\n\n{grids['hd95_gain'].to_markdown()}\n\nTargets missed: {missed_text}.\n")
+            f"the truth)\n\n{grids['hd95_gain'].to_markdown()}\n\nTargets missed: {missed_targets(verdict)}.\n")
 
 
 def page_command(path: Path) -> str:
