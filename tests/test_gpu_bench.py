@@ -1,23 +1,25 @@
 """The GPU benchmark's machinery on the CPU at a tiny size (its figures mean nothing here): the step
-variants in their own processes, the CSV's rows and the extrapolation from them."""
+variants and the decodes in their own processes, the CSV's rows and the extrapolation from them."""
 
 import pandas as pd
+import pytest
 
 from benchmarks.gpu import extrapolate, main
 from nearfix_lib.core.config import load_params
 
 
-def test_the_gpu_script_runs_its_steps_and_extrapolates(tmp_path):
+def test_the_gpu_script_runs_its_steps_and_decodes_and_extrapolates(tmp_path):
     code = main(["--out", str(tmp_path), "--params", "params/test.yaml", "--step-params", "params/test.yaml",
-                 "--device", "cpu", "--cases", "16",
-                 "--steps", "1", "--realsize-spacing", "1.5", "1.5", "2.0", "--budget-s", "0",
+                 "--device", "cpu", "--cases", "16", "--epochs", "2",
+                 "--steps", "1", "--realsize-spacing", "1.5", "1.5", "2.0", "--budget-s", "100000",
                  "--skip-compile"])
     assert code == 0
     table = pd.read_csv(tmp_path / "gpu.csv")
     value = table.set_index(["what", "variant"])["value"]
     for stage, variant in (("stage1", "bf16"), ("stage3", "device_batches")):
         assert value[(f"{stage}_points_per_s", variant)] > 0
-    assert ("decode_realsize", "coarse_to_fine") not in value.index  # no budget left for the decodes
+    decode_s = min(value[("decode_realsize", "dense")], value[("decode_realsize", "coarse_to_fine")])
+    assert value[("extrapolated_hours", "decodes")] == pytest.approx(11 * 16 * decode_s / 3600)
     assert value[("extrapolated_hours", "total")] > 0
     assert "GPU benchmark" in (tmp_path / "gpu.md").read_text()
 

@@ -14,7 +14,7 @@ from nearfix_lib.field.infer import (
     original_box_grid,
 )
 from nearfix_lib.field.models import ImplicitField
-from nearfix_lib.field.train import fit, load_checkpoint
+from nearfix_lib.field.train import fit, load_checkpoint, to_device
 from nearfix_lib.stages.stage1 import Stage1Task, write_mask_store
 
 TINY_MODEL = ModelParams(latent_dim=16, grid_channels=(8, 4), grid_sizes=(4, 8))
@@ -160,3 +160,18 @@ def test_a_loss_that_becomes_nan_stops_the_fit_at_the_end_of_its_epoch(tmp_path)
     with pytest.raises(FloatingPointError, match=r"nan in epoch 2 \(steps 3 to 4\)"):
         fit(model, task, params.train, tmp_path / "fit", progress=False)
     assert not (tmp_path / "fit" / "best.pt").exists() or load_checkpoint(tmp_path / "fit" / "last.pt")["epoch"] == 1
+
+
+def test_a_tensor_already_on_the_device_is_not_copied_and_a_host_tensor_crosses():
+    host = torch.arange(6.0)
+    assert to_device(host, "cpu") is host
+    assert to_device(host, torch.device("cpu")) is host
+    if torch.cuda.is_available():  # "cuda" names the current GPU: its tensors (cuda:0) must not be pinned again
+        on_gpu = to_device(host, "cuda")
+        assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), host)
+        assert to_device(on_gpu, "cuda") is on_gpu
+        assert to_device(on_gpu, f"cuda:{on_gpu.device.index}") is on_gpu
+    else:  # without a GPU the meta device stands in: its tensors stay, host tensors cross unpinned
+        meta = host.to("meta")
+        assert to_device(meta, "meta") is meta
+        assert to_device(host, "meta").device.type == "meta"

@@ -337,9 +337,10 @@ def _share(idx: np.ndarray, rank: int, world: int) -> np.ndarray:
 def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     """A tensor on ``device``: host tensors cross to CUDA from pinned memory without blocking, so the
     copy overlaps the device's work; a tensor already there is returned as it is."""
-    if tensor.device == torch.device(device):
-        return tensor
-    if str(device).startswith("cuda"):
+    target = torch.device(device)
+    if tensor.device.type == target.type and target.index in (None, tensor.device.index):
+        return tensor  # "cuda" names the current GPU: a tensor on cuda:0 is already there
+    if target.type == "cuda" and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 
