@@ -832,3 +832,37 @@ def test_a_run_without_stage3_edits_one_class_with_its_stage1_model(tiny_run):
     assert "1" in read_edited_latents(stage1.stage1_dir(tiny_run, "LA") / "edits.pt")
     again = open_edit(tiny_run, "1", "stage1:LA", with_image=False)
     assert np.array_equal(again.session.labels, edit.session.labels)
+
+
+def test_the_myocardiums_mref_leaves_the_inputs_coronary_voxels_to_them_where_yield_to_names_them():
+    """``anatomy.yield_to: [Cor]``: a myocardial field that fills the groove a coronary runs in on its surface
+    gives the input's vessel voxels back, last (no clean-up after it fills them in again), and reports them;
+    the field's other voxels, its own class's and a class not named stay."""
+    import dataclasses
+
+    from nearfix_lib.core.config import CleanupParams, RepairAnatomyParams, Stage1Params
+    from nearfix_lib.core.geometry import Box
+
+    shape, spacing = (30, 14, 11), (0.9, 0.8, 1.2)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, :, 0:5] = CARDIAC["Myo"].index  # a slab of wall
+    groove = np.zeros(shape, bool)
+    groove[3:27, 6:8, 4:6] = True  # a vessel sunk into the wall's surface, 2 x 2 voxels across
+    labels[groove] = CARDIAC["Cor"].index
+    labels[10:14, 2:4, 5] = CARDIAC["RV"].index  # another class on the surface, not named
+    given = labels == CARDIAC["Myo"].index
+    field = np.zeros(shape, bool)
+    field[:, :, 0:6] = True  # the field's smooth wall: the groove filled, the RV voxels and a rim added
+    bits = field.astype(np.uint8)
+    base = dataclasses.replace(Stage1Params(), cleanup=CleanupParams(keep_expected=False))
+    on = dataclasses.replace(base, anatomy=RepairAnatomyParams(yield_to=["Cor", "absent"]))
+    plain = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Myo", CARDIAC, spacing)
+    assert plain.yielded is None
+    assert np.array_equal(stage1.mref_of(given, bits, 1, spacing, base, plain).mask, field)
+    around = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Myo", CARDIAC, spacing, on.anatomy)
+    assert np.array_equal(around.yielded, groove)
+    made = stage1.mref_of(given, bits, 1, spacing, on, around)
+    assert np.array_equal(made.mask, field & ~groove)
+    assert made.columns()["anatomy_yielded_voxels"] == groove.sum()
+    own = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing, on.anatomy)
+    assert own.yielded is None  # a class never yields to itself

@@ -542,6 +542,12 @@ class RepairAnatomyParams:
     # share, not enclosed_share: a tree's stub at its ostium had up to 0.76 of its surroundings in the aorta
     # (tuning seeds, docs/method.md). Classes the table lacks are ignored; empty: off
     enclosed_by: dict[str, float] = field(default_factory=dict)
+    # classes whose input voxels M^ref leaves to them, after every other rule: a smooth field of the
+    # myocardium cannot leave open the 1-3 mm grooves the coronaries run in on its surface, and fills
+    # them (the myocardium: [Cor]; docs/method.md). Stage 2's priority gives those voxels to the
+    # coronaries' mask where it holds them; this keeps stage 1's M^ref from claiming them at all.
+    # Classes the table lacks are ignored; empty: off
+    yield_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key, share in self.enclosed_by.items():
@@ -551,7 +557,7 @@ class RepairAnatomyParams:
 
 # -- parameters of repair.fusion -------------------------------------------------------------------
 
-RULES = ("contact", "bridge", "distance", "holes", "largest")
+RULES = ("openings", "contact", "bridge", "distance", "holes", "largest")
 UNREPAIRED = ("input", "absent")  # what stage 2 fuses for a class stage 1 left without M^ref
 # the longest coronary gap bridged, by stage 1's clean-up and stage 2's rule alike (one number: a tree
 # stage 1 joined must not be one stage 2 would leave apart); 12 left a third of the tuning seeds'
@@ -563,7 +569,8 @@ CORONARY_BRIDGE_GAP_MM = 16.0
 class Stage2Params:
     """Stage-2 rules (``stage2:`` in params); a rule with an empty list or zero size is off."""
 
-    rules: list[str] = field(default_factory=lambda: list(RULES))  # which rules run (always in RULES order)
+    # which rules run (always in RULES order); openings is measured, not yet a default (method.md)
+    rules: list[str] = field(default_factory=lambda: [r for r in RULES if r != "openings"])
     bridge_gap_mm: float = CORONARY_BRIDGE_GAP_MM  # join pieces of distance-attached classes at most this far apart
     bridge_radius_vox: int = 1  # half-width of a bridge tube (voxels); 0 = one-voxel line
     # contact: a piece of LAA/PV touching the LA or within this many mm of it (centre to centre) counts as

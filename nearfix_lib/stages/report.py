@@ -141,7 +141,8 @@ AUDIT_MEASURES = {"audit_fit_dice": "fit Dice", "audit_dropped": "dropped", "aud
                   "path_dark_dropped": "voxels dark on the CT",
                   "anatomy_unattached_voxels": "unattached voxels",
                   "anatomy_origin_split_voxels": "join voxels between origins", "anatomy_split_voxels": "join voxels",
-                  "anatomy_enclosed_voxels": "voxels inside chambers or the aorta"}
+                  "anatomy_enclosed_voxels": "voxels inside chambers or the aorta",
+                  "anatomy_yielded_voxels": "input voxels left to other classes"}
 
 
 def audit_summary(audit: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -356,13 +356,15 @@ class BoxAnatomy:
     distance rule, or none of whose targets the input holds) and ``origins`` (at or beside the voxels of
     the classes its components arise from, ``anatomy.split_origins``; None where none is named or held) and
     ``within`` (by key, the voxels of each class of ``anatomy.enclosed_by`` the box holds: classes it
-    touches but never runs inside)."""
+    touches but never runs inside) and ``yielded`` (the input's voxels of the classes of
+    ``anatomy.yield_to``, which M^ref leaves to them; None where none is named or held)."""
 
     foreign: np.ndarray
     neighbours: np.ndarray
     attached: np.ndarray | None = None
     origins: np.ndarray | None = None
     within: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    yielded: np.ndarray | None = None
 
     @property
     def others(self) -> np.ndarray:
@@ -397,9 +399,11 @@ def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spaci
             dist = edt.edt(np.ascontiguousarray(~targets), anisotropy=tuple(map(float, spacing)), black_border=False)
             attached = dist[_within(box, lo)] <= att.max_mm * (1.0 + 1e-6)
     within = {k: crop == table[k].index for k in rules.enclosed_by if k in table.keys}
+    yielded = np.isin(crop, [table[k].index for k in rules.yield_to if k in table.keys and k != key])
     return BoxAnatomy(foreign_voxels(crop, key, table), np.where(others, crop, 0), attached,
                       _beside(labels, box, [table[k].index for k in rules.split_origins if k in table.keys]),
-                      {k: voxels for k, voxels in within.items() if voxels.any()})
+                      {k: voxels for k, voxels in within.items() if voxels.any()},
+                      yielded if yielded.any() else None)
 
 
 def _beside(labels: np.ndarray, box: Box, indices: Sequence[int]) -> np.ndarray | None:
@@ -454,13 +458,15 @@ def input_in_place(given: np.ndarray, expected: int, spacing: Sequence[float],
 class AnatomyReport:
     """What ``stage1.anatomy`` took from M^ref: voxels of pieces away from the classes it lies on
     (``drop_unattached``), of joins between two origins (``split_origins``) and of joins of too few
-    pieces (``split_joins``), all over other classes, and of pieces inside classes it does not lie on
-    (``enclosed_share``) or never runs inside (``enclosed_by``)."""
+    pieces (``split_joins``), all over other classes, of pieces inside classes it does not lie on
+    (``enclosed_share``) or never runs inside (``enclosed_by``), and the input's voxels of the classes it
+    leaves them (``yield_to``)."""
 
     unattached_voxels: int = 0
     origin_split_voxels: int = 0
     split_voxels: int = 0
     enclosed_voxels: int = 0  # pieces inside a chamber or the aorta (enclosed_share, enclosed_by), before the clean-up
+    yielded_voxels: int = 0  # the input's voxels of the classes of yield_to, left to them (last)
 
     def columns(self) -> dict:
         return {f"anatomy_{k}": v for k, v in dataclasses.asdict(self).items()}
@@ -547,6 +553,10 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         repaired, path = join_along_lumen(repaired, _needs_ct(ct, "ct_path"), neighbours, expected, spacing,
                                           params.ct_path, roots)
         path.dark_dropped = dark
+    if around is not None and around.yielded is not None:  # last: no clean-up fills them back
+        yielded = repaired & around.yielded
+        repaired = repaired & ~around.yielded
+        anatomy = dataclasses.replace(anatomy or AnatomyReport(), yielded_voxels=int(np.count_nonzero(yielded)))
     return MRef(repaired, report, audit, edge, anatomy, path)
 
 
