@@ -558,7 +558,7 @@ class RepairAnatomyParams:
 
 # -- parameters of repair.fusion -------------------------------------------------------------------
 
-RULES = ("openings", "contact", "bridge", "distance", "holes", "largest")
+RULES = ("contact", "bridge", "distance", "holes", "largest")
 UNREPAIRED = ("input", "absent")  # what stage 2 fuses for a class stage 1 left without M^ref
 # the longest coronary gap bridged, by stage 1's clean-up and stage 2's rule alike (one number: a tree
 # stage 1 joined must not be one stage 2 would leave apart); 12 left a third of the tuning seeds'
@@ -570,8 +570,7 @@ CORONARY_BRIDGE_GAP_MM = 16.0
 class Stage2Params:
     """Stage-2 rules (``stage2:`` in params); a rule with an empty list or zero size is off."""
 
-    # which rules run (always in RULES order); openings is measured, not yet a default (method.md)
-    rules: list[str] = field(default_factory=lambda: [r for r in RULES if r != "openings"])
+    rules: list[str] = field(default_factory=lambda: list(RULES))  # which rules run (always in RULES order)
     bridge_gap_mm: float = CORONARY_BRIDGE_GAP_MM  # join pieces of distance-attached classes at most this far apart
     bridge_radius_vox: int = 1  # half-width of a bridge tube (voxels); 0 = one-voxel line
     # contact: a piece of LAA/PV touching the LA or within this many mm of it (centre to centre) counts as
@@ -896,8 +895,8 @@ def _coronary_overrides() -> dict:
 
 def _myocardium_overrides() -> dict:
     """The myocardium leaves the input's coronary voxels to them (``anatomy.yield_to``): the vessels run
-    in grooves on its surface, 1-3 mm across, which its smooth field fills, so its stage-1 repair ran
-    over every tree and its HD95 rose above the input's on near-clean inputs (the far part of its
+    in grooves on its surface, 1-3 mm across, which its smooth field fills, so its stage-1 mask covered
+    the trees and its HD95 rose above the input's on near-clean inputs (the far part of its
     surface lay on the coronaries' voxels). Tuning seeds of five families: stage-1 HD95 1.53 -> 1.10 mm
     (reference), 1.96 -> 1.24 (thick coronaries, input 1.39), Dice up on all five (docs/method.md)."""
     return {"anatomy": {"yield_to": ["Cor"]}}

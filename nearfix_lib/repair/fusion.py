@@ -135,32 +135,6 @@ def _class_components(labels: np.ndarray, cls: LabelClass, region: Box) -> tuple
 
 # -- the rules ---------------------------------------------------------------------------------
 
-def rule_openings(labels: np.ndarray, cls: LabelClass, masks: Mapping[str, np.ndarray], table: ClassTable,
-                  inputs: np.ndarray) -> AuditRow:
-    """Where the masks of a branch (a class that must touch its targets: LAA, PV) and of its target
-    (LA) overlap, give the voxels the input labels as the target back to it.
-
-    Stage 1 repairs each class alone, so at an opening both the atrium's and the branch's masks
-    reach into the other, and priority alone hands the whole overlap to the branch. The input still
-    tells a vein's or an appendage's mouth from the atrium's wall there: the overlap is where the two
-    fields disagree least about the shape and most about the name.
-    """
-    if inputs.shape != labels.shape:
-        raise ValueError(f"fusion: the input labels have shape {inputs.shape}, expected {labels.shape}")
-    mine = masks.get(cls.key)
-    before = _count(labels == cls.index)
-    changed = 0
-    for key in cls.attachment.targets:
-        theirs = masks.get(key)
-        if mine is None or theirs is None:
-            continue
-        give = (labels == cls.index) & mine & theirs & (inputs == table[key].index)
-        labels[give] = table[key].index
-        changed += int(give.sum())
-    return AuditRow("openings", cls.key, before, _count(labels == cls.index) if changed else before,
-                    voxels_changed=changed, voxels_reassigned=changed)
-
-
 def rule_contact(labels: np.ndarray, cls: LabelClass, masks: Mapping[str, np.ndarray],
                  table: ClassTable, spacing: Sequence[float], reach_mm: float = 0.0) -> AuditRow:
     """Remove components of ``cls`` none of whose voxels lies within ``reach_mm`` (centre to centre) of
@@ -302,13 +276,11 @@ class FusionResult:
 
 
 def fuse_case(masks: Mapping[str, np.ndarray], table: ClassTable, spacing: Sequence[float],
-              params: Stage2Params, shape: Sequence[int] | None = None,
-              inputs: np.ndarray | None = None) -> FusionResult:
+              params: Stage2Params, shape: Sequence[int] | None = None) -> FusionResult:
     """Priority fusion then the anatomical rules, on one grid (``spacing`` in mm along i, j, k).
 
     ``masks`` maps class keys to bool arrays of one shape (classes without a mask are absent);
-    ``shape`` is needed only when no mask is given at all; ``inputs``, the input label map on the
-    same grid, only by the openings rule.
+    ``shape`` is needed only when no mask is given at all.
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.shape != (3,) or np.any(spacing <= 0):
@@ -323,13 +295,9 @@ def fuse_case(masks: Mapping[str, np.ndarray], table: ClassTable, spacing: Seque
     order = table.by_priority()
     present = [c for c in order if c.key in masks]
     active = set(params.rules)
-    contact_classes = [c for c in present if c.attachment is not None and c.attachment.max_mm == 0]
-    if "openings" in active:
-        if inputs is None:
-            raise ValueError("fusion: the openings rule needs the input labels")
-        audit += [rule_openings(labels, c, masks, table, inputs) for c in contact_classes]
     if "contact" in active:
-        audit += [rule_contact(labels, c, masks, table, spacing, params.contact_reach_mm) for c in contact_classes]
+        audit += [rule_contact(labels, c, masks, table, spacing, params.contact_reach_mm) for c in present
+                  if c.attachment is not None and c.attachment.max_mm == 0]
     distance_classes = [c for c in present if c.attachment is not None and c.attachment.max_mm > 0]
     if "bridge" in active:
         audit += [rule_bridge(labels, c, spacing, params.bridge_gap_mm, params.bridge_radius_vox)

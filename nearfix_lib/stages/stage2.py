@@ -126,8 +126,7 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
     params = run.params.stage2
     masks = original_masks(run, case.case_id, case.label.shape)
     unrepaired = unrepaired_inputs(run.table, masks, case.label.array, params.unrepaired)
-    result = fuse_case({**masks, **unrepaired}, run.table, case.label.spacing, params, shape=case.label.shape,
-                       inputs=case.label.array)
+    result = fuse_case({**masks, **unrepaired}, run.table, case.label.spacing, params, shape=case.label.shape)
     write_nifti(out / "labels" / f"{case.case_id}.nii.gz", result.labels, case.label.affine, case.label.header)
     grids = [("original", result)]
     if fields is not None:
@@ -135,8 +134,7 @@ def fuse_run_case(run: Run, case: LoadedCase, crops: CaseCrops, fields: dict[str
             heart_labels = z["labels"]  # the input on the heart grid, as prepare resampled it
         roi = roi_masks(run, fields, crops, device, heart_labels, kept)
         roi_result = fuse_case({**roi, **unrepaired_inputs(run.table, roi, heart_labels, params.unrepaired)},
-                               run.table, crops.heart_spacing, params, shape=crops.heart_grid.shape,
-                               inputs=heart_labels)
+                               run.table, crops.heart_spacing, params, shape=crops.heart_grid.shape)
         _write_roi(out, crops, roi_result)
         grids.append(("roi", roi_result))
     audit = [{"case": case.case_id, "grid": grid, **row} for grid, res in grids for row in res.audit_records()]
