@@ -837,7 +837,8 @@ def test_a_run_without_stage3_edits_one_class_with_its_stage1_model(tiny_run):
 def test_the_myocardiums_mref_leaves_the_inputs_coronary_voxels_to_them_where_yield_to_names_them():
     """``anatomy.yield_to: [Cor]``: a myocardial field that fills the groove a coronary runs in on its surface
     gives the input's vessel voxels back, last (no clean-up after it fills them in again), and reports them;
-    the field's other voxels, its own class's and a class not named stay."""
+    a sliver of wall that cuts off goes by the class's component rules; the field's other voxels, its own
+    class's and a class not named stay."""
     import dataclasses
 
     from nearfix_lib.core.config import CleanupParams, RepairAnatomyParams, Stage1Params
@@ -847,7 +848,7 @@ def test_the_myocardiums_mref_leaves_the_inputs_coronary_voxels_to_them_where_yi
     labels = np.zeros(shape, np.uint8)
     labels[:, :, 0:5] = CARDIAC["Myo"].index  # a slab of wall
     groove = np.zeros(shape, bool)
-    groove[3:27, 6:8, 4:6] = True  # a vessel sunk into the wall's surface, 2 x 2 voxels across
+    groove[3:27, 5:10, 4:6] = True  # a vessel sunk into the wall's surface, 5 x 2 voxels across
     labels[groove] = CARDIAC["Cor"].index
     labels[10:14, 2:4, 5] = CARDIAC["RV"].index  # another class on the surface, not named
     given = labels == CARDIAC["Myo"].index
@@ -864,5 +865,10 @@ def test_the_myocardiums_mref_leaves_the_inputs_coronary_voxels_to_them_where_yi
     made = stage1.mref_of(given, bits, 1, spacing, on, around)
     assert np.array_equal(made.mask, field & ~groove)
     assert made.columns()["anatomy_yielded_voxels"] == groove.sum()
+    sliver = np.zeros(shape, bool)
+    sliver[5:25, 7, 6] = True  # the field's wall runs over the vessel: taking the vessel cuts this off
+    over = (field | sliver).astype(np.uint8)
+    cut = stage1.mref_of(given, over, 1, spacing, dataclasses.replace(on, cleanup=CleanupParams()), around)
+    assert np.array_equal(cut.mask, field & ~groove)  # the sliver goes (one expected piece), the groove stays open
     own = stage1.box_anatomy(labels, Box((0, 0, 0), shape), "Cor", CARDIAC, spacing, on.anatomy)
     assert own.yielded is None  # a class never yields to itself

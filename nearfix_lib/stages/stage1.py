@@ -555,9 +555,19 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
         path.dark_dropped = dark
     if around is not None and around.yielded is not None:  # last: no clean-up fills them back
         yielded = repaired & around.yielded
-        repaired = repaired & ~around.yielded
+        if yielded.any():
+            repaired = _without(repaired, around.yielded, expected, spacing, params)
         anatomy = dataclasses.replace(anatomy or AnatomyReport(), yielded_voxels=int(np.count_nonzero(yielded)))
     return MRef(repaired, report, audit, edge, anatomy, path)
+
+
+def _without(mask: np.ndarray, taken: np.ndarray, expected: int, spacing: Sequence[float],
+             params: Stage1Params) -> np.ndarray:
+    """``mask`` less ``taken``, then the pieces that cut off dropped by the class's component rules
+    (its clean-up without bridges or hole filling: a vessel's groove taken out of a wall can leave a
+    sliver of wall beside it on its own, and filling would put the vessel back)."""
+    rules = dataclasses.replace(params.cleanup, bridge_gap_mm=0.0, fill_holes=False)
+    return clean_mask(mask & ~taken, expected, spacing, rules)[0]
 
 
 def _needs_ct(ct: np.ndarray | None, rule: str) -> np.ndarray:
