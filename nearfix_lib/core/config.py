@@ -546,8 +546,9 @@ class RepairAnatomyParams:
     # classes whose input voxels M^ref leaves to them, after every other rule: a smooth field of the
     # myocardium cannot leave open the 1-3 mm grooves the coronaries run in on its surface, and fills
     # them (the myocardium: [Cor]; docs/method.md). Stage 2's priority gives those voxels to the
-    # coronaries' mask where it holds them; this keeps stage 1's M^ref from claiming them at all.
-    # Classes the table lacks are ignored; empty: off
+    # coronaries' mask where it holds them; this keeps stage 1's M^ref from claiming them at all (a
+    # sliver of wall that cut off goes by the clean-up's component rules). Classes the table lacks are
+    # ignored; empty: off
     yield_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -508,7 +508,8 @@ def mref_of(given: np.ndarray, bits: np.ndarray, expected: int, spacing: Sequenc
     its boundary where the box's CT ``ct`` shows the edge (:mod:`~nearfix_lib.repair.ct_edge`; then the
     clean-up again), with ``anatomy`` on, the table's anatomy held (:func:`held_to_anatomy`), and with
     ``ct_path`` on, pieces left apart joined along the CT's lumen to the trees, never through a class as
-    bright as it (:mod:`~nearfix_lib.repair.ct_path`). A case whose input the audit kept with
+    bright as it (:mod:`~nearfix_lib.repair.ct_path`), and last, with ``anatomy.yield_to``, the input's
+    voxels of those classes left to them (:func:`_without`). A case whose input the audit kept with
     ``keep_input`` or ``clean_input`` keeps it as the audit says: the CT moves no boundary there."""
     foreign = around.foreign if around is not None else None
     neighbours = around.neighbours if around is not None else np.zeros(given.shape, np.int16)
