@@ -1,5 +1,7 @@
 """Coarse-to-fine decoding (field.decide) against the dense decode it stands in for."""
 
+import dataclasses
+
 import cc3d
 import numpy as np
 import pytest
@@ -168,6 +170,23 @@ def test_an_implicit_field_decodes_the_same_coarse_to_fine():
         np.testing.assert_array_equal(dense, prob >= decision.thresholds[0])
         fine = labels_on_grid(model, i, grid, box, decision, DecodeParams(coarse_step=4))
         assert np.mean(fine == dense) >= 0.9999
+
+
+def test_auto_decodes_dense_on_a_gpu_and_coarse_to_fine_elsewhere():
+    """``decode.mode: auto`` (the default): on an H200 dense won (docs/method.md), on CPUs coarse to fine."""
+    auto = DecodeParams()
+    assert auto.mode == "auto"
+    assert [auto.mode_on(d) for d in ("cuda", "cuda:1", torch.device("cuda", 0), "cpu", torch.device("cpu"))] == \
+        ["dense", "dense", "dense", "coarse_to_fine", "coarse_to_fine"]
+    assert DecodeParams(mode="dense").mode_on("cpu") == "dense"
+    assert DecodeParams(mode="coarse_to_fine").mode_on("cuda") == "coarse_to_fine"
+    model, box = random_field(1)
+    grid = roi_grid(box, (29, 22, 17))
+    decision = threshold_decision(0.5)
+    on_cpu, spent = decode_spent(model, 0, grid, box, decision, dataclasses.replace(auto, coarse_step=4), "cpu")
+    assert set(spent) != {1}  # the lattice's levels: coarse to fine ran
+    fine, _ = decode_spent(model, 0, grid, box, decision, DecodeParams(mode="coarse_to_fine", coarse_step=4), "cpu")
+    np.testing.assert_array_equal(on_cpu, fine)
 
 
 @pytest.mark.parametrize("bad", [dict(mode="sparse"), dict(coarse_step=6), dict(coarse_step=0), dict(margin=-1.0),

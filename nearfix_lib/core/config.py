@@ -289,16 +289,19 @@ class UnifiedLossParams:
 
 # -- parameters of field.decide --------------------------------------------------------------------
 
-DECODE_MODES = ("coarse_to_fine", "dense")
+DECODE_MODES = ("auto", "coarse_to_fine", "dense")
 
 
 @dataclass
 class DecodeParams:
     """How a fitted field becomes a label map (``field.decide``): at every voxel (``dense``), or on
     a lattice every ``coarse_step`` voxels first, refining only the cells whose corners disagree or
-    come within ``margin`` logits of a threshold, and their neighbours (``coarse_to_fine``)."""
+    come within ``margin`` logits of a threshold, and their neighbours (``coarse_to_fine``); ``auto``:
+    dense on a GPU, coarse to fine elsewhere. Coarse to fine evaluates ~9 % of a real-size box's voxels
+    and is 7.6x faster on 2 CPU cores, but on an H200 its per-level bookkeeping costs more than the
+    evaluations it saves (dense 3.6 s, coarse to fine 4.5 s; the same map: docs/method.md)."""
 
-    mode: str = "coarse_to_fine"
+    mode: str = "auto"
     coarse_step: int = 8  # voxels between the first pass's points; a power of two (1 = every voxel)
     # logits between a point and every threshold for it to vouch for a cell of coarse_step voxels;
     # for smaller cells in proportion (half at half the size), as a field of bounded slope changes less
@@ -315,6 +318,12 @@ class DecodeParams:
                 raise ValueError(f"decode.{name} must be a power of two >= 1, got {step!r}")
         if self.margin < 0:
             raise ValueError(f"decode.margin must be >= 0, got {self.margin}")
+
+    def mode_on(self, device: str | object) -> str:
+        """The mode a decode on ``device`` runs: ``auto`` resolved (dense on CUDA, else coarse to fine)."""
+        if self.mode != "auto":
+            return self.mode
+        return "dense" if str(device).startswith("cuda") else "coarse_to_fine"
 
 
 # -- parameters of repair.cleanup ------------------------------------------------------------------

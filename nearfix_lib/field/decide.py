@@ -89,8 +89,8 @@ def labels_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box
                    image: torch.Tensor | None = None, latent: torch.Tensor | None = None,
                    seed: np.ndarray | None = None) -> np.ndarray:
     """``decision`` at every voxel centre of ``grid`` (uint8, ``grid.shape``), dense or coarse to fine
-    (``params.mode``). ``box`` is the ROI the model's normalised space refers to; ``latent`` (1, D)
-    replaces the table entry, ``image`` feeds an appearance model; ``seed`` (bool, ``grid.shape``,
+    (``params.mode``; ``auto``: dense on CUDA). ``box`` is the ROI the model's normalised space refers
+    to; ``latent`` (1, D) replaces the table entry, ``image`` feeds an appearance model; ``seed`` (bool, ``grid.shape``,
     e.g. ``sampling.interface_band(input_labels, 1)``: where its labels change) marks voxels whose
     cells are always refined."""
     return decode_spent(model, case_index, grid, box, decision, params, device, chunk_points, image, latent,
@@ -103,7 +103,7 @@ def decode_spent(model: torch.nn.Module, case_index: int, grid: Grid, box: Box, 
                  seed: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, int]]:
     """:func:`labels_on_grid` and the points the model was run on, per lattice spacing in voxels (where
     the cost goes: the first pass, each halving, the voxels themselves; dense: every voxel at 1)."""
-    if params.mode == "dense":
+    if params.mode_on(device) == "dense":
         labels = reduced_on_grid(model, case_index, grid, box, decision.labels, np.uint8, device, chunk_points,
                                  image=image, latent=latent)
         return labels, {1: labels.size}
