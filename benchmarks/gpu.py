@@ -30,11 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.speed import PROJECT, USER_SPACING, StepJob, StoreJob, measure_decodes, step_rows
+from benchmarks.speed import DECODE_REPEATS, PROJECT, USER_SPACING, StepJob, StoreJob, measure_decodes, step_rows
 
 STEP_CASES = 8
 STAGE1_POINTS = 8192
-DECODE_REPEATS = 3  # the fastest of three decodes on the case's voxels (one at real size), as benchmarks.speed
 # (stage, variant, batches, compile)
 GPU_VARIANTS = (("stage1", "bf16", "device", False), ("stage1", "bf16_compile", "device", True),
                 ("stage3", "device_batches", "device", False), ("stage3", "device_batches_compile", "device", True))

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 PROJECT = Path(__file__).resolve().parents[1]
 USER_SPACING = (0.35, 0.35, 0.5)
+DECODE_REPEATS = 3  # decodes per variant on the case's own voxels, the fastest counted (one at real size)
 README_BEGIN = "<!-- speed table: begin (python -m benchmarks.speed --readme) -->"
 README_END = "<!-- speed table: end -->"
 
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, help="also rewrite this file's speed table from the CSV")
     ap.add_argument("--parts", nargs="+", choices=("steps", "decode"), default=["steps", "decode"],
                     help="training steps (host against device batches), decodes (dense against coarse to fine)")
-    ap.add_argument("--repeats", type=int, default=3,
+    ap.add_argument("--repeats", type=int, default=DECODE_REPEATS,
                     help="decodes of the 1.1 mm case timed per variant, the fastest counts (real size: one)")
     ap.add_argument("--steps", type=int, default=10, help="training steps measured per variant (after 3 warm-up)")
     ap.add_argument("--step-cases", type=int, default=8, help="cases per training step")

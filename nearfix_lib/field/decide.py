@@ -90,9 +90,9 @@ def labels_on_grid(model: torch.nn.Module, case_index: int, grid: Grid, box: Box
                    seed: np.ndarray | None = None) -> np.ndarray:
     """``decision`` at every voxel centre of ``grid`` (uint8, ``grid.shape``), dense or coarse to fine
     (``params.mode``; ``auto``: dense on CUDA). ``box`` is the ROI the model's normalised space refers
-    to; ``latent`` (1, D) replaces the table entry, ``image`` feeds an appearance model; ``seed`` (bool, ``grid.shape``,
-    e.g. ``sampling.interface_band(input_labels, 1)``: where its labels change) marks voxels whose
-    cells are always refined."""
+    to; ``latent`` (1, D) replaces the table entry, ``image`` feeds an appearance model; ``seed`` (bool,
+    ``grid.shape``, e.g. ``sampling.interface_band(input_labels, 1)``: where its labels change) marks
+    voxels whose cells are always refined."""
     return decode_spent(model, case_index, grid, box, decision, params, device, chunk_points, image, latent,
                         seed)[0]
 

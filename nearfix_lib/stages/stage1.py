@@ -399,11 +399,12 @@ def box_anatomy(labels: np.ndarray, box: Box, key: str, table: ClassTable, spaci
             dist = edt.edt(np.ascontiguousarray(~targets), anisotropy=tuple(map(float, spacing)), black_border=False)
             attached = dist[_within(box, lo)] <= att.max_mm * (1.0 + 1e-6)
     within = {k: crop == table[k].index for k in rules.enclosed_by if k in table.keys}
-    yielded = np.isin(crop, [table[k].index for k in rules.yield_to if k in table.keys and k != key])
+    yield_to = [table[k].index for k in rules.yield_to if k in table.keys and k != key]
+    yielded = np.isin(crop, yield_to) if yield_to else None  # no pass over the box for the classes without
     return BoxAnatomy(foreign_voxels(crop, key, table), np.where(others, crop, 0), attached,
                       _beside(labels, box, [table[k].index for k in rules.split_origins if k in table.keys]),
                       {k: voxels for k, voxels in within.items() if voxels.any()},
-                      yielded if yielded.any() else None)
+                      yielded if yielded is not None and yielded.any() else None)
 
 
 def _beside(labels: np.ndarray, box: Box, indices: Sequence[int]) -> np.ndarray | None:
