@@ -3,14 +3,17 @@ alone, against the truth, without refitting anything.
 
     python -m benchmarks.repair_rules --runs DIR/runs/thin_cor_tuning DIR/runs/shapes_tuning --class Cor \
         --keep 0.05 0.2 --add 0.7 0.85 --join both --bridge 12 16 --volume-ratio 0 1.1 --out DIR/rules
+    python -m benchmarks.repair_rules --runs DIR/runs/*_tuning --class LA LV RA RV Ao PA Myo \
+        --keep 0.4 0.45 --add 0.55 0.6 --join off --out DIR/bands
 
 Why: how a class's M^ref is made from its field (``stage1.anchor``: keep an input voxel unless
 P < ``keep_above``, add one where P >= ``add_above``, with ``join`` the field's own connections
 across the gaps; off: the field's P >= ``threshold``) is a choice made on the robustness matrix's
 *tuning* seeds, and every candidate would otherwise need a run of its own. The field does not
 change with the rule, so one dense decode of each case's class box serves every candidate. For
-each run (a phantom run: the scores need its truth) and each case of the class's finished stage-1
-fit, P is decoded at every voxel of the class box; each rule (the field alone, then every
+each run (a phantom run: the scores need its truth), each ``--class`` (several: one rule chosen for
+them together; a run without a finished fit of a class is skipped, and said so) and each case of the
+class's finished stage-1 fit, P is decoded at every voxel of the class box; each rule (the field alone, then every
 ``--keep`` x ``--add`` pair with ``--join`` off, on or both), with the clean-up's own bridge or each
 ``--bridge`` gap (``cleanup.bridge_gap_mm``: how far apart two pieces of a broken tree may lie and
 still be joined), each anchor with the run's own cap on its volume or each ``--volume-ratio``
@@ -20,8 +23,8 @@ included) and is scored against the truth, next to the noisy input. With ``--wit
 audit fallback (``audit.action`` ``clean_input``, ``repair_input``) is scored on every case too, as if
 the audit had rejected its field: what a rejected case would get, measured where the field is known. Writes
 ``rules.csv`` (run, case, class, rule, keep_above, add_above, join, bridge_gap_mm, max_volume_ratio,
-dice, hd95, n_comp, expected, kept_input, volume_ratio) and ``rules.md`` rendered
-from it: per run and rule the mean gain over the input (Dice, HD95), the share of cases 0.03 Dice
+dice, hd95, n_comp, expected, kept_input, volume_ratio) and ``rules.md`` rendered from it: per run
+(and class, where several) and rule the mean gain over the input (Dice, HD95), the share of cases 0.03 Dice
 above their input at the expected component count (the robustness targets), and the cases at that
 count. Use it on tuning seeds only: a rule chosen on held-out seeds has nothing left to confirm it.
 """
@@ -184,21 +187,21 @@ def run_rows(run_dir: Path, key: str, candidates: list[Rule], without_field: boo
             mask = fallback_mask(given, expected, crops.spacing, base, action, around, ct)
             rows.append(score_row(run_dir.name, case_id, key, fallback_rule(action), mask, truth, crops.spacing,
                                   expected, True))
-        print(f"{run_dir.name} case {case_id}: {len(candidates)} rules", flush=True)
+        print(f"{run_dir.name} {key} case {case_id}: {len(candidates)} rules", flush=True)
     return rows
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per run and rule: mean Dice and HD95 gain over the noisy input (HD95: input minus rule, positive
-    better), the share of cases +0.03 at the expected count, cases worse than the input, volume."""
-    noisy = table.loc[table["rule"] == "noisy", ["run", "case", "dice", "hd95"]]
-    repaired = table[table["rule"] != "noisy"].merge(noisy, on=["run", "case"], suffixes=("", "_noisy"))
+    """Per run, class and rule: mean Dice and HD95 gain over the noisy input (HD95: input minus rule,
+    positive better), the share of cases +0.03 at the expected count, cases worse than the input, volume."""
+    noisy = table.loc[table["rule"] == "noisy", ["run", "class", "case", "dice", "hd95"]]
+    repaired = table[table["rule"] != "noisy"].merge(noisy, on=["run", "class", "case"], suffixes=("", "_noisy"))
     repaired = repaired.assign(dice_gain=repaired["dice"] - repaired["dice_noisy"],
                                hd95_gain=repaired["hd95_noisy"] - repaired["hd95"])
     at_count = repaired["n_comp"] == repaired["expected"]
     repaired = repaired.assign(target=(repaired["dice_gain"] >= COR_GAIN) & at_count, at_count=at_count,
                                worse=repaired["dice_gain"] < 0)
-    return repaired.groupby(["run", "rule"], sort=False).agg(
+    return repaired.groupby(["run", "class", "rule"], sort=False).agg(
         dice_gain=("dice_gain", "mean"), hd95_gain=("hd95_gain", "mean"), target=("target", "mean"),
         at_count=("at_count", "mean"),
         worse=("worse", "sum"), kept_input=("kept_input", "sum"), volume_ratio=("volume_ratio", "mean"),
@@ -206,8 +209,10 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def page(table: pd.DataFrame, command: str, version: str) -> str:
-    """The markdown page: per measure a rule x run table and the mean over the runs."""
+    """The markdown page: per measure a rule x run table (run and class, where several) and the mean over them."""
     s = summary(table)
+    several = s["class"].nunique() > 1
+    s["run"] = s["class"] + " " + s["run"] if several else s["run"]
     lines = ["# M^ref's rule on fitted fields", "",
              f"`python -m benchmarks.repair_rules {command}` (code `{version}`). Each case's field decoded once "
              "at every voxel of its class box; every rule through `stage1.mref_of` (clean-up, audit and fallback "
@@ -224,6 +229,16 @@ def page(table: pd.DataFrame, command: str, version: str) -> str:
     return "\n".join(lines)
 
 
+def _fitted(run_dir: Path, key: str) -> bool:
+    """Whether the run has a finished stage-1 fit of ``key`` (else said on stdout)."""
+    from nearfix_lib.core.workspace import open_run, stage1_dir
+
+    done = (stage1_dir(open_run(run_dir), key) / "ckpt" / "last.pt").is_file()
+    if not done:
+        print(f"{run_dir.name}: no finished stage-1 fit of {key}, skipped", flush=True)
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
@@ -232,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, nargs="+", required=True, help="phantom runs with a finished stage-1 fit")
-    ap.add_argument("--class", dest="key", default="Cor", help="the class whose rule is measured")
+    ap.add_argument("--class", dest="keys", nargs="+", default=["Cor"],
+                    help="the class(es) whose rule is measured (several: runs lacking a fit of one skip it)")
     ap.add_argument("--keep", type=float, nargs="+", default=[0.05, 0.2], help="keep_above values")
     ap.add_argument("--add", type=float, nargs="+", default=[0.5, 0.7, 0.85], help="add_above values")
     ap.add_argument("--join", choices=["off", "on", "both"], default="both", help="anchor.join of the rules")
@@ -261,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     edges = None if args.ct_edge is None else {"on": [True], "off": [False], "both": [False, True]}[args.ct_edge]
     anatomies = None if args.anatomy is None else {"on": [True], "off": [False], "both": [False, True]}[args.anatomy]
     candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs, edges, anatomies)
-    table = pd.DataFrame([r for run_dir in args.runs
-                          for r in run_rows(run_dir, args.key, candidates, args.without_field)],
+    pairs = [(run_dir, key) for run_dir in args.runs for key in args.keys
+             if len(args.keys) == 1 or _fitted(run_dir, key)]  # one class: its missing fit is an error
+    if not pairs:
+        print(f"none of the runs has a finished fit of {args.keys}", file=sys.stderr)
+        return 2
+    table = pd.DataFrame([r for run_dir, key in pairs for r in run_rows(run_dir, key, candidates, args.without_field)],
                          columns=COLUMNS)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "rules.csv", table.to_csv(index=False))

@@ -93,3 +93,13 @@ def test_the_runs_own_rule_reproduces_its_stage1_mask_and_the_page_is_written(tm
     assert math.isclose(s.set_index("rule").loc[f"field, bridge {gap:g} mm", "dice_gain"], (field - noisy).mean())
     page = (out / "rules.md").read_text()
     assert "**Dice gain**" in page and own in page and run.dir.name in page
+    # several classes: a run without a fit of one skips it, and the page names each (class, run)
+    stage1.fit_class(run, "LV", run.params.stage1, progress=False)
+    both = tmp_path / "both"
+    assert main(["--runs", str(run.dir), "--class", "Cor", "LV", "Myo", "--keep", "0.4", "--add", "0.6",
+                 "--join", "off", "--out", str(both)]) == 0
+    rows = pd.read_csv(both / "rules.csv", dtype={"case": str})
+    assert set(rows["class"]) == {"Cor", "LV"} and set(rows["rule"]) == {"noisy", "field", "anchor 0.4 / 0.6"}
+    assert len(rows) == 2 * 3 * len(run.cases)  # per class and case: the input, the field, the anchor
+    assert all(f"{key} {run.dir.name}" in (both / "rules.md").read_text() for key in ("Cor", "LV"))
+    assert main(["--runs", str(run.dir), "--class", "RV", "Myo", "--out", str(tmp_path / "none")]) == 2

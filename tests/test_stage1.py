@@ -1,6 +1,8 @@
 """Stage 1 end to end on a tiny phantom: masks on the original grid with the source affine,
 per-class overrides, metrics against input and truth, and a real repair on a clear-cut case."""
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from conftest import PROJECT
 from params_for_tests import load_test_params
 
 from nearfix_lib.core.classes import CARDIAC
-from nearfix_lib.core.config import load_params
+from nearfix_lib.core.config import AnchorParams, load_params
 from nearfix_lib.field.models import appearance_input
 from nearfix_lib.repair.cleanup import clean_mask, joined_through
 from nearfix_lib.stages import prepare, stage1
@@ -292,6 +294,34 @@ def test_stage2_decodes_a_field_that_reads_the_ct_on_the_roi_grid(tiny_run):
     with pytest.raises(ValueError, match="CT crop"):
         labels_in_box(field.model, field.index_of[crops.case_id], crops.heart_grid, crops.class_boxes["Cor"],
                       threshold_decision(p.threshold), p.decode, "cpu")
+
+
+def test_the_large_classes_keep_their_inputs_boundary_only_where_the_field_is_near_its_threshold():
+    """The default for the chambers, great vessels and myocardium (``anchor`` 0.45 / 0.55): an input voxel
+    where P is just under 0.5 stays and one just over it outside the input is not added (a near-clean
+    boundary the field rounds off), while the field still drops an island it is sure of and fills a hole
+    it is sure of. The veins are not anchored; the appendage and coronaries keep their wider anchor."""
+    stage1_params = load_params(PROJECT / "params/default.yaml").stage1
+    rv = stage1_params.for_class("RV")
+    given = np.zeros((9, 10, 11), dtype=bool)
+    given[2:7, 2:8, 2:9] = True
+    given[4, 5, 5] = False  # a hole the field fills
+    given[0, 0, 0] = True  # an island the field drops
+    p = np.where(given, 0.95, 0.02).astype(np.float32)
+    p[4, 5, 5] = 0.9
+    p[0, 0, 0] = 0.1
+    p[2, 2, 2:9] = 0.48  # an edge of the input the field is unsure of: kept
+    p[7, 2:8, 2:9] = 0.53  # a layer beside it the field would add by a hair: not added
+    bits = stage1.repair_decision(rv).labels(p.reshape(-1, 1)).reshape(p.shape)
+    made = stage1.mref_of(given, bits, 1, (1.1, 1.0, 0.9), rv)
+    field_alone = stage1.mref_of(given, bits, 1, (1.1, 1.0, 0.9), dataclasses.replace(rv, anchor=AnchorParams()))
+    expected = given.copy()
+    expected[4, 5, 5], expected[0, 0, 0] = True, False
+    assert np.array_equal(made.mask, expected)
+    assert not field_alone.mask[2, 2, 2:9].any() and field_alone.mask[7, 2:8, 2:9].all()  # the field's own cut
+    assert all(stage1_params.for_class(k).anchor == rv.anchor for k in ("LA", "LV", "RA", "Ao", "PA", "Myo"))
+    assert not stage1_params.for_class("PV").anchor.enabled
+    assert stage1_params.for_class("LAA").anchor.keep_above == stage1_params.for_class("Cor").anchor.keep_above == 0.05
 
 
 def test_an_anchored_repair_larger_than_its_input_drops_the_inputs_least_sure_voxels_first():
