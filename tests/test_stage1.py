@@ -73,7 +73,11 @@ def test_every_repair_is_audited_and_a_flagged_case_can_keep_its_input(tiny_run)
     rows = audited[audited["source"] == "stage1"]
     assert rows["audit_fit_dice"].between(0, 1).all() and not rows["audit_kept_input"].any()
     assert rows["audit_skeleton_kept"].isna().all()  # a chamber: no centre line asked for
-    assert rows["audit_keep_cut"].isna().all()  # and no anchor: M^ref is the field's own decision
+    # a large class's narrow anchor (no volume cap): its keep cut on every row, the field's own beyond it
+    assert (rows["audit_keep_cut"] == tiny_run.params.stage1.for_class("LA").anchor.keep_above).all()
+    unanchored = load_test_params({"stage1.overrides.LA.anchor.enabled": False}, run_dir=str(tiny_run.dir))
+    alone = stage1.repair_class(dataclasses.replace(tiny_run, params=unanchored), "LA", progress=False)
+    assert alone.loc[alone["source"] == "stage1", "audit_keep_cut"].isna().all()  # M^ref is the field's decision
     strict = load_test_params({"stage1.overrides.LA.audit": {"min_fit_dice": 0.9999, "action": "keep_input"}},
                               run_dir=str(tiny_run.dir))
     run = dataclasses.replace(tiny_run, params=strict)
