@@ -911,7 +911,7 @@ def _myocardium_overrides() -> dict:
     the trees and its HD95 rose above the input's on near-clean inputs (the far part of its
     surface lay on the coronaries' voxels). Tuning seeds of five families: stage-1 HD95 1.53 -> 1.10 mm
     (reference), 1.96 -> 1.24 (thick coronaries, input 1.39), Dice up on all five (docs/method.md)."""
-    return {**_near_threshold_overrides(), "anatomy": {"yield_to": ["Cor"]}}
+    return {"anatomy": {"yield_to": ["Cor"]}}
 
 
 def _near_threshold_overrides() -> dict:
@@ -944,6 +944,15 @@ def _atrial_branch_overrides(anchored: bool) -> dict:
     return {**edge, "anchor": {"enabled": True}} if anchored else edge
 
 
+def _class_overrides() -> dict:
+    """The production ``stage1.overrides``: the coronaries', the appendage's and veins', and every large
+    class's narrow anchor, the myocardium's with its ``yield_to`` beside it."""
+    large = {key: _near_threshold_overrides() for key in LARGE_CLASSES}
+    large["Myo"].update(_myocardium_overrides())  # disjoint sections: the anchor and the anatomy
+    return {"Cor": _coronary_overrides(), "LAA": _atrial_branch_overrides(anchored=True),
+            "PV": _atrial_branch_overrides(anchored=False), **large}
+
+
 @dataclass
 class Stage1Params:
     """Per-class repair. The defaults here are the production values (``params/default.yaml``
@@ -965,11 +974,7 @@ class Stage1Params:
     classes: list[str] = field(default_factory=list)  # classes `make demo` / the loop runs; empty = all
     # per class key, any of the fields above replaced (nested sections merge), e.g.
     # {"Cor": {"loss": {"kind": "dice_focal"}, "model": {"grid_sizes": [4, 8, 16, 32, 64]}}}
-    overrides: dict = field(default_factory=lambda: {"Cor": _coronary_overrides(),
-                                                     "LAA": _atrial_branch_overrides(anchored=True),
-                                                     "PV": _atrial_branch_overrides(anchored=False),
-                                                     **{key: _near_threshold_overrides() for key in LARGE_CLASSES},
-                                                     "Myo": _myocardium_overrides()})
+    overrides: dict = field(default_factory=_class_overrides)
 
     def __post_init__(self) -> None:
         # every class's merged parameters are built now, so a typo in stage1.overrides.<key> fails
