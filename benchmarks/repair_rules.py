@@ -229,12 +229,13 @@ def page(table: pd.DataFrame, command: str, version: str) -> str:
     return "\n".join(lines)
 
 
-def _fitted(run_dir: Path, key: str) -> bool:
-    """Whether the run has a finished stage-1 fit of ``key`` (else said on stdout)."""
-    from nearfix_lib.core.workspace import open_run, stage1_dir
+def _fitted_keys(run_dir: Path, keys: list[str]) -> list[str]:
+    """Those of ``keys`` whose stage-1 fit in the run finished (the others said on stdout)."""
+    from nearfix_lib.core.workspace import open_run, stage1_fitted
 
-    done = (stage1_dir(open_run(run_dir), key) / "ckpt" / "last.pt").is_file()
-    if not done:
+    run = open_run(run_dir)
+    done = [key for key in keys if stage1_fitted(run, key)]
+    for key in sorted(set(keys) - set(done)):
         print(f"{run_dir.name}: no finished stage-1 fit of {key}, skipped", flush=True)
     return done
 
@@ -277,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     edges = None if args.ct_edge is None else {"on": [True], "off": [False], "both": [False, True]}[args.ct_edge]
     anatomies = None if args.anatomy is None else {"on": [True], "off": [False], "both": [False, True]}[args.anatomy]
     candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs, edges, anatomies)
-    pairs = [(run_dir, key) for run_dir in args.runs for key in args.keys
-             if len(args.keys) == 1 or _fitted(run_dir, key)]  # one class: its missing fit is an error
+    pairs = [(run_dir, key) for run_dir in args.runs  # one class: its missing fit is an error
+             for key in (args.keys if len(args.keys) == 1 else _fitted_keys(run_dir, args.keys))]
     if not pairs:
         print(f"none of the runs has a finished fit of {args.keys}", file=sys.stderr)
         return 2

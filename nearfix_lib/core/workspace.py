@@ -153,6 +153,11 @@ def stage1_dir(run: Run, key: str) -> Path:
     return run.path("stage1", key)
 
 
+def stage1_fitted(run: Run, key: str) -> bool:
+    """Whether class ``key``'s stage-1 fit finished (its last checkpoint is written at the end)."""
+    return (stage1_dir(run, key) / "ckpt" / "last.pt").is_file()
+
+
 def stage1_probabilities(run: Run, key: str, case_id: str) -> Path:
     """Class ``key``'s probabilities of a case on its class ROI grid (``prepared`` crops give the grid),
     uint8 in 1/255 steps as an uncompressed ``.npy``: written by the repair, mapped by stage 3."""

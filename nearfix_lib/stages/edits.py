@@ -25,7 +25,7 @@ import numpy as np
 
 from nearfix_lib.core.config import RefineParams
 from nearfix_lib.core.io import read_label, write_json, write_nifti
-from nearfix_lib.core.workspace import Run, open_run, prepared_dir, stage1_dir, stage_labels
+from nearfix_lib.core.workspace import Run, open_run, prepared_dir, stage1_dir, stage1_fitted, stage_labels
 from nearfix_lib.field.decide import threshold_decision
 from nearfix_lib.field.refine import CaseField, EditSession, read_edited_latents, write_edited_latent
 from nearfix_lib.field.unified import UnifiedModel, edits_path
@@ -67,7 +67,7 @@ def edit_sources(run: Run) -> list[str]:
     """What a case of this run can be edited with: ``stage3`` where the artifact exists, else (and
     also) ``stage1:KEY`` for every class whose stage-1 fit finished."""
     out = ["stage3"] if artifact_path(run).is_file() else []
-    return out + [f"stage1:{k}" for k in run.table.keys if (stage1_dir(run, k) / "ckpt" / "last.pt").is_file()]
+    return out + [f"stage1:{k}" for k in run.table.keys if stage1_fitted(run, k)]
 
 
 def open_edit(run_dir: str | Path | Run, case_id: str, source: str = "auto",

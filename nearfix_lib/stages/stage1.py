@@ -62,6 +62,7 @@ from nearfix_lib.core.workspace import (
     prepared_dir,
     stage1_cases_dir,
     stage1_dir,
+    stage1_fitted,
     stage1_probabilities,
 )
 from nearfix_lib.field.decide import Decision, labels_on_grid, threshold_bits_decision, threshold_decision
@@ -644,10 +645,9 @@ def load_stage1_fields(run: Run, device: str, keys: Sequence[str] | None = None)
     params = run.params.stage1
     fields = {}
     for key in keys if keys is not None else run.table.keys:
-        ckpt_dir = stage1_dir(run, key) / "ckpt"
-        if not (ckpt_dir / "last.pt").is_file():
+        if not stage1_fitted(run, key):
             continue
-        p = params.for_class(key)
+        p, ckpt_dir = params.for_class(key), stage1_dir(run, key) / "ckpt"
         ids = load_checkpoint(ckpt_dir / "last.pt")["extra"]["case_ids"]
         model = build_model(len(ids), p)
         load_for_inference(model, ckpt_dir, p.train.select, device)

@@ -41,7 +41,7 @@ from nearfix_lib.core.classes import ClassTable
 from nearfix_lib.core.io import InputError, LoadedCase, write_nifti, write_npz
 from nearfix_lib.core.metrics import Reference
 from nearfix_lib.core.scores import anatomy_checks, component_counts_of, score_labels, score_masks, scores_frame
-from nearfix_lib.core.workspace import Run, case_dir, kept_inputs, prepared_dir, stage1_dir, stage2_dir
+from nearfix_lib.core.workspace import Run, case_dir, kept_inputs, prepared_dir, stage1_dir, stage1_fitted, stage2_dir
 from nearfix_lib.field.decide import labels_in_box, threshold_decision
 from nearfix_lib.field.sampling import interface_band
 from nearfix_lib.repair.cleanup import clean_mask
@@ -198,7 +198,7 @@ def run_stage2(run: Run, progress: bool = True, *, workers: int = 1,
     audit, checks and (with truth) scores tables once every case is done (else empty tables)."""
     for name, keys in run.params.stage2.unknown_keys(run.table).items():
         print(f"stage2.{name}: {keys} are not classes of this run ({run.table.keys}); skipped")
-    if not any((stage1_dir(run, cls.key) / "ckpt" / "last.pt").is_file() for cls in run.table):
+    if not any(stage1_fitted(run, cls.key) for cls in run.table):
         raise ValueError(f"stage2: no finished stage-1 fit in {run.path('stage1')}; run 02_stage1 first")
     tables = shards.run_stage(run, CASES, workers, shard, progress)
     return tables if tables is not None else {"audit": pd.DataFrame(), "checks": pd.DataFrame(),
