@@ -53,9 +53,11 @@ FAMILIES_FILE = PROJECT / "params" / "robustness.yaml"
 STAGES = ("prepare", "stage1", "stage2", "report")
 SOURCES = ("noisy", "closing", "gaussian", "stage1", "stage2")
 REPAIRS = ("stage1", "stage2")
-MATRIX_COLUMNS = ["family", "split", "class", "source", "n_cases", "dice", "hd95", "n_comp", "expected", "at_expected"]
-VERDICT_COLUMNS = ["family", "split", "class", "source", "dice_gain", "hd95_gain", "dice_not_worse",
-                   "hd95_not_worse", "cor_gain_share", "ok"]
+# assd and nsd (and their gains) came later: a page written before them joins with those cells empty
+MATRIX_COLUMNS = ["family", "split", "class", "source", "n_cases", "dice", "hd95", "assd", "nsd", "n_comp",
+                  "expected", "at_expected"]
+VERDICT_COLUMNS = ["family", "split", "class", "source", "dice_gain", "hd95_gain", "assd_gain", "nsd_gain",
+                   "dice_not_worse", "hd95_not_worse", "cor_gain_share", "ok"]
 COR_GAIN = 0.03  # the coronaries: at least this Dice above the noisy input ...
 COR_SHARE = 0.9  # ... at the expected component count, in this share of the cases
 
@@ -145,7 +147,7 @@ def matrix_table(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
     if scores.empty:
         return pd.DataFrame(columns=MATRIX_COLUMNS)
     grouped = scores.groupby(["class", "source"], sort=False)
-    table = grouped[["dice", "hd95", "n_comp", "expected", "at_expected"]].mean()
+    table = grouped[["dice", "hd95", "assd", "nsd", "n_comp", "expected", "at_expected"]].mean()
     table["n_cases"] = grouped["case"].nunique()
     table = table.reset_index().assign(family=family, split=split)
     return table[MATRIX_COLUMNS]
@@ -156,7 +158,10 @@ def verdicts(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
     not below the noisy input's, mean HD95 not above it (over the cases where both maps hold the
     class; a repair that empties a class the input had misses the target); for the coronaries also
     the share of cases ``COR_GAIN`` Dice above their noisy input at the expected component count
-    (target ``COR_SHARE``)."""
+    (target ``COR_SHARE``). ASSD and NSD gains are reported beside them, not judged: where a fixed
+    far error stays (a boundary the input moved and the repair follows), a repair that removes near-surface
+    noise elsewhere raises HD95's percentile while its mean distance and surface Dice improve, and the
+    reader needs both to tell that from a repair that moved away from the truth."""
     import pandas as pd
 
     rows = []
@@ -173,8 +178,10 @@ def verdicts(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
             finite = both["hd95_noisy"].notna() & both["hd95_rep"].notna()
             emptied = int((both["hd95_noisy"].notna() & both["hd95_rep"].isna()).sum())
             hd95_gain = float((both["hd95_noisy"] - both["hd95_rep"])[finite].mean())
+            assd_gain = float((both["assd_noisy"] - both["assd_rep"])[finite].mean())
             row = {"family": family, "split": split, "class": cls, "source": source, "dice_gain": dice_gain,
-                   "hd95_gain": hd95_gain, "dice_not_worse": dice_gain >= 0.0,
+                   "hd95_gain": hd95_gain, "assd_gain": assd_gain,
+                   "nsd_gain": float((both["nsd_rep"] - both["nsd_noisy"]).mean()), "dice_not_worse": dice_gain >= 0.0,
                    "hd95_not_worse": bool(hd95_gain >= 0.0 and not emptied), "cor_gain_share": float("nan")}
             ok = row["dice_not_worse"] and row["hd95_not_worse"]
             if cls == "Cor":
@@ -185,11 +192,19 @@ def verdicts(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
+def _surface_gains(row: pd.Series) -> str:
+    """ASSD and NSD against the input, where the page that holds the row measured them."""
+    if row.isna()[["assd_gain", "nsd_gain"]].any():
+        return ""
+    return f", ASSD {-row['assd_gain']:+.2f} mm, NSD {row['nsd_gain']:+.3f}"
+
+
 def missed_targets(verdict: pd.DataFrame, with_family: bool = True) -> str:
-    """The verdict rows that miss a target, each with its Dice and HD95 against the input, or "none"."""
+    """The verdict rows that miss a target, each with its Dice and HD95 (and ASSD, NSD) against the input,
+    or "none"."""
     missed = verdict[~verdict["ok"].astype(bool)]
     return ", ".join((f"{r['family']} " if with_family else "") + f"{r['class']} {r['source']} (Dice "
-                     f"{r['dice_gain']:+.3f}, HD95 {-r['hd95_gain']:+.2f} mm against the input"
+                     f"{r['dice_gain']:+.3f}, HD95 {-r['hd95_gain']:+.2f} mm{_surface_gains(r)} against the input"
                      + (f", {r['cor_gain_share']:.0%} of cases gain {COR_GAIN}" if r["class"] == "Cor" else "") + ")"
                      for _, r in missed.iterrows()) or "none"
 
@@ -198,11 +213,13 @@ def _family_section(family: Family, table: pd.DataFrame, verdict: pd.DataFrame) 
     if table.empty:
         return f"## {family.name}\n\n{family.about}. No report (see the stage rows below).\n"
     parts = [f"## {family.name}\n\n{family.about}; {int(table['n_cases'].max())} cases."]
-    metrics = (("dice", "Dice"), ("hd95", "HD95 (mm)"), ("at_expected", "cases at the expected component count"))
-    for metric, label in metrics:
+    metrics = (("dice", "Dice", ".3f"), ("hd95", "HD95 (mm)", ".2f"), ("assd", "ASSD (mm)", ".2f"),
+               ("nsd", "NSD (surface Dice at 1 mm)", ".3f"),
+               ("at_expected", "cases at the expected component count", ".3f"))
+    for metric, label, fmt in metrics:
         wide = table.pivot(index="class", columns="source", values=metric)
         wide = wide.reindex(index=list(dict.fromkeys(table["class"])), columns=[s for s in SOURCES if s in wide])
-        parts.append(f"**{label}**\n\n" + wide.to_markdown(floatfmt=".3f" if metric != "hd95" else ".2f"))
+        parts.append(f"**{label}**\n\n" + wide.to_markdown(floatfmt=fmt))
     parts.append(f"Targets missed: {missed_targets(verdict, with_family=False)}.")
     return "\n\n".join(parts) + "\n"
 
@@ -233,14 +250,16 @@ def conditions(params_file: str, overrides: dict, cases: int, split: str, famili
     return (f"Families of `params/robustness.yaml` ({', '.join(f.name for f in families)}), {cases} cases each, "
             f"**{split}** seeds. Each family: its phantom, then prepare, stage 1, stage 2 and the report on "
             f"`{params_file}`, overrides {what}. Scores against the phantom's truth, mean over the cases; "
-            "`closing` and `gaussian` are the classical baselines of the report; verdicts.csv's `hd95_gain` is "
-            f"noisy minus repair (positive: better). Code version of each family's run: {ran or 'none ran'}.")
+            "`closing` and `gaussian` are the classical baselines of the report; verdicts.csv's `hd95_gain` and "
+            "`assd_gain` are noisy minus repair, `dice_gain` and `nsd_gain` repair minus noisy (positive: better). "
+            f"Code version of each family's run: {ran or 'none ran'}.")
 
 
 def read_pages(pages: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The matrix and verdict rows of earlier invocations' pages (their ``robustness.csv`` and
-    ``verdicts.csv``), concatenated; a (family, split, class, source) row in two pages is an error that
-    names both, since the joint table must say which run each figure comes from."""
+    ``verdicts.csv``), concatenated (a page from before a column existed gets it empty); a (family, split,
+    class, source) row in two pages is an error that names both, since the joint table must say which run
+    each figure comes from."""
     import pandas as pd
 
     tables, verdict_tables, origin = [], [], {}
@@ -258,7 +277,7 @@ def read_pages(pages: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         verdict_tables.append(verdict)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=MATRIX_COLUMNS)
     verdict = pd.concat(verdict_tables, ignore_index=True) if verdict_tables else pd.DataFrame(columns=VERDICT_COLUMNS)
-    return table[MATRIX_COLUMNS], verdict[VERDICT_COLUMNS]
+    return table.reindex(columns=MATRIX_COLUMNS), verdict.reindex(columns=VERDICT_COLUMNS)
 
 
 def combined_page(families: list[Family], classes: list[str], verdict: pd.DataFrame, pages: list[Path],
