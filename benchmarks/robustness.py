@@ -243,11 +243,18 @@ def page(families: list[Family], tables: dict, verdict_tables: dict, verdict: pd
             + f"\n## Stages run by this invocation\n\n{stages}\n")
 
 
-def conditions(params_file: str, overrides: dict, cases: int, split: str, families: list[Family], out: Path) -> str:
+def shown_path(path: Path) -> str:
+    """A path as a page shows it: relative to the project when inside it (the families file, by default)."""
+    path = path.resolve()
+    return str(path.relative_to(PROJECT)) if path.is_relative_to(PROJECT) else str(path)
+
+
+def conditions(params_file: str, overrides: dict, cases: int, split: str, families: list[Family], out: Path,
+               families_file: Path = FAMILIES_FILE) -> str:
     what = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "none"
     versions = {f.name: out / "runs" / f"{f.name}_{split}" / "version.txt" for f in families}
     ran = ", ".join(f"{name} `{path.read_text().strip()}`" for name, path in versions.items() if path.is_file())
-    return (f"Families of `params/robustness.yaml` ({', '.join(f.name for f in families)}), {cases} cases each, "
+    return (f"Families of `{shown_path(families_file)}` ({', '.join(f.name for f in families)}), {cases} cases each, "
             f"**{split}** seeds. Each family: its phantom, then prepare, stage 1, stage 2 and the report on "
             f"`{params_file}`, overrides {what}. Scores against the phantom's truth, mean over the cases; "
             "`closing` and `gaussian` are the classical baselines of the report; verdicts.csv's `hd95_gain` and "
@@ -425,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.roundtrip:
         rows = [r for f in families for r in roundtrip_rows(f, args.split, cases, args.params, args.roundtrip)]
         table = pd.DataFrame(rows, columns=ROUNDTRIP_COLUMNS)
-        about = (f"Families of `params/robustness.yaml` ({', '.join(f.name for f in families)}), {cases} cases "
+        names = ", ".join(f.name for f in families)
+        about = (f"Families of `{shown_path(Path(args.families_file))}` ({names}), {cases} cases "
                       f"each, **{args.split}** seeds; `{args.params}`'s class margin. No fit: each thin class's mask "
                       "(the noisy input and the truth) resampled onto its class ROI grid of R^3 voxels as `prepare` "
                       "does (linear, >= 0.5) and back onto the original voxels the same way, against itself. A "
@@ -447,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "verdicts.csv", verdict.reset_index(drop=True).to_csv(index=False))
     table = pd.concat([t for t in tables.values() if not t.empty] or [pd.DataFrame(columns=MATRIX_COLUMNS)])
     text = page(families, tables, verdict_tables, verdict, args.split,
-                conditions(args.params, args.overrides, cases, args.split, families, out), stages)
+                conditions(args.params, args.overrides, cases, args.split, families, out, Path(args.families_file)),
+                stages)
     write_report(out, "robustness", table.reset_index(drop=True), text, argv, module="benchmarks.robustness")
     failed = not stages.empty and (stages["status"] != "ok").any()
     return 1 if failed or any(t.empty for t in tables.values()) else 0

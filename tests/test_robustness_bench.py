@@ -14,6 +14,7 @@ from benchmarks.robustness import (
     family_overrides,
     load_families,
     main,
+    shown_path,
     verdicts,
 )
 from nearfix_lib.core.config import load_params
@@ -54,6 +55,11 @@ def test_dotted_overrides_and_unknown_splits():
     _, families = load_families(FAMILIES_FILE)
     with pytest.raises(ValueError, match="no 'validation' seeds"):
         family_overrides(families[0], "validation", 2)
+
+
+def test_pages_name_the_families_file_inside_the_project_by_its_relative_path(tmp_path):
+    assert shown_path(FAMILIES_FILE) == "params/robustness.yaml"
+    assert shown_path(tmp_path / "families.yaml") == str((tmp_path / "families.yaml").resolve())
 
 
 def _scores(rows):
@@ -113,6 +119,7 @@ def test_every_family_is_a_run_on_its_held_out_seed_and_a_table(tiny_matrix):
     page = (out / "robustness.md").read_text()
     assert page.startswith("# Benchmark: robustness") and "## thin" in page and "## plain" not in page
     assert "**heldout** seeds" in page and "Targets missed:" in page and "**ASSD (mm)**" in page
+    assert f"Families of `{(out / 'families.yaml').resolve()}` (thin)" in page  # the file it was given
 
 
 def test_an_interrupted_family_resumes_and_again_starts_it_anew(tmp_path, monkeypatch):
