@@ -179,9 +179,10 @@ def verdicts(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
             emptied = int((both["hd95_noisy"].notna() & both["hd95_rep"].isna()).sum())
             hd95_gain = float((both["hd95_noisy"] - both["hd95_rep"])[finite].mean())
             assd_gain = float((both["assd_noisy"] - both["assd_rep"])[finite].mean())
+            nsd_gain = float((both["nsd_rep"] - both["nsd_noisy"]).mean())
             row = {"family": family, "split": split, "class": cls, "source": source, "dice_gain": dice_gain,
-                   "hd95_gain": hd95_gain, "assd_gain": assd_gain,
-                   "nsd_gain": float((both["nsd_rep"] - both["nsd_noisy"]).mean()), "dice_not_worse": dice_gain >= 0.0,
+                   "hd95_gain": hd95_gain, "assd_gain": assd_gain, "nsd_gain": nsd_gain,
+                   "dice_not_worse": dice_gain >= 0.0,
                    "hd95_not_worse": bool(hd95_gain >= 0.0 and not emptied), "cor_gain_share": float("nan")}
             ok = row["dice_not_worse"] and row["hd95_not_worse"]
             if cls == "Cor":
