@@ -303,11 +303,12 @@ def combined_page(families: list[Family], classes: list[str], verdict: pd.DataFr
         if (family, cls, "stage1") not in by_pair.index:
             return "not run"
         rows = [by_pair.loc[(family, cls, s)] for s in REPAIRS if (family, cls, s) in by_pair.index]
-        return " / ".join(format(r[column], fmt) for r in rows) + ("" if all(bool(r["ok"]) for r in rows) else " ✗")
+        values = " / ".join("–" if pd.isna(r[column]) else format(r[column], fmt) for r in rows)
+        return values + ("" if all(bool(r["ok"]) for r in rows) else " ✗")
 
     grids = {column: pd.DataFrame([[cell(f, c, column, fmt) for c in order] for f in names], index=names,
                                   columns=order).rename_axis("family")
-             for column, fmt in (("dice_gain", "+.3f"), ("hd95_gain", "+.2f"))}
+             for column, fmt in (("dice_gain", "+.3f"), ("hd95_gain", "+.2f"), ("assd_gain", "+.2f"))}
     met = int(verdict["ok"].astype(bool).sum())
     absent = [f"{f} {c}" for f, c in pairs if (f, c, "stage1") not in by_pair.index]
     listed = "\n".join(f"* [{p}]({p}/robustness.md): `{cmd}`" for p, cmd in zip(pages, commands))
@@ -321,7 +322,10 @@ def combined_page(families: list[Family], classes: list[str], verdict: pd.DataFr
             f"**Mean Dice gain over the noisy input, stage 1 / stage 2** (✗: a target missed)\n\n"
             f"{grids['dice_gain'].to_markdown()}\n\n"
             f"**Mean HD95 gain over the noisy input in mm, stage 1 / stage 2** (noisy - repair; positive: nearer "
-            f"the truth)\n\n{grids['hd95_gain'].to_markdown()}\n\nTargets missed: {missed_targets(verdict)}.\n")
+            f"the truth)\n\n{grids['hd95_gain'].to_markdown()}\n\n"
+            f"**Mean ASSD gain over the noisy input in mm, stage 1 / stage 2** (noisy - repair; reported, not judged; "
+            f"–: a page from before ASSD was measured)\n\n{grids['assd_gain'].to_markdown()}\n\n"
+            f"Targets missed: {missed_targets(verdict)}.\n")
 
 
 ROUNDTRIP_CLASSES = ("Cor", "LAA", "PV")

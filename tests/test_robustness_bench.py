@@ -209,6 +209,7 @@ def test_pages_of_disjoint_classes_join_into_one_table_and_overlaps_are_refused(
     assert "+0.020 / +0.010 ✗" in text
     assert "thin LV stage2 (Dice +0.010, HD95 +0.10 mm, ASSD -0.25 mm, NSD +0.050 against the input)" in text
     assert "thin Cor stage2 (Dice +0.040, HD95 +1.00 mm against the input" in text
+    assert "**Mean ASSD gain" in text and "| +0.25 / +0.25 ✗ " in text and "| – / – ✗ " in text  # b predates ASSD
     assert "[../a](../a/robustness.md): `python -m benchmarks.robustness --out a`" in text
     assert not (out / "runs").exists()  # nothing ran
     _page(tmp_path / "c", [("thin", "LV", "stage1", 0.0, 0.0)])
