@@ -44,6 +44,8 @@ from benchmarks.robustness import COR_GAIN
 if TYPE_CHECKING:
     import pandas as pd
 
+    from nearfix_lib.core.workspace import Run
+
 COLUMNS = ["run", "case", "class", "rule", "keep_above", "add_above", "join", "bridge_gap_mm", "max_volume_ratio",
            "add_over_foreign", "ct_edge", "anatomy", "dice", "hd95", "n_comp", "expected", "kept_input", "volume_ratio"]
 SHARE_OF = f"cases +{COR_GAIN:g} at the expected count"  # benchmarks.robustness's coronary target
@@ -138,14 +140,13 @@ def fallback_mask(given: np.ndarray, expected: int, spacing, params, action: str
     return made.mask
 
 
-def run_rows(run_dir: Path, key: str, candidates: list[Rule], without_field: bool = False) -> list[dict]:
+def run_rows(run: Run, key: str, candidates: list[Rule], without_field: bool = False) -> list[dict]:
     """Every case of the run's fit of ``key``: the noisy input's row, one per rule and, with
     ``without_field``, one per audit fallback (:data:`FALLBACKS`)."""
-    from nearfix_lib.core.workspace import open_run
     from nearfix_lib.field.infer import field_on_grid, original_box_grid
     from nearfix_lib.stages.stage1 import box_anatomy, class_image, mref_of, repair_setup
 
-    run = open_run(run_dir)
+    run_dir = run.dir
     state = repair_setup(run, [key])
     field, cls, base = state.fields[key], run.table[key], run.params.stage1.for_class(key)
     rows = []
@@ -229,14 +230,13 @@ def page(table: pd.DataFrame, command: str, version: str) -> str:
     return "\n".join(lines)
 
 
-def _fitted_keys(run_dir: Path, keys: list[str]) -> list[str]:
+def _fitted_keys(run: Run, keys: list[str]) -> list[str]:
     """Those of ``keys`` whose stage-1 fit in the run finished (the others said on stdout)."""
-    from nearfix_lib.core.workspace import open_run, stage1_fitted
+    from nearfix_lib.core.workspace import stage1_fitted
 
-    run = open_run(run_dir)
     done = [key for key in keys if stage1_fitted(run, key)]
     for key in sorted(set(keys) - set(done)):
-        print(f"{run_dir.name}: no finished stage-1 fit of {key}, skipped", flush=True)
+        print(f"{run.dir.name}: no finished stage-1 fit of {key}, skipped", flush=True)
     return done
 
 
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from nearfix_lib.core.io import write_text
+    from nearfix_lib.core.workspace import open_run
     from nearfix_lib.stages.runs import code_version
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -278,12 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     edges = None if args.ct_edge is None else {"on": [True], "off": [False], "both": [False, True]}[args.ct_edge]
     anatomies = None if args.anatomy is None else {"on": [True], "off": [False], "both": [False, True]}[args.anatomy]
     candidates = rules(args.keep, args.add, joins, args.bridge, args.volume_ratio, overs, edges, anatomies)
-    pairs = [(run_dir, key) for run_dir in args.runs  # one class: its missing fit is an error
-             for key in (args.keys if len(args.keys) == 1 else _fitted_keys(run_dir, args.keys))]
+    runs = [open_run(run_dir) for run_dir in args.runs]  # each opened once, for all its classes
+    pairs = [(run, key) for run in runs  # one class: its missing fit is an error
+             for key in (args.keys if len(args.keys) == 1 else _fitted_keys(run, args.keys))]
     if not pairs:
         print(f"none of the runs has a finished fit of {args.keys}", file=sys.stderr)
         return 2
-    table = pd.DataFrame([r for run_dir, key in pairs for r in run_rows(run_dir, key, candidates, args.without_field)],
+    table = pd.DataFrame([r for run, key in pairs for r in run_rows(run, key, candidates, args.without_field)],
                          columns=COLUMNS)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "rules.csv", table.to_csv(index=False))

@@ -195,7 +195,7 @@ def verdicts(scores: pd.DataFrame, family: str, split: str) -> pd.DataFrame:
 
 def _surface_gains(row: pd.Series) -> str:
     """ASSD and NSD against the input, where the page that holds the row measured them."""
-    if row.isna()[["assd_gain", "nsd_gain"]].any():
+    if row[["assd_gain", "nsd_gain"]].isna().any():
         return ""
     return f", ASSD {-row['assd_gain']:+.2f} mm, NSD {row['nsd_gain']:+.3f}"
 
